@@ -1,0 +1,1 @@
+//! Kernel-facing code: load, attach, map sync.
