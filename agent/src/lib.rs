@@ -1,10 +1,14 @@
 //! Sluice's node agent as a library: the binary (`main.rs`) is a thin CLI over these modules.
 //!
-//! * `manifests` reads Kubernetes objects from files (I/O at the edge);
-//! * `translate` turns objects into [`state::DesiredState`] (pure, unit-tested);
-//! * `datapath` is everything that talks to the kernel: load, attach, map sync;
-//! * `interfaces` finds pod veths with rtnetlink;
-//! * `daemon` ties them together for `sluice agent`.
+//! * [`manifests`] reads Kubernetes objects from files (I/O at the edge);
+//! * [`translate`] turns objects into [`state::DesiredState`] (pure, unit-tested);
+//! * [`datapath`] is everything that talks to the kernel: load, attach, map sync;
+//! * [`interfaces`] finds pod veths with rtnetlink;
+//! * [`daemon`] ties them together for `sluice agent`.
+
 
 pub mod datapath;
+pub mod interfaces;
+pub mod manifests;
 pub mod state;
+pub mod translate;

@@ -1,0 +1,185 @@
+//! `sluice agent`: keeps the node's datapath equal to what the manifests describe.
+//!
+//! Three event sources drive one loop, so the datapath is only ever touched from one place:
+//! manifest changes (inotify on the directory), pod interface changes (rtnetlink
+//! notifications), and a periodic resync that repairs anything missed. Every pass is a diff:
+//! an unchanged input writes nothing to the kernel.
+
+use std::{
+    collections::BTreeSet,
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use notify::Watcher as _;
+use tokio::sync::mpsc;
+
+use crate::{datapath::Datapath, interfaces, manifests, state::DesiredState, translate};
+
+/// How long a burst of file events is given to settle before the manifests are read again
+/// (an editor or `kubectl`-like tool writes a file in several steps).
+const MANIFEST_DEBOUNCE: Duration = Duration::from_millis(50);
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub manifests: PathBuf,
+    pub pin_path: PathBuf,
+    pub resync_interval: Duration,
+}
+
+/// Runs the agent until `shutdown` completes. The pinned datapath stays in place afterwards.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut datapath = Datapath::load(&config.pin_path)
+        .with_context(|| format!("loading the datapath pinned at {}", config.pin_path.display()))?;
+
+    let (manifest_tx, mut manifest_rx) = mpsc::channel::<()>(1);
+    let _watcher = watch_manifests(&config.manifests, manifest_tx)?;
+    let (iface_tx, mut iface_rx) = mpsc::channel::<()>(1);
+    interfaces::watch(iface_tx)?;
+    let netlink = interfaces::connect()?;
+
+    let mut agent = Agent {
+        config: &config,
+        datapath: &mut datapath,
+        last_problems: Vec::new(),
+        attached: BTreeSet::new(),
+    };
+    agent.reload_manifests();
+    agent.rescan_interfaces(&netlink).await;
+    tracing::info!(
+        manifests = %config.manifests.display(),
+        pin_path = %config.pin_path.display(),
+        "sluice agent ready"
+    );
+
+    let mut resync = tokio::time::interval(config.resync_interval);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await; // the first tick is immediate; we just synced
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = manifest_rx.recv() => {
+                tokio::time::sleep(MANIFEST_DEBOUNCE).await;
+                while manifest_rx.try_recv().is_ok() {}
+                agent.reload_manifests();
+            }
+            Some(()) = iface_rx.recv() => {
+                agent.rescan_interfaces(&netlink).await;
+            }
+            _ = resync.tick() => {
+                agent.reload_manifests();
+                agent.rescan_interfaces(&netlink).await;
+            }
+        }
+    }
+    tracing::info!("stopping; the pinned datapath stays in place (`sluice cleanup` removes it)");
+    Ok(())
+}
+
+struct Agent<'a> {
+    config: &'a AgentConfig,
+    datapath: &'a mut Datapath,
+    /// Problems reported by the last reload, so a periodic resync does not repeat them.
+    last_problems: Vec<String>,
+    attached: BTreeSet<u32>,
+}
+
+impl Agent<'_> {
+    /// Reads the manifests, translates them and syncs the difference into the maps. Bad files
+    /// and objects are reported and skipped; what is valid is still programmed.
+    fn reload_manifests(&mut self) {
+        let (objects, manifest_errors) = match manifests::load_dir(&self.config.manifests) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                // Keep what is programmed: a vanished directory must not empty the datapath.
+                tracing::error!("{e:#}; keeping the current datapath state");
+                return;
+            }
+        };
+        let (desired, translate_errors) = translate::translate(&objects);
+        let mut problems: Vec<String> = manifest_errors.iter().map(ToString::to_string).collect();
+        problems.extend(translate_errors.iter().map(ToString::to_string));
+        if problems != self.last_problems {
+            for problem in &problems {
+                tracing::warn!("skipped: {problem}");
+            }
+            self.last_problems = problems;
+        }
+        self.sync(&desired);
+    }
+
+    fn sync(&mut self, desired: &DesiredState) {
+        match self.datapath.sync(desired) {
+            Ok(stats) => {
+                for (frontend, error) in &stats.failed {
+                    tracing::error!(%frontend, "not programmed: {error}");
+                }
+                if stats.map_writes > 0 {
+                    tracing::info!(
+                        services = desired.services.len(),
+                        added = stats.added,
+                        updated = stats.updated,
+                        removed = stats.removed,
+                        map_writes = stats.map_writes,
+                        "datapath synced"
+                    );
+                }
+            }
+            Err(e) => tracing::error!("datapath sync failed: {e:#}"),
+        }
+    }
+
+    /// Attaches the programs to new pod interfaces and forgets vanished ones. An interface
+    /// that disappears between the scan and the attach is retried at the next scan.
+    async fn rescan_interfaces(&mut self, netlink: &rtnetlink::Handle) {
+        let found = match interfaces::scan(netlink).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!("scanning pod interfaces: {e:#}");
+                return;
+            }
+        };
+        for (&ifindex, name) in &found {
+            if self.attached.contains(&ifindex) {
+                continue;
+            }
+            match self.datapath.attach(ifindex, name) {
+                Ok(()) => {
+                    tracing::info!(interface = %name, ifindex, "attached to pod interface");
+                    self.attached.insert(ifindex);
+                }
+                Err(e) => tracing::warn!(interface = %name, ifindex, "attach failed: {e:#}"),
+            }
+        }
+        let present: BTreeSet<u32> = found.keys().copied().collect();
+        for gone in self.attached.difference(&present) {
+            tracing::info!(ifindex = gone, "pod interface gone");
+        }
+        self.attached.retain(|i| present.contains(i));
+        self.datapath.forget_interfaces_except(&present);
+    }
+}
+
+/// Watches `dir` for changes; each burst of events sends a `()` (coalesced by the channel).
+fn watch_manifests(
+    dir: &Path,
+    changed: mpsc::Sender<()>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            Ok(event) if event.kind.is_access() => {}
+            Ok(_) => {
+                let _ = changed.try_send(());
+            }
+            Err(e) => tracing::warn!("manifest watch: {e}"),
+        }
+    })
+    .context("creating the manifest watcher")?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching manifest directory {}", dir.display()))?;
+    Ok(watcher)
+}

@@ -1,0 +1,300 @@
+//! Kubernetes objects read from a directory of manifests (`sluice agent --manifests DIR`).
+//!
+//! Every `*.yaml`, `*.yml` and `*.json` file in DIR is read; YAML files may hold several
+//! documents, and `kind: List` documents are unpacked. v1 Services and discovery.k8s.io/v1
+//! EndpointSlices are kept; other kinds are skipped with a debug log. A file or object that
+//! does not parse is reported with the file and object name, and the rest is still used.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize as _;
+
+/// `namespace/name` of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        ObjectRef {
+            namespace: meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_string()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The objects the translation consumes, keyed by namespace/name.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: BTreeMap<ObjectRef, Service>,
+    pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
+}
+
+/// A problem with one file or one object in it. The rest of the directory is still used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// `Kind namespace/name` when the document got that far, else `document N`.
+    pub object: String,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: {}",
+            self.file.display(),
+            self.object,
+            self.message
+        )
+    }
+}
+
+/// The manifest files of `dir`, sorted so a later file deterministically overrides an earlier
+/// one that defines the same object.
+pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_manifest = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        );
+        if is_manifest && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every manifest in `dir`. An unreadable directory is an error; everything below it
+/// (an unreadable file, a bad document) is reported in the returned list.
+pub fn load_dir(dir: &Path) -> anyhow::Result<(Objects, Vec<ManifestError>)> {
+    let files = manifest_files(dir)
+        .map_err(|e| anyhow::anyhow!("reading manifest directory {}: {e}", dir.display()))?;
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => parse_into(&file, &text, &mut objects, &mut errors),
+            Err(e) => errors.push(ManifestError {
+                file: file.clone(),
+                object: "file".to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+    Ok((objects, errors))
+}
+
+/// Parses one file's text (YAML, possibly multi-document, or JSON) into `objects`.
+pub fn parse_into(
+    file: &Path,
+    text: &str,
+    objects: &mut Objects,
+    errors: &mut Vec<ManifestError>,
+) {
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let what = format!("document {}", index + 1);
+        let value = match serde_yaml::Value::deserialize(document) {
+            Ok(serde_yaml::Value::Null) => continue, // empty document, e.g. after a trailing ---
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(ManifestError {
+                    file: file.to_path_buf(),
+                    object: what,
+                    message: format!("not valid YAML: {e}"),
+                });
+                // After a syntax error the rest of the stream cannot be trusted.
+                return;
+            }
+        };
+        add_value(file, &what, value, objects, errors);
+    }
+}
+
+fn add_value(
+    file: &Path,
+    what: &str,
+    value: serde_yaml::Value,
+    objects: &mut Objects,
+    errors: &mut Vec<ManifestError>,
+) {
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let api_version = field("apiVersion");
+    let kind = field("kind");
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<no name>")
+        .to_string();
+    let described = format!("{kind} {name}");
+    let error = |message: String| ManifestError {
+        file: file.to_path_buf(),
+        object: described.clone(),
+        message,
+    };
+
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let Some(items) = value.get("items").and_then(|i| i.as_sequence()) else {
+                errors.push(error("List without items".into()));
+                return;
+            };
+            for (i, item) in items.iter().enumerate() {
+                let what = format!("{what} item {}", i + 1);
+                add_value(file, &what, item.clone(), objects, errors);
+            }
+        }
+        ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
+            Ok(svc) if svc.metadata.name.is_some() => {
+                let key = ObjectRef::of(&svc.metadata);
+                if objects.services.insert(key.clone(), svc).is_some() {
+                    tracing::warn!(file = %file.display(), service = %key, "service defined twice; the later definition wins");
+                }
+            }
+            Ok(_) => errors.push(error("metadata.name is missing".into())),
+            Err(e) => errors.push(error(format!("invalid Service: {e}"))),
+        },
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            match serde_yaml::from_value::<EndpointSlice>(value) {
+                Ok(slice) if slice.metadata.name.is_some() => {
+                    let key = ObjectRef::of(&slice.metadata);
+                    if objects.endpoint_slices.insert(key.clone(), slice).is_some() {
+                        tracing::warn!(file = %file.display(), slice = %key, "EndpointSlice defined twice; the later definition wins");
+                    }
+                }
+                Ok(_) => errors.push(error("metadata.name is missing".into())),
+                Err(e) => errors.push(error(format!("invalid EndpointSlice: {e}"))),
+            }
+        }
+        ("", _) | (_, "") => errors.push(ManifestError {
+            file: file.to_path_buf(),
+            object: what.to_string(),
+            message: "not a Kubernetes object (apiVersion and kind are required)".into(),
+        }),
+        _ => {
+            tracing::debug!(file = %file.display(), %api_version, %kind, %name, "skipping object of a kind Sluice does not use");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> (Objects, Vec<ManifestError>) {
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        parse_into(Path::new("test.yaml"), text, &mut objects, &mut errors);
+        (objects, errors)
+    }
+
+    #[test]
+    fn multi_document_yaml_with_other_kinds() {
+        let (objects, errors) = parse(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: backend-service, namespace: ecommerce}
+spec:
+  clusterIP: 10.96.0.1
+  ports: [{port: 8080, targetPort: 8080}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: backend}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: backend-service-abc
+  namespace: ecommerce
+  labels: {kubernetes.io/service-name: backend-service}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.10]}]
+ports: [{port: 8080, protocol: TCP}]
+---
+"#,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(objects.endpoint_slices.len(), 1);
+        let key = ObjectRef {
+            namespace: "ecommerce".into(),
+            name: "backend-service".into(),
+        };
+        assert!(objects.services.contains_key(&key));
+    }
+
+    #[test]
+    fn json_and_lists() {
+        let (objects, errors) = parse(
+            r#"{"apiVersion":"v1","kind":"List","items":[
+                {"apiVersion":"v1","kind":"Service","metadata":{"name":"a"},"spec":{"clusterIP":"10.96.0.9","ports":[{"port":80}]}},
+                {"apiVersion":"v1","kind":"Service","metadata":{"name":"b"},"spec":{"clusterIP":"10.96.0.10","ports":[{"port":81}]}}]}"#,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(objects.services.len(), 2);
+        // No namespace means "default", as kubectl applies it.
+        assert!(objects.services.keys().all(|k| k.namespace == "default"));
+    }
+
+    #[test]
+    fn a_bad_object_is_reported_by_name_and_the_rest_is_kept() {
+        let (objects, errors) = parse(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: broken}
+spec:
+  ports: [{port: "not-a-number"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: fine}
+spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
+---
+just: a map
+"#,
+        );
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].object, "Service broken");
+        assert!(errors[0].message.contains("invalid Service"), "{}", errors[0]);
+        assert_eq!(errors[1].object, "document 3");
+    }
+
+    #[test]
+    fn invalid_yaml_is_reported_with_the_file() {
+        let (objects, errors) = parse("apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n");
+        assert!(objects.services.is_empty());
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().starts_with("test.yaml: document 1: not valid YAML"));
+    }
+}
