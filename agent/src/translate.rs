@@ -487,4 +487,28 @@ ports: [{name: c, port: 8082}]
             vec![be("10.244.0.9", 8082)]
         );
     }
+
+    #[test]
+    fn the_seed_platform() {
+        let text = [
+            include_str!("../../examples/ecommerce/services.yaml"),
+            include_str!("../../examples/ecommerce/endpointslices.yaml"),
+        ]
+        .join("\n---\n");
+        let (state, errors) = translate(&objects(&text));
+        assert!(errors.is_empty(), "{errors:?}");
+        let summary: Vec<(String, &str, usize)> = state
+            .services
+            .iter()
+            .map(|(f, e)| (f.to_string(), e.name.as_str(), e.backends.len()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("10.96.0.1:8080/TCP".to_string(), "ecommerce/backend-service", 2),
+                ("10.96.0.2:3000/TCP".to_string(), "ecommerce/frontend-service", 2),
+                ("10.96.0.6:6379/TCP".to_string(), "ecommerce/redis-service", 1),
+            ]
+        );
+    }
 }
