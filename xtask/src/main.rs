@@ -96,7 +96,13 @@ fn setup() -> anyhow::Result<()> {
     )?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     let linker_ok = Command::new("bpf-linker")
@@ -121,7 +127,10 @@ fn setup() -> anyhow::Result<()> {
         .collect();
     if !missing.is_empty() {
         if !is_root() {
-            bail!("missing packages {missing:?}: run `apt-get install -y {}` as root", missing.join(" "));
+            bail!(
+                "missing packages {missing:?}: run `apt-get install -y {}` as root",
+                missing.join(" ")
+            );
         }
         eprintln!("setup: installing {missing:?}");
         run(Command::new("apt-get").arg("update").arg("-q"))?;
@@ -173,9 +182,7 @@ fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
