@@ -12,7 +12,10 @@ fn main() -> anyhow::Result<()> {
         no_default_features: false,
         features: &[],
     };
-    println!("cargo:rerun-if-changed={}", concat!(env!("CARGO_MANIFEST_DIR"), "/../common/src"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../common/src")
+    );
     aya_build::build_ebpf([package], Toolchain::Nightly)
         .map_err(|e| anyhow!("{e:#}"))
         .context("building the eBPF programs failed; run `cargo xtask setup` to install the nightly rust-src component and bpf-linker 0.10.2")

@@ -31,8 +31,12 @@ pub struct AgentConfig {
 
 /// Runs the agent until `shutdown` completes. The pinned datapath stays in place afterwards.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load(&config.pin_path)
-        .with_context(|| format!("loading the datapath pinned at {}", config.pin_path.display()))?;
+    let mut datapath = Datapath::load(&config.pin_path).with_context(|| {
+        format!(
+            "loading the datapath pinned at {}",
+            config.pin_path.display()
+        )
+    })?;
 
     let (manifest_tx, mut manifest_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_manifests(&config.manifests, manifest_tx)?;
@@ -117,7 +121,9 @@ impl Agent<'_> {
                 for (frontend, error) in &stats.failed {
                     tracing::error!(%frontend, "not programmed: {error}");
                 }
-                if stats.map_writes > 0 {
+                if stats.map_writes == 0 {
+                    tracing::debug!(services = desired.services.len(), "datapath unchanged");
+                } else {
                     tracing::info!(
                         services = desired.services.len(),
                         added = stats.added,
@@ -159,7 +165,9 @@ impl Agent<'_> {
             tracing::info!(ifindex = gone, "pod interface gone");
         }
         self.attached.retain(|i| present.contains(i));
-        self.datapath.forget_interfaces_except(&present);
+        if let Err(e) = self.datapath.forget_interfaces_except(&present) {
+            tracing::warn!("forgetting vanished pod interfaces: {e:#}");
+        }
     }
 }
 
@@ -168,16 +176,15 @@ fn watch_manifests(
     dir: &Path,
     changed: mpsc::Sender<()>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        match event {
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if event.kind.is_access() => {}
             Ok(_) => {
                 let _ = changed.try_send(());
             }
             Err(e) => tracing::warn!("manifest watch: {e}"),
-        }
-    })
-    .context("creating the manifest watcher")?;
+        })
+        .context("creating the manifest watcher")?;
     watcher
         .watch(dir, notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("watching manifest directory {}", dir.display()))?;

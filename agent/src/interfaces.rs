@@ -141,22 +141,66 @@ mod tests {
     #[test]
     fn selects_veths_behind_main_table_host_routes() {
         let links = vec![
-            Link { index: 1, name: "lo".into(), is_veth: false },
-            Link { index: 2, name: "eth0".into(), is_veth: false },
-            Link { index: 7, name: "veth1a2b".into(), is_veth: true },
-            Link { index: 8, name: "veth3c4d".into(), is_veth: true },
-            Link { index: 9, name: "vethnoroute".into(), is_veth: true },
+            Link {
+                index: 1,
+                name: "lo".into(),
+                is_veth: false,
+            },
+            Link {
+                index: 2,
+                name: "eth0".into(),
+                is_veth: false,
+            },
+            Link {
+                index: 7,
+                name: "veth1a2b".into(),
+                is_veth: true,
+            },
+            Link {
+                index: 8,
+                name: "veth3c4d".into(),
+                is_veth: true,
+            },
+            Link {
+                index: 9,
+                name: "vethnoroute".into(),
+                is_veth: true,
+            },
         ];
         let routes = vec![
-            Route { prefix_len: 32, table: 254, oif: Some(7) },
-            Route { prefix_len: 32, table: 254, oif: Some(8) },
+            Route {
+                prefix_len: 32,
+                table: 254,
+                oif: Some(7),
+            },
+            Route {
+                prefix_len: 32,
+                table: 254,
+                oif: Some(8),
+            },
             // A /32 to a non-veth (e.g. a tunnel peer) is not a pod.
-            Route { prefix_len: 32, table: 254, oif: Some(2) },
+            Route {
+                prefix_len: 32,
+                table: 254,
+                oif: Some(2),
+            },
             // A subnet route through a veth is not a pod host route.
-            Route { prefix_len: 24, table: 254, oif: Some(9) },
+            Route {
+                prefix_len: 24,
+                table: 254,
+                oif: Some(9),
+            },
             // Host routes of other tables (local, policy tables) are not pods.
-            Route { prefix_len: 32, table: 255, oif: Some(9) },
-            Route { prefix_len: 0, table: 254, oif: None },
+            Route {
+                prefix_len: 32,
+                table: 255,
+                oif: Some(9),
+            },
+            Route {
+                prefix_len: 0,
+                table: 254,
+                oif: None,
+            },
         ];
         let selected = select_pod_interfaces(&routes, &links);
         assert_eq!(

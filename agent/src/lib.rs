@@ -6,7 +6,7 @@
 //! * [`interfaces`] finds pod veths with rtnetlink;
 //! * [`daemon`] ties them together for `sluice agent`.
 
-
+pub mod daemon;
 pub mod datapath;
 pub mod interfaces;
 pub mod manifests;

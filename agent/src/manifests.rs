@@ -106,12 +106,7 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<(Objects, Vec<ManifestError>)> {
 }
 
 /// Parses one file's text (YAML, possibly multi-document, or JSON) into `objects`.
-pub fn parse_into(
-    file: &Path,
-    text: &str,
-    objects: &mut Objects,
-    errors: &mut Vec<ManifestError>,
-) {
+pub fn parse_into(file: &Path, text: &str, objects: &mut Objects, errors: &mut Vec<ManifestError>) {
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let what = format!("document {}", index + 1);
         let value = match serde_yaml::Value::deserialize(document) {
@@ -286,15 +281,22 @@ just: a map
         assert_eq!(objects.services.len(), 1);
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].object, "Service broken");
-        assert!(errors[0].message.contains("invalid Service"), "{}", errors[0]);
+        assert!(
+            errors[0].message.contains("invalid Service"),
+            "{}",
+            errors[0]
+        );
         assert_eq!(errors[1].object, "document 3");
     }
 
     #[test]
     fn invalid_yaml_is_reported_with_the_file() {
-        let (objects, errors) = parse("apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n");
+        let (objects, errors) =
+            parse("apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n");
         assert!(objects.services.is_empty());
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].to_string().starts_with("test.yaml: document 1: not valid YAML"));
+        assert!(errors[0]
+            .to_string()
+            .starts_with("test.yaml: document 1: not valid YAML"));
     }
 }

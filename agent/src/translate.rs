@@ -60,7 +60,10 @@ pub fn translate(objects: &Objects) -> (DesiredState, Vec<TranslateError>) {
             namespace: key.namespace.clone(),
             name: service.clone(),
         };
-        slices_by_service.entry(owner).or_default().push((key, slice));
+        slices_by_service
+            .entry(owner)
+            .or_default()
+            .push((key, slice));
     }
 
     for (key, service) in &objects.services {
@@ -137,7 +140,10 @@ fn translate_service(
             continue;
         };
         let Some(number) = valid_port(port.port) else {
-            error(errors, format!("port {port_name:?}: invalid port {}", port.port));
+            error(
+                errors,
+                format!("port {port_name:?}: invalid port {}", port.port),
+            );
             continue;
         };
         let backends = backends_for_port(port, proto, slices, errors);
@@ -153,10 +159,13 @@ fn translate_service(
                 format!("{key}:{port_name}")
             };
             if let Some(previous) = state.services.get(&frontend) {
-                error(errors, format!(
-                    "frontend {frontend} is already used by {}; ignoring this port",
-                    previous.name
-                ));
+                error(
+                    errors,
+                    format!(
+                        "frontend {frontend} is already used by {}; ignoring this port",
+                        previous.name
+                    ),
+                );
                 continue;
             }
             state.services.insert(
@@ -477,10 +486,30 @@ ports: [{name: c, port: 8082}]
 "#,
         ));
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        assert!(messages.contains(&"Service default/bad-ip: invalid cluster IP \"10.96.0.300\"".to_string()), "{messages:?}");
-        assert!(messages.iter().any(|m| m.starts_with("Service default/bad-port: port \"a\": invalid port 70000")), "{messages:?}");
-        assert!(messages.iter().any(|m| m.contains("unsupported protocol \"ICMP\"")), "{messages:?}");
-        assert!(messages.iter().any(|m| m.starts_with("EndpointSlice default/bad-port-x: invalid endpoint address")), "{messages:?}");
+        assert!(
+            messages.contains(
+                &"Service default/bad-ip: invalid cluster IP \"10.96.0.300\"".to_string()
+            ),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("Service default/bad-port: port \"a\": invalid port 70000")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("unsupported protocol \"ICMP\"")),
+            "{messages:?}"
+        );
+        assert!(
+            messages.iter().any(
+                |m| m.starts_with("EndpointSlice default/bad-port-x: invalid endpoint address")
+            ),
+            "{messages:?}"
+        );
         assert_eq!(state.services.len(), 1);
         assert_eq!(
             state.services[&fe("10.96.0.41", 82, Protocol::Tcp)].backends,
@@ -505,9 +534,21 @@ ports: [{name: c, port: 8082}]
         assert_eq!(
             summary,
             vec![
-                ("10.96.0.1:8080/TCP".to_string(), "ecommerce/backend-service", 2),
-                ("10.96.0.2:3000/TCP".to_string(), "ecommerce/frontend-service", 2),
-                ("10.96.0.6:6379/TCP".to_string(), "ecommerce/redis-service", 1),
+                (
+                    "10.96.0.1:8080/TCP".to_string(),
+                    "ecommerce/backend-service",
+                    2
+                ),
+                (
+                    "10.96.0.2:3000/TCP".to_string(),
+                    "ecommerce/frontend-service",
+                    2
+                ),
+                (
+                    "10.96.0.6:6379/TCP".to_string(),
+                    "ecommerce/redis-service",
+                    1
+                ),
             ]
         );
     }

@@ -5,7 +5,7 @@
 //! byte for byte), and stores addresses and ports in network byte order exactly as they sit in
 //! the packet, so the programs compare and copy them without swapping.
 //!
-//! | map (pinned name) | type          | key                | value           | written by |
+//! | map (= pin file)  | type          | key                | value           | written by |
 //! |-------------------|---------------|--------------------|-----------------|------------|
 //! | `services`        | hash          | [`ServiceKey`]     | [`ServiceValue`]| agent      |
 //! | `backends`        | hash          | [`BackendKey`]     | [`Backend`]     | agent      |
@@ -26,6 +26,11 @@
 
 /// Pin directory used by a real node. Tests pass their own with `--pin-path`.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/sluice";
+
+/// Map names, as in the object and as pin file names under the pin directory.
+pub const MAP_SERVICES: &str = "services";
+pub const MAP_BACKENDS: &str = "backends";
+pub const MAP_CONNTRACK: &str = "conntrack";
 
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;

@@ -57,6 +57,6 @@ pub fn create(pkt: &Ipv4Packet, fwd_key: &CtKey, service_id: u32, backend: &Back
     };
     // An LRU map evicts instead of failing when full; an error here leaves the flow
     // translated for this packet only, which the next packet retries.
-    let _ = CONNTRACK.insert(&reply_key, &reply, 0);
-    let _ = CONNTRACK.insert(fwd_key, &fwd, 0);
+    let _ = CONNTRACK.insert(reply_key, reply, 0);
+    let _ = CONNTRACK.insert(fwd_key, fwd, 0);
 }

@@ -17,7 +17,7 @@ pub fn select_backend(pkt: &Ipv4Packet) -> Option<(u32, Backend)> {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
-    let service = unsafe { *SERVICES.get(&key)? };
+    let service = unsafe { *SERVICES.get(key)? };
     if service.backend_count == 0 {
         return None;
     }
@@ -28,14 +28,14 @@ pub fn select_backend(pkt: &Ipv4Packet) -> Option<(u32, Backend)> {
         slot,
     };
     // SAFETY: as above.
-    let backend = match unsafe { BACKENDS.get(&bkey) } {
+    let backend = match unsafe { BACKENDS.get(bkey) } {
         Some(b) => *b,
         None => {
             // The agent shrinks a service by lowering the count before deleting slots; a packet
             // that read the old count can land on a deleted slot. Slot 0 always exists while the
             // count is non-zero.
             bkey.slot = 0;
-            unsafe { *BACKENDS.get(&bkey)? }
+            unsafe { *BACKENDS.get(bkey)? }
         }
     };
     Some((service.id, backend))

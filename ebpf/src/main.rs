@@ -42,14 +42,14 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         Ok(action) => action,
         // A packet the helpers could not rewrite would reach a pod with a wrong address or
         // checksum; dropping it lets the sender retransmit.
-        Err(()) => TC_ACT_SHOT as i32,
+        Err(()) => TC_ACT_SHOT,
     }
 }
 
 #[inline(always)]
 fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
     let Some(pkt) = parse::parse_ipv4(ctx) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
 
     let fwd_key = conntrack::key(&pkt, CT_DIR_FORWARD);
@@ -70,7 +70,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
         None => {
             let Some((service_id, backend)) = lb::select_backend(&pkt) else {
                 // Not a service, or a service without backends (kube-proxy's REJECT comes later).
-                return Ok(TC_ACT_OK as i32);
+                return Ok(TC_ACT_OK);
             };
             conntrack::create(&pkt, &fwd_key, service_id, &backend);
             backend
@@ -78,27 +78,27 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
     };
 
     nat::dnat(ctx, &pkt, backend.addr, backend.port)?;
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     match try_to_pod(&ctx) {
         Ok(action) => action,
-        Err(()) => TC_ACT_SHOT as i32,
+        Err(()) => TC_ACT_SHOT,
     }
 }
 
 #[inline(always)]
 fn try_to_pod(ctx: &TcContext) -> Result<i32, ()> {
     let Some(pkt) = parse::parse_ipv4(ctx) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     let reply_key = conntrack::key(&pkt, CT_DIR_REPLY);
     if let Some(entry) = conntrack::lookup(&reply_key) {
         nat::snat_reply(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
     }
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }
 
 #[cfg(not(test))]

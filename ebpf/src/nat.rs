@@ -49,8 +49,13 @@ fn rewrite(
             BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
         )
         .map_err(|_| ())?;
-        ctx.l3_csum_replace(pkt.l3_off + IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
-            .map_err(|_| ())?;
+        ctx.l3_csum_replace(
+            pkt.l3_off + IP_CSUM_OFF,
+            old_addr as u64,
+            new_addr as u64,
+            4,
+        )
+        .map_err(|_| ())?;
         ctx.store(pkt.l3_off + ip_field, &new_addr, 0)
             .map_err(|_| ())?;
     }

@@ -1,4 +1,4 @@
-//! Header parsing with direct packet access.
+//! Header parsing.
 
 use aya_ebpf::programs::TcContext;
 use sluice_common::{PROTO_TCP, PROTO_UDP};
@@ -46,21 +46,56 @@ impl Ipv4Packet {
     }
 }
 
-/// A bounds-checked pointer to a `T` at `off` in the packet; `None` when the packet is shorter.
-#[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + off) as *const T)
+/// The fixed part of the IPv4 header, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Header {
+    ver_ihl: u8,
+    _tos: u8,
+    _total_len: u16,
+    _id: u16,
+    frag_off: u16,
+    _ttl: u8,
+    proto: u8,
+    _csum: u16,
+    saddr: u32,
+    daddr: u32,
 }
 
+/// The fixed part of the TCP header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHeader {
+    sport: u16,
+    dport: u16,
+    _seq: u32,
+    _ack: u32,
+    _data_off: u8,
+    flags: u8,
+    _window: u16,
+    _csum: u16,
+    _urg: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UdpHeader {
+    sport: u16,
+    dport: u16,
+    _len: u16,
+    _csum: u16,
+}
+
+/// Copies a `T` from offset `off` of the packet; `None` when the packet is shorter.
+///
+/// This goes through `bpf_skb_load_bytes` rather than direct packet access: the L4 header sits
+/// at a variable offset (IP options), and the verifier only accepts a direct access through the
+/// very register that was compared with `data_end`, which LLVM does not guarantee (it may
+/// recompute `data + off` into a fresh register, rejected as "invalid access to packet"). The
+/// helper also reads headers outside the skb's linear part.
 #[inline(always)]
 fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    // SAFETY: ptr_at checked that the whole T lies inside the packet.
-    ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
+    ctx.load::<T>(off).ok()
 }
 
 /// Parses Ethernet + IPv4 + TCP/UDP. Returns `None` for anything else (ARP, IPv6, ICMP, other
@@ -72,44 +107,39 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
         return None;
     }
     let l3_off = ETH_HLEN;
-    let ver_ihl: u8 = read(ctx, l3_off)?;
-    if ver_ihl >> 4 != 4 {
+    let ip: Ipv4Header = read(ctx, l3_off)?;
+    if ip.ver_ihl >> 4 != 4 {
         return None;
     }
-    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
     if ihl < 20 {
         return None;
     }
     // Fragment offset != 0: no L4 header in this packet.
-    let frag: u16 = read(ctx, l3_off + 6)?;
-    if u16::from_be(frag) & 0x1fff != 0 {
+    if u16::from_be(ip.frag_off) & 0x1fff != 0 {
         return None;
     }
-    let proto: u8 = read(ctx, l3_off + 9)?;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return None;
-    }
-    let saddr: u32 = read(ctx, l3_off + IP_SADDR_OFF)?;
-    let daddr: u32 = read(ctx, l3_off + IP_DADDR_OFF)?;
     let l4_off = l3_off + ihl;
-    let sport: u16 = read(ctx, l4_off)?;
-    let dport: u16 = read(ctx, l4_off + 2)?;
-    let tcp_flags = if proto == PROTO_TCP {
-        // Make sure the whole fixed TCP header (and its checksum) is present.
-        let _: [u8; 20] = read(ctx, l4_off)?;
-        read::<u8>(ctx, l4_off + 13)?
-    } else {
-        let _: [u8; 8] = read(ctx, l4_off)?;
-        0
+    // The whole fixed header (with its checksum field, which NAT rewrites) must be present.
+    let (sport, dport, tcp_flags) = match ip.proto {
+        PROTO_TCP => {
+            let tcp: TcpHeader = read(ctx, l4_off)?;
+            (tcp.sport, tcp.dport, tcp.flags)
+        }
+        PROTO_UDP => {
+            let udp: UdpHeader = read(ctx, l4_off)?;
+            (udp.sport, udp.dport, 0)
+        }
+        _ => return None,
     };
     Some(Ipv4Packet {
         l3_off,
         l4_off,
-        saddr,
-        daddr,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
         sport,
         dport,
-        proto,
+        proto: ip.proto,
         tcp_flags,
     })
 }

@@ -1,1 +1,711 @@
-//! Kernel-facing code: load, attach, map sync.
+//! Kernel-facing code: load the eBPF object, attach its programs to pod interfaces, program the
+//! maps.
+//!
+//! A running node keeps everything under one pin directory on bpffs (default
+//! [`sluice_common::DEFAULT_PIN_PATH`]):
+//!
+//! ```text
+//! <pin>/services, <pin>/backends, <pin>/conntrack   the maps
+//! <pin>/links/<ifindex>-ingress                     tcx link running `from_pod` on that interface
+//! <pin>/links/<ifindex>-egress                      tcx link running `to_pod`
+//! ```
+//!
+//! Pins keep the datapath running while no agent runs: dropping a [`Datapath`] detaches nothing,
+//! and a restarted agent reuses the maps (with their services, ids and conntrack entries) and
+//! swaps its freshly loaded programs into the existing links atomically (`bpf_link_update`), so
+//! an agent restart or upgrade never interrupts traffic. [`Datapath::cleanup`] is the way to
+//! remove the datapath.
+//!
+//! [`Datapath::load_unpinned`] loads the same object with private maps for `BPF_PROG_RUN` (tests,
+//! `sluice trace`): it never touches a running agent's maps or bpffs at all.
+
+pub mod sync;
+pub mod wire;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::{HashMap, MapData, MapType},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+    },
+    sys::SyscallError,
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use sluice_common::{
+    CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_SERVICES,
+};
+use tracing::{debug, info, warn};
+
+use sync::{KernelServiceMaps, ServiceSync};
+pub use sync::{ProgrammedService, SyncStats};
+
+use crate::state::{DesiredState, Frontend};
+
+/// Program run on tc ingress of a pod's host-side veth (packets the pod sends).
+pub const PROGRAM_FROM_POD: &str = "from_pod";
+/// Program run on tc egress of a pod's host-side veth (packets delivered to the pod).
+pub const PROGRAM_TO_POD: &str = "to_pod";
+
+/// Where bpffs is expected, and mounted when it is not.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
+/// Subdirectory of the pin directory holding the tcx links.
+const LINKS_DIR: &str = "links";
+
+/// Netlink (pre-6.6 kernels) filters cannot be pinned; they are found again by this
+/// priority/handle pair, chosen to be unlikely to collide with another tc user's filters.
+const NETLINK_PRIORITY: u16 = 0x5c1;
+const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0x5c1);
+
+/// Which program runs on which side of a pod interface.
+const HOOKS: [Hook; 2] = [
+    Hook {
+        program: PROGRAM_FROM_POD,
+        attach_type: TcAttachType::Ingress,
+        direction: "ingress",
+    },
+    Hook {
+        program: PROGRAM_TO_POD,
+        attach_type: TcAttachType::Egress,
+        direction: "egress",
+    },
+];
+
+struct Hook {
+    program: &'static str,
+    attach_type: TcAttachType,
+    /// As in the link's pin name.
+    direction: &'static str,
+}
+
+/// What the object declares for each map. A pinned map that differs was created by another
+/// Sluice version and cannot be reused.
+struct MapSpec {
+    name: &'static str,
+    map_type: MapType,
+    max_entries: u32,
+}
+
+const MAPS: [MapSpec; 3] = [
+    MapSpec {
+        name: MAP_SERVICES,
+        map_type: MapType::Hash,
+        max_entries: MAX_SERVICES,
+    },
+    MapSpec {
+        name: MAP_BACKENDS,
+        map_type: MapType::Hash,
+        max_entries: MAX_BACKENDS,
+    },
+    MapSpec {
+        name: MAP_CONNTRACK,
+        map_type: MapType::LruHash,
+        max_entries: MAX_CONNTRACK,
+    },
+];
+
+/// The eBPF object built by `build.rs`.
+fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice"))
+}
+
+/// How an interface's programs are attached.
+enum Attachment {
+    /// tcx links, pinned under `<pin>/links`.
+    Tcx,
+    /// clsact + netlink filters (kernels before 6.6); they live as long as the interface.
+    Netlink { ifname: String },
+}
+
+/// The loaded datapath: the programs, the maps and the interfaces this process attached.
+pub struct Datapath {
+    ebpf: Ebpf,
+    services: ServiceSync<KernelServiceMaps>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    /// `None` for a datapath with private maps.
+    pin_path: Option<PathBuf>,
+    attached: BTreeMap<u32, Attachment>,
+}
+
+impl Datapath {
+    /// Loads the programs with their maps pinned under `pin_path`, reusing maps already pinned
+    /// there (an agent restart keeps services, ids and conntrack). Mounts bpffs at /sys/fs/bpf
+    /// first when `pin_path` is below it and it is not mounted. Attaches nothing.
+    pub fn load(pin_path: &Path) -> anyhow::Result<Datapath> {
+        if pin_path.starts_with(BPFFS_ROOT) {
+            ensure_bpffs_mounted()?;
+        }
+        // Check before creating anything, so a wrong path leaves no directories behind.
+        let existing = pin_path
+            .ancestors()
+            .find(|dir| dir.exists())
+            .unwrap_or(Path::new("/"));
+        ensure_on_bpffs(existing, pin_path)?;
+        let links_dir = pin_path.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
+
+        let map_pins: Vec<(&str, PathBuf)> = MAPS
+            .iter()
+            .map(|spec| (spec.name, pin_path.join(spec.name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_pins {
+            // Opens the map pinned at `path`, or creates and pins it there.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(object()).with_context(|| {
+            format!(
+                "loading the eBPF object with its maps pinned in {}",
+                pin_path.display()
+            )
+        })?;
+        let datapath = Self::from_loaded(ebpf, Some(pin_path.to_owned()))?;
+        info!(
+            pin_path = %pin_path.display(),
+            services = datapath.services.programmed().len(),
+            "datapath loaded"
+        );
+        Ok(datapath)
+    }
+
+    /// Loads the programs with private, unpinned maps, which disappear with the returned value.
+    /// For `BPF_PROG_RUN` (tests, `sluice trace`); such a datapath cannot be attached.
+    pub fn load_unpinned() -> anyhow::Result<Datapath> {
+        // The object's maps are not marked as pinned (ebpf/src/maps.rs), so without a pin path
+        // the loader creates fresh ones.
+        let ebpf = EbpfLoader::new()
+            .load(object())
+            .context("loading the eBPF object with private maps")?;
+        Self::from_loaded(ebpf, None)
+    }
+
+    fn from_loaded(mut ebpf: Ebpf, pin_path: Option<PathBuf>) -> anyhow::Result<Datapath> {
+        let describe = |name: &str| match &pin_path {
+            Some(dir) => format!("map `{name}` pinned at {}", dir.join(name).display()),
+            None => format!("map `{name}`"),
+        };
+        let [services, backends, conntrack] = MAPS.map(|spec| {
+            let map = ebpf
+                .take_map(spec.name)
+                .with_context(|| format!("the eBPF object has no map `{}`", spec.name))?;
+            let info = map_info(&map).with_context(|| describe(spec.name))?;
+            if info.0 != spec.map_type || info.1 != spec.max_entries {
+                bail!(
+                    "{} is a {:?} of {} entries, this agent needs a {:?} of {}: it was created by \
+                     another Sluice version; `sluice cleanup` removes the old datapath",
+                    describe(spec.name),
+                    info.0,
+                    info.1,
+                    spec.map_type,
+                    spec.max_entries
+                );
+            }
+            Ok(map)
+        });
+        let stale = |name| {
+            format!(
+                "{}: its key or value size is not the one this agent expects (created by another \
+                 Sluice version? `sluice cleanup` removes the old datapath)",
+                describe(name)
+            )
+        };
+        let services = HashMap::try_from(services?).with_context(|| stale(MAP_SERVICES))?;
+        let backends = HashMap::try_from(backends?).with_context(|| stale(MAP_BACKENDS))?;
+        let conntrack = HashMap::try_from(conntrack?).with_context(|| stale(MAP_CONNTRACK))?;
+
+        for hook in &HOOKS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(hook.program)
+                .with_context(|| format!("the eBPF object has no program `{}`", hook.program))?
+                .try_into()
+                .with_context(|| format!("program `{}` is not a classifier", hook.program))?;
+            program
+                .load()
+                .with_context(|| format!("loading program `{}` into the kernel", hook.program))?;
+        }
+
+        let services = ServiceSync::read_back(KernelServiceMaps { services, backends })
+            .with_context(|| {
+                format!(
+                    "reading back {} and {}",
+                    describe(MAP_SERVICES),
+                    describe(MAP_BACKENDS)
+                )
+            })?;
+        Ok(Datapath {
+            ebpf,
+            services,
+            conntrack,
+            pin_path,
+            attached: BTreeMap::new(),
+        })
+    }
+
+    /// Runs `from_pod` on tc ingress and `to_pod` on tc egress of the interface. Uses tcx links
+    /// (kernel >= 6.6) pinned at `<pin>/links/<ifindex>-{ingress,egress}`; a link already pinned
+    /// there (an earlier agent) gets this agent's programs swapped in atomically. Older kernels
+    /// get a clsact qdisc and netlink filters. Attaching an interface twice is a no-op.
+    pub fn attach(&mut self, ifindex: u32, ifname: &str) -> anyhow::Result<()> {
+        if self.attached.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let Some(pin_path) = self.pin_path.clone() else {
+            bail!(
+                "cannot attach to {ifname}: this datapath has private maps (load_unpinned) and its \
+                 programs would be detached when it is dropped"
+            );
+        };
+        // aya attaches by name; make sure the name still denotes the interface the caller found
+        // (a pod can be deleted and its veth name reused in between).
+        let current = ifindex_of(ifname)?;
+        if current != ifindex {
+            bail!("interface {ifname} has ifindex {current}, not {ifindex}: it was replaced");
+        }
+
+        let attachment = if tcx_supported() {
+            for hook in &HOOKS {
+                let link_pin = link_pin_path(&pin_path, ifindex, hook.direction);
+                let program = classifier_mut(&mut self.ebpf, hook.program);
+                attach_tcx(program, ifname, hook.attach_type, &link_pin).with_context(|| {
+                    format!(
+                        "attaching `{}` to tcx {} of {ifname} (ifindex {ifindex}), link pinned \
+                         at {}",
+                        hook.program,
+                        hook.direction,
+                        link_pin.display()
+                    )
+                })?;
+            }
+            Attachment::Tcx
+        } else {
+            for hook in &HOOKS {
+                let program = classifier_mut(&mut self.ebpf, hook.program);
+                attach_netlink(program, ifname, hook.attach_type).with_context(|| {
+                    format!(
+                        "attaching `{}` to tc {} of {ifname} (ifindex {ifindex}) with netlink",
+                        hook.program, hook.direction
+                    )
+                })?;
+            }
+            Attachment::Netlink {
+                ifname: ifname.to_owned(),
+            }
+        };
+        debug!(ifname, ifindex, "attached");
+        self.attached.insert(ifindex, attachment);
+        Ok(())
+    }
+
+    /// Detaches the programs from every interface not in `present`: unpins their links, also
+    /// those an earlier agent pinned for interfaces that have gone since. Returns the ifindexes
+    /// forgotten. Errors are collected: one stuck pin does not keep the others.
+    ///
+    /// The kernel releases an unpinned link asynchronously (after an RCU grace period), so the
+    /// programs of an interface that is still there stop running shortly after this returns.
+    pub fn forget_interfaces_except(
+        &mut self,
+        present: &BTreeSet<u32>,
+    ) -> anyhow::Result<Vec<u32>> {
+        let mut forgotten = BTreeSet::new();
+        let mut errors = Vec::new();
+
+        for (ifindex, attachment) in &self.attached {
+            if present.contains(ifindex) {
+                continue;
+            }
+            forgotten.insert(*ifindex);
+            if let Attachment::Netlink { ifname } = attachment {
+                for hook in &HOOKS {
+                    // The interface is usually gone, and its filters with it.
+                    match tc::qdisc_detach_program(ifname, hook.attach_type, hook.program) {
+                        Ok(()) => {}
+                        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => errors.push(format!("detaching from {ifname}: {e}")),
+                    }
+                }
+            }
+        }
+        self.attached.retain(|ifindex, _| present.contains(ifindex));
+
+        if let Some(pin_path) = &self.pin_path {
+            let links_dir = pin_path.join(LINKS_DIR);
+            for (path, ifindex) in pinned_links(&links_dir)? {
+                if present.contains(&ifindex) {
+                    continue;
+                }
+                // Removing the last reference to a tcx link detaches it.
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        forgotten.insert(ifindex);
+                    }
+                    Err(e) => errors.push(format!("unpinning {}: {e}", path.display())),
+                }
+            }
+        }
+        if !errors.is_empty() {
+            bail!("forgetting interfaces: {}", errors.join("; "));
+        }
+        Ok(forgotten.into_iter().collect())
+    }
+
+    /// Programs the `services` and `backends` maps with `desired`, writing only what differs.
+    /// A frontend that cannot be programmed is reported in [`SyncStats::failed`] and does not
+    /// stop the others.
+    pub fn sync(&mut self, desired: &DesiredState) -> anyhow::Result<SyncStats> {
+        Ok(self.services.sync(desired))
+    }
+
+    /// The frontends the maps hold, with their ids and reachable backends.
+    pub fn programmed_services(&self) -> Vec<ProgrammedService> {
+        self.services.programmed()
+    }
+
+    /// The service id the maps hold for `frontend`.
+    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.services.service_id(frontend)
+    }
+
+    /// Every conntrack entry (two per translated flow, see `sluice-common`).
+    pub fn conntrack_entries(&self) -> anyhow::Result<Vec<(CtKey, CtValue)>> {
+        self.conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the conntrack map")
+    }
+
+    /// Deletes the conntrack entries `remove` selects (e.g. flows to a backend that went away).
+    /// Returns how many were deleted.
+    pub fn purge_conntrack(
+        &mut self,
+        mut remove: impl FnMut(&CtKey, &CtValue) -> bool,
+    ) -> anyhow::Result<usize> {
+        let doomed: Vec<CtKey> = self
+            .conntrack_entries()?
+            .into_iter()
+            .filter(|(key, value)| remove(key, value))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            match self.conntrack.remove(key) {
+                Ok(()) => {}
+                // Evicted by the LRU meanwhile.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).context("deleting a conntrack entry"),
+            }
+        }
+        Ok(doomed.len())
+    }
+
+    /// `from_pod`, loaded (for `BPF_PROG_RUN` via [`aya::programs::TestRun`]).
+    pub fn from_pod(&self) -> &SchedClassifier {
+        classifier(&self.ebpf, PROGRAM_FROM_POD)
+    }
+
+    /// `to_pod`, loaded.
+    pub fn to_pod(&self) -> &SchedClassifier {
+        classifier(&self.ebpf, PROGRAM_TO_POD)
+    }
+
+    /// The pin directory, `None` for private maps.
+    pub fn pin_path(&self) -> Option<&Path> {
+        self.pin_path.as_deref()
+    }
+
+    /// Interfaces this process attached to.
+    pub fn attached_interfaces(&self) -> impl Iterator<Item = u32> + '_ {
+        self.attached.keys().copied()
+    }
+
+    /// Removes the datapath pinned under `pin_path`: unpins the links first (which detaches the
+    /// programs from every interface), then the maps, then the directory. Succeeds when there is
+    /// nothing to remove.
+    pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
+        if !tcx_supported() {
+            detach_netlink_filters_everywhere();
+        }
+        if !pin_path.exists() {
+            return Ok(());
+        }
+        let links_dir = pin_path.join(LINKS_DIR);
+        if links_dir.exists() {
+            for entry in fs::read_dir(&links_dir)
+                .with_context(|| format!("listing {}", links_dir.display()))?
+            {
+                let path = entry
+                    .with_context(|| format!("listing {}", links_dir.display()))?
+                    .path();
+                fs::remove_file(&path)
+                    .with_context(|| format!("unpinning link {}", path.display()))?;
+            }
+            fs::remove_dir(&links_dir)
+                .with_context(|| format!("removing {}", links_dir.display()))?;
+        }
+        for spec in &MAPS {
+            let path = pin_path.join(spec.name);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("unpinning map {}", path.display()))
+                }
+            }
+        }
+        fs::remove_dir(pin_path).with_context(|| {
+            format!(
+                "removing {} (does it hold files Sluice did not create?)",
+                pin_path.display()
+            )
+        })?;
+        info!(pin_path = %pin_path.display(), "datapath removed");
+        Ok(())
+    }
+}
+
+fn classifier<'a>(ebpf: &'a Ebpf, name: &str) -> &'a SchedClassifier {
+    ebpf.program(name)
+        .and_then(|p| p.try_into().ok())
+        .expect("from_loaded checked the object's classifiers")
+}
+
+fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .expect("from_loaded checked the object's classifiers")
+}
+
+/// Type and capacity of a map as the kernel created it (a reused pinned map may differ from the
+/// object's definition).
+fn map_info(map: &aya::maps::Map) -> anyhow::Result<(MapType, u32)> {
+    let data = match map {
+        aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => data,
+        other => bail!("unexpected map kind {other:?}"),
+    };
+    let info = data.info()?;
+    Ok((info.map_type()?, info.max_entries()))
+}
+
+fn link_pin_path(pin_path: &Path, ifindex: u32, direction: &str) -> PathBuf {
+    pin_path
+        .join(LINKS_DIR)
+        .join(format!("{ifindex}-{direction}"))
+}
+
+/// The links pinned in `links_dir`, with the ifindex their name says.
+fn pinned_links(links_dir: &Path) -> anyhow::Result<Vec<(PathBuf, u32)>> {
+    let mut links = Vec::new();
+    let entries = match fs::read_dir(links_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(links),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", links_dir.display())),
+    };
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("listing {}", links_dir.display()))?
+            .path();
+        let ifindex = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(ifindex, _)| ifindex.parse().ok());
+        match ifindex {
+            Some(ifindex) => links.push((path, ifindex)),
+            None => warn!("ignoring {}: not a link pinned by Sluice", path.display()),
+        }
+    }
+    Ok(links)
+}
+
+fn tcx_supported() -> bool {
+    // If the version cannot be read, try tcx: attaching then fails with a clear error.
+    KernelVersion::current().map_or(true, |v| v >= KernelVersion::new(6, 6, 0))
+}
+
+fn attach_tcx(
+    program: &mut SchedClassifier,
+    ifname: &str,
+    attach_type: TcAttachType,
+    link_pin: &Path,
+) -> anyhow::Result<()> {
+    let reused = match PinnedLink::from_pin(link_pin) {
+        Ok(pinned) => {
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .with_context(|| format!("{} is not a tcx link", link_pin.display()))?;
+            match program.attach_to_link(link) {
+                Ok(link_id) => Some(link_id),
+                // The interface the link was created for is gone (and its ifindex reused): the
+                // link is defunct. Replace it.
+                Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                {
+                    fs::remove_file(link_pin).with_context(|| {
+                        format!("unpinning the defunct link {}", link_pin.display())
+                    })?;
+                    None
+                }
+                Err(e) => return Err(e).context("replacing the program of the pinned link"),
+            }
+        }
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            None
+        }
+        Err(e) => return Err(e).context("opening the pinned link"),
+    };
+
+    match reused {
+        Some(link_id) => {
+            // The pin already holds this link; our handle only closes our file descriptor.
+            let link: FdLink = program.take_link(link_id)?.try_into()?;
+            drop(link);
+        }
+        None => {
+            let link_id = program.attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )?;
+            let link: FdLink = program.take_link(link_id)?.try_into()?;
+            // Should pinning fail, `link` is dropped and the program detached again: no
+            // attachment outlives the agent without a pin to find it by.
+            link.pin(link_pin)?;
+        }
+    }
+    Ok(())
+}
+
+fn attach_netlink(
+    program: &mut SchedClassifier,
+    ifname: &str,
+    attach_type: TcAttachType,
+) -> anyhow::Result<()> {
+    let exists = |e: &TcError| matches!(e, TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST));
+    match tc::qdisc_add_clsact(ifname) {
+        Ok(()) => {}
+        Err(e) if exists(&e) => {}
+        Err(e) => return Err(e).context("adding the clsact qdisc"),
+    }
+    let options = NlOptions {
+        priority: NETLINK_PRIORITY,
+        handle: NETLINK_HANDLE,
+        classid: None,
+    };
+    let link_id =
+        match program.attach_with_options(ifname, attach_type, TcAttachOptions::Netlink(options)) {
+            Ok(link_id) => link_id,
+            // An earlier agent's filter: replace its program in place, without a gap.
+            Err(ProgramError::TcError(e)) if exists(&e) => {
+                let existing = SchedClassifierLink::attached(
+                    ifname,
+                    attach_type,
+                    NETLINK_PRIORITY,
+                    NETLINK_HANDLE,
+                    None,
+                )?;
+                program.attach_to_link(existing)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+    // aya removes a netlink filter when its handle is dropped; the filter must outlive the agent
+    // as a pinned tcx link does, so the handle is leaked on purpose.
+    std::mem::forget(program.take_link(link_id)?);
+    Ok(())
+}
+
+/// Netlink filters cannot be pinned, so cleanup on a pre-6.6 kernel looks for Sluice's programs
+/// on every interface of the network namespace.
+fn detach_netlink_filters_everywhere() {
+    let Ok(entries) = fs::read_dir("/sys/class/net") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(ifname) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        for hook in &HOOKS {
+            if let Err(e) = tc::qdisc_detach_program(&ifname, hook.attach_type, hook.program) {
+                debug!("detaching {} from {ifname}: {e}", hook.program);
+            }
+        }
+    }
+}
+
+fn ifindex_of(ifname: &str) -> anyhow::Result<u32> {
+    let c_name = CString::new(ifname).with_context(|| format!("bad interface name {ifname:?}"))?;
+    // SAFETY: c_name is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("looking up interface {ifname}"));
+    }
+    Ok(ifindex)
+}
+
+fn ensure_bpffs_mounted() -> anyhow::Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        fields.nth(1) == Some(BPFFS_ROOT) && fields.next() == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    info!("mounting bpffs at {BPFFS_ROOT}");
+    fs::create_dir_all(BPFFS_ROOT).with_context(|| format!("creating {BPFFS_ROOT}"))?;
+    let source = CString::new("bpf").expect("no NUL");
+    let target = CString::new(BPFFS_ROOT).expect("no NUL");
+    let options = CString::new("mode=0700").expect("no NUL");
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            source.as_ptr(),
+            0,
+            options.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs at {BPFFS_ROOT}"));
+    }
+    Ok(())
+}
+
+/// Pins only work on bpffs; say so plainly instead of failing with EPERM at the first pin.
+/// `path` is the existing directory `pin_path` is (or will be created) in.
+fn ensure_on_bpffs(path: &Path, pin_path: &Path) -> anyhow::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .with_context(|| format!("bad path {}", path.display()))?;
+    // SAFETY: statfs is plain data; zeroed is a valid value.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated, stat is a valid out pointer.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between libcs
+    if stat.f_type as u32 != BPF_FS_MAGIC {
+        bail!(
+            "pin directory {} is not on a bpf filesystem ({} is not; mount one with \
+             `mount -t bpf bpf <dir>`)",
+            pin_path.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}

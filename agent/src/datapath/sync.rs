@@ -1,0 +1,967 @@
+//! Incremental sync of the `services` and `backends` maps with a [`DesiredState`].
+//!
+//! [`ServiceSync`] keeps a mirror of what the two maps hold. It is read back from the kernel when
+//! the datapath is loaded (a restarted agent diffs against what the kernel really has and keeps
+//! the existing service ids) and afterwards updated after every successful write, so it stays
+//! equal to the maps while the agent is their only writer. A sync computes, per frontend, the
+//! writes that take the maps from the mirror to the desired state and applies only those:
+//! resyncing an unchanged state writes nothing.
+//!
+//! The datapath reads a service's `backend_count`, then slot `prandom % count`, falling back to
+//! slot 0 when that slot is missing. So that a packet never meets a service without a backend
+//! behind its count, every frontend's writes are ordered:
+//! * slots are written before the count that makes them visible is raised (growing, new service);
+//! * the count is lowered before the slots above it are deleted (shrinking);
+//! * a removed frontend loses its `services` entry before its slots.
+//!
+//! A slot whose backend stays keeps it, so replacing one backend rewrites one slot. A frontend
+//! whose backends all went away stays programmed with `backend_count` 0.
+//!
+//! A failed write (a full map: E2BIG/ENOSPC, ...) stops that frontend only: it is reported in
+//! [`SyncStats::failed`] and the next sync retries it from whatever the maps hold by then.
+//!
+//! The maps are reached through the [`ServiceMaps`] trait so this logic is unit-tested against an
+//! in-memory fake that checks the ordering rules after every single write.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{bail, Context as _};
+use aya::maps::{HashMap, MapData, MapError};
+use sluice_common::{Backend, BackendKey, ServiceKey, ServiceValue};
+use tracing::{debug, warn};
+
+use super::wire;
+use crate::state::{BackendAddr, DesiredState, Frontend};
+
+/// One write to the `services` or `backends` map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend(BackendKey, Backend),
+    DeleteBackend(BackendKey),
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+}
+
+impl std::fmt::Display for MapOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MapOp::PutBackend(key, backend) => write!(
+                f,
+                "writing backend {} to slot {} of service id {}",
+                wire::backend_addr(backend),
+                key.slot,
+                key.service_id
+            ),
+            MapOp::DeleteBackend(key) => write!(
+                f,
+                "deleting slot {} of service id {}",
+                key.slot, key.service_id
+            ),
+            MapOp::PutService(key, value) => write!(
+                f,
+                "writing service {} (id {}, {} backends)",
+                wire::describe_key(key),
+                value.id,
+                value.backend_count
+            ),
+            MapOp::DeleteService(key) => {
+                write!(f, "deleting service {}", wire::describe_key(key))
+            }
+        }
+    }
+}
+
+/// The two maps the agent programs, as the sync needs them.
+pub trait ServiceMaps {
+    /// Every entry of `services`.
+    fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>>;
+    /// Every entry of `backends`.
+    fn read_backends(&self) -> anyhow::Result<Vec<(BackendKey, Backend)>>;
+    /// Applies one write. Deleting a key that is already absent succeeds: the goal is reached.
+    fn apply(&mut self, op: &MapOp) -> anyhow::Result<()>;
+}
+
+/// The kernel's maps.
+pub struct KernelServiceMaps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, BackendKey, Backend>,
+}
+
+fn is_not_found(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+impl ServiceMaps for KernelServiceMaps {
+    fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>> {
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the services map")
+    }
+
+    fn read_backends(&self) -> anyhow::Result<Vec<(BackendKey, Backend)>> {
+        self.backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the backends map")
+    }
+
+    fn apply(&mut self, op: &MapOp) -> anyhow::Result<()> {
+        let result = match op {
+            MapOp::PutBackend(key, value) => self.backends.insert(key, value, 0),
+            MapOp::PutService(key, value) => self.services.insert(key, value, 0),
+            MapOp::DeleteBackend(key) => match self.backends.remove(key) {
+                Err(e) if is_not_found(&e) => Ok(()),
+                other => other,
+            },
+            MapOp::DeleteService(key) => match self.services.remove(key) {
+                Err(e) if is_not_found(&e) => Ok(()),
+                other => other,
+            },
+        };
+        // MapError's Display omits the errno ("bpf_map_update_elem failed"); its source has it.
+        result.map_err(|e| anyhow::Error::new(e).context(op.to_string()))
+    }
+}
+
+/// What a sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Frontends newly programmed.
+    pub added: usize,
+    /// Frontends whose backends changed.
+    pub updated: usize,
+    /// Frontends removed from the maps.
+    pub removed: usize,
+    /// Frontends already as desired.
+    pub unchanged: usize,
+    /// Successful map writes and deletes.
+    pub map_writes: usize,
+    /// Frontends that could not be (fully) programmed or removed, with the error. The maps hold a
+    /// consistent state for them (old or partly updated); the next sync retries.
+    pub failed: Vec<(Frontend, String)>,
+    /// Entries without a frontend of their own (slots of a service id no service uses any more,
+    /// a `services` key with an unknown protocol) that could not be removed.
+    pub leftovers_failed: Vec<String>,
+}
+
+impl SyncStats {
+    /// Everything desired is programmed.
+    pub fn is_complete(&self) -> bool {
+        self.failed.is_empty() && self.leftovers_failed.is_empty()
+    }
+}
+
+/// A frontend as the maps hold it, for `sluice state`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgrammedService {
+    /// `None` for a key with a protocol the agent does not write.
+    pub frontend: Option<Frontend>,
+    pub key: ServiceKey,
+    pub id: u32,
+    /// The backends of slots `0..backend_count`, in slot order; a missing slot is left out.
+    pub backends: Vec<BackendAddr>,
+    pub backend_count: u32,
+}
+
+/// A copy of the maps' content.
+#[derive(Debug, Default)]
+struct Mirror {
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    /// Every slot present in `backends`, by service id, including slots of ids no service uses
+    /// (left over by an interrupted removal) and slots at or above a service's count.
+    slots: BTreeMap<u32, BTreeMap<u32, Backend>>,
+    /// Service id -> the frontend using it.
+    owner: BTreeMap<u32, ServiceKey>,
+}
+
+impl Mirror {
+    fn record(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::PutBackend(key, backend) => {
+                self.slots
+                    .entry(key.service_id)
+                    .or_default()
+                    .insert(key.slot, backend);
+            }
+            MapOp::DeleteBackend(key) => {
+                if let Some(slots) = self.slots.get_mut(&key.service_id) {
+                    slots.remove(&key.slot);
+                    if slots.is_empty() {
+                        self.slots.remove(&key.service_id);
+                    }
+                }
+            }
+            MapOp::PutService(key, value) => {
+                if let Some(old) = self.services.insert(key, value) {
+                    if old.id != value.id && self.owner.get(&old.id) == Some(&key) {
+                        self.owner.remove(&old.id);
+                    }
+                }
+                self.owner.insert(value.id, key);
+            }
+            MapOp::DeleteService(key) => {
+                if let Some(old) = self.services.remove(&key) {
+                    if self.owner.get(&old.id) == Some(&key) {
+                        self.owner.remove(&old.id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn id_in_use(&self, id: u32) -> bool {
+        self.owner.contains_key(&id) || self.slots.contains_key(&id)
+    }
+
+    fn slots_of(&self, id: u32) -> &BTreeMap<u32, Backend> {
+        static NONE: BTreeMap<u32, Backend> = BTreeMap::new();
+        self.slots.get(&id).unwrap_or(&NONE)
+    }
+}
+
+/// The sync engine: the maps and the mirror of their content.
+pub struct ServiceSync<M> {
+    maps: M,
+    mirror: Mirror,
+    /// Where the search for a free service id starts. Ids are handed out round-robin so an id
+    /// that was just freed is not given to another frontend at once (conntrack entries and
+    /// `sluice state` output still name it for a while).
+    next_id: u32,
+}
+
+impl<M: ServiceMaps> ServiceSync<M> {
+    /// Reads the maps' content back.
+    pub fn read_back(maps: M) -> anyhow::Result<Self> {
+        let mut mirror = Mirror::default();
+        for (key, value) in maps.read_services()? {
+            if let Some(other) = mirror.owner.get(&value.id) {
+                // Only another writer can cause this; the two frontends share their slots.
+                warn!(
+                    "services {} and {} share service id {}",
+                    wire::describe_key(other),
+                    wire::describe_key(&key),
+                    value.id
+                );
+            }
+            mirror.record(&MapOp::PutService(key, value));
+        }
+        for (key, backend) in maps.read_backends()? {
+            mirror.record(&MapOp::PutBackend(key, backend));
+        }
+        let highest = mirror
+            .owner
+            .keys()
+            .chain(mirror.slots.keys())
+            .max()
+            .copied()
+            .unwrap_or(0);
+        Ok(ServiceSync {
+            maps,
+            mirror,
+            next_id: highest.wrapping_add(1).max(1),
+        })
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// The service id the maps hold for `frontend`.
+    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.mirror
+            .services
+            .get(&wire::service_key(frontend))
+            .map(|v| v.id)
+    }
+
+    /// Every frontend in the maps with the backends a packet can reach.
+    pub fn programmed(&self) -> Vec<ProgrammedService> {
+        self.mirror
+            .services
+            .iter()
+            .map(|(key, value)| {
+                let slots = self.mirror.slots_of(value.id);
+                ProgrammedService {
+                    frontend: wire::frontend(key),
+                    key: *key,
+                    id: value.id,
+                    backends: slots
+                        .range(..value.backend_count)
+                        .map(|(_, b)| wire::backend_addr(b))
+                        .collect(),
+                    backend_count: value.backend_count,
+                }
+            })
+            .collect()
+    }
+
+    /// Applies the differences between the maps and `desired`.
+    pub fn sync(&mut self, desired: &DesiredState) -> SyncStats {
+        let mut stats = SyncStats::default();
+        let desired: BTreeMap<ServiceKey, (Frontend, BTreeSet<Backend>)> = desired
+            .services
+            .iter()
+            .map(|(frontend, entry)| {
+                let backends = entry.backends.iter().map(wire::backend_value).collect();
+                (wire::service_key(frontend), (*frontend, backends))
+            })
+            .collect();
+
+        // Removals first: they free room in the maps for what is added next.
+        self.remove_leftover_slots(&mut stats);
+        self.remove_frontends(&desired, &mut stats);
+
+        // Frontends already in the maps, those that shrink before those that grow (room again).
+        let (shrinking, growing): (Vec<_>, Vec<_>) = desired
+            .iter()
+            .filter_map(|(key, (frontend, backends))| {
+                let value = self.mirror.services.get(key)?;
+                Some((*key, *frontend, backends, *value))
+            })
+            .partition(|(_, _, backends, value)| {
+                backends.len() as u64 <= value.backend_count as u64
+            });
+        for (key, frontend, backends, value) in shrinking.into_iter().chain(growing) {
+            let ops = plan_frontend(
+                key,
+                Some(value),
+                value.id,
+                self.mirror.slots_of(value.id),
+                backends,
+            );
+            if ops.is_empty() {
+                stats.unchanged += 1;
+                continue;
+            }
+            match self.run(&ops, &mut stats) {
+                Ok(()) => stats.updated += 1,
+                Err(e) => fail(&mut stats, frontend, e),
+            }
+        }
+
+        // New frontends.
+        for (key, (frontend, backends)) in &desired {
+            if self.mirror.services.contains_key(key) {
+                continue;
+            }
+            let id = self.allocate_id();
+            let ops = plan_frontend(*key, None, id, self.mirror.slots_of(id), backends);
+            match self.run(&ops, &mut stats) {
+                Ok(()) => stats.added += 1,
+                Err(e) => {
+                    // Give back the slots written under the id so they do not take room from
+                    // other frontends; what cannot be deleted now is a leftover for next time.
+                    let written: Vec<MapOp> = self
+                        .mirror
+                        .slots_of(id)
+                        .keys()
+                        .map(|&slot| {
+                            MapOp::DeleteBackend(BackendKey {
+                                service_id: id,
+                                slot,
+                            })
+                        })
+                        .collect();
+                    let _ = self.run(&written, &mut stats);
+                    fail(&mut stats, *frontend, e);
+                }
+            }
+        }
+        debug!(?stats, "map sync done");
+        stats
+    }
+
+    /// Deletes slots of ids no service uses: an agent stopped between deleting a service and its
+    /// slots, or a new service whose slots were written but whose entry could not be.
+    fn remove_leftover_slots(&mut self, stats: &mut SyncStats) {
+        let leftovers: Vec<u32> = self
+            .mirror
+            .slots
+            .keys()
+            .filter(|id| !self.mirror.owner.contains_key(id))
+            .copied()
+            .collect();
+        for id in leftovers {
+            let ops = delete_slots(id, self.mirror.slots_of(id));
+            if let Err(e) = self.run(&ops, stats) {
+                let message = format!("leftover slots of service id {id}: {e:#}");
+                warn!("{message}");
+                stats.leftovers_failed.push(message);
+            }
+        }
+    }
+
+    fn remove_frontends(
+        &mut self,
+        desired: &BTreeMap<ServiceKey, (Frontend, BTreeSet<Backend>)>,
+        stats: &mut SyncStats,
+    ) {
+        let removed: Vec<(ServiceKey, ServiceValue)> = self
+            .mirror
+            .services
+            .iter()
+            .filter(|(key, _)| !desired.contains_key(key))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (key, value) in removed {
+            // The entry goes first: a packet that already read it may still pick a slot, which
+            // is there until the entry is gone.
+            let mut result = self.run(&[MapOp::DeleteService(key)], stats);
+            if result.is_ok() && !self.mirror.owner.contains_key(&value.id) {
+                let ops = delete_slots(value.id, self.mirror.slots_of(value.id));
+                result = self.run(&ops, stats);
+            }
+            match (result, wire::frontend(&key)) {
+                (Ok(()), _) => stats.removed += 1,
+                (Err(e), Some(frontend)) => fail(stats, frontend, e),
+                (Err(e), None) => {
+                    let message = format!("{}: {e:#}", wire::describe_key(&key));
+                    warn!("{message}");
+                    stats.leftovers_failed.push(message);
+                }
+            }
+        }
+    }
+
+    /// Applies `ops` in order, mirroring each successful one; stops at the first failure.
+    fn run(&mut self, ops: &[MapOp], stats: &mut SyncStats) -> anyhow::Result<()> {
+        for op in ops {
+            self.maps.apply(op)?;
+            self.mirror.record(op);
+            stats.map_writes += 1;
+        }
+        Ok(())
+    }
+
+    fn allocate_id(&mut self) -> u32 {
+        // Ids in use are at most MAX_SERVICES + leftovers, far fewer than u32::MAX: this ends.
+        loop {
+            let id = self.next_id;
+            // 0 is never handed out so a zeroed value is recognisably not a service.
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            if !self.mirror.id_in_use(id) {
+                return id;
+            }
+        }
+    }
+}
+
+fn fail(stats: &mut SyncStats, frontend: Frontend, error: anyhow::Error) {
+    let message = format!("{error:#}");
+    // Reported to the caller in `failed` (the daemon logs it); debug only, to not log twice.
+    debug!("programming service {frontend} failed: {message}");
+    stats.failed.push((frontend, message));
+}
+
+fn delete_slots(id: u32, slots: &BTreeMap<u32, Backend>) -> Vec<MapOp> {
+    slots
+        .keys()
+        .map(|&slot| {
+            MapOp::DeleteBackend(BackendKey {
+                service_id: id,
+                slot,
+            })
+        })
+        .collect()
+}
+
+/// The writes that take one frontend from what the maps hold (`current` entry, if any, and the
+/// `present` slots under `id`) to `desired` backends, in the order described in the module
+/// documentation. Empty when nothing differs.
+fn plan_frontend(
+    key: ServiceKey,
+    current: Option<ServiceValue>,
+    id: u32,
+    present: &BTreeMap<u32, Backend>,
+    desired: &BTreeSet<Backend>,
+) -> Vec<MapOp> {
+    let count = u32::try_from(desired.len()).unwrap_or(u32::MAX);
+    let slot_key = |slot| BackendKey {
+        service_id: id,
+        slot,
+    };
+
+    // Backends already in a slot below the new count stay where they are.
+    let mut placed = BTreeSet::new();
+    let mut kept_slots = BTreeSet::new();
+    for (&slot, backend) in present.range(..count) {
+        if desired.contains(backend) && placed.insert(*backend) {
+            kept_slots.insert(slot);
+        }
+    }
+    // The others fill the remaining slots below the count, in ascending order.
+    let mut to_place = desired.iter().filter(|b| !placed.contains(*b));
+
+    let mut ops = Vec::new();
+    for slot in (0..count).filter(|slot| !kept_slots.contains(slot)) {
+        let backend = to_place
+            .next()
+            .expect("as many backends to place as free slots");
+        ops.push(MapOp::PutBackend(slot_key(slot), *backend));
+    }
+    let value = ServiceValue {
+        id,
+        backend_count: count,
+        flags: 0,
+    };
+    if current != Some(value) {
+        ops.push(MapOp::PutService(key, value));
+    }
+    for &slot in present.range(count..).map(|(slot, _)| slot) {
+        ops.push(MapOp::DeleteBackend(slot_key(slot)));
+    }
+    ops
+}
+
+/// Fails with the frontend named when `stats` reports a failure (for callers that want a
+/// `Result`).
+pub fn ensure_complete(stats: &SyncStats) -> anyhow::Result<()> {
+    if stats.is_complete() {
+        return Ok(());
+    }
+    let failures: Vec<String> = stats
+        .failed
+        .iter()
+        .map(|(frontend, error)| format!("{frontend}: {error}"))
+        .chain(stats.leftovers_failed.iter().cloned())
+        .collect();
+    bail!("map sync incomplete: {}", failures.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, net::Ipv4Addr};
+
+    use super::*;
+    use crate::state::{Protocol, ServiceEntry};
+
+    /// In-memory maps that record every write and check, after each one, the invariant the
+    /// datapath relies on: every slot below a service's count exists.
+    #[derive(Default)]
+    struct FakeMaps {
+        services: HashMap<ServiceKey, ServiceValue>,
+        backends: HashMap<BackendKey, Backend>,
+        log: Vec<MapOp>,
+        max_services: Option<usize>,
+        max_backends: Option<usize>,
+    }
+
+    impl FakeMaps {
+        /// Checks, for the service(s) `op` touched, the invariant the datapath relies on: every
+        /// slot below a service's count exists. (Only the touched ones: checking every service
+        /// after every write would make the 10,000-service test quadratic.)
+        fn check_every_counted_slot_exists(&self, op: &MapOp) {
+            let touched: Vec<(&ServiceKey, &ServiceValue)> = match op {
+                MapOp::PutService(key, _) => self.services.get_key_value(key).into_iter().collect(),
+                MapOp::DeleteBackend(key) => self
+                    .services
+                    .iter()
+                    .filter(|(_, v)| v.id == key.service_id)
+                    .collect(),
+                MapOp::PutBackend(..) | MapOp::DeleteService(_) => Vec::new(),
+            };
+            for (key, value) in touched {
+                for slot in 0..value.backend_count {
+                    assert!(
+                        self.backends.contains_key(&BackendKey {
+                            service_id: value.id,
+                            slot
+                        }),
+                        "service {} counts {} backends but slot {slot} is missing; writes: {:?}",
+                        wire::describe_key(key),
+                        value.backend_count,
+                        self.log
+                    );
+                }
+            }
+        }
+    }
+
+    impl ServiceMaps for FakeMaps {
+        fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>> {
+            Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+
+        fn read_backends(&self) -> anyhow::Result<Vec<(BackendKey, Backend)>> {
+            Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+
+        fn apply(&mut self, op: &MapOp) -> anyhow::Result<()> {
+            match *op {
+                MapOp::PutService(key, value) => {
+                    if !self.services.contains_key(&key)
+                        && Some(self.services.len()) == self.max_services
+                    {
+                        bail!("{op}: Argument list too long (os error 7)");
+                    }
+                    self.services.insert(key, value);
+                }
+                MapOp::PutBackend(key, value) => {
+                    if !self.backends.contains_key(&key)
+                        && Some(self.backends.len()) == self.max_backends
+                    {
+                        bail!("{op}: Argument list too long (os error 7)");
+                    }
+                    self.backends.insert(key, value);
+                }
+                MapOp::DeleteService(key) => {
+                    self.services.remove(&key);
+                }
+                MapOp::DeleteBackend(key) => {
+                    self.backends.remove(&key);
+                }
+            }
+            self.log.push(*op);
+            self.check_every_counted_slot_exists(op);
+            Ok(())
+        }
+    }
+
+    fn frontend(i: u32, port: u16) -> Frontend {
+        Frontend {
+            ip: Ipv4Addr::from(0x0a60_0000 + i),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn backend(i: u32) -> BackendAddr {
+        BackendAddr {
+            ip: Ipv4Addr::from(0x0af4_0000 + i),
+            port: 8080,
+        }
+    }
+
+    fn entry(backends: impl IntoIterator<Item = u32>) -> ServiceEntry {
+        let mut backends: Vec<BackendAddr> = backends.into_iter().map(backend).collect();
+        backends.sort();
+        ServiceEntry {
+            name: "ns/svc:http".into(),
+            backends,
+        }
+    }
+
+    fn state(services: impl IntoIterator<Item = (Frontend, ServiceEntry)>) -> DesiredState {
+        DesiredState {
+            services: services.into_iter().collect(),
+        }
+    }
+
+    fn new_sync() -> ServiceSync<FakeMaps> {
+        ServiceSync::read_back(FakeMaps::default()).unwrap()
+    }
+
+    /// The sync engine after an agent restart: a fresh mirror read from the same maps.
+    fn restart(sync: ServiceSync<FakeMaps>) -> ServiceSync<FakeMaps> {
+        let mut maps = sync.maps;
+        maps.log.clear();
+        ServiceSync::read_back(maps).unwrap()
+    }
+
+    /// Backends a packet can reach for `f`, as a set.
+    fn reachable(sync: &ServiceSync<FakeMaps>, f: &Frontend) -> BTreeSet<BackendAddr> {
+        let maps = sync.maps();
+        let value = maps.services[&wire::service_key(f)];
+        (0..value.backend_count)
+            .map(|slot| {
+                wire::backend_addr(
+                    &maps.backends[&BackendKey {
+                        service_id: value.id,
+                        slot,
+                    }],
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unchanged_state_of_10000_services_writes_nothing() {
+        let desired = state((0..10_000).map(|i| (frontend(i, 80), entry([i, i + 1, i + 2]))));
+        let mut sync = new_sync();
+        let first = sync.sync(&desired);
+        assert_eq!(first.added, 10_000);
+        assert_eq!(first.map_writes, 10_000 * 4);
+        assert!(first.is_complete());
+
+        let again = sync.sync(&desired);
+        assert_eq!(again.map_writes, 0, "{again:?}");
+        assert_eq!(again.unchanged, 10_000);
+
+        // After a restart the state read back from the maps is diffed: still nothing to write.
+        let mut sync = restart(sync);
+        let after_restart = sync.sync(&desired);
+        assert_eq!(after_restart.map_writes, 0);
+        assert_eq!(after_restart.unchanged, 10_000);
+        assert!(sync.maps().log.is_empty());
+    }
+
+    #[test]
+    fn growing_writes_slots_before_raising_the_count() {
+        let f = frontend(1, 80);
+        let mut sync = new_sync();
+        sync.sync(&state([(f, entry([1, 2]))]));
+        let id = sync.service_id(&f).unwrap();
+        sync.maps_mut().log.clear();
+
+        let stats = sync.sync(&state([(f, entry([1, 2, 3, 4]))]));
+        assert_eq!(stats.updated, 1);
+        let key = wire::service_key(&f);
+        let slot = |slot| BackendKey {
+            service_id: id,
+            slot,
+        };
+        assert_eq!(
+            sync.maps().log,
+            vec![
+                MapOp::PutBackend(slot(2), wire::backend_value(&backend(3))),
+                MapOp::PutBackend(slot(3), wire::backend_value(&backend(4))),
+                MapOp::PutService(
+                    key,
+                    ServiceValue {
+                        id,
+                        backend_count: 4,
+                        flags: 0
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            reachable(&sync, &f),
+            entry([1, 2, 3, 4]).backends.into_iter().collect()
+        );
+    }
+
+    #[test]
+    fn shrinking_lowers_the_count_before_deleting_slots() {
+        let f = frontend(1, 80);
+        let mut sync = new_sync();
+        sync.sync(&state([(f, entry([1, 2, 3, 4]))]));
+        let id = sync.service_id(&f).unwrap();
+        sync.maps_mut().log.clear();
+
+        // Backends 1 and 2 (slots 0 and 1) go, 3 (slot 2) stays, 5 comes. Slot 2 is above the
+        // new count, so 3 is written again below it before the count drops.
+        let stats = sync.sync(&state([(f, entry([3, 5]))]));
+        assert_eq!(stats.updated, 1);
+        let slot = |slot| BackendKey {
+            service_id: id,
+            slot,
+        };
+        assert_eq!(
+            sync.maps().log,
+            vec![
+                MapOp::PutBackend(slot(0), wire::backend_value(&backend(3))),
+                MapOp::PutBackend(slot(1), wire::backend_value(&backend(5))),
+                MapOp::PutService(
+                    wire::service_key(&f),
+                    ServiceValue {
+                        id,
+                        backend_count: 2,
+                        flags: 0
+                    }
+                ),
+                MapOp::DeleteBackend(slot(2)),
+                MapOp::DeleteBackend(slot(3)),
+            ]
+        );
+        assert_eq!(
+            reachable(&sync, &f),
+            entry([3, 5]).backends.into_iter().collect()
+        );
+        // The invariant (every counted slot present) was checked by the fake after each write,
+        // so the service never lost all its backends in between.
+    }
+
+    #[test]
+    fn replacing_one_backend_rewrites_one_slot() {
+        let f = frontend(1, 80);
+        let mut sync = new_sync();
+        sync.sync(&state([(f, entry([1, 2, 3]))]));
+        sync.maps_mut().log.clear();
+        let stats = sync.sync(&state([(f, entry([1, 3, 4]))]));
+        assert_eq!(stats.map_writes, 1);
+        assert!(matches!(sync.maps().log[..], [MapOp::PutBackend(k, _)] if k.slot == 1));
+    }
+
+    #[test]
+    fn a_frontend_without_backends_is_programmed_with_count_zero() {
+        let f = frontend(1, 80);
+        let mut sync = new_sync();
+        let stats = sync.sync(&state([(f, entry([]))]));
+        assert_eq!(stats.added, 1);
+        let value = sync.maps().services[&wire::service_key(&f)];
+        assert_eq!(value.backend_count, 0);
+
+        // Losing every backend keeps the entry with count 0: count first, then the slots.
+        sync.sync(&state([(f, entry([1, 2]))]));
+        sync.maps_mut().log.clear();
+        sync.sync(&state([(f, entry([]))]));
+        let log = &sync.maps().log;
+        assert!(matches!(log[0], MapOp::PutService(_, v) if v.backend_count == 0));
+        assert!(log[1..]
+            .iter()
+            .all(|op| matches!(op, MapOp::DeleteBackend(_))));
+        assert_eq!(log.len(), 3);
+        assert!(sync.maps().backends.is_empty());
+    }
+
+    #[test]
+    fn ids_stay_stable_and_are_not_reused_while_present() {
+        let (a, b, c) = (frontend(1, 80), frontend(2, 80), frontend(3, 80));
+        let mut sync = new_sync();
+        sync.sync(&state([(a, entry([1])), (b, entry([2]))]));
+        let (id_a, id_b) = (sync.service_id(&a).unwrap(), sync.service_id(&b).unwrap());
+        assert_ne!(id_a, id_b);
+
+        // Other frontends coming and going, and backend changes, keep a's id.
+        sync.sync(&state([(a, entry([1, 5])), (c, entry([3]))]));
+        assert_eq!(sync.service_id(&a), Some(id_a));
+        let id_c = sync.service_id(&c).unwrap();
+        assert!(
+            id_c != id_a && id_c != id_b,
+            "b's id is not handed out again at once"
+        );
+
+        // A restarted agent keeps the ids the maps hold and hands out new ones above them.
+        let mut sync = restart(sync);
+        let d = frontend(4, 80);
+        let stats = sync.sync(&state([
+            (a, entry([1, 5])),
+            (c, entry([3])),
+            (d, entry([4])),
+        ]));
+        assert_eq!((stats.added, stats.unchanged, stats.map_writes), (1, 2, 2));
+        assert_eq!(sync.service_id(&a), Some(id_a));
+        assert_eq!(sync.service_id(&c), Some(id_c));
+        let id_d = sync.service_id(&d).unwrap();
+        assert!(![id_a, id_c].contains(&id_d));
+    }
+
+    #[test]
+    fn removal_deletes_the_service_entry_then_its_slots() {
+        let (a, b) = (frontend(1, 80), frontend(2, 80));
+        let mut sync = new_sync();
+        sync.sync(&state([(a, entry([1, 2])), (b, entry([3]))]));
+        let id_a = sync.service_id(&a).unwrap();
+        sync.maps_mut().log.clear();
+
+        let stats = sync.sync(&state([(b, entry([3]))]));
+        assert_eq!((stats.removed, stats.unchanged), (1, 1));
+        let slot = |slot| BackendKey {
+            service_id: id_a,
+            slot,
+        };
+        assert_eq!(
+            sync.maps().log,
+            vec![
+                MapOp::DeleteService(wire::service_key(&a)),
+                MapOp::DeleteBackend(slot(0)),
+                MapOp::DeleteBackend(slot(1)),
+            ]
+        );
+        assert_eq!(sync.maps().services.len(), 1);
+        assert_eq!(sync.maps().backends.len(), 1);
+    }
+
+    #[test]
+    fn a_full_map_fails_that_frontend_only_and_is_retried() {
+        let fronts: Vec<Frontend> = (0..3).map(|i| frontend(i, 80)).collect();
+        let desired = state(fronts.iter().map(|f| (*f, entry([1, 2]))));
+        let mut sync = ServiceSync::read_back(FakeMaps {
+            max_services: Some(2),
+            ..FakeMaps::default()
+        })
+        .unwrap();
+
+        let stats = sync.sync(&desired);
+        assert_eq!(stats.added, 2);
+        assert_eq!(stats.failed.len(), 1);
+        let (failed_frontend, error) = &stats.failed[0];
+        assert_eq!(*failed_frontend, fronts[2]);
+        assert!(error.contains(&fronts[2].to_string()), "{error}");
+        assert!(error.contains("Argument list too long"), "{error}");
+        // The failed frontend's slots were given back.
+        assert_eq!(sync.maps().backends.len(), 4);
+
+        // Once there is room, the next sync programs it without touching the others.
+        sync.maps_mut().max_services = None;
+        sync.maps_mut().log.clear();
+        let stats = sync.sync(&desired);
+        assert_eq!((stats.added, stats.unchanged, stats.map_writes), (1, 2, 3));
+        assert!(stats.is_complete());
+    }
+
+    #[test]
+    fn a_full_backends_map_leaves_a_growing_service_consistent() {
+        let f = frontend(1, 80);
+        let mut sync = ServiceSync::read_back(FakeMaps {
+            max_backends: Some(3),
+            ..FakeMaps::default()
+        })
+        .unwrap();
+        sync.sync(&state([(f, entry([1, 2]))]));
+        let stats = sync.sync(&state([(f, entry([1, 2, 3, 4]))]));
+        assert_eq!(stats.failed.len(), 1);
+        // The count was not raised over the slot that could not be written.
+        assert_eq!(reachable(&sync, &f).len(), 2);
+
+        sync.maps_mut().max_backends = None;
+        let stats = sync.sync(&state([(f, entry([1, 2, 3, 4]))]));
+        assert!(stats.is_complete());
+        // Slot 2 written by the failed attempt is reused, only slot 3 and the count are written.
+        assert_eq!(stats.map_writes, 2);
+        assert_eq!(reachable(&sync, &f).len(), 4);
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_agent_are_cleaned_up() {
+        let f = frontend(1, 80);
+        let mut maps = FakeMaps::default();
+        let key = wire::service_key(&f);
+        // An agent stopped in the middle of shrinking f from 4 to 2 backends ...
+        maps.services.insert(
+            key,
+            ServiceValue {
+                id: 7,
+                backend_count: 2,
+                flags: 0,
+            },
+        );
+        for slot in 0..4 {
+            maps.backends.insert(
+                BackendKey {
+                    service_id: 7,
+                    slot,
+                },
+                wire::backend_value(&backend(slot + 1)),
+            );
+        }
+        // ... and in the middle of removing the service with id 9.
+        maps.backends.insert(
+            BackendKey {
+                service_id: 9,
+                slot: 0,
+            },
+            wire::backend_value(&backend(9)),
+        );
+        let mut sync = ServiceSync::read_back(maps).unwrap();
+        let stats = sync.sync(&state([(f, entry([1, 2]))]));
+        assert!(stats.is_complete());
+        assert_eq!(stats.updated, 1);
+        assert_eq!(stats.map_writes, 3, "{:?}", sync.maps().log);
+        assert_eq!(sync.maps().backends.len(), 2);
+        assert_eq!(sync.service_id(&f), Some(7));
+        let new = frontend(2, 80);
+        sync.sync(&state([(f, entry([1, 2])), (new, entry([1]))]));
+        assert!(sync.service_id(&new).unwrap() > 9);
+    }
+}
