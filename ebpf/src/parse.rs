@@ -1,4 +1,4 @@
-//! Header parsing.
+//! Header parsing: direct packet access for the common packet, a helper for the rest.
 
 use aya_ebpf::programs::TcContext;
 use sluice_common::{PROTO_TCP, PROTO_UDP};
@@ -86,53 +86,119 @@ struct UdpHeader {
     _csum: u16,
 }
 
-/// Copies a `T` from offset `off` of the packet; `None` when the packet is shorter.
-///
-/// This goes through `bpf_skb_load_bytes` rather than direct packet access: the L4 header sits
-/// at a variable offset (IP options), and the verifier only accepts a direct access through the
-/// very register that was compared with `data_end`, which LLVM does not guarantee (it may
-/// recompute `data + off` into a fresh register, rejected as "invalid access to packet"). The
-/// helper also reads headers outside the skb's linear part.
-#[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    ctx.load::<T>(off).ok()
+/// Reads headers out of the packet: in place (direct packet access) or through a helper.
+trait Reader {
+    fn read<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Whether this reader can only reach the header layout without IP options.
+    const FIXED_LAYOUT: bool;
+}
+
+/// Direct packet access at constant offsets, bounds-checked against `data_end` as the verifier
+/// requires. Used for the common packet: no IP options, headers in the skb's linear data.
+struct Direct<'a>(&'a TcContext);
+
+impl Reader for Direct<'_> {
+    const FIXED_LAYOUT: bool = true;
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        let start = self.0.data();
+        let end = self.0.data_end();
+        if start + off + core::mem::size_of::<T>() > end {
+            return None;
+        }
+        // SAFETY: the whole T lies between data and data_end, checked just above.
+        Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    }
+}
+
+/// `bpf_skb_load_bytes`: for the rare packet the direct path cannot take, an IPv4 header with
+/// options (the L4 header then sits at a variable offset, which the verifier only accepts
+/// through the very register compared with `data_end`, something LLVM does not guarantee) or
+/// headers outside the linear data.
+struct Loaded<'a>(&'a TcContext);
+
+impl Reader for Loaded<'_> {
+    const FIXED_LAYOUT: bool = false;
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        self.0.load::<T>(off).ok()
+    }
+}
+
+enum Parsed {
+    Packet(Ipv4Packet),
+    /// Not IPv4 TCP/UDP (or truncated): the programs leave it alone.
+    NotOurs,
+    /// The reader could not decide; try the other one.
+    Fallback,
 }
 
 /// Parses Ethernet + IPv4 + TCP/UDP. Returns `None` for anything else (ARP, IPv6, ICMP, other
 /// protocols, non-first fragments, truncated packets): those pass untouched.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
-    let ethertype: u16 = read(ctx, 12)?;
+    match parse(&Direct(ctx)) {
+        Parsed::Packet(pkt) => Some(pkt),
+        Parsed::NotOurs => None,
+        Parsed::Fallback => match parse(&Loaded(ctx)) {
+            Parsed::Packet(pkt) => Some(pkt),
+            Parsed::NotOurs | Parsed::Fallback => None,
+        },
+    }
+}
+
+#[inline(always)]
+fn parse<R: Reader>(r: &R) -> Parsed {
+    let Some(ethertype) = r.read::<u16>(12) else {
+        return Parsed::Fallback;
+    };
     if ethertype != ETH_P_IP_BE {
-        return None;
+        return Parsed::NotOurs;
     }
     let l3_off = ETH_HLEN;
-    let ip: Ipv4Header = read(ctx, l3_off)?;
+    let Some(ip) = r.read::<Ipv4Header>(l3_off) else {
+        return Parsed::Fallback;
+    };
     if ip.ver_ihl >> 4 != 4 {
-        return None;
+        return Parsed::NotOurs;
     }
     let ihl = ((ip.ver_ihl & 0x0f) as usize) * 4;
     if ihl < 20 {
-        return None;
+        return Parsed::NotOurs;
     }
     // Fragment offset != 0: no L4 header in this packet.
     if u16::from_be(ip.frag_off) & 0x1fff != 0 {
-        return None;
+        return Parsed::NotOurs;
     }
-    let l4_off = l3_off + ihl;
-    // The whole fixed header (with its checksum field, which NAT rewrites) must be present.
-    let (sport, dport, tcp_flags) = match ip.proto {
-        PROTO_TCP => {
-            let tcp: TcpHeader = read(ctx, l4_off)?;
-            (tcp.sport, tcp.dport, tcp.flags)
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+        return Parsed::NotOurs;
+    }
+    let l4_off = if R::FIXED_LAYOUT {
+        if ihl != 20 {
+            return Parsed::Fallback;
         }
-        PROTO_UDP => {
-            let udp: UdpHeader = read(ctx, l4_off)?;
-            (udp.sport, udp.dport, 0)
-        }
-        _ => return None,
+        // A constant, so the verifier can check the accesses below.
+        l3_off + 20
+    } else {
+        l3_off + ihl
     };
-    Some(Ipv4Packet {
+    // The whole fixed L4 header (with its checksum field, which NAT rewrites) must be present.
+    let (sport, dport, tcp_flags) = if ip.proto == PROTO_TCP {
+        match r.read::<TcpHeader>(l4_off) {
+            Some(tcp) => (tcp.sport, tcp.dport, tcp.flags),
+            None if R::FIXED_LAYOUT => return Parsed::Fallback,
+            None => return Parsed::NotOurs,
+        }
+    } else {
+        match r.read::<UdpHeader>(l4_off) {
+            Some(udp) => (udp.sport, udp.dport, 0),
+            None if R::FIXED_LAYOUT => return Parsed::Fallback,
+            None => return Parsed::NotOurs,
+        }
+    };
+    Parsed::Packet(Ipv4Packet {
         l3_off,
         l4_off,
         saddr: ip.saddr,

@@ -55,7 +55,7 @@ pub fn run(root: &Path) -> Result<()> {
     cluster.start_agent()?;
 
     println!();
-    println!("{:<44} {:>8}  answered by", "request", "count");
+    println!("{:<52} {:>8}  answered by", "request", "count");
     let show = |from: &Pod, what: &str, dst: SocketAddrV4, n: usize| -> Result<()> {
         let replies = from.tcp_requests(dst, n, TIMEOUT)?;
         let spread: Vec<String> = tally(&replies)
@@ -68,7 +68,7 @@ pub fn run(root: &Path) -> Result<()> {
             "  (some replies NOT from the service address!)"
         };
         println!(
-            "{:<44} {n:>8}  {}{via}",
+            "{:<52} {n:>8}  {}{via}",
             format!("{} -> {what} {dst}", from.name()),
             spread.join(", ")
         );

@@ -32,6 +32,8 @@ enum Task {
     },
     /// Build Sluice and run the e-commerce platform's Services in a network-namespace node.
     Demo,
+    /// rustfmt check, clippy for the workspace, and clippy for the eBPF crate on its own target.
+    Lint,
 }
 
 /// The bpf-linker release that links rustc's own LLVM 22 (newer ones need a system LLVM).
@@ -58,6 +60,10 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup()?;
             demo::run(&workspace_root())
+        }
+        Task::Lint => {
+            setup()?;
+            lint()
         }
     }
 }
@@ -149,8 +155,22 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
     run(Command::new("cargo")
         .current_dir(&root)
-        .args(["test", "--workspace"])
+        // The default members: the eBPF crate only builds for its own target (agent/build.rs).
+        .arg("test")
         .args(extra))
+}
+
+fn lint() -> anyhow::Result<()> {
+    let root = workspace_root();
+    run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The eBPF crate is linted for the target it is built for.
+    run(Command::new("cargo")
+        .current_dir(root.join("ebpf"))
+        .args(["+nightly", "clippy", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"]))
 }
 
 fn has_command(name: &str) -> bool {

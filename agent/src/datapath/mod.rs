@@ -117,7 +117,7 @@ const MAPS: [MapSpec; 3] = [
 
 /// The eBPF object built by `build.rs`.
 fn object() -> &'static [u8] {
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice"))
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"))
 }
 
 /// How an interface's programs are attached.
