@@ -162,14 +162,27 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 
 fn lint() -> anyhow::Result<()> {
     let root = workspace_root();
-    run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;
     run(Command::new("cargo")
         .current_dir(&root)
-        .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        .args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     // The eBPF crate is linted for the target it is built for.
     run(Command::new("cargo")
         .current_dir(root.join("ebpf"))
-        .args(["+nightly", "clippy", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "+nightly",
+            "clippy",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .args(["--", "-D", "warnings"]))
 }
 
