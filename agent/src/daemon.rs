@@ -16,7 +16,13 @@ use anyhow::Context as _;
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 
-use crate::{datapath::Datapath, interfaces, manifests, state::DesiredState, translate};
+use crate::{
+    datapath::Datapath,
+    interfaces, manifests,
+    node::{self, NodeOptions},
+    state::DesiredState,
+    translate,
+};
 
 /// How long a burst of file events is given to settle before the manifests are read again
 /// (an editor or `kubectl`-like tool writes a file in several steps).
@@ -25,6 +31,7 @@ const MANIFEST_DEBOUNCE: Duration = Duration::from_millis(50);
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub manifests: PathBuf,
+    pub node: NodeOptions,
     pub pin_path: PathBuf,
     pub resync_interval: Duration,
 }
@@ -103,8 +110,20 @@ impl Agent<'_> {
                 return;
             }
         };
-        let (desired, translate_errors) = translate::translate(&objects);
         let mut problems: Vec<String> = manifest_errors.iter().map(ToString::to_string).collect();
+        let context = node::resolve(&self.config.node, &objects).unwrap_or_else(|unknown| {
+            // The Node object may simply not be written yet: program what does not need it.
+            problems.push(unknown.to_string());
+            node::resolve(
+                &NodeOptions {
+                    node_name: None,
+                    ..self.config.node.clone()
+                },
+                &objects,
+            )
+            .expect("resolving without a node name cannot fail")
+        });
+        let (desired, translate_errors) = translate::translate(&objects, &context);
         problems.extend(translate_errors.iter().map(ToString::to_string));
         if problems != self.last_problems {
             for problem in &problems {

@@ -1,6 +1,7 @@
 //! Sluice's node agent as a library: the binary (`main.rs`) is a thin CLI over these modules.
 //!
 //! * [`manifests`] reads Kubernetes objects from files (I/O at the edge);
+//! * [`node`] resolves this node's context (name, addresses, cluster CIDRs, options);
 //! * [`translate`] turns objects into [`state::DesiredState`] (pure, unit-tested);
 //! * [`datapath`] is everything that talks to the kernel: load, attach, map sync;
 //! * [`interfaces`] finds pod veths with rtnetlink;
@@ -10,5 +11,6 @@ pub mod daemon;
 pub mod datapath;
 pub mod interfaces;
 pub mod manifests;
+pub mod node;
 pub mod state;
 pub mod translate;

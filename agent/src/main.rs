@@ -3,7 +3,10 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use sluice::daemon::{self, AgentConfig};
+use sluice::{
+    daemon::{self, AgentConfig},
+    node::NodeOptions,
+};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "An eBPF kube-proxy replacement")]
@@ -27,6 +30,8 @@ enum Command {
         /// notifications; unchanged input writes nothing.
         #[arg(long, default_value_t = 30)]
         resync_interval: u64,
+        #[command(flatten)]
+        node: NodeOptions,
     },
     /// Remove the pinned datapath (detaches the programs from every pod interface).
     Cleanup {
@@ -51,8 +56,10 @@ fn main() -> ExitCode {
             manifests,
             pin_path,
             resync_interval,
+            node,
         } => run_agent(AgentConfig {
             manifests,
+            node,
             pin_path,
             resync_interval: Duration::from_secs(resync_interval.max(1)),
         }),

@@ -1,8 +1,8 @@
 //! Kubernetes objects read from a directory of manifests (`sluice agent --manifests DIR`).
 //!
 //! Every `*.yaml`, `*.yml` and `*.json` file in DIR is read; YAML files may hold several
-//! documents, and `kind: List` documents are unpacked. v1 Services and discovery.k8s.io/v1
-//! EndpointSlices are kept; other kinds are skipped with a debug log. A file or object that
+//! documents, and `kind: List` documents are unpacked. v1 Services, v1 Nodes and
+//! discovery.k8s.io/v1 EndpointSlices are kept; other kinds are skipped with a debug log. A file or object that
 //! does not parse is reported with the file and object name, and the rest is still used.
 
 use std::{
@@ -11,7 +11,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize as _;
 
 /// `namespace/name` of a namespaced object.
@@ -39,11 +42,12 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// The objects the translation consumes, keyed by namespace/name.
+/// The objects the translation consumes, keyed by namespace/name (Nodes by name).
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: BTreeMap<ObjectRef, Service>,
     pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
+    pub nodes: BTreeMap<String, Node>,
 }
 
 /// A problem with one file or one object in it. The rest of the directory is still used.
@@ -188,6 +192,15 @@ fn add_value(
                 Err(e) => errors.push(error(format!("invalid EndpointSlice: {e}"))),
             }
         }
+        ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
+            Ok(node) => match node.metadata.name.clone() {
+                Some(name) => {
+                    objects.nodes.insert(name, node);
+                }
+                None => errors.push(error("metadata.name is missing".into())),
+            },
+            Err(e) => errors.push(error(format!("invalid Node: {e}"))),
+        },
         ("", _) | (_, "") => errors.push(ManifestError {
             file: file.to_path_buf(),
             object: what.to_string(),

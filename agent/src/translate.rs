@@ -22,6 +22,7 @@ use k8s_openapi::api::{
 
 use crate::{
     manifests::{ObjectRef, Objects},
+    node::NodeContext,
     state::{BackendAddr, DesiredState, Frontend, Protocol, ServiceEntry},
 };
 
@@ -44,7 +45,7 @@ impl fmt::Display for TranslateError {
 
 /// Translates every service in `objects`. Problems are returned next to the state; an object
 /// with a problem contributes what it correctly can.
-pub fn translate(objects: &Objects) -> (DesiredState, Vec<TranslateError>) {
+pub fn translate(objects: &Objects, _node: &NodeContext) -> (DesiredState, Vec<TranslateError>) {
     let mut state = DesiredState::default();
     let mut errors = Vec::new();
 
@@ -278,6 +279,10 @@ mod tests {
     use super::*;
     use crate::manifests::parse_into;
 
+    fn translate_all(objects: &Objects) -> (DesiredState, Vec<TranslateError>) {
+        translate(objects, &NodeContext::default())
+    }
+
     fn objects(yaml: &str) -> Objects {
         let mut objects = Objects::default();
         let mut errors = Vec::new();
@@ -326,7 +331,7 @@ ports: [{port: 8080, protocol: TCP}]
 
     #[test]
     fn cluster_ip_service_with_its_slice() {
-        let (state, errors) = translate(&objects(BACKEND));
+        let (state, errors) = translate_all(&objects(BACKEND));
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(state.services.len(), 1);
         let entry = &state.services[&fe("10.96.0.1", 8080, Protocol::Tcp)];
@@ -339,7 +344,7 @@ ports: [{port: 8080, protocol: TCP}]
 
     #[test]
     fn headless_external_name_and_other_proxy_are_ignored() {
-        let (state, errors) = translate(&objects(
+        let (state, errors) = translate_all(&objects(
             r#"
 apiVersion: v1
 kind: Service
@@ -365,7 +370,7 @@ spec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}
 
     #[test]
     fn multi_port_named_target_ports_and_merged_slices() {
-        let (state, errors) = translate(&objects(
+        let (state, errors) = translate_all(&objects(
             r#"
 apiVersion: v1
 kind: Service
@@ -439,13 +444,13 @@ ports: [{{port: 80}}]
 "#
             )
         };
-        let (state, _) = translate(&objects(&yaml(true)));
+        let (state, _) = translate_all(&objects(&yaml(true)));
         assert_eq!(
             state.services[&fe("10.96.0.30", 80, Protocol::Tcp)].backends,
             vec![be("10.244.0.6", 80)]
         );
         // No ready endpoint: serving + terminating ones keep the service alive.
-        let (state, _) = translate(&objects(&yaml(false)));
+        let (state, _) = translate_all(&objects(&yaml(false)));
         assert_eq!(
             state.services[&fe("10.96.0.30", 80, Protocol::Tcp)].backends,
             vec![be("10.244.0.5", 80)]
@@ -454,7 +459,7 @@ ports: [{{port: 80}}]
 
     #[test]
     fn service_without_slices_is_programmed_without_backends() {
-        let (state, errors) = translate(&objects(
+        let (state, errors) = translate_all(&objects(
             "apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec: {clusterIP: 10.96.0.40, ports: [{port: 80}]}\n",
         ));
         assert!(errors.is_empty());
@@ -465,7 +470,7 @@ ports: [{{port: 80}}]
 
     #[test]
     fn bad_values_are_reported_by_object_and_the_rest_is_kept() {
-        let (state, errors) = translate(&objects(
+        let (state, errors) = translate_all(&objects(
             r#"
 apiVersion: v1
 kind: Service
@@ -524,7 +529,7 @@ ports: [{name: c, port: 8082}]
             include_str!("../../examples/ecommerce/endpointslices.yaml"),
         ]
         .join("\n---\n");
-        let (state, errors) = translate(&objects(&text));
+        let (state, errors) = translate_all(&objects(&text));
         assert!(errors.is_empty(), "{errors:?}");
         let summary: Vec<(String, &str, usize)> = state
             .services
