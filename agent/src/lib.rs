@@ -5,12 +5,15 @@
 //! * [`translate`] turns objects into [`state::DesiredState`] (pure, unit-tested);
 //! * [`datapath`] is everything that talks to the kernel: load, attach, map sync;
 //! * [`interfaces`] finds pod veths with rtnetlink;
-//! * [`daemon`] ties them together for `sluice agent`.
+//! * [`daemon`] ties them together for `sluice agent`;
+//! * [`trace`] and [`inspect`] are the debugging commands `sluice trace` and `sluice state`.
 
 pub mod daemon;
 pub mod datapath;
+pub mod inspect;
 pub mod interfaces;
 pub mod manifests;
 pub mod node;
 pub mod state;
+pub mod trace;
 pub mod translate;

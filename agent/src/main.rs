@@ -33,6 +33,11 @@ enum Command {
         #[command(flatten)]
         node: NodeOptions,
     },
+    /// Push a synthetic packet through the real programs (BPF_PROG_RUN) with maps filled from
+    /// manifests, and show what the datapath does with it. Never touches a running agent.
+    Trace(sluice::trace::TraceArgs),
+    /// Show the running agent's services, backends and conntrack entries.
+    State(sluice::inspect::StateArgs),
     /// Remove the pinned datapath (detaches the programs from every pod interface).
     Cleanup {
         #[arg(long, default_value = sluice_common::DEFAULT_PIN_PATH)]
@@ -63,6 +68,8 @@ fn main() -> ExitCode {
             pin_path,
             resync_interval: Duration::from_secs(resync_interval.max(1)),
         }),
+        Command::Trace(args) => return sluice::trace::run(args),
+        Command::State(args) => return sluice::inspect::run(args),
         Command::Cleanup { pin_path } => sluice::datapath::Datapath::cleanup(&pin_path),
     };
     match result {
