@@ -212,6 +212,16 @@ fn add_value(
     }
 }
 
+/// Parses YAML that must be free of problems, for other modules' tests.
+#[cfg(test)]
+pub(crate) fn parse_valid(text: &str) -> Objects {
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    parse_into(Path::new("test.yaml"), text, &mut objects, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    objects
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,17 +110,10 @@ fn node_ips(node: &Node) -> Vec<IpAddr> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::manifests::parse_into;
 
     fn objects(yaml: &str) -> Objects {
-        let mut objects = Objects::default();
-        let mut errors = Vec::new();
-        parse_into(Path::new("n.yaml"), yaml, &mut objects, &mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-        objects
+        crate::manifests::parse_valid(yaml)
     }
 
     const NODES: &str = r#"

@@ -274,21 +274,16 @@ fn valid_port(port: i32) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::Ipv4Addr, path::Path};
+    use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::manifests::parse_into;
 
     fn translate_all(objects: &Objects) -> (DesiredState, Vec<TranslateError>) {
         translate(objects, &NodeContext::default())
     }
 
     fn objects(yaml: &str) -> Objects {
-        let mut objects = Objects::default();
-        let mut errors = Vec::new();
-        parse_into(Path::new("t.yaml"), yaml, &mut objects, &mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-        objects
+        crate::manifests::parse_valid(yaml)
     }
 
     fn fe(ip: &str, port: u16, proto: Protocol) -> Frontend {

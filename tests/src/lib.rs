@@ -107,3 +107,51 @@ pub fn retry_until<T>(
         std::thread::sleep(interval);
     }
 }
+
+/// What a [`tcp_loop_while`] client saw.
+#[derive(Debug, Default)]
+pub struct LoopOutcome {
+    pub ok: usize,
+    /// Each failed request: the error, or a reply from an address other than the one dialled.
+    pub failures: Vec<String>,
+}
+
+/// Runs `during` on this thread while `client` opens TCP connections to `dst` back to back
+/// (one at a time, each with `timeout`). The loop stops when `during` returns or panics, and
+/// after 60 s at the latest; a panic in `during` is re-raised once the loop has stopped.
+pub fn tcp_loop_while(
+    client: &Pod,
+    dst: std::net::SocketAddrV4,
+    timeout: Duration,
+    during: impl FnOnce(),
+) -> LoopOutcome {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let looping = s.spawn(|| {
+            client.run(|| {
+                let mut outcome = LoopOutcome::default();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match client::tcp_request(dst, timeout) {
+                        Ok(r) if r.peer == dst => outcome.ok += 1,
+                        Ok(r) => outcome
+                            .failures
+                            .push(format!("reply from the wrong peer: {r:?}")),
+                        Err(e) => outcome.failures.push(format!("{e:#}")),
+                    }
+                }
+                outcome
+            })
+        });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
+        stop.store(true, Ordering::Relaxed);
+        let outcome = looping.join();
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+        outcome
+            .expect("client loop panicked")
+            .expect("entering the client's netns")
+    })
+}

@@ -2,13 +2,11 @@
 //! node, pods as clients and backends, manifests changed while traffic flows.
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     time::Duration,
 };
 
-use sluice_testbed::{client, retry_until, sluice::SluiceNode, tally, Pod, Reply};
+use sluice_testbed::{retry_until, sluice::SluiceNode, tally, tcp_loop_while, Pod, Reply};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 100, 10);
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -320,52 +318,25 @@ fn agent_restart_does_not_interrupt_traffic() {
     cluster.start_agent().unwrap();
     let http = SocketAddrV4::new(VIP, 80);
 
-    let stop = AtomicBool::new(false);
-    let ok = AtomicUsize::new(0);
-    let failures = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            client
-                .run(|| {
-                    // Bounded: stops on the flag or after 60 s, whichever is first.
-                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
-                        match client::tcp_request(http, TIMEOUT) {
-                            Ok(r) if r.peer == http => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(r) => failures.lock().unwrap().push(format!("wrong peer {r:?}")),
-                            Err(e) => failures.lock().unwrap().push(format!("{e:#}")),
-                        }
-                    }
-                })
-                .unwrap();
-        });
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            std::thread::sleep(Duration::from_millis(300));
-            let mut killed = cluster.take_agent().unwrap();
-            killed.kill_hard().unwrap();
-            std::thread::sleep(Duration::from_millis(500));
-            cluster.start_agent().unwrap();
-            std::thread::sleep(Duration::from_millis(300));
-            let mut stopped = cluster.take_agent().unwrap();
-            let status = stopped.terminate().unwrap();
-            assert!(
-                status.success(),
-                "agent did not stop cleanly: {status:?}\n{}",
-                stopped.log()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-            cluster.start_agent().unwrap();
-            std::thread::sleep(Duration::from_millis(300));
-        }));
-        stop.store(true, Ordering::Relaxed);
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
+    let outcome = tcp_loop_while(&client, http, TIMEOUT, || {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut killed = cluster.take_agent().unwrap();
+        killed.kill_hard().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.start_agent().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut stopped = cluster.take_agent().unwrap();
+        let status = stopped.terminate().unwrap();
+        assert!(
+            status.success(),
+            "agent did not stop cleanly: {status:?}\n{}",
+            stopped.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.start_agent().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
     });
-    let failures = failures.into_inner().unwrap();
-    let ok = ok.into_inner();
+    let (ok, failures) = (outcome.ok, outcome.failures);
     assert!(
         failures.is_empty(),
         "{} of {} connections failed: {failures:?}",
@@ -488,50 +459,25 @@ fn resyncing_ten_thousand_unchanged_services_does_not_disturb_traffic() {
     let bulk = SocketAddrV4::new(Ipv4Addr::new(10, 97, 39, 250), 80);
     assert_eq!(client.tcp_request(bulk, TIMEOUT).unwrap().text, "web-2");
 
-    let stop = AtomicBool::new(false);
-    let results = std::thread::scope(|s| {
-        let loop_handle = s.spawn(|| {
-            client
-                .run(|| {
-                    let mut results: BTreeMap<String, usize> = BTreeMap::new();
-                    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
-                        let key = match client::tcp_request(http, TIMEOUT) {
-                            Ok(_) => "ok".to_string(),
-                            Err(e) => format!("{e:#}"),
-                        };
-                        *results.entry(key).or_default() += 1;
-                    }
-                    results
-                })
-                .unwrap()
-        });
-        // Rewrite every manifest with the same content: a full resync of an unchanged state.
-        let agent_ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            std::thread::sleep(Duration::from_millis(200));
-            cluster.manifests.write("bulk.yaml", &many).unwrap();
-            cluster
-                .manifests
-                .write("service.yaml", &service_yaml())
-                .unwrap();
-            let agent = cluster.agent_mut().unwrap();
-            agent
-                .wait_for_log("datapath unchanged services=10003", Duration::from_secs(30))
-                .unwrap();
-        }));
-        stop.store(true, Ordering::Relaxed);
-        let results = loop_handle.join().unwrap();
-        if let Err(panic) = agent_ok {
-            std::panic::resume_unwind(panic);
-        }
-        results
+    // Rewrite every manifest with the same content: a full resync of an unchanged state.
+    let outcome = tcp_loop_while(&client, http, TIMEOUT, || {
+        std::thread::sleep(Duration::from_millis(200));
+        cluster.manifests.write("bulk.yaml", &many).unwrap();
+        cluster
+            .manifests
+            .write("service.yaml", &service_yaml())
+            .unwrap();
+        let agent = cluster.agent_mut().unwrap();
+        agent
+            .wait_for_log("datapath unchanged services=10003", Duration::from_secs(30))
+            .unwrap();
     });
-    assert_eq!(
-        results.len(),
-        1,
-        "connections failed during the resync: {results:?}"
+    assert!(
+        outcome.failures.is_empty(),
+        "connections failed during the resync: {:?}",
+        outcome.failures
     );
-    assert!(results["ok"] > 10, "{results:?}");
+    assert!(outcome.ok > 10, "only {} connections", outcome.ok);
     let log = cluster.agent_mut().unwrap().log();
     assert_eq!(
         log.matches("datapath synced").count(),
