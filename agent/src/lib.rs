@@ -10,6 +10,7 @@
 
 pub mod daemon;
 pub mod datapath;
+pub mod health;
 pub mod inspect;
 pub mod interfaces;
 pub mod manifests;
