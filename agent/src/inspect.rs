@@ -1,12 +1,1035 @@
-//! `sluice state`: the running agent's pinned maps as tables.
+//! `sluice state`: the running agent's pinned maps as tables, in the spirit of
+//! `cilium bpf lb list` and `cilium bpf ct list`.
+//!
+//! The command opens the maps pinned under the pin directory read-only (`BPF_OBJ_GET` with
+//! `BPF_F_RDONLY`): it loads no program, writes no map and works whether or not an agent is
+//! running, as long as the datapath is pinned.
+//!
+//! Reading ([`read_pinned`]) is kept apart from the pure part that joins and formats the
+//! entries ([`services_view`], [`conntrack_view`], [`render_services`], [`render_conntrack`],
+//! [`to_json`]), which is unit-tested on given entries.
 
-use std::process::ExitCode;
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    ffi::CString,
+    io::{self, Write as _},
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    Pod,
+};
+use serde_json::{json, Value};
+use sluice_common::{
+    Backend, BackendKey, CtKey, CtValue, ServiceKey, ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY,
+    DEFAULT_PIN_PATH, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES,
+};
+
+use crate::{
+    datapath::wire,
+    state::{BackendAddr, Protocol},
+};
 
 /// Arguments of `sluice state`.
 #[derive(clap::Args, Debug)]
-pub struct StateArgs {}
+pub struct StateArgs {
+    /// Directory (on bpffs) where the agent pinned its maps.
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Show only this table (default: both).
+    #[arg(value_enum)]
+    pub table: Option<Table>,
+}
 
-pub fn run(_args: StateArgs) -> ExitCode {
-    eprintln!("sluice state: not implemented yet");
-    ExitCode::from(2)
+/// What `sluice state` shows.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// Service frontends with their backend slots (`services` and `backends` maps).
+    Services,
+    /// Translated flows (`conntrack` map).
+    Conntrack,
+}
+
+pub fn run(args: StateArgs) -> ExitCode {
+    let output = read_pinned(&args.pin_path, args.table).map(|snapshot| {
+        let services = wants(args.table, Table::Services)
+            .then(|| services_view(&snapshot.services, &snapshot.backends));
+        let flows = wants(args.table, Table::Conntrack)
+            .then(|| conntrack_view(&snapshot.conntrack, snapshot.now_ns));
+        if args.json {
+            let mut text =
+                serde_json::to_string_pretty(&to_json(services.as_deref(), flows.as_deref()))
+                    .expect("a JSON value serialises");
+            text.push('\n');
+            text
+        } else {
+            let mut text = String::new();
+            if let Some(services) = &services {
+                text.push_str(&render_services(services));
+            }
+            if let Some(flows) = &flows {
+                if services.is_some() {
+                    text.push('\n');
+                }
+                text.push_str(&render_conntrack(flows));
+            }
+            text
+        }
+    });
+    match output {
+        Ok(text) => {
+            match io::stdout().lock().write_all(text.as_bytes()) {
+                // `sluice state | head` is not an error.
+                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                    eprintln!("sluice state: writing the output: {e}");
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("sluice state: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn wants(selected: Option<Table>, table: Table) -> bool {
+    selected.is_none_or(|s| s == table)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the pinned maps.
+
+/// The raw content of the pinned maps, and the time it was read at.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub backends: Vec<(BackendKey, Backend)>,
+    pub conntrack: Vec<(CtKey, CtValue)>,
+    /// `CLOCK_MONOTONIC` (the clock of `bpf_ktime_get_ns`) when the maps were read.
+    pub now_ns: u64,
+}
+
+/// Reads the maps pinned under `pin_path` without modifying anything. `only` restricts what is
+/// read; every map is opened regardless, so a partial or foreign pin directory is reported.
+pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snapshot> {
+    let not_pinned = || {
+        format!(
+            "no Sluice datapath pinned at {}: is the agent running?",
+            pin_path.display()
+        )
+    };
+    if !pin_path.is_dir() {
+        bail!(not_pinned());
+    }
+    let services: HashMap<MapData, ServiceKey, ServiceValue> =
+        open_read_only(pin_path, MAP_SERVICES).with_context(not_pinned)?;
+    let backends: HashMap<MapData, BackendKey, Backend> =
+        open_read_only(pin_path, MAP_BACKENDS).with_context(not_pinned)?;
+    let conntrack: HashMap<MapData, CtKey, CtValue> =
+        open_read_only(pin_path, MAP_CONNTRACK).with_context(not_pinned)?;
+
+    let mut snapshot = Snapshot::default();
+    if wants(only, Table::Services) {
+        snapshot.services = read_all(&services, pin_path, MAP_SERVICES)?;
+        snapshot.backends = read_all(&backends, pin_path, MAP_BACKENDS)?;
+    }
+    if wants(only, Table::Conntrack) {
+        snapshot.conntrack = read_all(&conntrack, pin_path, MAP_CONNTRACK)?;
+    }
+    // After reading: an entry created meanwhile does not get a negative age.
+    snapshot.now_ns = monotonic_now_ns()?;
+    Ok(snapshot)
+}
+
+/// Every entry of a map. The agent and the programs keep writing while it is read, so a key
+/// may be visited twice (the kernel restarts a walk whose current key was deleted); the last
+/// value read wins.
+fn read_all<K, V>(
+    map: &HashMap<MapData, K, V>,
+    pin_path: &Path,
+    name: &str,
+) -> anyhow::Result<Vec<(K, V)>>
+where
+    K: Pod + Eq + std::hash::Hash,
+    V: Pod,
+{
+    let mut entries: Vec<(K, V)> = Vec::new();
+    let mut index: StdHashMap<K, usize> = StdHashMap::new();
+    for entry in map.iter() {
+        let (key, value) =
+            entry.with_context(|| format!("reading {}", pin_path.join(name).display()))?;
+        match index.get(&key) {
+            Some(&i) => entries[i].1 = value,
+            None => {
+                index.insert(key, entries.len());
+                entries.push((key, value));
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// Opens the map pinned at `<pin_path>/<name>` read-only. The error's root cause says what is
+/// wrong; the caller adds the context.
+fn open_read_only<K: Pod, V: Pod>(
+    pin_path: &Path,
+    name: &str,
+) -> anyhow::Result<HashMap<MapData, K, V>> {
+    let path = pin_path.join(name);
+    let fd = match bpf_obj_get_read_only(&path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            bail!("{} does not exist", path.display())
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(e).with_context(|| {
+                format!(
+                    "opening {} (reading BPF maps needs root or CAP_BPF)",
+                    path.display()
+                )
+            })
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening {} as a pinned BPF map", path.display()))
+        }
+    };
+    let data = MapData::from_fd(fd).with_context(|| format!("inspecting {}", path.display()))?;
+    let map = Map::from_map_data(data).with_context(|| format!("inspecting {}", path.display()))?;
+    if !matches!(map, Map::HashMap(_) | Map::LruHashMap(_)) {
+        bail!("{} is not a hash map: not a Sluice map", path.display());
+    }
+    HashMap::try_from(map).with_context(|| {
+        format!(
+            "{}: its key or value size is not the one this Sluice version expects (pinned by \
+             another version?)",
+            path.display()
+        )
+    })
+}
+
+/// `BPF_OBJ_GET` with `BPF_F_RDONLY`: a file descriptor that can look up and walk the map but
+/// not update or delete. (aya's `MapData::from_pin` asks for a read-write descriptor.)
+fn bpf_obj_get_read_only(path: &Path) -> io::Result<OwnedFd> {
+    /// The `BPF_OBJ_*` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BpfObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = BpfObjAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: BPF_F_RDONLY,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: attr is a valid, fully initialised BPF_OBJ_GET attribute whose pathname points to
+    // a NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const BpfObjAttr,
+            std::mem::size_of::<BpfObjAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `CLOCK_MONOTONIC`, the clock `bpf_ktime_get_ns` reads, in nanoseconds.
+fn monotonic_now_ns() -> anyhow::Result<u64> {
+    // SAFETY: timespec is plain data; zeroed is a valid value.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: ts is a valid out pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Err(io::Error::last_os_error()).context("clock_gettime(CLOCK_MONOTONIC)");
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Joining and formatting (pure).
+
+/// One programmed frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceView {
+    pub key: ServiceKey,
+    pub id: u32,
+    pub backend_count: u32,
+    /// Slots `0..backend_count` in order.
+    pub slots: Vec<SlotView>,
+}
+
+/// One backend slot of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotView {
+    pub slot: u32,
+    /// `None` when the slot is missing from `backends` (the datapath then falls back to slot 0).
+    pub backend: Option<BackendAddr>,
+}
+
+impl ServiceView {
+    /// `ip:port/PROTO`.
+    pub fn frontend(&self) -> String {
+        wire::describe_key(&self.key)
+    }
+
+    fn sort_key(&self) -> (Ipv4Addr, u16, u8) {
+        (
+            wire::addr_from_map(self.key.addr),
+            wire::port_from_map(self.key.port),
+            self.key.proto,
+        )
+    }
+}
+
+/// The frontends in `services` with their slots from `backends`, sorted by frontend (address,
+/// port, protocol).
+pub fn services_view(
+    services: &[(ServiceKey, ServiceValue)],
+    backends: &[(BackendKey, Backend)],
+) -> Vec<ServiceView> {
+    let slots: BTreeMap<(u32, u32), Backend> = backends
+        .iter()
+        .map(|(key, backend)| ((key.service_id, key.slot), *backend))
+        .collect();
+    let mut views: Vec<ServiceView> = services
+        .iter()
+        .map(|(key, value)| ServiceView {
+            key: *key,
+            id: value.id,
+            backend_count: value.backend_count,
+            slots: (0..value.backend_count)
+                .map(|slot| SlotView {
+                    slot,
+                    backend: slots.get(&(value.id, slot)).map(wire::backend_addr),
+                })
+                .collect(),
+        })
+        .collect();
+    views.sort_by_key(ServiceView::sort_key);
+    views
+}
+
+/// Which conntrack entries of a flow exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEntries {
+    /// The forward entry and the reply entry that reverses it.
+    Both,
+    /// A forward entry whose reply entry is gone (evicted by the LRU or overwritten).
+    ForwardOnly,
+    /// A reply entry no forward entry leads to: the client reused its port for a flow to
+    /// another backend, or the forward entry was evicted.
+    OrphanReply,
+}
+
+impl FlowEntries {
+    fn label(self) -> &'static str {
+        match self {
+            FlowEntries::Both => "forward+reply",
+            FlowEntries::ForwardOnly => "forward only",
+            FlowEntries::OrphanReply => "orphan reply",
+        }
+    }
+}
+
+/// One translated flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowView {
+    pub proto: u8,
+    /// The client's own address (source of the forward direction).
+    pub client: SocketAddrV4,
+    /// The service address the client dialled.
+    pub service: SocketAddrV4,
+    /// The backend the flow is translated to.
+    pub backend: SocketAddrV4,
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns()` when the flow was balanced.
+    pub created_ns: u64,
+    /// Time from `created_ns` to when the map was read.
+    pub age: Duration,
+    pub entries: FlowEntries,
+}
+
+fn sock(addr: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(wire::addr_from_map(addr), wire::port_from_map(port))
+}
+
+/// Joins the conntrack entries into flows: each forward entry with the reply entry that
+/// reverses it, then the reply entries left over as orphans. Entries with an unknown direction
+/// are left out. Sorted by protocol, client, service.
+pub fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<FlowView> {
+    let replies: StdHashMap<CtKey, CtValue> = entries
+        .iter()
+        .filter(|(key, _)| key.dir == CT_DIR_REPLY)
+        .copied()
+        .collect();
+    let mut joined: Vec<CtKey> = Vec::new();
+    let age = |created_ns: u64| Duration::from_nanos(now_ns.saturating_sub(created_ns));
+    let mut flows: Vec<FlowView> = Vec::new();
+    for (key, value) in entries.iter().filter(|(key, _)| key.dir == CT_DIR_FORWARD) {
+        // What `conntrack::create` in the programs writes next to this forward entry.
+        let reply_key = CtKey {
+            saddr: value.nat_addr,
+            daddr: key.saddr,
+            sport: value.nat_port,
+            dport: key.sport,
+            proto: key.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        let reverses = replies.get(&reply_key).is_some_and(|reply| {
+            reply.nat_addr == key.daddr
+                && reply.nat_port == key.dport
+                && reply.service_id == value.service_id
+        });
+        if reverses {
+            joined.push(reply_key);
+        }
+        flows.push(FlowView {
+            proto: key.proto,
+            client: sock(key.saddr, key.sport),
+            service: sock(key.daddr, key.dport),
+            backend: sock(value.nat_addr, value.nat_port),
+            service_id: value.service_id,
+            created_ns: value.created_ns,
+            age: age(value.created_ns),
+            entries: if reverses {
+                FlowEntries::Both
+            } else {
+                FlowEntries::ForwardOnly
+            },
+        });
+    }
+    for (key, value) in &replies {
+        if joined.contains(key) {
+            continue;
+        }
+        flows.push(FlowView {
+            proto: key.proto,
+            client: sock(key.daddr, key.dport),
+            service: sock(value.nat_addr, value.nat_port),
+            backend: sock(key.saddr, key.sport),
+            service_id: value.service_id,
+            created_ns: value.created_ns,
+            age: age(value.created_ns),
+            entries: FlowEntries::OrphanReply,
+        });
+    }
+    flows.sort_by_key(|f| {
+        (
+            f.proto,
+            *f.client.ip(),
+            f.client.port(),
+            *f.service.ip(),
+            f.service.port(),
+            f.entries != FlowEntries::Both,
+            *f.backend.ip(),
+            f.backend.port(),
+        )
+    });
+    flows
+}
+
+/// `TCP`, `UDP`, `SCTP` or `proto-<n>`.
+pub fn proto_name(proto: u8) -> String {
+    match Protocol::from_number(proto) {
+        Some(p) => p.to_string(),
+        None => format!("proto-{proto}"),
+    }
+}
+
+/// A duration as `42s`, `3m05s`, `2h07m` or `4d03h`.
+pub fn format_age(age: Duration) -> String {
+    let s = age.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Left-aligned columns two spaces apart, no trailing spaces.
+fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            line.extend(std::iter::repeat_n(' ', pad));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The services table: one row per backend slot, the frontend on its first row, like
+/// `cilium bpf lb list`. Ends with a summary line.
+pub fn render_services(services: &[ServiceView]) -> String {
+    let mut rows = Vec::new();
+    for service in services {
+        let first = [
+            service.frontend(),
+            service.id.to_string(),
+            service.backend_count.to_string(),
+        ];
+        if service.slots.is_empty() {
+            let mut row = first.to_vec();
+            row.extend(["-".to_string(), "(no backends)".to_string()]);
+            rows.push(row);
+            continue;
+        }
+        for (i, slot) in service.slots.iter().enumerate() {
+            let mut row = if i == 0 {
+                first.to_vec()
+            } else {
+                vec![String::new(); 3]
+            };
+            row.push(slot.slot.to_string());
+            row.push(match slot.backend {
+                Some(backend) => backend.to_string(),
+                None => "(missing slot)".to_string(),
+            });
+            rows.push(row);
+        }
+    }
+    let mut out = render_table(
+        &["FRONTEND", "SERVICE ID", "BACKENDS", "SLOT", "BACKEND"],
+        &rows,
+    );
+    let slots: usize = services.iter().map(|s| s.slots.len()).sum();
+    let empty = services.iter().filter(|s| s.slots.is_empty()).count();
+    out.push_str(&format!(
+        "{} {}, {slots} backend {}, {empty} without backends\n",
+        services.len(),
+        plural(services.len(), "frontend", "frontends"),
+        plural(slots, "slot", "slots"),
+    ));
+    out
+}
+
+/// The conntrack table: one row per flow, like `cilium bpf ct list`. Ends with the counts.
+pub fn render_conntrack(flows: &[FlowView]) -> String {
+    let rows: Vec<Vec<String>> = flows
+        .iter()
+        .map(|f| {
+            vec![
+                proto_name(f.proto),
+                f.client.to_string(),
+                f.service.to_string(),
+                f.backend.to_string(),
+                f.service_id.to_string(),
+                format_age(f.age),
+                f.entries.label().to_string(),
+            ]
+        })
+        .collect();
+    let mut out = render_table(
+        &[
+            "PROTO",
+            "CLIENT",
+            "SERVICE",
+            "BACKEND",
+            "SERVICE ID",
+            "AGE",
+            "ENTRIES",
+        ],
+        &rows,
+    );
+    let count = |kind| flows.iter().filter(|f| f.entries == kind).count();
+    let (both, forward, orphan) = (
+        count(FlowEntries::Both),
+        count(FlowEntries::ForwardOnly),
+        count(FlowEntries::OrphanReply),
+    );
+    out.push_str(&format!(
+        "{} {} ({both} forward+reply, {forward} forward only, {orphan} orphan {}), {} conntrack \
+         {}\n",
+        flows.len(),
+        plural(flows.len(), "flow", "flows"),
+        plural(orphan, "reply", "replies"),
+        2 * both + forward + orphan,
+        plural(2 * both + forward + orphan, "entry", "entries"),
+    ));
+    out
+}
+
+fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
+/// `{"services": [...], "conntrack": [...]}`, each key only when its table is given.
+pub fn to_json(services: Option<&[ServiceView]>, flows: Option<&[FlowView]>) -> Value {
+    let mut out = serde_json::Map::new();
+    if let Some(services) = services {
+        let services: Vec<Value> = services
+            .iter()
+            .map(|s| {
+                json!({
+                    "frontend": s.frontend(),
+                    "ip": wire::addr_from_map(s.key.addr).to_string(),
+                    "port": wire::port_from_map(s.key.port),
+                    "protocol": proto_name(s.key.proto),
+                    "id": s.id,
+                    "backend_count": s.backend_count,
+                    "backends": s.slots.iter().map(|slot| json!({
+                        "slot": slot.slot,
+                        "address": slot.backend.map(|b| b.to_string()),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        out.insert("services".into(), Value::Array(services));
+    }
+    if let Some(flows) = flows {
+        let flows: Vec<Value> = flows
+            .iter()
+            .map(|f| {
+                json!({
+                    "protocol": proto_name(f.proto),
+                    "client": f.client.to_string(),
+                    "service": f.service.to_string(),
+                    "backend": f.backend.to_string(),
+                    "service_id": f.service_id,
+                    "created_ns": f.created_ns,
+                    "age_seconds": f.age.as_secs(),
+                    "forward": f.entries != FlowEntries::OrphanReply,
+                    "reply": f.entries != FlowEntries::ForwardOnly,
+                })
+            })
+            .collect();
+        out.insert("conntrack".into(), Value::Array(flows));
+    }
+    Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_common::{PROTO_TCP, PROTO_UDP};
+
+    use super::*;
+    use crate::state::Frontend;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn frontend(ip: [u8; 4], port: u16, proto: Protocol) -> ServiceKey {
+        wire::service_key(&Frontend {
+            ip: Ipv4Addr::from(ip),
+            port,
+            proto,
+        })
+    }
+
+    fn backend(ip: [u8; 4], port: u16) -> Backend {
+        wire::backend_value(&BackendAddr {
+            ip: Ipv4Addr::from(ip),
+            port,
+        })
+    }
+
+    fn service(id: u32, backend_count: u32) -> ServiceValue {
+        ServiceValue {
+            id,
+            backend_count,
+            flags: 0,
+        }
+    }
+
+    fn slot(service_id: u32, slot: u32) -> BackendKey {
+        BackendKey { service_id, slot }
+    }
+
+    /// Two services (one with an unsorted slot list), one without backends, one with a slot
+    /// missing, and a leftover slot above a count.
+    fn sample_services() -> Vec<ServiceView> {
+        let services = [
+            (frontend([10, 96, 0, 10], 80, Protocol::Tcp), service(1, 2)),
+            (frontend([10, 96, 0, 10], 53, Protocol::Udp), service(2, 1)),
+            (frontend([10, 96, 0, 2], 443, Protocol::Tcp), service(3, 0)),
+            (frontend([10, 96, 0, 10], 53, Protocol::Tcp), service(4, 2)),
+        ];
+        let backends = [
+            (slot(1, 1), backend([10, 244, 0, 22], 8080)),
+            (slot(1, 0), backend([10, 244, 0, 21], 8080)),
+            (slot(2, 0), backend([10, 244, 0, 21], 5353)),
+            (slot(2, 1), backend([10, 244, 0, 99], 5353)), // above the count: not reachable
+            (slot(4, 0), backend([10, 244, 0, 23], 53)),
+        ];
+        services_view(&services, &backends)
+    }
+
+    #[test]
+    fn services_are_sorted_by_frontend_with_their_slots() {
+        let views = sample_services();
+        let frontends: Vec<String> = views.iter().map(ServiceView::frontend).collect();
+        assert_eq!(
+            frontends,
+            [
+                "10.96.0.2:443/TCP",
+                "10.96.0.10:53/TCP",
+                "10.96.0.10:53/UDP",
+                "10.96.0.10:80/TCP"
+            ]
+        );
+        let http = &views[3];
+        assert_eq!(http.id, 1);
+        assert_eq!(
+            http.slots,
+            [
+                SlotView {
+                    slot: 0,
+                    backend: Some(BackendAddr {
+                        ip: Ipv4Addr::new(10, 244, 0, 21),
+                        port: 8080
+                    })
+                },
+                SlotView {
+                    slot: 1,
+                    backend: Some(BackendAddr {
+                        ip: Ipv4Addr::new(10, 244, 0, 22),
+                        port: 8080
+                    })
+                },
+            ]
+        );
+        // Slots at or above the count are not shown; missing slots are.
+        assert_eq!(views[2].slots.len(), 1);
+        assert_eq!(views[1].slots[1].backend, None);
+        assert!(views[0].slots.is_empty());
+    }
+
+    #[test]
+    fn services_table() {
+        let table = render_services(&sample_services());
+        let expected = "\
+FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
+10.96.0.2:443/TCP  3           0         -     (no backends)
+10.96.0.10:53/TCP  4           2         0     10.244.0.23:53
+                                         1     (missing slot)
+10.96.0.10:53/UDP  2           1         0     10.244.0.21:5353
+10.96.0.10:80/TCP  1           2         0     10.244.0.21:8080
+                                         1     10.244.0.22:8080
+4 frontends, 5 backend slots, 1 without backends
+";
+        assert_eq!(table, expected, "got:\n{table}");
+    }
+
+    #[test]
+    fn empty_tables_still_have_headers_and_counts() {
+        assert_eq!(
+            render_services(&[]),
+            "FRONTEND  SERVICE ID  BACKENDS  SLOT  BACKEND\n\
+             0 frontends, 0 backend slots, 0 without backends\n"
+        );
+        assert_eq!(
+            render_conntrack(&[]),
+            "PROTO  CLIENT  SERVICE  BACKEND  SERVICE ID  AGE  ENTRIES\n\
+             0 flows (0 forward+reply, 0 forward only, 0 orphan replies), 0 conntrack entries\n"
+        );
+    }
+
+    /// The two entries `conntrack::create` writes for client -> vip balanced to `backend`.
+    fn flow(
+        proto: u8,
+        client: SocketAddrV4,
+        vip: SocketAddrV4,
+        backend: SocketAddrV4,
+        service_id: u32,
+        created_ns: u64,
+    ) -> [(CtKey, CtValue); 2] {
+        let a = |s: &SocketAddrV4| wire::addr_to_map(*s.ip());
+        let p = |s: &SocketAddrV4| wire::port_to_map(s.port());
+        let value = |nat: &SocketAddrV4| CtValue {
+            nat_addr: a(nat),
+            nat_port: p(nat),
+            _pad: 0,
+            service_id,
+            _pad2: 0,
+            created_ns,
+        };
+        [
+            (
+                CtKey {
+                    saddr: a(&client),
+                    daddr: a(&vip),
+                    sport: p(&client),
+                    dport: p(&vip),
+                    proto,
+                    dir: CT_DIR_FORWARD,
+                    _pad: 0,
+                },
+                value(&backend),
+            ),
+            (
+                CtKey {
+                    saddr: a(&backend),
+                    daddr: a(&client),
+                    sport: p(&backend),
+                    dport: p(&client),
+                    proto,
+                    dir: CT_DIR_REPLY,
+                    _pad: 0,
+                },
+                value(&vip),
+            ),
+        ]
+    }
+
+    fn sa(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    /// A complete TCP flow, a complete UDP flow, a TCP flow whose reply entry was evicted, and
+    /// a client port reused for another backend (its old reply entry is an orphan).
+    fn sample_entries() -> (Vec<(CtKey, CtValue)>, u64) {
+        let vip80 = sa("10.96.0.10:80");
+        let vip53 = sa("10.96.0.10:53");
+        let now = 100_000 * SEC;
+        let mut entries = Vec::new();
+        entries.extend(flow(
+            PROTO_UDP,
+            sa("10.244.0.10:41000"),
+            vip53,
+            sa("10.244.0.22:5353"),
+            2,
+            now - 5 * SEC,
+        ));
+        entries.extend(flow(
+            PROTO_TCP,
+            sa("10.244.0.10:40000"),
+            vip80,
+            sa("10.244.0.21:8080"),
+            1,
+            now - 75 * SEC,
+        ));
+        let [forward, _evicted] = flow(
+            PROTO_TCP,
+            sa("10.244.0.11:40001"),
+            vip80,
+            sa("10.244.0.22:8080"),
+            1,
+            now - 4000 * SEC,
+        );
+        entries.push(forward);
+        // 10.244.0.10:40002 went to web-1 first, then reused its port (a new SYN) and went to
+        // web-2: the new pair overwrote the forward entry, the old reply entry stays.
+        let [_, old_reply] = flow(
+            PROTO_TCP,
+            sa("10.244.0.10:40002"),
+            vip80,
+            sa("10.244.0.21:8080"),
+            1,
+            now - 10 * SEC,
+        );
+        entries.push(old_reply);
+        entries.extend(flow(
+            PROTO_TCP,
+            sa("10.244.0.10:40002"),
+            vip80,
+            sa("10.244.0.22:8080"),
+            1,
+            now - 2 * SEC,
+        ));
+        (entries, now)
+    }
+
+    #[test]
+    fn conntrack_joins_forward_and_reply_entries() {
+        let (entries, now) = sample_entries();
+        let flows = conntrack_view(&entries, now);
+        let summary: Vec<(String, String, String, FlowEntries, u64)> = flows
+            .iter()
+            .map(|f| {
+                (
+                    proto_name(f.proto),
+                    f.client.to_string(),
+                    f.backend.to_string(),
+                    f.entries,
+                    f.age.as_secs(),
+                )
+            })
+            .collect();
+        let row = |p: &str, c: &str, b: &str, e, age| {
+            (p.to_string(), c.to_string(), b.to_string(), e, age)
+        };
+        assert_eq!(
+            summary,
+            [
+                row(
+                    "TCP",
+                    "10.244.0.10:40000",
+                    "10.244.0.21:8080",
+                    FlowEntries::Both,
+                    75
+                ),
+                row(
+                    "TCP",
+                    "10.244.0.10:40002",
+                    "10.244.0.22:8080",
+                    FlowEntries::Both,
+                    2
+                ),
+                row(
+                    "TCP",
+                    "10.244.0.10:40002",
+                    "10.244.0.21:8080",
+                    FlowEntries::OrphanReply,
+                    10
+                ),
+                row(
+                    "TCP",
+                    "10.244.0.11:40001",
+                    "10.244.0.22:8080",
+                    FlowEntries::ForwardOnly,
+                    4000
+                ),
+                row(
+                    "UDP",
+                    "10.244.0.10:41000",
+                    "10.244.0.22:5353",
+                    FlowEntries::Both,
+                    5
+                ),
+            ]
+        );
+        // Every flow names the service address, also the orphan reply.
+        assert!(flows
+            .iter()
+            .all(|f| *f.service.ip() == Ipv4Addr::new(10, 96, 0, 10)));
+    }
+
+    #[test]
+    fn conntrack_table() {
+        let (entries, now) = sample_entries();
+        let table = render_conntrack(&conntrack_view(&entries, now));
+        let expected = "\
+PROTO  CLIENT             SERVICE        BACKEND           SERVICE ID  AGE    ENTRIES
+TCP    10.244.0.10:40000  10.96.0.10:80  10.244.0.21:8080  1           1m15s  forward+reply
+TCP    10.244.0.10:40002  10.96.0.10:80  10.244.0.22:8080  1           2s     forward+reply
+TCP    10.244.0.10:40002  10.96.0.10:80  10.244.0.21:8080  1           10s    orphan reply
+TCP    10.244.0.11:40001  10.96.0.10:80  10.244.0.22:8080  1           1h06m  forward only
+UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     forward+reply
+5 flows (3 forward+reply, 1 forward only, 1 orphan reply), 8 conntrack entries
+";
+        assert_eq!(table, expected, "got:\n{table}");
+    }
+
+    #[test]
+    fn an_entry_newer_than_now_has_age_zero() {
+        let entries = flow(
+            PROTO_TCP,
+            sa("10.244.0.10:40000"),
+            sa("10.96.0.10:80"),
+            sa("10.244.0.21:8080"),
+            1,
+            5 * SEC,
+        );
+        let flows = conntrack_view(&entries, SEC);
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].age, Duration::ZERO);
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(format_age(Duration::from_millis(999)), "0s");
+        assert_eq!(format_age(Duration::from_secs(59)), "59s");
+        assert_eq!(format_age(Duration::from_secs(60)), "1m00s");
+        assert_eq!(format_age(Duration::from_secs(3599)), "59m59s");
+        assert_eq!(format_age(Duration::from_secs(3600 + 120)), "1h02m");
+        assert_eq!(
+            format_age(Duration::from_secs(2 * 86400 + 3 * 3600)),
+            "2d03h"
+        );
+    }
+
+    #[test]
+    fn json_layout() {
+        let (entries, now) = sample_entries();
+        let services = sample_services();
+        let flows = conntrack_view(&entries, now);
+        let value = to_json(Some(&services), Some(&flows));
+        assert_eq!(
+            value["services"][3],
+            json!({
+                "frontend": "10.96.0.10:80/TCP",
+                "ip": "10.96.0.10",
+                "port": 80,
+                "protocol": "TCP",
+                "id": 1,
+                "backend_count": 2,
+                "backends": [
+                    {"slot": 0, "address": "10.244.0.21:8080"},
+                    {"slot": 1, "address": "10.244.0.22:8080"},
+                ],
+            })
+        );
+        assert_eq!(value["services"][1]["backends"][1]["address"], Value::Null);
+        assert_eq!(
+            value["conntrack"][0],
+            json!({
+                "protocol": "TCP",
+                "client": "10.244.0.10:40000",
+                "service": "10.96.0.10:80",
+                "backend": "10.244.0.21:8080",
+                "service_id": 1,
+                "created_ns": now - 75 * SEC,
+                "age_seconds": 75,
+                "forward": true,
+                "reply": true,
+            })
+        );
+        assert_eq!(value["conntrack"][2]["forward"], false);
+        assert_eq!(value["conntrack"][3]["reply"], false);
+
+        let only_services = to_json(Some(&services), None);
+        assert!(only_services.get("conntrack").is_none());
+        assert_eq!(only_services["services"].as_array().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn unknown_protocols_are_named_by_number() {
+        assert_eq!(proto_name(PROTO_TCP), "TCP");
+        assert_eq!(proto_name(1), "proto-1");
+    }
 }
