@@ -5,6 +5,7 @@
 //! * [`translate`] turns objects into [`state::DesiredState`] (pure, unit-tested);
 //! * [`datapath`] is everything that talks to the kernel: load, attach, map sync;
 //! * [`interfaces`] finds pod veths with rtnetlink;
+//! * [`packet`] builds and decodes the packets `BPF_PROG_RUN` feeds the programs (pure);
 //! * [`daemon`] ties them together for `sluice agent`;
 //! * [`trace`] and [`inspect`] are the debugging commands `sluice trace` and `sluice state`.
 
@@ -15,6 +16,7 @@ pub mod inspect;
 pub mod interfaces;
 pub mod manifests;
 pub mod node;
+pub mod packet;
 pub mod state;
 pub mod trace;
 pub mod translate;

@@ -27,32 +27,32 @@ use aya::programs::{
 };
 use sluice::{
     datapath::Datapath,
+    packet::{
+        self, ethernet, internet_checksum, ipv4_packet, l4_offset, with_ip_options, Flow, ETH_HLEN,
+        IPV4_HLEN, TCP_ACK, TCP_PSH, TCP_SYN,
+    },
     state::{BackendAddr, DesiredState, Frontend, Protocol, ServiceEntry},
 };
 use sluice_common::{CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP};
 
 const TC_ACT_OK: u32 = 0;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-const TCP_PSH_ACK: u8 = 0x18;
+const TCP_PSH_ACK: u8 = TCP_PSH | TCP_ACK;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 
 // ---------------------------------------------------------------------------------------------
-// Packets
+// Packets: built and taken apart by `sluice::packet`, which `sluice trace` uses too.
 
-/// A flow as seen by the client: it sends `src:sport -> dst:dport`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Flow {
-    proto: u8,
-    src: Ipv4Addr,
-    sport: u16,
-    dst: Ipv4Addr,
-    dport: u16,
+/// Flows as the tests name them: from [`CLIENT`], and the replies of a backend.
+trait TestFlow {
+    fn tcp(sport: u16, dst: Ipv4Addr, dport: u16) -> Flow;
+    fn udp(sport: u16, dst: Ipv4Addr, dport: u16) -> Flow;
+    /// The flow of the replies `backend` sends to the client.
+    fn reply_from(&self, backend: BackendAddr) -> Flow;
 }
 
-impl Flow {
+impl TestFlow for Flow {
     fn tcp(sport: u16, dst: Ipv4Addr, dport: u16) -> Flow {
         Flow {
             proto: PROTO_TCP,
@@ -70,125 +70,32 @@ impl Flow {
         }
     }
 
-    /// The flow of the replies `backend` sends to the client.
     fn reply_from(&self, backend: BackendAddr) -> Flow {
         Flow {
-            proto: self.proto,
             src: backend.ip,
             sport: backend.port,
-            dst: self.src,
-            dport: self.sport,
+            ..self.reversed()
         }
     }
 }
 
-/// The Internet checksum of `data` (RFC 1071): the ones' complement of the ones' complement sum.
-/// A region that includes a correct checksum sums to 0.
-fn internet_checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for chunk in data.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// The pseudo header the TCP and UDP checksums cover, followed by the segment.
-fn with_pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> Vec<u8> {
-    let mut data = Vec::with_capacity(12 + segment.len());
-    data.extend_from_slice(&src);
-    data.extend_from_slice(&dst);
-    data.extend_from_slice(&[0, proto]);
-    data.extend_from_slice(&(segment.len() as u16).to_be_bytes());
-    data.extend_from_slice(segment);
-    data
-}
-
-const ETH_HLEN: usize = 14;
-const IP_HLEN: usize = 20;
-const L4_OFF: usize = ETH_HLEN + IP_HLEN;
+const L4_OFF: usize = ETH_HLEN + IPV4_HLEN;
 /// Odd length on purpose: the checksum then covers a padded last byte.
 const PAYLOAD: &[u8] = b"hello sluice!";
 
-fn ethernet(ethertype: u16) -> Vec<u8> {
-    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
-    frame.extend_from_slice(&ethertype.to_be_bytes());
-    frame
-}
-
-/// Ethernet + IPv4 (+ `l4` with its checksum filled in when `l4_csum_at` is given).
-fn ipv4_packet(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    mut l4: Vec<u8>,
-    l4_csum_at: Option<usize>,
-) -> Vec<u8> {
-    if let Some(at) = l4_csum_at {
-        let csum = internet_checksum(&with_pseudo_header(src.octets(), dst.octets(), proto, &l4));
-        // A computed UDP checksum of 0 is sent as 0xffff (0 means "no checksum").
-        let csum = if proto == PROTO_UDP && csum == 0 {
-            0xffff
-        } else {
-            csum
-        };
-        l4[at..at + 2].copy_from_slice(&csum.to_be_bytes());
-    }
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((IP_HLEN + l4.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]); // id, DF, ttl, proto, csum
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let csum = internet_checksum(&ip);
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
-
-    let mut frame = ethernet(0x0800);
-    frame.extend_from_slice(&ip);
-    frame.extend_from_slice(&l4);
-    frame
-}
-
+/// A TCP segment; everything but a SYN carries [`PAYLOAD`].
 fn tcp_packet(flow: &Flow, flags: u8) -> Vec<u8> {
-    assert_eq!(flow.proto, PROTO_TCP);
-    let mut tcp = Vec::new();
-    tcp.extend_from_slice(&flow.sport.to_be_bytes());
-    tcp.extend_from_slice(&flow.dport.to_be_bytes());
-    tcp.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
-    let ack: u32 = if flags & TCP_ACK != 0 { 0x0a0b_0c0d } else { 0 };
-    tcp.extend_from_slice(&ack.to_be_bytes());
-    tcp.extend_from_slice(&[5 << 4, flags, 0xfa, 0xf0, 0, 0, 0, 0]); // offset, flags, window, csum, urg
-    if flags & TCP_SYN == 0 {
-        tcp.extend_from_slice(PAYLOAD);
-    }
-    ipv4_packet(flow.src, flow.dst, PROTO_TCP, tcp, Some(16))
+    let payload = if flags & TCP_SYN == 0 { PAYLOAD } else { &[] };
+    packet::tcp_packet(flow, flags, payload)
 }
 
 fn udp_packet(flow: &Flow, with_checksum: bool) -> Vec<u8> {
-    assert_eq!(flow.proto, PROTO_UDP);
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&flow.sport.to_be_bytes());
-    udp.extend_from_slice(&flow.dport.to_be_bytes());
-    udp.extend_from_slice(&((8 + PAYLOAD.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(PAYLOAD);
-    ipv4_packet(
-        flow.src,
-        flow.dst,
-        PROTO_UDP,
-        udp,
-        with_checksum.then_some(6),
-    )
+    packet::udp_packet(flow, with_checksum, PAYLOAD)
 }
 
 /// The first packet of `flow`: a SYN for TCP, a datagram for UDP.
 fn first_packet(flow: &Flow) -> Vec<u8> {
-    match flow.proto {
-        PROTO_TCP => tcp_packet(flow, TCP_SYN),
-        _ => udp_packet(flow, true),
-    }
+    packet::first_packet(flow, PAYLOAD)
 }
 
 /// A later packet of `flow`.
@@ -199,42 +106,16 @@ fn next_packet(flow: &Flow) -> Vec<u8> {
     }
 }
 
-/// Where the L4 header of an IPv4 packet starts (after the IP options, if any).
-fn l4_off(packet: &[u8]) -> usize {
-    ETH_HLEN + usize::from(packet[ETH_HLEN] & 0x0f) * 4
-}
-
-/// Inserts `options` (a multiple of 4 bytes) into the IPv4 header, fixing its length fields and
-/// checksum. The L4 checksum does not cover IP options and stays valid.
-fn with_ip_options(packet: &[u8], options: &[u8]) -> Vec<u8> {
-    assert_eq!(options.len() % 4, 0);
-    let mut out = packet[..L4_OFF].to_vec();
-    out.extend_from_slice(options);
-    out.extend_from_slice(&packet[L4_OFF..]);
-    out[ETH_HLEN] = 0x40 | ((IP_HLEN + options.len()) / 4) as u8;
-    let total_len = (out.len() - ETH_HLEN) as u16;
-    out[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&total_len.to_be_bytes());
-    out[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&[0, 0]);
-    let csum = internet_checksum(&out[ETH_HLEN..ETH_HLEN + IP_HLEN + options.len()]);
-    out[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&csum.to_be_bytes());
-    out
-}
-
 /// The IPv4 tuple of a packet built above (or rewritten by the programs).
 fn tuple_of(packet: &[u8]) -> Flow {
-    let ip = &packet[ETH_HLEN..];
-    let l4 = &packet[l4_off(packet)..];
-    Flow {
-        proto: ip[9],
-        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        sport: u16::from_be_bytes([l4[0], l4[1]]),
-        dport: u16::from_be_bytes([l4[2], l4[3]]),
-    }
+    packet::decode(packet)
+        .ok()
+        .and_then(|decoded| decoded.flow())
+        .unwrap_or_else(|| panic!("not a TCP/UDP packet: {packet:02x?}"))
 }
 
 fn l4_checksum_field(packet: &[u8]) -> u16 {
-    let at = l4_off(packet)
+    let at = l4_offset(packet)
         + if packet[ETH_HLEN + 9] == PROTO_TCP {
             16
         } else {
@@ -245,25 +126,9 @@ fn l4_checksum_field(packet: &[u8]) -> u16 {
 
 /// Recomputes the IPv4 header and TCP/UDP checksums from scratch over `packet`.
 fn assert_checksums_valid(packet: &[u8]) {
-    let ip = &packet[ETH_HLEN..l4_off(packet)];
-    assert_eq!(
-        internet_checksum(ip),
-        0,
-        "IPv4 header checksum is wrong: {packet:02x?}"
-    );
-    let tuple = tuple_of(packet);
-    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let segment = &packet[l4_off(packet)..ETH_HLEN + total_len];
-    if tuple.proto == PROTO_UDP && l4_checksum_field(packet) == 0 {
-        return; // no checksum
+    if let Err(e) = packet::verify_checksums(packet) {
+        panic!("{e}: {packet:02x?}");
     }
-    let sum = internet_checksum(&with_pseudo_header(
-        tuple.src.octets(),
-        tuple.dst.octets(),
-        tuple.proto,
-        segment,
-    ));
-    assert_eq!(sum, 0, "L4 checksum is wrong: {packet:02x?}");
 }
 
 // ---------------------------------------------------------------------------------------------

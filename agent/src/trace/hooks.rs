@@ -1,0 +1,170 @@
+//! Where a traced packet enters the node, and which of the datapath's programs it meets on the
+//! way there and back. One table ([`path`]): a new hook (issue #4: host and external traffic)
+//! is a new [`Program`] and a line in it.
+
+use std::{fmt, net::Ipv4Addr};
+
+use serde::Serialize;
+
+use crate::{
+    datapath::{PROGRAM_FROM_POD, PROGRAM_TO_POD},
+    node::NodeContext,
+};
+
+/// Where the packet enters (`--from`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryPoint {
+    /// Sent by a pod on this node, through its veth.
+    Pod,
+    /// Sent by the node itself (a host-network process).
+    Host,
+    /// Arriving from outside the node, on its uplink.
+    External,
+}
+
+impl fmt::Display for EntryPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EntryPoint::Pod => "pod",
+            EntryPoint::Host => "host",
+            EntryPoint::External => "external",
+        })
+    }
+}
+
+impl EntryPoint {
+    /// Where a packet from `src` comes from when `--from` is not given: the host for one of this
+    /// node's addresses, a pod for an address in the cluster CIDRs (every address when none is
+    /// configured, as kube-proxy has it), outside the node otherwise.
+    pub fn default_for(src: Ipv4Addr, node: &NodeContext) -> EntryPoint {
+        if node.node_ips.contains(&src.into()) {
+            EntryPoint::Host
+        } else if node.is_pod_ip(src.into()) {
+            EntryPoint::Pod
+        } else {
+            EntryPoint::External
+        }
+    }
+}
+
+/// A program of the datapath that a trace can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    FromPod,
+    ToPod,
+}
+
+impl Program {
+    /// The program's name in the eBPF object.
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::FromPod => PROGRAM_FROM_POD,
+            Program::ToPod => PROGRAM_TO_POD,
+        }
+    }
+}
+
+/// A program where it runs on a packet's way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hop {
+    pub program: Program,
+    /// Where it is attached, for the human output.
+    pub at: &'static str,
+}
+
+impl fmt::Display for Hop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.program.name(), self.at)
+    }
+}
+
+/// The programs a packet from an entry point meets, in order, and those its answer meets on
+/// the way back to the sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketPath {
+    pub forward: &'static [Hop],
+    pub reply: &'static [Hop],
+    /// Why no program runs on the forward way, when none does.
+    pub unhooked: Option<&'static str>,
+}
+
+const FROM_POD: Hop = Hop {
+    program: Program::FromPod,
+    at: "tc ingress of the client pod's veth",
+};
+const TO_POD: Hop = Hop {
+    program: Program::ToPod,
+    at: "tc egress of the client pod's veth",
+};
+
+/// The table. A packet a pod sends meets `from_pod` as it leaves the pod; the answer meets
+/// `to_pod` as it is delivered back to the pod. (The forward packet also crosses `to_pod` on
+/// the backend's veth when the backend is local; `to_pod` translates only answers of known
+/// flows, so that hop is left out.)
+pub fn path(entry: EntryPoint) -> PacketPath {
+    match entry {
+        EntryPoint::Pod => PacketPath {
+            forward: &[FROM_POD],
+            reply: &[TO_POD],
+            unhooked: None,
+        },
+        EntryPoint::Host => PacketPath {
+            forward: &[],
+            reply: &[],
+            unhooked: Some(
+                "no Sluice hook handles packets sent by the host yet (issue #4 adds one); the \
+                 packet leaves untranslated",
+            ),
+        },
+        EntryPoint::External => PacketPath {
+            forward: &[],
+            reply: &[],
+            unhooked: Some(
+                "no Sluice hook handles packets arriving from outside the node yet (issue #4 \
+                 adds one); the packet passes untranslated",
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_entry_point_defaults_follow_the_node_context() {
+        let node = NodeContext {
+            node_ips: vec!["172.18.0.3".parse().unwrap()],
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..Default::default()
+        };
+        let at = |ip: &str| EntryPoint::default_for(ip.parse().unwrap(), &node);
+        assert_eq!(at("10.244.3.4"), EntryPoint::Pod);
+        assert_eq!(at("172.18.0.3"), EntryPoint::Host);
+        assert_eq!(at("192.0.2.7"), EntryPoint::External);
+        // Without cluster CIDRs every source but the node's own addresses is a pod.
+        let open = NodeContext {
+            cluster_cidrs: vec![],
+            ..node
+        };
+        assert_eq!(
+            EntryPoint::default_for("192.0.2.7".parse().unwrap(), &open),
+            EntryPoint::Pod
+        );
+        assert_eq!(
+            EntryPoint::default_for("172.18.0.3".parse().unwrap(), &open),
+            EntryPoint::Host
+        );
+    }
+
+    #[test]
+    fn trace_paths_without_hooks_say_why() {
+        for entry in [EntryPoint::Pod, EntryPoint::Host, EntryPoint::External] {
+            let path = path(entry);
+            assert_eq!(path.forward.is_empty(), path.unhooked.is_some(), "{entry}");
+        }
+        assert_eq!(path(EntryPoint::Pod).forward[0].program.name(), "from_pod");
+        assert_eq!(path(EntryPoint::Pod).reply[0].program.name(), "to_pod");
+    }
+}

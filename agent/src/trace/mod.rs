@@ -1,0 +1,256 @@
+//! `sluice trace`: runs a synthetic packet through the real programs with `BPF_PROG_RUN` and
+//! reports what the datapath does with it.
+//!
+//! The state comes from the manifests exactly as the agent builds it (`manifests::load_dir`,
+//! `node::resolve` with the agent's own [`NodeOptions`], `translate::translate`,
+//! `Datapath::sync`), programmed into a datapath with private, unpinned maps
+//! ([`Datapath::load_unpinned`]): a trace never touches a running agent's maps, attaches nothing
+//! and sends nothing on any interface.
+//!
+//! * [`spec`] parses the packet (`PROTO SRC[:SPORT] -> DST:DPORT`);
+//! * [`hooks`] maps the entry point (`--from`) to the programs on the packet's way;
+//! * [`engine`] runs them (and `--all`, and the reply check);
+//! * [`verdict`] reads a program run's return code and output packet;
+//! * [`report`] prints the result (the JSON format is documented there).
+//!
+//! Exit codes: 0 the packet was traced (whatever the verdict); 1 the trace could not run (e.g.
+//! no permission to load BPF programs); 2 bad input (packet, node name, manifests).
+
+pub mod engine;
+pub mod hooks;
+pub mod report;
+pub mod spec;
+pub mod verdict;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use aya::programs::{TestRun as _, TestRunOptions};
+
+use self::{
+    engine::{Options, ProgramRunner},
+    hooks::{EntryPoint, Program},
+    report::Report,
+};
+use crate::{
+    datapath::Datapath,
+    manifests,
+    node::{self, NodeContext, NodeOptions},
+    state::{DesiredState, Frontend, Protocol},
+    translate,
+};
+
+/// Exit code of a trace that could not run.
+const EXIT_FAILED: u8 = 1;
+/// Exit code for bad input: the packet, the node name, the manifests.
+const EXIT_BAD_INPUT: u8 = 2;
+
+/// Arguments of `sluice trace`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Exit status: 0 traced, 1 the trace could not run (it needs root or \
+    CAP_BPF), 2 bad input (packet, node name, manifests).\n\nExamples:\n  \
+    sluice trace --manifests examples/ecommerce 'tcp 10.244.1.5 -> 10.96.0.1:8080'\n  \
+    sluice trace --manifests DIR --cluster-cidr 10.244.0.0/16 --all --json \
+    'udp 10.244.1.5:5353 -> 10.96.0.10:53'"
+)]
+pub struct TraceArgs {
+    /// Directory of manifests, as for `sluice agent --manifests`: Services, EndpointSlices and
+    /// Nodes.
+    #[arg(long)]
+    pub manifests: PathBuf,
+    #[command(flatten)]
+    pub node: NodeOptions,
+    /// Where the packet enters the node. Default: `host` for one of the node's addresses
+    /// (--node-name), `pod` for a source in --cluster-cidr (any source without it), `external`
+    /// otherwise.
+    #[arg(long, value_enum)]
+    pub from: Option<EntryPoint>,
+    /// Also find every backend the datapath can choose for this packet, by running it again and
+    /// again (forgetting the connection in between) until each backend was chosen.
+    #[arg(long)]
+    pub all: bool,
+    /// Print one JSON object (format: agent/src/trace/report.rs) instead of a readable report.
+    #[arg(long)]
+    pub json: bool,
+    /// On manifest problems, trace the state the agent would program (it skips the bad objects)
+    /// instead of failing. The problems are still printed. A --node-name that names no Node
+    /// object stays an error.
+    #[arg(long)]
+    pub ignore_errors: bool,
+    /// The packet, quoted: 'PROTO SRC[:SPORT] -> DST:DPORT', e.g. 'tcp 10.244.1.5 ->
+    /// 10.96.0.1:80'. PROTO is tcp, udp or sctp (IPv4 only); SPORT defaults to 40000. A TCP
+    /// packet is a SYN, so it opens a new connection.
+    #[arg(value_name = "PACKET")]
+    pub packet: String,
+}
+
+/// A failed trace: what to print, and with which exit code.
+struct Failure {
+    code: u8,
+    lines: Vec<String>,
+}
+
+impl Failure {
+    fn bad_input(lines: Vec<String>) -> Failure {
+        Failure {
+            code: EXIT_BAD_INPUT,
+            lines,
+        }
+    }
+}
+
+pub fn run(args: TraceArgs) -> ExitCode {
+    match trace(&args) {
+        Ok(output) => {
+            print!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            for line in failure.lines {
+                eprintln!("sluice trace: {line}");
+            }
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn trace(args: &TraceArgs) -> Result<String, Failure> {
+    // The cheapest check first: a typo in the packet needs no BPF and no manifests.
+    let spec = spec::parse(&args.packet).map_err(|e| {
+        Failure::bad_input(vec![format!(
+            "bad packet {:?}: {e} (expected '{}', e.g. 'tcp 10.244.1.5 -> 10.96.0.1:80')",
+            args.packet,
+            spec::SYNTAX
+        )])
+    })?;
+    let (desired, node) = desired_state(args)?;
+    let entry = args
+        .from
+        .unwrap_or_else(|| EntryPoint::default_for(spec.src, &node));
+
+    let mut datapath = Datapath::load_unpinned()
+        .context("loading the datapath with private maps (this needs root or CAP_BPF)")
+        .map_err(failed)?;
+    let stats = datapath
+        .sync(&desired)
+        .context("programming the private maps")
+        .map_err(failed)?;
+    // The agent carries on without a frontend it cannot program; so does the trace, loudly.
+    for (frontend, error) in &stats.failed {
+        eprintln!("sluice trace: warning: {frontend} could not be programmed: {error}");
+    }
+    let flow = spec.flow();
+    let expected_backends = frontend_backend_count(&datapath, &flow);
+    let mut runner = BpfRunner {
+        datapath: &mut datapath,
+        buffer: vec![0; OUTPUT_BUFFER],
+    };
+    let options = Options {
+        all: args.all,
+        expected_backends,
+    };
+    let trace = engine::trace(&mut runner, entry, flow, options).map_err(failed)?;
+    let report = Report::new(&trace, &desired);
+    Ok(if args.json {
+        let mut json = serde_json::to_string_pretty(&report).expect("a report serialises");
+        json.push('\n');
+        json
+    } else {
+        report.human(&trace)
+    })
+}
+
+fn failed(error: anyhow::Error) -> Failure {
+    Failure {
+        code: EXIT_FAILED,
+        lines: vec![format!("{error:#}")],
+    }
+}
+
+/// The state the agent would program from the manifests and node options. Manifest and
+/// translation problems are bad input unless `--ignore-errors`; an unknown node always is.
+fn desired_state(args: &TraceArgs) -> Result<(DesiredState, NodeContext), Failure> {
+    let (objects, manifest_errors) = manifests::load_dir(&args.manifests)
+        .map_err(|e| Failure::bad_input(vec![format!("{e:#}")]))?;
+    let node = node::resolve(&args.node, &objects)
+        .map_err(|unknown| Failure::bad_input(vec![unknown.to_string()]))?;
+    let (desired, translate_errors) = translate::translate(&objects, &node);
+    let problems: Vec<String> = manifest_errors
+        .iter()
+        .map(ToString::to_string)
+        .chain(translate_errors.iter().map(ToString::to_string))
+        .collect();
+    if problems.is_empty() {
+        return Ok((desired, node));
+    }
+    if args.ignore_errors {
+        for problem in &problems {
+            eprintln!("sluice trace: warning: skipped, as the agent does: {problem}");
+        }
+        return Ok((desired, node));
+    }
+    let mut lines = problems;
+    lines.push(format!(
+        "{} in {}; the agent would skip the objects named. Fix them, or pass --ignore-errors to \
+         trace the state the agent would program",
+        if lines.len() == 1 {
+            "1 manifest problem".to_string()
+        } else {
+            format!("{} manifest problems", lines.len())
+        },
+        args.manifests.display()
+    ));
+    Err(Failure::bad_input(lines))
+}
+
+/// How many backends the `services` map holds for the flow's frontend, if it is one.
+fn frontend_backend_count(datapath: &Datapath, flow: &crate::packet::Flow) -> Option<usize> {
+    let frontend = Frontend {
+        ip: flow.dst,
+        port: flow.dport,
+        proto: Protocol::from_number(flow.proto)?,
+    };
+    datapath
+        .programmed_services()
+        .into_iter()
+        .find(|s| s.frontend == Some(frontend))
+        .map(|s| s.backend_count as usize)
+}
+
+/// Room for whatever a program leaves: the packet may grow (an ICMP answer quotes the packet
+/// it refuses), and BPF_PROG_RUN fails rather than truncate.
+const OUTPUT_BUFFER: usize = 64 * 1024;
+
+/// The real programs, run with BPF_PROG_RUN on the private datapath.
+struct BpfRunner<'a> {
+    datapath: &'a mut Datapath,
+    buffer: Vec<u8>,
+}
+
+impl ProgramRunner for BpfRunner<'_> {
+    fn run(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let classifier = match program {
+            Program::FromPod => self.datapath.from_pod(),
+            Program::ToPod => self.datapath.to_pod(),
+        };
+        let result = classifier
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut self.buffer),
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_RUN of {}", program.name()))?;
+        let len = (result.data_size_out as usize).min(self.buffer.len());
+        Ok((result.return_value, self.buffer[..len].to_vec()))
+    }
+
+    fn forget_connections(&mut self) -> anyhow::Result<()> {
+        // These maps are private to this trace: every entry in them belongs to the one flow
+        // being traced, so all of them go.
+        self.datapath
+            .purge_conntrack(|_, _| true)
+            .context("clearing the private conntrack map")?;
+        Ok(())
+    }
+}
