@@ -10,6 +10,8 @@ use k8s_openapi::api::core::v1::Node;
 
 use crate::manifests::Objects;
 
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// kube-proxy's node-level options that shape the datapath state.
 #[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeOptions {
@@ -33,6 +35,8 @@ pub struct NodeOptions {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
     pub name: Option<String>,
+    /// The node's `topology.kubernetes.io/zone` label, for topology-aware routing.
+    pub zone: Option<String>,
     /// InternalIP and ExternalIP addresses of this node's Node object.
     pub node_ips: Vec<IpAddr>,
     pub cluster_cidrs: Vec<IpNet>,
@@ -61,6 +65,7 @@ pub struct UnknownNode {
 pub fn resolve(options: &NodeOptions, objects: &Objects) -> Result<NodeContext, UnknownNode> {
     let mut context = NodeContext {
         name: options.node_name.clone(),
+        zone: None,
         node_ips: Vec::new(),
         cluster_cidrs: options.cluster_cidr.clone(),
         nodeport_addresses: options.nodeport_addresses.clone(),
@@ -79,6 +84,12 @@ pub fn resolve(options: &NodeOptions, objects: &Objects) -> Result<NodeContext, 
             });
         };
         context.node_ips = node_ips(node);
+        context.zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .cloned();
     }
     Ok(context)
 }

@@ -1,7 +1,15 @@
 //! Desired datapath state: what the translation (`translate.rs`) produces from Kubernetes
 //! objects and what the datapath sync (`datapath/`) programs into the maps. Plain data, no I/O.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use ipnet::Ipv4Net;
+
+use crate::health::ServiceHealth;
 
 /// L4 protocol of a service port, as Kubernetes names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,17 +76,89 @@ impl fmt::Display for BackendAddr {
     }
 }
 
+/// Which Kubernetes address a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// NodePort, external IP and load balancer addresses are reached from outside the
+    /// cluster; externalTrafficPolicy applies to them.
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIp
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// What a frontend without backends does to a packet, as kube-proxy decides it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WhenEmpty {
+    /// The service has no usable endpoint: answer with a TCP RST or ICMP port unreachable, so
+    /// clients fail at once.
+    #[default]
+    Reject,
+    /// A Local traffic policy left no endpoint on this node although there are some elsewhere:
+    /// drop silently (a load balancer's health check steers traffic away from this node).
+    Drop,
+}
+
 /// One frontend's programming.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
     /// `namespace/name:port-name`, for logs and `sluice state`.
     pub name: String,
-    /// Sorted, without duplicates. May be empty (a service without ready endpoints).
+    pub kind: FrontendKind,
+    /// The endpoints this frontend balances over on this node (traffic policy and topology
+    /// applied), sorted, without duplicates. May be empty.
     pub backends: Vec<BackendAddr>,
+    /// The subset of `backends` running on this node. External traffic to a backend on another
+    /// node is masqueraded so its replies come back through this node.
+    pub local_backends: BTreeSet<BackendAddr>,
+    pub when_empty: WhenEmpty,
+    /// An external frontend with `externalTrafficPolicy: Local`: the client's address is kept
+    /// (never masqueraded) and only local backends are used.
+    pub external_local: bool,
+    /// `sessionAffinity: ClientIP`: a client keeps its backend for this many seconds.
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges` (LoadBalancer frontends): other sources are dropped. Empty
+    /// means every source is allowed.
+    pub source_ranges: Vec<Ipv4Net>,
 }
 
-/// Everything the node's datapath should hold.
+impl ServiceEntry {
+    /// A ClusterIP frontend balancing over `backends` with kube-proxy's defaults, for tests.
+    pub fn cluster_ip(name: impl Into<String>, backends: Vec<BackendAddr>) -> Self {
+        ServiceEntry {
+            name: name.into(),
+            kind: FrontendKind::ClusterIp,
+            backends,
+            local_backends: BTreeSet::new(),
+            when_empty: WhenEmpty::Reject,
+            external_local: false,
+            affinity_timeout: None,
+            source_ranges: Vec::new(),
+        }
+    }
+}
+
+/// Everything the node's datapath and health servers should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<Frontend, ServiceEntry>,
+    /// healthCheckNodePort -> what its server reports.
+    pub health_checks: BTreeMap<u16, ServiceHealth>,
 }

@@ -1,33 +1,55 @@
 //! Kubernetes objects -> desired datapath state. Pure: no I/O, no clock, fully unit-tested.
 //!
-//! The rules follow kube-proxy (pkg/proxy: servicechangetracker.go, endpointslicecache.go):
+//! The rules follow kube-proxy (pkg/proxy: servicechangetracker.go, endpointslicecache.go,
+//! topology.go, and the iptables proxier's choice of REJECT or DROP):
 //! * ExternalName and headless (`clusterIP: None`) services get nothing programmed; so do
 //!   services labelled `service.kubernetes.io/service-proxy-name` (they belong to another proxy).
-//! * Every service port becomes a frontend on each IPv4 cluster IP.
+//! * Every service port becomes a frontend on each IPv4 cluster IP; NodePort and LoadBalancer
+//!   services add one on each node IP (filtered by `--nodeport-addresses`) at the node port;
+//!   `externalIPs` and LoadBalancer `status.loadBalancer.ingress` IPs (except `ipMode: Proxy`)
+//!   add one at the service port.
 //! * Endpoints come from the EndpointSlices labelled `kubernetes.io/service-name`, in the
 //!   service's namespace, of address type IPv4; a slice port is matched to the service port by
 //!   name and protocol, and its number is the backend port (that is how `targetPort` by name is
-//!   resolved). Only an endpoint's first address is used, as kube-proxy does.
-//! * Ready endpoints are used (a missing `ready` counts as ready). When none is ready, the ones
-//!   that are serving and terminating are used, so connections drain during a rollout (KEP-1669).
-//! * A selector-less service is treated like any other: its slices are whatever the user wrote.
-//! * Several slices of one service are merged; duplicate endpoints are removed.
+//!   resolved). Only an endpoint's first address is used, as kube-proxy does. Several slices
+//!   are merged and duplicates removed. A selector-less service is treated like any other.
+//! * Cluster endpoints are the ready ones (a missing `ready` counts as ready), narrowed to this
+//!   node's zone when topology applies (`trafficDistribution: PreferClose` or the
+//!   `service.kubernetes.io/topology-mode: Auto` annotation, every ready endpoint hinted, one
+//!   hinted for this zone); when none is ready, the serving and terminating ones (KEP-1669).
+//!   Local endpoints are those with `nodeName` equal to this node, ready first, else serving
+//!   and terminating.
+//! * ClusterIP frontends use the local endpoints with `internalTrafficPolicy: Local`, external
+//!   frontends with `externalTrafficPolicy: Local`, the cluster endpoints otherwise.
+//! * A frontend left without backends rejects (TCP RST, ICMP port unreachable) when the service
+//!   has no usable endpoint at all, and drops when a Local policy filtered the endpoints away.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::{Endpoint, EndpointSlice},
 };
 
 use crate::{
+    health::ServiceHealth,
     manifests::{ObjectRef, Objects},
     node::NodeContext,
-    state::{BackendAddr, DesiredState, Frontend, Protocol, ServiceEntry},
+    state::{BackendAddr, DesiredState, Frontend, FrontendKind, Protocol, ServiceEntry, WhenEmpty},
 };
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+/// The older name of the topology-mode annotation, still honoured by kube-proxy.
+pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 /// An object, or part of one, that could not be translated. The rest still is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,9 +65,9 @@ impl fmt::Display for TranslateError {
     }
 }
 
-/// Translates every service in `objects`. Problems are returned next to the state; an object
-/// with a problem contributes what it correctly can.
-pub fn translate(objects: &Objects, _node: &NodeContext) -> (DesiredState, Vec<TranslateError>) {
+/// Translates every service in `objects` for the node described by `node`. Problems are
+/// returned next to the state; an object with a problem contributes what it correctly can.
+pub fn translate(objects: &Objects, node: &NodeContext) -> (DesiredState, Vec<TranslateError>) {
     let mut state = DesiredState::default();
     let mut errors = Vec::new();
 
@@ -72,124 +94,331 @@ pub fn translate(objects: &Objects, _node: &NodeContext) -> (DesiredState, Vec<T
             .get(key)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        translate_service(key, service, slices, &mut state, &mut errors);
+        let mut translation = ServiceTranslation {
+            key,
+            service,
+            node,
+            state: &mut state,
+            errors: &mut errors,
+        };
+        translation.run(slices);
     }
     (state, errors)
 }
 
-fn translate_service(
-    key: &ObjectRef,
-    service: &Service,
-    slices: &[(&ObjectRef, &EndpointSlice)],
-    state: &mut DesiredState,
-    errors: &mut Vec<TranslateError>,
-) {
-    let object = format!("Service {key}");
-    let error = |errors: &mut Vec<TranslateError>, message: String| {
-        errors.push(TranslateError {
-            object: object.clone(),
+struct ServiceTranslation<'a> {
+    key: &'a ObjectRef,
+    service: &'a Service,
+    node: &'a NodeContext,
+    state: &'a mut DesiredState,
+    errors: &'a mut Vec<TranslateError>,
+}
+
+impl ServiceTranslation<'_> {
+    fn error(&mut self, message: String) {
+        self.errors.push(TranslateError {
+            object: format!("Service {}", self.key),
             message,
-        })
-    };
-    let labels = service.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
-        tracing::debug!(service = %key, "ignored: {SERVICE_PROXY_NAME_LABEL} names another proxy");
-        return;
-    }
-    let Some(spec) = &service.spec else {
-        return;
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return;
+        });
     }
 
-    // clusterIPs (dual stack) supersedes clusterIP; both may be set and then agree.
-    let mut cluster_ips: Vec<&str> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if cluster_ips.is_empty() {
-        cluster_ips.extend(spec.cluster_ip.as_deref());
-    }
-    let mut vips = Vec::new();
-    for ip in cluster_ips {
-        if ip.is_empty() || ip == "None" {
-            continue; // headless
+    fn run(&mut self, slices: &[(&ObjectRef, &EndpointSlice)]) {
+        let labels = self.service.metadata.labels.as_ref();
+        if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+            tracing::debug!(service = %self.key, "ignored: {SERVICE_PROXY_NAME_LABEL} names another proxy");
+            return;
         }
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => vips.push(v4),
-            Ok(IpAddr::V6(_)) => {
-                tracing::debug!(service = %key, %ip, "IPv6 cluster IP not programmed yet")
-            }
-            Err(_) => error(errors, format!("invalid cluster IP {ip:?}")),
+        let Some(spec) = &self.service.spec else {
+            return;
+        };
+        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if service_type == "ExternalName" {
+            return;
         }
-    }
-    if vips.is_empty() {
-        return;
-    }
+        let cluster_ips = self.cluster_ips(spec);
+        if cluster_ips.is_empty() {
+            return; // headless: DNS only
+        }
+        let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
+        let is_load_balancer = service_type == "LoadBalancer";
+        let external_ips = self.addresses("externalIPs", spec.external_ips.iter().flatten());
+        let lb_ips = if is_load_balancer {
+            self.load_balancer_ips()
+        } else {
+            Vec::new()
+        };
+        let source_ranges = if is_load_balancer {
+            self.source_ranges(spec)
+        } else {
+            Vec::new()
+        };
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let affinity_timeout = affinity_timeout(spec);
+        let topology = self.topology_requested(spec);
 
-    for port in spec.ports.iter().flatten() {
-        let port_name = port.name.clone().unwrap_or_default();
-        let Some(proto) = parse_protocol(port.protocol.as_deref()) else {
-            let protocol = port.protocol.as_deref().unwrap_or_default();
-            error(
-                errors,
-                format!("port {port_name:?}: unsupported protocol {protocol:?}"),
-            );
-            continue;
-        };
-        let Some(number) = valid_port(port.port) else {
-            error(
-                errors,
-                format!("port {port_name:?}: invalid port {}", port.port),
-            );
-            continue;
-        };
-        let backends = backends_for_port(port, proto, slices, errors);
-        for vip in &vips {
-            let frontend = Frontend {
-                ip: *vip,
-                port: number,
-                proto,
+        for port in spec.ports.iter().flatten() {
+            let port_name = port.name.clone().unwrap_or_default();
+            let Some(proto) = parse_protocol(port.protocol.as_deref()) else {
+                let protocol = port.protocol.as_deref().unwrap_or_default();
+                self.error(format!(
+                    "port {port_name:?}: unsupported protocol {protocol:?}"
+                ));
+                continue;
+            };
+            let Some(number) = valid_port(port.port) else {
+                self.error(format!("port {port_name:?}: invalid port {}", port.port));
+                continue;
             };
             let name = if port_name.is_empty() {
-                key.to_string()
+                self.key.to_string()
             } else {
-                format!("{key}:{port_name}")
+                format!("{}:{port_name}", self.key)
             };
-            if let Some(previous) = state.services.get(&frontend) {
-                error(
-                    errors,
-                    format!(
-                        "frontend {frontend} is already used by {}; ignoring this port",
-                        previous.name
+            let endpoints = endpoints_for_port(port, proto, slices, self.errors);
+            let sets = EndpointSets::categorize(&endpoints, self.node, topology);
+
+            let (internal, internal_empty) = sets.for_policy(internal_local);
+            let (external, external_empty) = sets.for_policy(external_local);
+            let entry =
+                |kind, backends: &[BackendAddr], when_empty, ranges: &[Ipv4Net]| ServiceEntry {
+                    name: name.clone(),
+                    kind,
+                    backends: backends.to_vec(),
+                    local_backends: sets.local_of(backends),
+                    when_empty,
+                    external_local: kind != FrontendKind::ClusterIp && external_local,
+                    affinity_timeout,
+                    source_ranges: ranges.to_vec(),
+                };
+
+            for ip in &cluster_ips {
+                let frontend = Frontend {
+                    ip: *ip,
+                    port: number,
+                    proto,
+                };
+                self.insert(
+                    frontend,
+                    entry(FrontendKind::ClusterIp, &internal, internal_empty, &[]),
+                );
+            }
+            if has_node_ports {
+                match port.node_port.map(valid_port) {
+                    Some(Some(node_port)) => {
+                        for ip in self.node_port_addresses() {
+                            let frontend = Frontend {
+                                ip,
+                                port: node_port,
+                                proto,
+                            };
+                            self.insert(
+                                frontend,
+                                entry(FrontendKind::NodePort, &external, external_empty, &[]),
+                            );
+                        }
+                    }
+                    Some(None) => self.error(format!(
+                        "port {port_name:?}: invalid nodePort {}",
+                        port.node_port.unwrap_or_default()
+                    )),
+                    // Not allocated (yet), or allocateLoadBalancerNodePorts: false.
+                    None => {}
+                }
+            }
+            for ip in &external_ips {
+                let frontend = Frontend {
+                    ip: *ip,
+                    port: number,
+                    proto,
+                };
+                self.insert(
+                    frontend,
+                    entry(FrontendKind::ExternalIp, &external, external_empty, &[]),
+                );
+            }
+            for ip in &lb_ips {
+                let frontend = Frontend {
+                    ip: *ip,
+                    port: number,
+                    proto,
+                };
+                self.insert(
+                    frontend,
+                    entry(
+                        FrontendKind::LoadBalancer,
+                        &external,
+                        external_empty,
+                        &source_ranges,
                     ),
                 );
-                continue;
             }
-            state.services.insert(
-                frontend,
-                ServiceEntry {
-                    name,
-                    backends: backends.clone(),
-                },
-            );
+            if is_load_balancer && external_local {
+                self.health_check(spec, sets.local.len());
+            }
         }
+    }
+
+    fn insert(&mut self, frontend: Frontend, entry: ServiceEntry) {
+        if let Some(previous) = self.state.services.get(&frontend) {
+            let message = format!(
+                "frontend {frontend} is already used by {}; ignoring it for {}",
+                previous.name, entry.name
+            );
+            self.error(message);
+            return;
+        }
+        self.state.services.insert(frontend, entry);
+    }
+
+    /// The IPv4 cluster IPs. clusterIPs (dual stack) supersedes clusterIP; both may be set and
+    /// then agree.
+    fn cluster_ips(&mut self, spec: &ServiceSpec) -> Vec<Ipv4Addr> {
+        let mut cluster_ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+        if cluster_ips.is_empty() {
+            cluster_ips.extend(spec.cluster_ip.as_ref());
+        }
+        let cluster_ips = cluster_ips
+            .into_iter()
+            .filter(|ip| !ip.is_empty() && *ip != "None");
+        self.addresses("cluster IP", cluster_ips)
+    }
+
+    /// Parses addresses of one field; invalid ones are reported, IPv6 ones skipped for now.
+    fn addresses<'s>(
+        &mut self,
+        field: &str,
+        addresses: impl Iterator<Item = &'s String>,
+    ) -> Vec<Ipv4Addr> {
+        let mut parsed = Vec::new();
+        for address in addresses {
+            match address.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => parsed.push(v4),
+                Ok(IpAddr::V6(_)) => {
+                    tracing::debug!(service = %self.key, %address, "IPv6 {field} not programmed yet")
+                }
+                Err(_) => self.error(format!("invalid {field} {address:?}")),
+            }
+        }
+        parsed
+    }
+
+    /// LoadBalancer ingress IPs that traffic reaches the node with. `ipMode: Proxy` means the
+    /// load balancer rewrites the destination itself, so kube-proxy programs nothing for it.
+    fn load_balancer_ips(&mut self) -> Vec<Ipv4Addr> {
+        let ingress = self
+            .service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        let ips: Vec<&String> = ingress
+            .into_iter()
+            .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_ref())
+            .collect();
+        self.addresses("load balancer ingress IP", ips.into_iter())
+    }
+
+    fn source_ranges(&mut self, spec: &ServiceSpec) -> Vec<Ipv4Net> {
+        let mut ranges = Vec::new();
+        for range in spec.load_balancer_source_ranges.iter().flatten() {
+            // kube-proxy accepts surrounding whitespace here.
+            match range.trim().parse::<ipnet::IpNet>() {
+                Ok(ipnet::IpNet::V4(net)) => ranges.push(net.trunc()),
+                Ok(ipnet::IpNet::V6(_)) => {}
+                Err(_) => self.error(format!("invalid loadBalancerSourceRange {range:?}")),
+            }
+        }
+        ranges
+    }
+
+    /// This node's addresses that serve NodePorts: all node IPs, or those inside
+    /// `--nodeport-addresses` when given.
+    fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
+        self.node
+            .node_ips
+            .iter()
+            .filter(|ip| {
+                self.node.nodeport_addresses.is_empty()
+                    || self.node.nodeport_addresses.iter().any(|n| n.contains(*ip))
+            })
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    fn health_check(&mut self, spec: &ServiceSpec, local_endpoints: usize) {
+        let Some(port) = spec.health_check_node_port else {
+            return;
+        };
+        let Some(port) = valid_port(port) else {
+            self.error(format!("invalid healthCheckNodePort {port}"));
+            return;
+        };
+        let health = self
+            .state
+            .health_checks
+            .entry(port)
+            .or_insert_with(|| ServiceHealth {
+                namespace: self.key.namespace.clone(),
+                name: self.key.name.clone(),
+                local_endpoints: 0,
+            });
+        // One health check per service: its ports' local endpoints are the same pods.
+        health.local_endpoints = health.local_endpoints.max(local_endpoints);
+    }
+
+    /// Whether the service asks for topology-aware routing.
+    fn topology_requested(&self, spec: &ServiceSpec) -> bool {
+        let annotations = self.service.metadata.annotations.as_ref();
+        let mode = annotations.and_then(|a| {
+            a.get(TOPOLOGY_MODE_ANNOTATION)
+                .or_else(|| a.get(TOPOLOGY_HINTS_ANNOTATION))
+        });
+        matches!(mode.map(String::as_str), Some("Auto" | "auto"))
+            || spec.traffic_distribution.as_deref() == Some("PreferClose")
     }
 }
 
-/// The backends of one service port, merged over all the service's slices.
-fn backends_for_port(
+fn affinity_timeout(spec: &ServiceSpec) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let configured = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|t| *t > 0);
+    Some(configured.unwrap_or(DEFAULT_AFFINITY_TIMEOUT))
+}
+
+/// An endpoint of one service port, with what the choice of endpoints needs to know.
+#[derive(Clone, Debug)]
+struct PortEndpoint {
+    backend: BackendAddr,
+    ready: bool,
+    serving_terminating: bool,
+    node_name: Option<String>,
+    zone_hints: Vec<String>,
+}
+
+/// The endpoints of one service port, merged over all the service's slices, without
+/// duplicates (the first slice that lists an address wins).
+fn endpoints_for_port(
     port: &ServicePort,
     proto: Protocol,
     slices: &[(&ObjectRef, &EndpointSlice)],
     errors: &mut Vec<TranslateError>,
-) -> Vec<BackendAddr> {
+) -> Vec<PortEndpoint> {
     let wanted_name = port.name.as_deref().unwrap_or_default();
-    let mut ready = Vec::new();
-    let mut terminating = Vec::new();
+    let mut endpoints: Vec<PortEndpoint> = Vec::new();
+    let mut seen = BTreeSet::new();
     for (slice_key, slice) in slices {
         if slice.address_type != "IPv4" {
             continue; // IPv6 and FQDN slices: not programmed yet
@@ -213,50 +442,133 @@ fn backends_for_port(
             let Some(address) = endpoint.addresses.first() else {
                 continue;
             };
-            let ip = match address.parse() {
-                Ok(ip) => ip,
-                Err(_) => {
-                    errors.push(TranslateError {
-                        object: object.clone(),
-                        message: format!("invalid endpoint address {address:?}"),
-                    });
-                    continue;
-                }
+            let Ok(ip) = address.parse() else {
+                errors.push(TranslateError {
+                    object: object.clone(),
+                    message: format!("invalid endpoint address {address:?}"),
+                });
+                continue;
             };
             let backend = BackendAddr { ip, port: number };
-            match condition(endpoint) {
-                Condition::Ready => ready.push(backend),
-                Condition::ServingTerminating => terminating.push(backend),
-                Condition::Unusable => {}
+            if !seen.insert(backend) {
+                continue;
             }
+            let (ready, serving_terminating) = conditions(endpoint);
+            endpoints.push(PortEndpoint {
+                backend,
+                ready,
+                serving_terminating,
+                node_name: endpoint.node_name.clone(),
+                zone_hints: endpoint
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.clone())
+                    .collect(),
+            });
         }
     }
-    let mut backends = if ready.is_empty() { terminating } else { ready };
-    backends.sort();
-    backends.dedup();
-    backends
-}
-
-enum Condition {
-    Ready,
-    ServingTerminating,
-    Unusable,
+    endpoints
 }
 
 /// EndpointConditions as the API defines them: `ready` unset means ready; `serving` unset
-/// means the same as `ready`; `terminating` unset means not terminating.
-fn condition(endpoint: &Endpoint) -> Condition {
+/// means the same as `ready`; `terminating` unset means not terminating. Returns (ready,
+/// serving and terminating).
+fn conditions(endpoint: &Endpoint) -> (bool, bool) {
     let conditions = endpoint.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
     let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
     let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-    if ready {
-        Condition::Ready
-    } else if serving && terminating {
-        Condition::ServingTerminating
-    } else {
-        Condition::Unusable
+    (ready, !ready && serving && terminating)
+}
+
+/// kube-proxy's CategorizeEndpoints: the endpoints cluster-wide traffic uses and the ones
+/// node-local traffic uses, each sorted.
+struct EndpointSets {
+    cluster: Vec<BackendAddr>,
+    local: Vec<BackendAddr>,
+    /// Every endpoint on this node (whatever its condition), to mark backends local.
+    on_this_node: BTreeSet<BackendAddr>,
+    /// Some endpoint anywhere is usable: decides between dropping and rejecting.
+    any_usable: bool,
+}
+
+impl EndpointSets {
+    fn categorize(endpoints: &[PortEndpoint], node: &NodeContext, topology: bool) -> Self {
+        let is_local = |e: &PortEndpoint| {
+            node.name.is_some() && e.node_name.as_deref() == node.name.as_deref()
+        };
+        let use_topology = topology && can_use_topology(endpoints, node);
+        let pick = |filter: &dyn Fn(&PortEndpoint) -> bool| -> Vec<BackendAddr> {
+            let mut picked: Vec<BackendAddr> = endpoints
+                .iter()
+                .filter(|e| filter(e))
+                .map(|e| e.backend)
+                .collect();
+            picked.sort();
+            picked
+        };
+        let in_zone = |e: &PortEndpoint| {
+            !use_topology || node.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z))
+        };
+        let mut cluster = pick(&|e| e.ready && in_zone(e));
+        if cluster.is_empty() {
+            // Nothing ready anywhere (topology would have been dropped otherwise).
+            cluster = pick(&|e| e.serving_terminating);
+        }
+        let mut local = pick(&|e| e.ready && is_local(e));
+        if local.is_empty() {
+            local = pick(&|e| e.serving_terminating && is_local(e));
+        }
+        EndpointSets {
+            cluster,
+            local,
+            on_this_node: endpoints
+                .iter()
+                .filter(|e| is_local(e))
+                .map(|e| e.backend)
+                .collect(),
+            any_usable: endpoints.iter().any(|e| e.ready || e.serving_terminating),
+        }
     }
+
+    /// The backends of a frontend under a Local (`true`) or Cluster traffic policy, and what
+    /// to do when there are none: kube-proxy drops when the policy filtered every usable
+    /// endpoint away, and rejects when the service has none at all.
+    fn for_policy(&self, local: bool) -> (Vec<BackendAddr>, WhenEmpty) {
+        let backends = if local { &self.local } else { &self.cluster };
+        let when_empty = if self.any_usable {
+            WhenEmpty::Drop
+        } else {
+            WhenEmpty::Reject
+        };
+        (backends.clone(), when_empty)
+    }
+
+    fn local_of(&self, backends: &[BackendAddr]) -> BTreeSet<BackendAddr> {
+        backends
+            .iter()
+            .filter(|b| self.on_this_node.contains(b))
+            .copied()
+            .collect()
+    }
+}
+
+/// kube-proxy's canUseTopology: the node has a zone, every ready endpoint has zone hints, and
+/// at least one is hinted for this zone. Otherwise hints are ignored, so a half-hinted
+/// service never loses endpoints.
+fn can_use_topology(endpoints: &[PortEndpoint], node: &NodeContext) -> bool {
+    let Some(zone) = &node.zone else {
+        return false;
+    };
+    let mut hinted_here = false;
+    for endpoint in endpoints.iter().filter(|e| e.ready) {
+        if endpoint.zone_hints.is_empty() {
+            return false;
+        }
+        hinted_here |= endpoint.zone_hints.contains(zone);
+    }
+    hinted_here
 }
 
 fn parse_protocol(protocol: Option<&str>) -> Option<Protocol> {
@@ -551,5 +863,246 @@ ports: [{name: c, port: 8082}]
                 ),
             ]
         );
+    }
+
+    /// A node context for node `node-1` in zone-a with one node IP.
+    fn node_1() -> NodeContext {
+        NodeContext {
+            name: Some("node-1".into()),
+            node_ips: vec!["172.18.0.11".parse().unwrap()],
+            zone: Some("zone-a".into()),
+            ..Default::default()
+        }
+    }
+
+    /// A service of `type_` with extra spec YAML, and a slice with endpoints on node-1 and
+    /// node-2.
+    fn two_node_service(type_: &str, extra_spec: &str) -> Objects {
+        objects(&format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: {type_}
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, port: 80, nodePort: 30080, targetPort: 8080}}]
+  {extra_spec}
+status:
+  loadBalancer:
+    ingress: [{{ip: 192.0.2.10}}, {{ip: 192.0.2.11, ipMode: Proxy}}, {{hostname: lb.example.com}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints:
+- {{addresses: [10.244.1.5], nodeName: node-1}}
+- {{addresses: [10.244.2.5], nodeName: node-2}}
+ports: [{{name: http, port: 8080}}]
+"#
+        ))
+    }
+
+    #[test]
+    fn node_port_load_balancer_and_external_ips() {
+        let (state, errors) = translate(
+            &two_node_service("LoadBalancer", "externalIPs: [198.51.100.7]"),
+            &node_1(),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let kinds: Vec<(String, FrontendKind)> = state
+            .services
+            .iter()
+            .map(|(f, e)| (f.to_string(), e.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("10.96.0.10:80/TCP".into(), FrontendKind::ClusterIp),
+                ("172.18.0.11:30080/TCP".into(), FrontendKind::NodePort),
+                ("192.0.2.10:80/TCP".into(), FrontendKind::LoadBalancer),
+                ("198.51.100.7:80/TCP".into(), FrontendKind::ExternalIp),
+            ]
+        );
+        for entry in state.services.values() {
+            assert_eq!(
+                entry.backends,
+                vec![be("10.244.1.5", 8080), be("10.244.2.5", 8080)]
+            );
+            // Only the endpoint with nodeName node-1 is local.
+            assert_eq!(
+                entry.local_backends.iter().copied().collect::<Vec<_>>(),
+                vec![be("10.244.1.5", 8080)]
+            );
+            assert!(!entry.external_local);
+        }
+        // Without a node name there are no node IPs, so no NodePort frontends.
+        let (state, _) = translate_all(&two_node_service("NodePort", ""));
+        assert_eq!(state.services.len(), 1);
+    }
+
+    #[test]
+    fn nodeport_addresses_filter_node_ips() {
+        let mut node = node_1();
+        node.node_ips.push("10.0.0.11".parse().unwrap());
+        node.nodeport_addresses = vec!["10.0.0.0/8".parse().unwrap()];
+        let (state, _) = translate(&two_node_service("NodePort", ""), &node);
+        let node_ports: Vec<String> = state
+            .services
+            .iter()
+            .filter(|(_, e)| e.kind == FrontendKind::NodePort)
+            .map(|(f, _)| f.to_string())
+            .collect();
+        assert_eq!(node_ports, vec!["10.0.0.11:30080/TCP"]);
+    }
+
+    #[test]
+    fn external_traffic_policy_local() {
+        let objects = two_node_service(
+            "LoadBalancer",
+            "externalTrafficPolicy: Local\n  healthCheckNodePort: 32000",
+        );
+        let (state, errors) = translate(&objects, &node_1());
+        assert!(errors.is_empty(), "{errors:?}");
+        let node_port = &state.services[&fe("172.18.0.11", 30080, Protocol::Tcp)];
+        assert_eq!(node_port.backends, vec![be("10.244.1.5", 8080)]);
+        assert!(node_port.external_local);
+        // The ClusterIP is not affected by the external policy.
+        let cluster_ip = &state.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(cluster_ip.backends.len(), 2);
+        assert!(!cluster_ip.external_local);
+        assert_eq!(
+            state.health_checks[&32000],
+            ServiceHealth {
+                namespace: "shop".into(),
+                name: "web".into(),
+                local_endpoints: 1
+            }
+        );
+
+        // On a node without a local endpoint: no backends, drop (not reject), health 0.
+        let mut node_3 = node_1();
+        node_3.name = Some("node-3".into());
+        let (state, _) = translate(&objects, &node_3);
+        let node_port = &state.services[&fe("172.18.0.11", 30080, Protocol::Tcp)];
+        assert!(node_port.backends.is_empty());
+        assert_eq!(node_port.when_empty, WhenEmpty::Drop);
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local() {
+        let objects = two_node_service("ClusterIP", "internalTrafficPolicy: Local");
+        let (state, _) = translate(&objects, &node_1());
+        let entry = &state.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert_eq!(entry.backends, vec![be("10.244.1.5", 8080)]);
+        let mut node_3 = node_1();
+        node_3.name = Some("node-3".into());
+        let (state, _) = translate(&objects, &node_3);
+        let entry = &state.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
+        assert!(entry.backends.is_empty());
+        assert_eq!(entry.when_empty, WhenEmpty::Drop);
+    }
+
+    #[test]
+    fn no_endpoints_at_all_rejects() {
+        let (state, _) = translate(
+            &objects("apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec: {clusterIP: 10.96.0.40, ports: [{port: 80}]}\n"),
+            &node_1(),
+        );
+        assert_eq!(
+            state.services[&fe("10.96.0.40", 80, Protocol::Tcp)].when_empty,
+            WhenEmpty::Reject
+        );
+    }
+
+    #[test]
+    fn session_affinity_timeout() {
+        let (state, _) = translate(
+            &two_node_service("ClusterIP", "sessionAffinity: ClientIP"),
+            &node_1(),
+        );
+        assert_eq!(
+            state.services[&fe("10.96.0.10", 80, Protocol::Tcp)].affinity_timeout,
+            Some(DEFAULT_AFFINITY_TIMEOUT)
+        );
+        let (state, _) = translate(
+            &two_node_service(
+                "ClusterIP",
+                "sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+            ),
+            &node_1(),
+        );
+        assert_eq!(
+            state.services[&fe("10.96.0.10", 80, Protocol::Tcp)].affinity_timeout,
+            Some(60)
+        );
+        let (state, _) = translate(&two_node_service("ClusterIP", ""), &node_1());
+        assert_eq!(
+            state.services[&fe("10.96.0.10", 80, Protocol::Tcp)].affinity_timeout,
+            None
+        );
+    }
+
+    #[test]
+    fn load_balancer_source_ranges() {
+        let (state, errors) = translate(
+            &two_node_service(
+                "LoadBalancer",
+                "loadBalancerSourceRanges: [\" 203.0.113.0/24 \", 198.51.100.9/32, nonsense]",
+            ),
+            &node_1(),
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("nonsense"));
+        let lb = &state.services[&fe("192.0.2.10", 80, Protocol::Tcp)];
+        let ranges: Vec<String> = lb.source_ranges.iter().map(ToString::to_string).collect();
+        assert_eq!(ranges, vec!["203.0.113.0/24", "198.51.100.9/32"]);
+        // Source ranges restrict the load balancer address only.
+        assert!(state.services[&fe("172.18.0.11", 30080, Protocol::Tcp)]
+            .source_ranges
+            .is_empty());
+    }
+
+    #[test]
+    fn topology_hints_narrow_to_this_zone_only_when_complete() {
+        let service = |distribution: &str, second_hint: &str| {
+            objects(&format!(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec: {{clusterIP: 10.96.0.11, ports: [{{port: 80}}], {distribution}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints:
+- {{addresses: [10.244.1.5], zone: zone-a, hints: {{forZones: [{{name: zone-a}}]}}}}
+- {{addresses: [10.244.2.5], zone: zone-b{second_hint}}}
+ports: [{{port: 80}}]
+"#
+            ))
+        };
+        let backends = |objects: &Objects| {
+            let (state, _) = translate(objects, &node_1());
+            state.services[&fe("10.96.0.11", 80, Protocol::Tcp)]
+                .backends
+                .clone()
+        };
+        let hinted = ", hints: {forZones: [{name: zone-b}]}";
+        assert_eq!(
+            backends(&service("trafficDistribution: PreferClose", hinted)),
+            vec![be("10.244.1.5", 80)]
+        );
+        // An endpoint without hints: kube-proxy ignores hints altogether.
+        assert_eq!(
+            backends(&service("trafficDistribution: PreferClose", "")).len(),
+            2
+        );
+        // Hints without PreferClose (or the topology-mode annotation) are not used.
+        assert_eq!(backends(&service("type: ClusterIP", hinted)).len(), 2);
     }
 }

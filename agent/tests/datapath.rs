@@ -204,13 +204,14 @@ fn desired(services: &[(Frontend, Vec<BackendAddr>)]) -> DesiredState {
         services: services
             .iter()
             .map(|(f, b)| {
-                let entry = ServiceEntry {
-                    name: format!("default/svc-{}:{}", f.port, f.proto),
-                    backends: b.clone(),
-                };
+                let entry = ServiceEntry::cluster_ip(
+                    format!("default/svc-{}:{}", f.port, f.proto),
+                    b.clone(),
+                );
                 (*f, entry)
             })
             .collect(),
+        ..Default::default()
     }
 }
 

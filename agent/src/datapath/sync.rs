@@ -644,15 +644,13 @@ mod tests {
     fn entry(backends: impl IntoIterator<Item = u32>) -> ServiceEntry {
         let mut backends: Vec<BackendAddr> = backends.into_iter().map(backend).collect();
         backends.sort();
-        ServiceEntry {
-            name: "ns/svc:http".into(),
-            backends,
-        }
+        ServiceEntry::cluster_ip("ns/svc:http", backends)
     }
 
     fn state(services: impl IntoIterator<Item = (Frontend, ServiceEntry)>) -> DesiredState {
         DesiredState {
             services: services.into_iter().collect(),
+            ..Default::default()
         }
     }
 

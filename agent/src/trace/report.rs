@@ -430,20 +430,17 @@ mod tests {
         };
         state.services.insert(
             web,
-            ServiceEntry {
-                name: "shop/web:http".into(),
-                backends: vec![BackendAddr {
+            ServiceEntry::cluster_ip(
+                "shop/web:http",
+                vec![BackendAddr {
                     ip: "10.244.1.10".parse().unwrap(),
                     port: 8080,
                 }],
-            },
+            ),
         );
         state.services.insert(
             Frontend { port: 443, ..web },
-            ServiceEntry {
-                name: "shop/web:https".into(),
-                backends: vec![],
-            },
+            ServiceEntry::cluster_ip("shop/web:https", vec![]),
         );
         state
     }
