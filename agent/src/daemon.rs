@@ -1,14 +1,16 @@
 //! `sluice agent`: keeps the node's datapath equal to what the manifests describe.
 //!
 //! Three event sources drive one loop, so the datapath is only ever touched from one place:
-//! manifest changes (inotify on the directory), pod interface changes (rtnetlink
-//! notifications), and a periodic resync that repairs anything missed. Every pass is a diff:
-//! an unchanged input writes nothing to the kernel.
+//! manifest changes (inotify on the directory), interface changes (rtnetlink notifications),
+//! and a periodic resync that repairs anything missed. Every pass is a diff: an unchanged
+//! input writes nothing to the kernel.
 
 use std::{
     collections::BTreeSet,
     future::Future,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,8 +20,9 @@ use tokio::sync::mpsc;
 
 use crate::{
     datapath::Datapath,
+    health::{self, ProxyHealth, ServiceHealthServers},
     interfaces, manifests,
-    node::{self, NodeOptions},
+    node::{self, NodeContext, NodeOptions},
     state::DesiredState,
     translate,
 };
@@ -27,6 +30,8 @@ use crate::{
 /// How long a burst of file events is given to settle before the manifests are read again
 /// (an editor or `kubectl`-like tool writes a file in several steps).
 const MANIFEST_DEBOUNCE: Duration = Duration::from_millis(50);
+/// How long programming may keep failing before `/healthz` turns 503.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -34,6 +39,11 @@ pub struct AgentConfig {
     pub node: NodeOptions,
     pub pin_path: PathBuf,
     pub resync_interval: Duration,
+    /// Where `/healthz` and `/livez` are served (kube-proxy's healthzBindAddress); `None`
+    /// disables them.
+    pub healthz_bind_address: Option<SocketAddr>,
+    /// Where healthCheckNodePort servers listen (kube-proxy binds them on all addresses).
+    pub health_check_bind_ip: IpAddr,
 }
 
 /// Runs the agent until `shutdown` completes. The pinned datapath stays in place afterwards.
@@ -45,6 +55,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         )
     })?;
 
+    let proxy_health = Arc::new(ProxyHealth::new(HEALTH_TIMEOUT));
+    let _healthz = match config.healthz_bind_address {
+        Some(address) => {
+            Some(health::serve_proxy_health(address, Arc::clone(&proxy_health)).await?)
+        }
+        None => None,
+    };
     let (manifest_tx, mut manifest_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_manifests(&config.manifests, manifest_tx)?;
     let (iface_tx, mut iface_rx) = mpsc::channel::<()>(1);
@@ -54,10 +71,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let mut agent = Agent {
         config: &config,
         datapath: &mut datapath,
+        context: NodeContext::default(),
         last_problems: Vec::new(),
         attached: BTreeSet::new(),
+        external: BTreeSet::new(),
+        health_checks: ServiceHealthServers::new(config.health_check_bind_ip),
+        proxy_health: &proxy_health,
     };
-    agent.reload_manifests();
+    agent.reload_manifests().await;
     agent.rescan_interfaces(&netlink).await;
     tracing::info!(
         manifests = %config.manifests.display(),
@@ -75,13 +96,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             Some(()) = manifest_rx.recv() => {
                 tokio::time::sleep(MANIFEST_DEBOUNCE).await;
                 while manifest_rx.try_recv().is_ok() {}
-                agent.reload_manifests();
+                agent.reload_manifests().await;
+                // The node's addresses may have changed with its Node object.
+                agent.rescan_interfaces(&netlink).await;
             }
             Some(()) = iface_rx.recv() => {
                 agent.rescan_interfaces(&netlink).await;
             }
             _ = resync.tick() => {
-                agent.reload_manifests();
+                agent.reload_manifests().await;
                 agent.rescan_interfaces(&netlink).await;
             }
         }
@@ -93,37 +116,44 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 struct Agent<'a> {
     config: &'a AgentConfig,
     datapath: &'a mut Datapath,
+    /// This node as the last reload resolved it.
+    context: NodeContext,
     /// Problems reported by the last reload, so a periodic resync does not repeat them.
     last_problems: Vec<String>,
+    /// Pod interfaces the programs are attached to.
     attached: BTreeSet<u32>,
+    /// External interfaces (carrying a node IP) found by the last scan.
+    external: BTreeSet<u32>,
+    health_checks: ServiceHealthServers,
+    proxy_health: &'a ProxyHealth,
 }
 
 impl Agent<'_> {
-    /// Reads the manifests, translates them and syncs the difference into the maps. Bad files
-    /// and objects are reported and skipped; what is valid is still programmed.
-    fn reload_manifests(&mut self) {
+    /// Reads the manifests, translates them and syncs the difference into the maps and the
+    /// health servers. Bad files and objects are reported and skipped; what is valid is still
+    /// programmed.
+    async fn reload_manifests(&mut self) {
         let (objects, manifest_errors) = match manifests::load_dir(&self.config.manifests) {
             Ok(loaded) => loaded,
             Err(e) => {
                 // Keep what is programmed: a vanished directory must not empty the datapath.
                 tracing::error!("{e:#}; keeping the current datapath state");
+                self.proxy_health.failed();
                 return;
             }
         };
         let mut problems: Vec<String> = manifest_errors.iter().map(ToString::to_string).collect();
-        let context = node::resolve(&self.config.node, &objects).unwrap_or_else(|unknown| {
+        self.context = node::resolve(&self.config.node, &objects).unwrap_or_else(|unknown| {
             // The Node object may simply not be written yet: program what does not need it.
             problems.push(unknown.to_string());
-            node::resolve(
-                &NodeOptions {
-                    node_name: None,
-                    ..self.config.node.clone()
-                },
-                &objects,
-            )
-            .expect("resolving without a node name cannot fail")
+            let without_name = NodeOptions {
+                node_name: None,
+                ..self.config.node.clone()
+            };
+            node::resolve(&without_name, &objects)
+                .expect("resolving without a node name cannot fail")
         });
-        let (desired, translate_errors) = translate::translate(&objects, &context);
+        let (desired, translate_errors) = translate::translate(&objects, &self.context);
         problems.extend(translate_errors.iter().map(ToString::to_string));
         if problems != self.last_problems {
             for problem in &problems {
@@ -131,14 +161,26 @@ impl Agent<'_> {
             }
             self.last_problems = problems;
         }
-        self.sync(&desired);
+        let programmed = self.sync(&desired);
+        for (port, error) in self.health_checks.sync(&desired.health_checks).await {
+            tracing::warn!(port, "{error}");
+        }
+        if programmed {
+            self.proxy_health.synced();
+        } else {
+            self.proxy_health.failed();
+        }
     }
 
-    fn sync(&mut self, desired: &DesiredState) {
+    /// Programs `desired`; false when anything could not be programmed.
+    fn sync(&mut self, desired: &DesiredState) -> bool {
         match self.datapath.sync(desired) {
             Ok(stats) => {
                 for (frontend, error) in &stats.failed {
                     tracing::error!(%frontend, "not programmed: {error}");
+                }
+                for leftover in &stats.leftovers_failed {
+                    tracing::error!("could not remove stale map entry: {leftover}");
                 }
                 if stats.map_writes == 0 {
                     tracing::debug!(services = desired.services.len(), "datapath unchanged");
@@ -152,22 +194,26 @@ impl Agent<'_> {
                         "datapath synced"
                     );
                 }
+                stats.is_complete()
             }
-            Err(e) => tracing::error!("datapath sync failed: {e:#}"),
+            Err(e) => {
+                tracing::error!("datapath sync failed: {e:#}");
+                false
+            }
         }
     }
 
     /// Attaches the programs to new pod interfaces and forgets vanished ones. An interface
     /// that disappears between the scan and the attach is retried at the next scan.
     async fn rescan_interfaces(&mut self, netlink: &rtnetlink::Handle) {
-        let found = match interfaces::scan(netlink).await {
+        let found = match interfaces::scan(netlink, &self.context.node_ips).await {
             Ok(found) => found,
             Err(e) => {
-                tracing::error!("scanning pod interfaces: {e:#}");
+                tracing::error!("scanning interfaces: {e:#}");
                 return;
             }
         };
-        for (&ifindex, name) in &found {
+        for (&ifindex, name) in &found.pods {
             if self.attached.contains(&ifindex) {
                 continue;
             }
@@ -179,11 +225,18 @@ impl Agent<'_> {
                 Err(e) => tracing::warn!(interface = %name, ifindex, "attach failed: {e:#}"),
             }
         }
-        let present: BTreeSet<u32> = found.keys().copied().collect();
+        let present: BTreeSet<u32> = found.pods.keys().copied().collect();
         for gone in self.attached.difference(&present) {
             tracing::info!(ifindex = gone, "pod interface gone");
         }
         self.attached.retain(|i| present.contains(i));
+        let external: BTreeSet<u32> = found.external.keys().copied().collect();
+        if external != self.external {
+            for (ifindex, name) in &found.external {
+                tracing::info!(interface = %name, ifindex, "external interface (carries a node IP)");
+            }
+            self.external = external;
+        }
         if let Err(e) = self.datapath.forget_interfaces_except(&present) {
             tracing::warn!("forgetting vanished pod interfaces: {e:#}");
         }

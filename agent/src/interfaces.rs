@@ -1,16 +1,25 @@
-//! Finding pod interfaces with rtnetlink.
+//! Finding the interfaces Sluice attaches to, with rtnetlink.
 //!
-//! A pod interface is a veth that is the output device of a /32 host route in the main table:
-//! the layout kindnet, Calico and the ptp CNI plugin all produce (`10.244.1.5 dev vethXYZ`).
-//! [`watch`] reports every link and IPv4 route change, after which the caller scans again, so
-//! pods are picked up as their routes appear and forgotten when they go.
+//! * A pod interface is a veth that is the output device of a /32 host route in the main
+//!   table: the layout kindnet, Calico and the ptp CNI plugin all produce
+//!   (`10.244.1.5 dev vethXYZ`).
+//! * An external interface carries one of the node's addresses (the Node object's InternalIP
+//!   or ExternalIP): traffic from outside the node (NodePorts, load balancer and external IPs,
+//!   replies from other nodes) arrives there. A pod interface never counts as external.
+//!
+//! [`watch`] reports every link, address and IPv4 route change, after which the caller scans
+//! again, so interfaces are picked up as they appear and forgotten when they go.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, TryStreamExt as _};
 use rtnetlink::{
     packet_route::{
+        address::AddressAttribute,
         link::{InfoKind, LinkAttribute, LinkInfo},
         route::{RouteAttribute, RouteMessage},
     },
@@ -21,7 +30,9 @@ use tokio::sync::mpsc;
 
 const RT_TABLE_MAIN: u32 = 254;
 const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
 /// A link as the selection needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,8 +65,36 @@ pub fn select_pod_interfaces(routes: &[Route], links: &[Link]) -> BTreeMap<u32, 
         .collect()
 }
 
-/// Dumps links and IPv4 routes of this network namespace and selects the pod interfaces.
-pub async fn scan(handle: &rtnetlink::Handle) -> anyhow::Result<BTreeMap<u32, String>> {
+/// Pure selection: ifindex -> name of every interface (but loopback and pod interfaces) that
+/// carries one of `node_ips`.
+pub fn select_external_interfaces(
+    links: &[Link],
+    addresses: &[(u32, IpAddr)],
+    node_ips: &[IpAddr],
+    pods: &BTreeMap<u32, String>,
+) -> BTreeMap<u32, String> {
+    let names: BTreeMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+    addresses
+        .iter()
+        .filter(|(_, ip)| node_ips.contains(ip) && !ip.is_loopback())
+        .filter(|(index, _)| !pods.contains_key(index))
+        .filter_map(|(index, _)| {
+            let name = names.get(index)?;
+            (*name != "lo").then(|| (*index, name.to_string()))
+        })
+        .collect()
+}
+
+/// The interfaces of this node Sluice attaches to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Interfaces {
+    pub pods: BTreeMap<u32, String>,
+    pub external: BTreeMap<u32, String>,
+}
+
+/// Dumps links, addresses and IPv4 routes of this network namespace and selects the pod and
+/// external interfaces.
+pub async fn scan(handle: &rtnetlink::Handle, node_ips: &[IpAddr]) -> anyhow::Result<Interfaces> {
     let mut links = Vec::new();
     let mut dump = handle.link().get().execute();
     while let Some(msg) = dump.try_next().await.context("dumping links")? {
@@ -84,7 +123,21 @@ pub async fn scan(handle: &rtnetlink::Handle) -> anyhow::Result<BTreeMap<u32, St
     while let Some(msg) = dump.try_next().await.context("dumping routes")? {
         routes.push(route_of(&msg));
     }
-    Ok(select_pod_interfaces(&routes, &links))
+    let pods = select_pod_interfaces(&routes, &links);
+
+    let mut addresses = Vec::new();
+    if !node_ips.is_empty() {
+        let mut dump = handle.address().get().execute();
+        while let Some(msg) = dump.try_next().await.context("dumping addresses")? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr {
+                    addresses.push((msg.header.index, *ip));
+                }
+            }
+        }
+    }
+    let external = select_external_interfaces(&links, &addresses, node_ips, &pods);
+    Ok(Interfaces { pods, external })
 }
 
 fn route_of(msg: &RouteMessage) -> Route {
@@ -111,16 +164,19 @@ pub fn connect() -> anyhow::Result<rtnetlink::Handle> {
     Ok(handle)
 }
 
-/// Subscribes to link and IPv4 route changes; a `()` is sent on `changed` for each batch of
-/// notifications (the receiver rescans, so coalescing is harmless).
+/// Subscribes to link, address and IPv4 route changes; a `()` is sent on `changed` for each
+/// batch of notifications (the receiver rescans, so coalescing is harmless).
 pub fn watch(changed: mpsc::Sender<()>) -> anyhow::Result<()> {
     let (mut connection, _handle, mut messages) =
         rtnetlink::new_connection().context("opening rtnetlink for notifications")?;
     connection
         .socket_mut()
         .socket_mut()
-        .bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE))
-        .context("subscribing to link and route notifications")?;
+        .bind(&SocketAddr::new(
+            0,
+            RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+        ))
+        .context("subscribing to link, address and route notifications")?;
     tokio::spawn(connection);
     tokio::spawn(async move {
         while messages.next().await.is_some() {
@@ -206,6 +262,50 @@ mod tests {
         assert_eq!(
             selected.into_iter().collect::<Vec<_>>(),
             vec![(7, "veth1a2b".to_string()), (8, "veth3c4d".to_string())]
+        );
+    }
+
+    #[test]
+    fn external_interfaces_carry_a_node_ip() {
+        let links = vec![
+            Link {
+                index: 1,
+                name: "lo".into(),
+                is_veth: false,
+            },
+            Link {
+                index: 2,
+                name: "eth0".into(),
+                is_veth: true,
+            },
+            Link {
+                index: 3,
+                name: "eth1".into(),
+                is_veth: false,
+            },
+            Link {
+                index: 7,
+                name: "veth1a2b".into(),
+                is_veth: true,
+            },
+        ];
+        let node_ips: Vec<IpAddr> = vec![
+            "172.18.0.11".parse().unwrap(),
+            "10.244.1.1".parse().unwrap(),
+        ];
+        let addresses: Vec<(u32, IpAddr)> = vec![
+            (1, "127.0.0.1".parse().unwrap()),
+            (2, "172.18.0.11".parse().unwrap()),
+            (3, "192.168.7.1".parse().unwrap()),
+            // A pod veth carrying the node's gateway address is still a pod interface.
+            (7, "10.244.1.1".parse().unwrap()),
+        ];
+        let pods = BTreeMap::from([(7, "veth1a2b".to_string())]);
+        let external = select_external_interfaces(&links, &addresses, &node_ips, &pods);
+        // kind's node eth0 is itself a veth: what matters is the node IP on it.
+        assert_eq!(
+            external.into_iter().collect::<Vec<_>>(),
+            vec![(2, "eth0".to_string())]
         );
     }
 }

@@ -32,6 +32,13 @@ enum Command {
         resync_interval: u64,
         #[command(flatten)]
         node: NodeOptions,
+        /// Address of the /healthz and /livez server (kube-proxy's healthzBindAddress);
+        /// "off" disables it.
+        #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind_address)]
+        healthz_bind_address: BindAddress,
+        /// Address healthCheckNodePort servers listen on.
+        #[arg(long, default_value = "0.0.0.0")]
+        health_check_bind_ip: std::net::IpAddr,
     },
     /// Push a synthetic packet through the real programs (BPF_PROG_RUN) with maps filled from
     /// manifests, and show what the datapath does with it. Never touches a running agent.
@@ -62,9 +69,13 @@ fn main() -> ExitCode {
             pin_path,
             resync_interval,
             node,
+            healthz_bind_address,
+            health_check_bind_ip,
         } => run_agent(AgentConfig {
             manifests,
             node,
+            healthz_bind_address: healthz_bind_address.0,
+            health_check_bind_ip,
             pin_path,
             resync_interval: Duration::from_secs(resync_interval.max(1)),
         }),
@@ -79,6 +90,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A socket address, or none ("off").
+#[derive(Clone, Debug)]
+struct BindAddress(Option<std::net::SocketAddr>);
+
+fn parse_bind_address(value: &str) -> Result<BindAddress, String> {
+    if value == "off" || value.is_empty() {
+        return Ok(BindAddress(None));
+    }
+    value
+        .parse()
+        .map(|a| BindAddress(Some(a)))
+        .map_err(|e| format!("{value:?} is not an address:port or \"off\": {e}"))
 }
 
 fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
