@@ -45,10 +45,15 @@ pub fn in_netns<T: Send>(path: impl AsRef<Path>, f: impl FnOnce() -> T + Send) -
 }
 
 /// Writes a sysctl (dotted name, e.g. `net.ipv4.ip_forward`) inside the netns at `path`.
-/// `/proc/sys/net` is resolved against the writing thread's netns.
+/// `/proc/sys/net` is resolved against the writing thread's netns. `net.ipv6.*` settings are
+/// skipped on a kernel without IPv6.
 pub(crate) fn sysctl_in(path: &Path, pairs: &[(&str, &str)]) -> Result<()> {
     in_netns(path, || -> Result<()> {
+        let ipv6 = Path::new("/proc/sys/net/ipv6").exists();
         for (name, value) in pairs {
+            if name.starts_with("net.ipv6.") && !ipv6 {
+                continue;
+            }
             let file = format!("/proc/sys/{}", name.replace('.', "/"));
             std::fs::write(&file, value).with_context(|| format!("writing {value} to {file}"))?;
         }

@@ -1,7 +1,7 @@
 //! The node and its pods.
 
 use std::ffi::OsStr;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,22 +9,101 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::client::{self, Reply};
 use crate::cmd::{self, EXEC_TIMEOUT};
+use crate::endpoint::endpoint_methods;
 use crate::names::{self, PREFIX};
 use crate::netns::{self, in_netns};
 use crate::process::NodeProcess;
-use crate::server::{Seen, ServerThread};
+use crate::server::{Bind, ServerSet};
 
 /// The address every node-side pod veth carries (as a /32) and every pod routes through,
 /// like the ptp CNI plugin / kindnet with pod CIDR 10.244.0.0/24.
 pub const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 
+/// The IPv6 pod gateway of a standalone [`Node`] (pod CIDR `fd00:10:244::/64`): carried as a
+/// /128 by the node-side veth of every dual-stack pod.
+pub const DEFAULT_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1);
+
+/// The Kubernetes node name of a standalone [`Node`].
+pub const DEFAULT_NODE_NAME: &str = "node-0";
+
+/// Sysctls of every node netns (before any interface exists, so `default` applies to all).
+const NODE_SYSCTLS: &[(&str, &str)] = &[
+    ("net.ipv4.ip_forward", "1"),
+    ("net.ipv4.conf.all.rp_filter", "0"),
+    ("net.ipv4.conf.default.rp_filter", "0"),
+    // No redirects: traffic a node forwards back out of the interface it came in on (an
+    // external client routed through node 1 to a pod on node 2) must keep going through the
+    // node, not be short-cut by the sender.
+    ("net.ipv4.conf.all.send_redirects", "0"),
+    ("net.ipv4.conf.default.send_redirects", "0"),
+    ("net.ipv4.conf.all.accept_redirects", "0"),
+    ("net.ipv4.conf.default.accept_redirects", "0"),
+    // ICMP errors are part of what tests observe: never rate limited.
+    ("net.ipv4.icmp_ratelimit", "0"),
+    ("net.ipv6.conf.all.forwarding", "1"),
+    ("net.ipv6.conf.default.forwarding", "1"),
+    ("net.ipv6.conf.all.accept_dad", "0"),
+    ("net.ipv6.conf.default.accept_dad", "0"),
+    ("net.ipv6.conf.all.accept_redirects", "0"),
+    ("net.ipv6.conf.default.accept_redirects", "0"),
+    ("net.ipv6.icmp.ratelimit", "0"),
+];
+
+/// Sysctls of every pod netns (and of the cluster's external host).
+pub(crate) const POD_SYSCTLS: &[(&str, &str)] = &[
+    ("net.ipv4.conf.all.rp_filter", "0"),
+    ("net.ipv4.conf.default.rp_filter", "0"),
+    ("net.ipv4.icmp_ratelimit", "0"),
+    // Addresses usable at once: no duplicate address detection.
+    ("net.ipv6.conf.all.accept_dad", "0"),
+    ("net.ipv6.conf.default.accept_dad", "0"),
+    ("net.ipv6.icmp.ratelimit", "0"),
+];
+
+/// What distinguishes one node from another (internal; [`Node::new`] and
+/// [`crate::Cluster`] fill it in).
+#[derive(Debug, Clone)]
+pub(crate) struct NodeSpec {
+    pub(crate) k8s_name: String,
+    pub(crate) gateway: Ipv4Addr,
+    pub(crate) gateway6: Ipv6Addr,
+    pub(crate) pod_cidr: Ipv4Net,
+    pub(crate) pod_cidr6: Option<Ipv6Net>,
+    pub(crate) zone: Option<String>,
+}
+
+impl NodeSpec {
+    fn standalone(gateway: Ipv4Addr) -> NodeSpec {
+        NodeSpec {
+            k8s_name: DEFAULT_NODE_NAME.to_string(),
+            gateway,
+            gateway6: DEFAULT_GATEWAY6,
+            pod_cidr: Ipv4Net::new(gateway, 24).expect("/24").trunc(),
+            pod_cidr6: Some(Ipv6Net::new(DEFAULT_GATEWAY6, 64).expect("/64").trunc()),
+            zone: None,
+        }
+    }
+}
+
 static SWEEP: Once = Once::new();
 /// Log dirs of dead test processes older than this are removed by the first [`Node::new`].
 const LOG_MAX_AGE: Duration = Duration::from_secs(3600);
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Runs [`crate::sweep_stale`]`(PREFIX)` and removes old log dirs of dead processes, once per
+/// process (before the first namespace is created).
+pub(crate) fn sweep_once() {
+    SWEEP.call_once(|| {
+        if let Err(e) = names::sweep_stale(PREFIX) {
+            eprintln!("sluice-testbed: sweeping stale namespaces: {e:#}");
+        }
+        // Log dirs of dead runs (kept after a panic, or left by a SIGKILL): after an hour.
+        let _ = names::sweep_paths(&std::env::temp_dir(), PREFIX, LOG_MAX_AGE);
+    });
+}
 
 /// A Kubernetes node made of a network namespace; see the crate documentation for the layout.
 ///
@@ -35,30 +114,35 @@ static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 pub struct Node {
     name: String,
     path: PathBuf,
-    gateway: Ipv4Addr,
+    spec: NodeSpec,
+    /// Set by [`crate::Cluster`] once `eth0` is wired.
+    pub(crate) node_ip: Option<Ipv4Addr>,
+    pub(crate) node_ip6: Option<Ipv6Addr>,
     log_dir: PathBuf,
     pods: Mutex<Vec<Pod>>,
     pod_counter: AtomicU64,
+    servers: ServerSet,
 }
 
 impl Node {
-    /// Creates the node netns `sluicetb-<pid>-<n>-<rand>-<hint>` with `lo` up, IPv4
-    /// forwarding on and `rp_filter` off; nothing links it to the root namespace. The first
-    /// call in a process also runs [`crate::sweep_stale`]`(PREFIX)` and removes the log dirs
-    /// of dead processes that are more than an hour old.
+    /// Creates the node netns `sluicetb-<pid>-<n>-<rand>-<hint>` with `lo` up, IPv4 and IPv6
+    /// forwarding on, `rp_filter` off, no ICMP redirects, no ICMP rate limit and no IPv6
+    /// duplicate address detection; nothing links it to the root namespace. Its Kubernetes
+    /// name is [`DEFAULT_NODE_NAME`], its pod CIDRs 10.244.0.0/24 and fd00:10:244::/64. The
+    /// first call in a process also runs [`crate::sweep_stale`]`(PREFIX)` and removes the log
+    /// dirs of dead processes that are more than an hour old.
     pub fn new(name_hint: &str) -> Result<Node> {
         Self::with_gateway(name_hint, DEFAULT_GATEWAY)
     }
 
-    /// Like [`Node::new`] with another pod gateway address than [`DEFAULT_GATEWAY`].
+    /// Like [`Node::new`] with another pod gateway address than [`DEFAULT_GATEWAY`]; the pod
+    /// CIDR is the gateway's /24.
     pub fn with_gateway(name_hint: &str, gateway: Ipv4Addr) -> Result<Node> {
-        SWEEP.call_once(|| {
-            if let Err(e) = names::sweep_stale(PREFIX) {
-                eprintln!("sluice-testbed: sweeping stale namespaces: {e:#}");
-            }
-            // Log dirs of dead runs (kept after a panic, or left by a SIGKILL): after an hour.
-            let _ = names::sweep_paths(&std::env::temp_dir(), PREFIX, LOG_MAX_AGE);
-        });
+        Self::create(name_hint, NodeSpec::standalone(gateway))
+    }
+
+    pub(crate) fn create(name_hint: &str, spec: NodeSpec) -> Result<Node> {
+        sweep_once();
         let name = format!(
             "{}-{}",
             names::unique_name(PREFIX),
@@ -69,22 +153,105 @@ impl Node {
             path: Path::new("/run/netns").join(&name),
             log_dir: std::env::temp_dir().join(&name),
             name,
-            gateway,
+            spec,
+            node_ip: None,
+            node_ip6: None,
             pods: Mutex::new(Vec::new()),
             pod_counter: AtomicU64::new(0),
+            servers: ServerSet::default(),
         };
         // From here on Drop cleans up whatever fails.
         cmd::ip(&["-n", &node.name, "link", "set", "lo", "up"])?;
-        netns::sysctl_in(
-            &node.path,
-            &[
-                ("net.ipv4.ip_forward", "1"),
-                ("net.ipv4.conf.all.rp_filter", "0"),
-                ("net.ipv4.conf.default.rp_filter", "0"),
-            ],
-        )
-        .context("node sysctls")?;
+        netns::sysctl_in(&node.path, NODE_SYSCTLS).context("node sysctls")?;
         Ok(node)
+    }
+
+    /// The Kubernetes node name (`node-<i>` in a [`crate::Cluster`], [`DEFAULT_NODE_NAME`]
+    /// for a standalone node): what its servers answer and what `--node-name` takes. Not the
+    /// netns name ([`Node::netns_name`]).
+    pub fn name(&self) -> &str {
+        &self.spec.k8s_name
+    }
+
+    /// The node's IPv4 address on the cluster network (`eth0`), `None` for a standalone node.
+    pub fn node_ip(&self) -> Option<Ipv4Addr> {
+        self.node_ip
+    }
+
+    /// The node's IPv6 address on the cluster network, in a dual-stack [`crate::Cluster`].
+    pub fn node_ipv6(&self) -> Option<Ipv6Addr> {
+        self.node_ip6
+    }
+
+    /// The node's addresses: IPv4 then IPv6 (empty for a standalone node).
+    pub fn node_ips(&self) -> Vec<IpAddr> {
+        self.node_ip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.node_ip6.map(IpAddr::V6))
+            .collect()
+    }
+
+    /// The node's IPv4 pod CIDR (`spec.podCIDR`), e.g. 10.244.1.0/24.
+    pub fn pod_cidr(&self) -> Ipv4Net {
+        self.spec.pod_cidr
+    }
+
+    /// The node's IPv6 pod CIDR, e.g. fd00:10:244:1::/64; `None` on the nodes of an
+    /// IPv4-only [`crate::Cluster`] (which take no dual-stack pods).
+    pub fn pod_cidr6(&self) -> Option<Ipv6Net> {
+        self.spec.pod_cidr6
+    }
+
+    /// The `n`th address of the IPv4 pod CIDR (`pod_ip(5)` = 10.244.1.5 on node 1).
+    pub fn pod_ip(&self, n: u8) -> Ipv4Addr {
+        let base = u32::from(self.spec.pod_cidr.network());
+        Ipv4Addr::from(base | (u32::from(n) & !u32::from(self.spec.pod_cidr.netmask())))
+    }
+
+    /// The IPv6 pod address written with the same digits as [`Node::pod_ip`]`(n)`:
+    /// `pod_ip6(12)` = fd00:10:244:1::12 on node 1 (next to 10.244.1.12). `None` without an
+    /// IPv6 pod CIDR.
+    pub fn pod_ip6(&self, n: u8) -> Option<Ipv6Addr> {
+        self.spec
+            .pod_cidr6
+            .map(|c| Ipv6Addr::from(u128::from(c.network()) | u128::from(dec_as_hex(n.into()))))
+    }
+
+    /// The `topology.kubernetes.io/zone` label of the node's manifest, if any.
+    pub fn zone(&self) -> Option<&str> {
+        self.spec.zone.as_deref()
+    }
+
+    /// The node's v1 Node object as YAML: name, labels (`kubernetes.io/hostname`,
+    /// `kubernetes.io/os`, the zone if any), `spec.podCIDR(s)` and `status.addresses`
+    /// (InternalIP per node address, Hostname).
+    pub fn manifest(&self) -> String {
+        let name = &self.spec.k8s_name;
+        let mut labels =
+            format!("    kubernetes.io/hostname: \"{name}\"\n    kubernetes.io/os: linux\n");
+        if let Some(zone) = &self.spec.zone {
+            labels.push_str(&format!("    topology.kubernetes.io/zone: \"{zone}\"\n"));
+        }
+        let cidrs: Vec<String> = std::iter::once(self.spec.pod_cidr.to_string())
+            .chain(self.spec.pod_cidr6.map(|c| c.to_string()))
+            .map(|c| format!("\"{c}\""))
+            .collect();
+        let addresses: String = self
+            .node_ips()
+            .iter()
+            .map(|ip| format!("  - {{type: InternalIP, address: \"{ip}\"}}\n"))
+            .chain(std::iter::once(format!(
+                "  - {{type: Hostname, address: \"{name}\"}}\n"
+            )))
+            .collect();
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: \"{name}\"\n  labels:\n{labels}\
+             spec:\n  podCIDR: \"{}\"\n  podCIDRs: [{}]\n\
+             status:\n  addresses:\n{addresses}",
+            self.spec.pod_cidr,
+            cidrs.join(", ")
+        )
     }
 
     /// The netns name (as in `ip netns list`).
@@ -99,7 +266,12 @@ impl Node {
 
     /// The pods' gateway address (on every node-side veth).
     pub fn gateway(&self) -> Ipv4Addr {
-        self.gateway
+        self.spec.gateway
+    }
+
+    /// The dual-stack pods' IPv6 gateway (a /128 on their node-side veths).
+    pub fn gateway6(&self) -> Ipv6Addr {
+        self.spec.gateway6
     }
 
     /// Where [`Node::spawn`] writes logs: `$TMPDIR/<netns name>/`, removed on drop unless
@@ -122,10 +294,37 @@ impl Node {
     /// `default via <gateway> dev eth0 onlink`, the node side `veth<8 hex>` carrying
     /// `<gateway>/32`, and the node route `ip/32 dev veth<..> scope host` in the main table.
     pub fn add_pod(&self, name: &str, ip: Ipv4Addr) -> Result<Pod> {
+        self.add_pod_inner(name, ip, None)
+    }
+
+    /// Creates a dual-stack pod: like [`Node::add_pod`], plus `eth0` = `ipv6/128` (no DAD)
+    /// with `default via <gateway6> dev eth0 onlink`, the node-side veth carrying
+    /// `<gateway6>/128`, and the node route `ipv6/128 dev veth<..>`. Its servers listen on
+    /// both families. Fails on the nodes of an IPv4-only [`crate::Cluster`].
+    pub fn add_pod_dual(&self, name: &str, ip: Ipv4Addr, ipv6: Ipv6Addr) -> Result<Pod> {
+        if self.spec.pod_cidr6.is_none() {
+            bail!(
+                "pod {name}: node {} is IPv4-only (build the cluster dual-stack)",
+                self.name()
+            );
+        }
+        if ipv6 == self.spec.gateway6
+            || ipv6.is_unspecified()
+            || ipv6.is_loopback()
+            || ipv6.is_multicast()
+            || ipv6.is_unicast_link_local()
+            || ipv6.to_ipv4_mapped().is_some()
+        {
+            bail!("pod {name}: unusable pod address {ipv6}");
+        }
+        self.add_pod_inner(name, ip, Some(ipv6))
+    }
+
+    fn add_pod_inner(&self, name: &str, ip: Ipv4Addr, ipv6: Option<Ipv6Addr>) -> Result<Pod> {
         if name.is_empty() {
             bail!("empty pod name");
         }
-        if ip == self.gateway || ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        if ip == self.spec.gateway || ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
             bail!("pod {name}: unusable pod address {ip}");
         }
         let idx = self.pod_counter.fetch_add(1, Ordering::Relaxed);
@@ -137,6 +336,11 @@ impl Node {
             }
             if let Some(p) = pods.iter().find(|p| p.ip() == ip) {
                 bail!("pod {name}: address {ip} already used by pod {}", p.name());
+            }
+            if let Some(v6) = ipv6 {
+                if let Some(p) = pods.iter().find(|p| p.ipv6() == Some(v6)) {
+                    bail!("pod {name}: address {v6} already used by pod {}", p.name());
+                }
             }
             loop {
                 let n = format!("veth{:08x}", names::random_u32());
@@ -150,6 +354,7 @@ impl Node {
             inner: Arc::new(PodInner {
                 name: name.to_string(),
                 ip,
+                ipv6,
                 netns_path: Path::new("/run/netns").join(&netns_name),
                 netns_name,
                 host_ifname,
@@ -157,8 +362,7 @@ impl Node {
                 node_netns_path: self.path.clone(),
                 log_dir: self.log_dir.clone(),
                 removed: AtomicBool::new(false),
-                servers: Mutex::new(Vec::new()),
-                seen: Arc::new(Mutex::new(Vec::new())),
+                servers: ServerSet::default(),
             }),
         };
         self.pods
@@ -167,7 +371,11 @@ impl Node {
             .push(pod.clone());
         if let Err(e) = self.wire_pod(&pod) {
             let _ = self.remove_pod(&pod);
-            return Err(e.context(format!("creating pod {name} ({ip})")));
+            let addrs = match ipv6 {
+                Some(v6) => format!("{ip}, {v6}"),
+                None => ip.to_string(),
+            };
+            return Err(e.context(format!("creating pod {name} ({addrs})")));
         }
         Ok(pod)
     }
@@ -176,18 +384,11 @@ impl Node {
         let node = self.name.as_str();
         let pns = pod.netns_name();
         let veth = pod.host_ifname();
-        let gw = format!("{}/32", self.gateway);
+        let gw = format!("{}/32", self.spec.gateway);
         let ip32 = format!("{}/32", pod.ip());
-        let gw_plain = self.gateway.to_string();
+        let gw_plain = self.spec.gateway.to_string();
         cmd::ip(&["-n", pns, "link", "set", "lo", "up"])?;
-        netns::sysctl_in(
-            pod.netns_path(),
-            &[
-                ("net.ipv4.conf.all.rp_filter", "0"),
-                ("net.ipv4.conf.default.rp_filter", "0"),
-            ],
-        )
-        .context("pod sysctls")?;
+        netns::sysctl_in(pod.netns_path(), POD_SYSCTLS).context("pod sysctls")?;
         // Created inside the node netns with the peer directly in the pod's: no veth ever
         // exists in the root namespace.
         cmd::ip(&[
@@ -200,6 +401,23 @@ impl Node {
         cmd::ip(&[
             "-n", pns, "route", "add", "default", "via", &gw_plain, "dev", "eth0", "onlink",
         ])?;
+        if let Some(v6) = pod.ipv6() {
+            let gw6 = format!("{}/128", self.spec.gateway6);
+            let gw6_plain = self.spec.gateway6.to_string();
+            let ip128 = format!("{v6}/128");
+            #[rustfmt::skip]
+            let steps: [&[&str]; 4] = [
+                &["-n", node, "-6", "addr", "add", &gw6, "dev", veth, "nodad", "noprefixroute"],
+                &["-n", pns, "-6", "addr", "add", &ip128, "dev", "eth0", "nodad", "noprefixroute"],
+                &["-n", pns, "-6", "route", "add", "default", "via", &gw6_plain, "dev", "eth0", "onlink"],
+                &["-n", node, "-6", "route", "add", &ip128, "dev", veth],
+            ];
+            for args in steps {
+                cmd::ip(args)?;
+            }
+        }
+        // Last: the /32 route is how the agent recognises a pod interface, so the pod is
+        // complete when it shows up.
         cmd::ip(&[
             "-n", node, "route", "add", &ip32, "dev", veth, "scope", "host",
         ])?;
@@ -266,10 +484,30 @@ impl Node {
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         in_netns(&self.path, f)
     }
+
+    // Host-network servers (answering the node name) and clients on the node itself.
+    endpoint_methods!("node");
+
+    fn ep_netns(&self) -> &Path {
+        &self.path
+    }
+    fn ep_servers(&self) -> &ServerSet {
+        &self.servers
+    }
+    fn ep_answer(&self) -> &str {
+        &self.spec.k8s_name
+    }
+    fn ep_bind(&self) -> Bind {
+        Bind::Dual
+    }
+    fn ep_check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
+        self.servers.stop();
         let pods = std::mem::take(&mut *self.pods.lock().unwrap_or_else(|e| e.into_inner()));
         for pod in &pods {
             // The node netns goes too: no need to delete each veth first.
@@ -298,8 +536,12 @@ impl Drop for Node {
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
+            .field("name", &self.spec.k8s_name)
             .field("netns", &self.name)
-            .field("gateway", &self.gateway)
+            .field("node_ips", &self.node_ips())
+            .field("pod_cidr", &self.spec.pod_cidr)
+            .field("pod_cidr6", &self.spec.pod_cidr6)
+            .field("gateway", &self.spec.gateway)
             .field("pods", &self.pods())
             .finish()
     }
@@ -325,6 +567,12 @@ impl Offload {
     }
 }
 
+/// `n`'s decimal digits read as hexadecimal (12 -> 0x12), so IPv6 addresses read like their
+/// IPv4 counterparts: 172.18.0.12 / fc00:f853:ccd:e793::12. `n` < 10000.
+pub(crate) fn dec_as_hex(n: u16) -> u16 {
+    u16::from_str_radix(&n.to_string(), 16).expect("n < 10000")
+}
+
 fn feature_on(ethtool_k: &str, feature: &str) -> Result<bool> {
     let prefix = format!("{feature}:");
     let line = ethtool_k
@@ -335,7 +583,7 @@ fn feature_on(ethtool_k: &str, feature: &str) -> Result<bool> {
     Ok(line[prefix.len()..].trim().starts_with("on"))
 }
 
-fn spawn_logged(netns: &Path, log_dir: &Path, cmd: &mut Command) -> Result<NodeProcess> {
+pub(crate) fn spawn_logged(netns: &Path, log_dir: &Path, cmd: &mut Command) -> Result<NodeProcess> {
     std::fs::create_dir_all(log_dir)
         .with_context(|| format!("creating log dir {}", log_dir.display()))?;
     let prog = Path::new(cmd.get_program())
@@ -350,6 +598,7 @@ fn spawn_logged(netns: &Path, log_dir: &Path, cmd: &mut Command) -> Result<NodeP
 struct PodInner {
     name: String,
     ip: Ipv4Addr,
+    ipv6: Option<Ipv6Addr>,
     netns_name: String,
     netns_path: PathBuf,
     host_ifname: String,
@@ -357,14 +606,12 @@ struct PodInner {
     node_netns_path: PathBuf,
     log_dir: PathBuf,
     removed: AtomicBool,
-    servers: Mutex<Vec<ServerThread>>,
-    seen: Arc<Mutex<Vec<Seen>>>,
+    servers: ServerSet,
 }
 
 impl PodInner {
     fn stop_servers(&self) {
-        let servers = std::mem::take(&mut *self.servers.lock().unwrap_or_else(|e| e.into_inner()));
-        drop(servers);
+        self.servers.stop();
     }
 
     fn destroy(&self, delete_link: bool) -> Result<()> {
@@ -425,6 +672,27 @@ impl Pod {
         SocketAddrV4::new(self.inner.ip, port)
     }
 
+    /// The pod's IPv6 address (dual-stack pods, [`Node::add_pod_dual`]).
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.inner.ipv6
+    }
+
+    /// `[ipv6]:port`. Panics if the pod has no IPv6 address.
+    pub fn addr6(&self, port: u16) -> SocketAddrV6 {
+        let ip = self
+            .inner
+            .ipv6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address", self.inner.name));
+        SocketAddrV6::new(ip, port, 0, 0)
+    }
+
+    /// The pod's addresses: IPv4, then IPv6 if it has one.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        std::iter::once(IpAddr::V4(self.inner.ip))
+            .chain(self.inner.ipv6.map(IpAddr::V6))
+            .collect()
+    }
+
     /// The pod netns name.
     pub fn netns_name(&self) -> &str {
         &self.inner.netns_name
@@ -450,96 +718,29 @@ impl Pod {
         self.inner.removed.load(Ordering::SeqCst)
     }
 
-    /// Starts TCP and UDP servers on each port (`0.0.0.0:port` in the pod netns, one thread
-    /// for all of them). Each TCP connection gets `<pod name>\n` and a close; each UDP
-    /// datagram gets `<pod name>\n` back to its source. Bind errors are returned here.
-    /// Servers stop when the pod is removed, its node dropped, or [`Pod::stop_servers`].
-    pub fn serve(&self, ports: &[u16]) -> Result<()> {
-        self.serve_on(ports, ports)
-    }
+    endpoint_methods!("pod");
 
-    /// TCP servers only.
-    pub fn serve_tcp(&self, ports: &[u16]) -> Result<()> {
-        self.serve_on(ports, &[])
+    fn ep_netns(&self) -> &Path {
+        &self.inner.netns_path
     }
-
-    /// UDP servers only.
-    pub fn serve_udp(&self, ports: &[u16]) -> Result<()> {
-        self.serve_on(&[], ports)
+    fn ep_servers(&self) -> &ServerSet {
+        &self.inner.servers
     }
-
-    fn serve_on(&self, tcp: &[u16], udp: &[u16]) -> Result<()> {
+    fn ep_answer(&self) -> &str {
+        &self.inner.name
+    }
+    fn ep_bind(&self) -> Bind {
+        if self.inner.ipv6.is_some() {
+            Bind::Dual
+        } else {
+            Bind::V4
+        }
+    }
+    fn ep_check(&self) -> Result<()> {
         if self.is_removed() {
             bail!("pod {} was removed", self.name());
         }
-        let t = ServerThread::start(
-            self.inner.netns_path.clone(),
-            self.inner.name.clone(),
-            tcp,
-            udp,
-            self.inner.seen.clone(),
-        )?;
-        self.inner
-            .servers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(t);
         Ok(())
-    }
-
-    /// Stops all of the pod's servers (their ports are closed when this returns).
-    pub fn stop_servers(&self) {
-        self.inner.stop_servers();
-    }
-
-    /// Every request the pod's servers answered so far (client address as the server saw
-    /// it), oldest first; at most [`crate::server::MAX_SEEN`].
-    pub fn seen(&self) -> Vec<Seen> {
-        self.inner
-            .seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Forgets what [`Pod::seen`] recorded.
-    pub fn clear_seen(&self) {
-        self.inner
-            .seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-    }
-
-    /// One TCP request from this pod (see [`client::tcp_request`]).
-    pub fn tcp_request(&self, dst: SocketAddrV4, timeout: Duration) -> Result<Reply> {
-        in_netns(self.netns_path(), || client::tcp_request(dst, timeout))?
-    }
-
-    /// One UDP request from this pod over a connected socket (see [`client::udp_request`]).
-    pub fn udp_request(&self, dst: SocketAddrV4, timeout: Duration) -> Result<Reply> {
-        in_netns(self.netns_path(), || client::udp_request(dst, timeout))?
-    }
-
-    /// `n` sequential TCP requests from one thread that stays in the pod netns; the outer
-    /// error is only for failing to enter the netns.
-    pub fn tcp_requests(
-        &self,
-        dst: SocketAddrV4,
-        n: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Result<Reply>>> {
-        in_netns(self.netns_path(), || client::tcp_requests(dst, n, timeout))
-    }
-
-    /// `n` sequential UDP requests (new socket each) from one thread in the pod netns.
-    pub fn udp_requests(
-        &self,
-        dst: SocketAddrV4,
-        n: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Result<Reply>>> {
-        in_netns(self.netns_path(), || client::udp_requests(dst, n, timeout))
     }
 
     /// Runs `f` on a thread inside the pod netns.
@@ -568,6 +769,7 @@ impl std::fmt::Debug for Pod {
         f.debug_struct("Pod")
             .field("name", &self.inner.name)
             .field("ip", &self.inner.ip)
+            .field("ipv6", &self.inner.ipv6)
             .field("host_ifname", &self.inner.host_ifname)
             .field("netns", &self.inner.netns_name)
             .finish()

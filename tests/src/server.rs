@@ -1,9 +1,10 @@
-//! TCP and UDP "who am I" servers running on a thread inside a pod's netns.
+//! TCP and UDP "who am I" servers running on a thread inside a namespace (a pod's, a node's or
+//! an external host's).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -19,13 +20,36 @@ pub enum Proto {
     Udp,
 }
 
-/// One request a pod's server answered: who sent it (as the server saw it, i.e. after any
-/// NAT), and to which of the pod's ports.
+/// One request a server answered: who sent it (as the server saw it, i.e. after any NAT),
+/// and to which of its ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
     pub proto: Proto,
+    /// The server's port the request arrived on.
     pub port: u16,
+    /// The client's IPv4 address and port. For an IPv6 client this is `0.0.0.0:0`: use
+    /// [`Seen::source`], which covers both families.
     pub peer: SocketAddrV4,
+    /// The client's address and port, IPv4 or IPv6 (an IPv4 client reaching a dual-stack
+    /// socket is reported as IPv4, not as a v4-mapped IPv6 address).
+    pub source: SocketAddr,
+}
+
+impl Seen {
+    /// The client's IP address (either family).
+    pub fn source_ip(&self) -> std::net::IpAddr {
+        self.source.ip()
+    }
+}
+
+/// Which sockets a server binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bind {
+    /// `0.0.0.0:<port>`.
+    V4,
+    /// `[::]:<port>` with `IPV6_V6ONLY` off (IPv4 and IPv6); `0.0.0.0:<port>` if the kernel
+    /// has no IPv6.
+    Dual,
 }
 
 /// At most this many [`Seen`] entries are kept per pod (older ones are kept, newer dropped).
@@ -41,13 +65,14 @@ pub(crate) struct ServerThread {
 }
 
 impl ServerThread {
-    /// Binds `0.0.0.0:<port>` for each TCP and UDP port inside `netns` (errors are returned
-    /// here, synchronously) and serves until stopped.
+    /// Binds each TCP and UDP port inside `netns` (see [`Bind`]; errors are returned here,
+    /// synchronously) and serves until stopped.
     pub(crate) fn start(
         netns: PathBuf,
         answer: String,
         tcp_ports: &[u16],
         udp_ports: &[u16],
+        bind: Bind,
         seen: Arc<Mutex<Vec<Seen>>>,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -62,14 +87,14 @@ impl ServerThread {
                     crate::netns::enter_netns(&netns)?;
                     let mut tcp = Vec::new();
                     for &p in &tcp_ports {
-                        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, p))
+                        let l = bind_tcp(p, bind)
                             .with_context(|| format!("binding tcp/{p} in {}", netns.display()))?;
                         l.set_nonblocking(true)?;
                         tcp.push(l);
                     }
                     let mut udp = Vec::new();
                     for &p in &udp_ports {
-                        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, p))
+                        let s = bind_udp(p, bind)
                             .with_context(|| format!("binding udp/{p} in {}", netns.display()))?;
                         s.set_nonblocking(true)?;
                         udp.push(s);
@@ -126,14 +151,68 @@ fn record(seen: &Mutex<Vec<Seen>>, s: Seen) {
     }
 }
 
-fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+/// `addr` with a v4-mapped IPv6 address turned into IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {
-        SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => a
-            .ip()
-            .to_ipv4_mapped()
-            .map(|ip| SocketAddrV4::new(ip, a.port())),
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddr::V4(SocketAddrV4::new(ip, a.port())),
+            None => SocketAddr::V6(a),
+        },
+        v4 => v4,
     }
+}
+
+fn make_seen(proto: Proto, port: u16, peer: SocketAddr) -> Seen {
+    let source = canonical(peer);
+    Seen {
+        proto,
+        port,
+        peer: match source {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        },
+        source,
+    }
+}
+
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+    )
+}
+
+fn dual_socket(ty: socket2::Type, port: u16) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, ty, None)?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    Ok(s)
+}
+
+fn bind_tcp(port: u16, bind: Bind) -> std::io::Result<TcpListener> {
+    if bind == Bind::Dual {
+        match dual_socket(socket2::Type::STREAM, port).and_then(|s| {
+            s.listen(1024)?;
+            Ok(s)
+        }) {
+            Ok(s) => return Ok(s.into()),
+            Err(e) if no_ipv6(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+}
+
+fn bind_udp(port: u16, bind: Bind) -> std::io::Result<UdpSocket> {
+    if bind == Bind::Dual {
+        match dual_socket(socket2::Type::DGRAM, port) {
+            Ok(s) => return Ok(s.into()),
+            Err(e) if no_ipv6(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
 }
 
 fn serve_loop(
@@ -141,7 +220,7 @@ fn serve_loop(
     answer: &[u8],
     tcp: &[TcpListener],
     udp: &[UdpSocket],
-    seen: &Mutex<Vec<Seen>>,
+    seen_log: &Mutex<Vec<Seen>>,
 ) {
     let mut reply = answer.to_vec();
     reply.push(b'\n');
@@ -182,16 +261,7 @@ fn serve_loop(
             for _ in 0..1024 {
                 match l.accept() {
                     Ok((mut stream, peer)) => {
-                        if let Some(peer) = v4(peer) {
-                            record(
-                                seen,
-                                Seen {
-                                    proto: Proto::Tcp,
-                                    port: tcp_ports[i],
-                                    peer,
-                                },
-                            );
-                        }
+                        record(seen_log, make_seen(Proto::Tcp, tcp_ports[i], peer));
                         // A fresh socket's send buffer takes the short answer at once.
                         if stream.set_nonblocking(true).is_ok()
                             && stream.write_all(&reply).is_ok()
@@ -215,16 +285,7 @@ fn serve_loop(
             for _ in 0..1024 {
                 match s.recv_from(&mut buf) {
                     Ok((_, peer)) => {
-                        if let Some(p) = v4(peer) {
-                            record(
-                                seen,
-                                Seen {
-                                    proto: Proto::Udp,
-                                    port: udp_ports[j],
-                                    peer: p,
-                                },
-                            );
-                        }
+                        record(seen_log, make_seen(Proto::Udp, udp_ports[j], peer));
                         let _ = s.send_to(&reply, peer);
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -261,5 +322,52 @@ fn serve_loop(
             let excess = lingering.len() - 4096;
             lingering.drain(..excess);
         }
+    }
+}
+
+/// The servers of one namespace and what they saw.
+#[derive(Default)]
+pub(crate) struct ServerSet {
+    threads: Mutex<Vec<ServerThread>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl ServerSet {
+    /// Starts one more server thread (see [`ServerThread::start`]).
+    pub(crate) fn start(
+        &self,
+        netns: &Path,
+        answer: &str,
+        tcp: &[u16],
+        udp: &[u16],
+        bind: Bind,
+    ) -> Result<()> {
+        let t = ServerThread::start(
+            netns.to_path_buf(),
+            answer.to_string(),
+            tcp,
+            udp,
+            bind,
+            self.seen.clone(),
+        )?;
+        self.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(t);
+        Ok(())
+    }
+
+    /// Stops every server thread; their ports are closed when this returns.
+    pub(crate) fn stop(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(threads);
+    }
+
+    pub(crate) fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn clear_seen(&self) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }

@@ -1,8 +1,9 @@
-//! Running the real `sluice` binary in a testbed [`Node`]: a manifests directory it watches, a
-//! private pin directory on bpffs, and the agent process itself.
+//! Running the real `sluice` binary in a testbed [`Node`] ([`SluiceNode`]) or on every node of a
+//! [`Cluster`] ([`SluiceCluster`]): a manifests directory the agents watch, a private pin
+//! directory on bpffs per agent, and the agent processes themselves.
 //!
-//! Field order is drop order: the agent stops first, then the pinned datapath is removed, then
-//! the node's namespaces, then the manifests. All of it also on panic.
+//! Field order is drop order: the agents stop first, then the pinned datapaths are removed,
+//! then the namespaces, then the manifests. All of it also on panic.
 
 use std::{
     path::{Path, PathBuf},
@@ -12,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{unique_name, Node, NodeProcess};
+use crate::{unique_name, Cluster, ClusterOptions, Node, NodeProcess};
 
 /// How long an agent gets to load, sync and attach before a test gives up on it.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -143,14 +144,24 @@ impl SluiceNode {
     }
 
     /// Starts `sluice agent` in the node and waits until it reports ready. An agent already
-    /// running is stopped (SIGTERM) only once the new one is ready, like a rolling update.
+    /// running is stopped first (as a DaemonSet rolling update with maxUnavailable does): two
+    /// agents in one node would compete for its fixed ports (the healthz server's 10256).
     pub fn start_agent(&mut self) -> Result<&mut NodeProcess> {
+        self.start_agent_with(&[])
+    }
+
+    /// [`SluiceNode::start_agent`] with extra arguments (e.g. `--node-name`).
+    pub fn start_agent_with(&mut self, extra_args: &[&str]) -> Result<&mut NodeProcess> {
+        if let Some(mut old) = self.agent.take() {
+            old.terminate().context("stopping the running agent")?;
+        }
         let mut cmd = Command::new(sluice_bin());
         cmd.arg("agent")
             .arg("--manifests")
             .arg(self.manifests.path())
             .arg("--pin-path")
             .arg(self.pins.path())
+            .args(extra_args)
             .env("RUST_LOG", "info,sluice=debug");
         let mut agent = self.node.spawn(&mut cmd)?;
         agent.wait_for_log(AGENT_READY_LINE, AGENT_READY_TIMEOUT)?;
@@ -164,5 +175,143 @@ impl SluiceNode {
     /// Takes the agent out (to kill it); dropping the returned process stops it.
     pub fn take_agent(&mut self) -> Option<NodeProcess> {
         self.agent.take()
+    }
+}
+
+/// A [`Cluster`] running `sluice agent` on every node: one shared [`ManifestDir`] (holding the
+/// cluster's Node objects from the start, as `nodes.yaml`) and one [`PinDir`] per node.
+///
+/// Agent `i` (1-based, like the nodes) runs in node `i`'s netns with
+/// `--manifests <dir> --pin-path <pins[i-1]> --node-name node-<i>`, then [`Self::agent_args`]
+/// (by default `--cluster-cidr` with the cluster's pod CIDRs), then the extra arguments of
+/// [`Self::start_agent`].
+pub struct SluiceCluster {
+    agents: Vec<Option<NodeProcess>>,
+    /// One pin directory per node, node 1 first.
+    pub pins: Vec<PinDir>,
+    pub cluster: Cluster,
+    pub manifests: ManifestDir,
+    /// Arguments every agent gets after the per-node ones; change before starting agents.
+    pub agent_args: Vec<String>,
+}
+
+/// The name of the manifest [`SluiceCluster`] writes the Node objects to.
+pub const NODES_MANIFEST: &str = "nodes.yaml";
+
+impl SluiceCluster {
+    /// An IPv4 cluster of `nodes` nodes, its Node objects written, no agent started yet.
+    pub fn new(hint: &str, nodes: usize) -> Result<SluiceCluster> {
+        Self::with_options(hint, nodes, &ClusterOptions::default())
+    }
+
+    /// Like [`SluiceCluster::new`] with cluster options (dual-stack, zones).
+    pub fn with_options(
+        hint: &str,
+        nodes: usize,
+        options: &ClusterOptions,
+    ) -> Result<SluiceCluster> {
+        let manifests = ManifestDir::new()?;
+        let cluster = Cluster::with_options(hint, nodes, options)?;
+        let pins = (0..nodes).map(|_| PinDir::new()).collect();
+        manifests.write(NODES_MANIFEST, &cluster.node_manifests())?;
+        let cidrs: Vec<String> = cluster
+            .cluster_cidrs()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        Ok(SluiceCluster {
+            agents: (0..nodes).map(|_| None).collect(),
+            pins,
+            cluster,
+            manifests,
+            agent_args: vec!["--cluster-cidr".to_string(), cidrs.join(",")],
+        })
+    }
+
+    /// Node `i` (1-based).
+    pub fn node(&self, i: usize) -> &Node {
+        self.cluster.node(i)
+    }
+
+    fn check(&self, i: usize) -> Result<()> {
+        if !(1..=self.agents.len()).contains(&i) {
+            anyhow::bail!(
+                "no node {i}: the cluster has nodes 1 to {}",
+                self.agents.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn agent_command(&self, i: usize, extra_args: &[&str]) -> Command {
+        let mut cmd = Command::new(sluice_bin());
+        cmd.arg("agent")
+            .arg("--manifests")
+            .arg(self.manifests.path())
+            .arg("--pin-path")
+            .arg(self.pins[i - 1].path())
+            .arg("--node-name")
+            .arg(self.cluster.node(i).name())
+            .args(&self.agent_args)
+            .args(extra_args)
+            .env("RUST_LOG", "info,sluice=debug");
+        cmd
+    }
+
+    /// Starts agent `i` with `extra_args` and waits until it reports ready. An agent already
+    /// running there is stopped first (SIGTERM, then SIGKILL after
+    /// [`crate::TERMINATE_GRACE`]): two agents in one node would compete for its fixed ports
+    /// (the healthz server's 10256). Like [`SluiceNode::start_agent`].
+    pub fn start_agent(&mut self, i: usize, extra_args: &[&str]) -> Result<&mut NodeProcess> {
+        self.check(i)?;
+        if let Some(mut old) = self.agents[i - 1].take() {
+            old.terminate()
+                .with_context(|| format!("stopping the agent on node-{i}"))?;
+        }
+        let mut cmd = self.agent_command(i, extra_args);
+        let mut agent = self.cluster.node(i).spawn(&mut cmd)?;
+        agent
+            .wait_for_log(AGENT_READY_LINE, AGENT_READY_TIMEOUT)
+            .with_context(|| format!("agent on node-{i}"))?;
+        Ok(self.agents[i - 1].insert(agent))
+    }
+
+    /// Starts the agents of all nodes that have none running (all at once, then waits for
+    /// each to be ready).
+    pub fn start_agents(&mut self) -> Result<()> {
+        let mut started = Vec::new();
+        for i in 1..=self.agents.len() {
+            if self.agents[i - 1].as_mut().is_some_and(|a| a.is_running()) {
+                continue;
+            }
+            let mut cmd = self.agent_command(i, &[]);
+            started.push((i, self.cluster.node(i).spawn(&mut cmd)?));
+        }
+        for (i, mut agent) in started {
+            let ready = agent
+                .wait_for_log(AGENT_READY_LINE, AGENT_READY_TIMEOUT)
+                .with_context(|| format!("agent on node-{i}"));
+            // Kept even when not ready, so a later failure's drop prints its log.
+            self.agents[i - 1] = Some(agent);
+            ready?;
+        }
+        Ok(())
+    }
+
+    /// Agent `i`, if started and not taken.
+    pub fn agent_mut(&mut self, i: usize) -> Option<&mut NodeProcess> {
+        self.agents.get_mut(i.checked_sub(1)?)?.as_mut()
+    }
+
+    /// Takes agent `i` out (to kill it); dropping the returned process stops it.
+    pub fn take_agent(&mut self, i: usize) -> Option<NodeProcess> {
+        self.agents.get_mut(i.checked_sub(1)?)?.take()
+    }
+
+    /// Writes [`NODES_MANIFEST`] again from the cluster's nodes (e.g. to restore it after a
+    /// test replaced or removed it).
+    pub fn write_node_manifests(&self) -> Result<()> {
+        self.manifests
+            .write(NODES_MANIFEST, &self.cluster.node_manifests())
     }
 }

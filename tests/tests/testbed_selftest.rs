@@ -374,3 +374,95 @@ fn stale_namespaces_and_paths_of_dead_runs_are_swept() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn dual_stack_pods_and_host_network_servers_on_one_node() {
+    use std::net::{IpAddr, SocketAddr};
+    let node = Node::new("dual").unwrap();
+    assert_eq!(node.name(), sluice_testbed::DEFAULT_NODE_NAME);
+    assert_eq!(node.node_ip(), None);
+    assert_eq!(node.pod_cidr().to_string(), "10.244.0.0/24");
+    assert_eq!(node.pod_cidr6().unwrap().to_string(), "fd00:10:244::/64");
+    let a = node
+        .add_pod_dual("a", ip4("10.244.0.2"), "fd00:10:244::2".parse().unwrap())
+        .unwrap();
+    let b = node
+        .add_pod_dual("b", node.pod_ip(3), node.pod_ip6(3).unwrap())
+        .unwrap();
+    let old = node.add_pod("old", ip4("10.244.0.4")).unwrap();
+    assert_eq!(old.ipv6(), None);
+    assert_eq!(b.ipv6(), Some("fd00:10:244::3".parse().unwrap()));
+    // Duplicates and the gateway are refused.
+    assert!(node
+        .add_pod_dual("c", ip4("10.244.0.5"), "fd00:10:244::3".parse().unwrap())
+        .is_err());
+    assert!(node
+        .add_pod_dual("c", ip4("10.244.0.5"), node.gateway6())
+        .is_err());
+    b.serve(&[80]).unwrap();
+    old.serve(&[80]).unwrap();
+
+    // Both families to the dual-stack pod, v4 to the old one (from a dual-stack client too).
+    let r = a.tcp_request_any(b.addr6(80), T).unwrap();
+    assert_eq!(r.text, "b");
+    assert_eq!(r.peer, SocketAddr::V6(b.addr6(80)));
+    assert_eq!(r.local.ip(), IpAddr::V6(a.ipv6().unwrap()));
+    assert_eq!(a.udp_request_any(b.addr6(80), T).unwrap().text, "b");
+    assert_eq!(a.tcp_request(b.addr(80), T).unwrap().text, "b");
+    assert_eq!(a.udp_request(b.addr(80), T).unwrap().text, "b");
+    assert_eq!(a.tcp_request(old.addr(80), T).unwrap().text, "old");
+    let seen: BTreeSet<(Proto, IpAddr)> =
+        b.seen().iter().map(|s| (s.proto, s.source_ip())).collect();
+    assert_eq!(
+        seen,
+        [
+            (Proto::Tcp, IpAddr::V4(a.ip())),
+            (Proto::Tcp, IpAddr::V6(a.ipv6().unwrap())),
+            (Proto::Udp, IpAddr::V4(a.ip())),
+            (Proto::Udp, IpAddr::V6(a.ipv6().unwrap())),
+        ]
+        .into_iter()
+        .collect()
+    );
+    // An IPv4 peer is reported as IPv4 on a dual-stack socket, in both fields.
+    let s = b.seen().into_iter().find(|s| s.source.is_ipv4()).unwrap();
+    assert_eq!(s.source, SocketAddr::V4(s.peer));
+    // The IPv4-only pod has no IPv6 route: its traffic cannot even leave.
+    let e = old.tcp_request_any(b.addr6(80), T).unwrap_err();
+    assert!(e.unreachable().is_some(), "{e:?}");
+
+    // Layout: the /128 gateway on the node side, a /128 route per pod.
+    let routes6 = node.exec_ok(&["ip", "-6", "route"]).unwrap();
+    let want = format!("fd00:10:244::3 dev {}", b.host_ifname());
+    assert!(routes6.contains(&want), "{want} not in {routes6}");
+    let addrs = node
+        .exec_ok(&["ip", "-6", "-o", "addr", "show", "dev", b.host_ifname()])
+        .unwrap();
+    assert!(addrs.contains("fd00:10:244::1/128"), "{addrs}");
+
+    // Host-network servers on the node answer the node name, to pods over both families.
+    node.serve(&[10250]).unwrap();
+    let gw = std::net::SocketAddrV4::new(node.gateway(), 10250);
+    assert_eq!(a.tcp_request(gw, T).unwrap().text, "node-0");
+    let gw6 = std::net::SocketAddrV6::new(node.gateway6(), 10250, 0, 0);
+    assert_eq!(a.udp_request_any(gw6, T).unwrap().text, "node-0");
+    assert!(node
+        .seen()
+        .iter()
+        .any(|s| s.source_ip() == IpAddr::V6(a.ipv6().unwrap())));
+    // And the node is a client too.
+    assert_eq!(node.tcp_request_any(b.addr6(80), T).unwrap().text, "b");
+    node.stop_servers();
+    let e = a.tcp_request_any(gw, T).unwrap_err();
+    assert!(e.is_refused(), "{e:?}");
+
+    // Removing a dual-stack pod removes its IPv6 route too.
+    node.remove_pod(&b).unwrap();
+    let routes6 = node.exec_ok(&["ip", "-6", "route"]).unwrap();
+    assert!(!routes6.contains("fd00:10:244::3"), "{routes6}");
+    assert!(a.tcp_request_any(b.addr6(80), T).is_err());
+    // The manifest of a standalone node.
+    let m = node.manifest();
+    assert!(m.contains("name: \"node-0\""), "{m}");
+    assert!(m.contains("podCIDR: \"10.244.0.0/24\""), "{m}");
+}
