@@ -77,6 +77,19 @@ fn node_with_backends(hint: &str, backends: u8) -> (SluiceNode, Pod, Vec<Pod>) {
     (cluster, client, pods)
 }
 
+/// Writes the `web` service with `backends` as its http/dns endpoints and starts the agent.
+fn serve_web(cluster: &mut SluiceNode, backends: &[Pod]) {
+    cluster
+        .manifests
+        .write("service.yaml", &service_yaml())
+        .unwrap();
+    cluster
+        .manifests
+        .write("web-a.yaml", &slice_yaml("web-a", &ips(backends), HTTP_DNS))
+        .unwrap();
+    cluster.start_agent().unwrap();
+}
+
 fn ips(pods: &[Pod]) -> Vec<Ipv4Addr> {
     pods.iter().map(Pod::ip).collect()
 }
@@ -307,15 +320,7 @@ fn agent_started_before_the_pods() {
 #[test]
 fn agent_restart_does_not_interrupt_traffic() {
     let (mut cluster, client, web) = node_with_backends("restart", 3);
-    cluster
-        .manifests
-        .write("service.yaml", &service_yaml())
-        .unwrap();
-    cluster
-        .manifests
-        .write("web-a.yaml", &slice_yaml("web-a", &ips(&web), HTTP_DNS))
-        .unwrap();
-    cluster.start_agent().unwrap();
+    serve_web(&mut cluster, &web);
     let http = SocketAddrV4::new(VIP, 80);
 
     let outcome = tcp_loop_while(&client, http, TIMEOUT, || {
@@ -356,15 +361,7 @@ fn agent_restart_does_not_interrupt_traffic() {
 #[test]
 fn malformed_manifests_are_reported_and_the_rest_keeps_working() {
     let (mut cluster, client, web) = node_with_backends("malformed", 2);
-    cluster
-        .manifests
-        .write("service.yaml", &service_yaml())
-        .unwrap();
-    cluster
-        .manifests
-        .write("web-a.yaml", &slice_yaml("web-a", &ips(&web), HTTP_DNS))
-        .unwrap();
-    cluster.start_agent().unwrap();
+    serve_web(&mut cluster, &web);
     let http = SocketAddrV4::new(VIP, 80);
     assert_spread(
         &client.tcp_requests(http, 60, TIMEOUT).unwrap(),
@@ -445,15 +442,7 @@ fn resyncing_ten_thousand_unchanged_services_does_not_disturb_traffic() {
         ));
     }
     cluster.manifests.write("bulk.yaml", &many).unwrap();
-    cluster
-        .manifests
-        .write("service.yaml", &service_yaml())
-        .unwrap();
-    cluster
-        .manifests
-        .write("web-a.yaml", &slice_yaml("web-a", &ips(&web), HTTP_DNS))
-        .unwrap();
-    cluster.start_agent().unwrap();
+    serve_web(&mut cluster, &web);
     let http = SocketAddrV4::new(VIP, 80);
     // One of the bulk services, to show they are programmed.
     let bulk = SocketAddrV4::new(Ipv4Addr::new(10, 97, 39, 250), 80);
