@@ -153,6 +153,16 @@ impl Agent<'_> {
             node::resolve(&without_name, &objects)
                 .expect("resolving without a node name cannot fail")
         });
+        match self.datapath.set_node_config(&self.context) {
+            Ok(true) => tracing::info!(
+                node_ips = ?self.context.node_ips,
+                cluster_cidrs = ?self.context.cluster_cidrs,
+                masquerade_all = self.context.masquerade_all,
+                "node configuration programmed"
+            ),
+            Ok(false) => {}
+            Err(e) => problems.push(format!("programming the node configuration: {e:#}")),
+        }
         let (desired, translate_errors) = translate::translate(&objects, &self.context);
         problems.extend(translate_errors.iter().map(ToString::to_string));
         if problems != self.last_problems {
@@ -181,6 +191,12 @@ impl Agent<'_> {
                 }
                 for leftover in &stats.leftovers_failed {
                     tracing::error!("could not remove stale map entry: {leftover}");
+                }
+                if stats.purged > 0 {
+                    tracing::info!(
+                        entries = stats.purged,
+                        "removed UDP/SCTP conntrack and affinity entries of removed endpoints"
+                    );
                 }
                 if stats.map_writes == 0 {
                     tracing::debug!(services = desired.services.len(), "datapath unchanged");
@@ -225,20 +241,39 @@ impl Agent<'_> {
                 Err(e) => tracing::warn!(interface = %name, ifindex, "attach failed: {e:#}"),
             }
         }
-        let present: BTreeSet<u32> = found.pods.keys().copied().collect();
-        for gone in self.attached.difference(&present) {
+        for (&ifindex, name) in &found.external {
+            if self.external.contains(&ifindex) {
+                continue;
+            }
+            match self.datapath.attach_external(ifindex, name) {
+                Ok(()) => {
+                    tracing::info!(interface = %name, ifindex, "attached to external interface (carries a node IP)");
+                    self.external.insert(ifindex);
+                }
+                Err(e) => tracing::warn!(interface = %name, ifindex, "attach failed: {e:#}"),
+            }
+        }
+        let pods: BTreeSet<u32> = found.pods.keys().copied().collect();
+        let external: BTreeSet<u32> = found.external.keys().copied().collect();
+        for gone in self.attached.difference(&pods) {
             tracing::info!(ifindex = gone, "pod interface gone");
         }
-        self.attached.retain(|i| present.contains(i));
-        let external: BTreeSet<u32> = found.external.keys().copied().collect();
-        if external != self.external {
-            for (ifindex, name) in &found.external {
-                tracing::info!(interface = %name, ifindex, "external interface (carries a node IP)");
-            }
-            self.external = external;
+        for gone in self.external.difference(&external) {
+            tracing::info!(
+                ifindex = gone,
+                "external interface gone or no longer a node IP's"
+            );
         }
+        self.attached.retain(|i| pods.contains(i));
+        self.external.retain(|i| external.contains(i));
+        let present: BTreeSet<u32> = found
+            .pods
+            .keys()
+            .chain(found.external.keys())
+            .copied()
+            .collect();
         if let Err(e) = self.datapath.forget_interfaces_except(&present) {
-            tracing::warn!("forgetting vanished pod interfaces: {e:#}");
+            tracing::warn!("forgetting vanished interfaces: {e:#}");
         }
     }
 }

@@ -28,7 +28,7 @@ use aya::{
 use serde_json::{json, Value};
 use sluice_common::{
     Backend, BackendKey, CtKey, CtValue, ServiceKey, ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY,
-    DEFAULT_PIN_PATH, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES,
+    CT_F_SNAT, DEFAULT_PIN_PATH, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES,
 };
 
 use crate::{
@@ -367,6 +367,8 @@ pub struct FlowView {
     pub service: SocketAddrV4,
     /// The backend the flow is translated to.
     pub backend: SocketAddrV4,
+    /// The source the flow is masqueraded to (SNAT), if it is.
+    pub masquerade: Option<SocketAddrV4>,
     pub service_id: u32,
     /// `bpf_ktime_get_ns()` when the flow was balanced.
     pub created_ns: u64,
@@ -392,12 +394,19 @@ pub fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<FlowView
     let age = |created_ns: u64| Duration::from_nanos(now_ns.saturating_sub(created_ns));
     let mut flows: Vec<FlowView> = Vec::new();
     for (key, value) in entries.iter().filter(|(key, _)| key.dir == CT_DIR_FORWARD) {
-        // What `conntrack::create` in the programs writes next to this forward entry.
+        // What `conntrack::create` in the programs writes next to this forward entry: the
+        // backend answers the client, or the masquerade address.
+        let masquerade =
+            (value.flags & CT_F_SNAT != 0).then(|| sock(value.snat_addr, value.snat_port));
+        let (reply_daddr, reply_dport) = match masquerade {
+            Some(_) => (value.snat_addr, value.snat_port),
+            None => (key.saddr, key.sport),
+        };
         let reply_key = CtKey {
             saddr: value.nat_addr,
-            daddr: key.saddr,
+            daddr: reply_daddr,
             sport: value.nat_port,
-            dport: key.sport,
+            dport: reply_dport,
             proto: key.proto,
             dir: CT_DIR_REPLY,
             _pad: 0,
@@ -415,6 +424,7 @@ pub fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<FlowView
             client: sock(key.saddr, key.sport),
             service: sock(key.daddr, key.dport),
             backend: sock(value.nat_addr, value.nat_port),
+            masquerade,
             service_id: value.service_id,
             created_ns: value.created_ns,
             age: age(value.created_ns),
@@ -429,11 +439,17 @@ pub fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<FlowView
         if joined.contains(key) {
             continue;
         }
+        let masqueraded = value.flags & CT_F_SNAT != 0;
         flows.push(FlowView {
             proto: key.proto,
-            client: sock(key.daddr, key.dport),
+            client: if masqueraded {
+                sock(value.snat_addr, value.snat_port)
+            } else {
+                sock(key.daddr, key.dport)
+            },
             service: sock(value.nat_addr, value.nat_port),
             backend: sock(key.saddr, key.sport),
+            masquerade: masqueraded.then(|| sock(key.daddr, key.dport)),
             service_id: value.service_id,
             created_ns: value.created_ns,
             age: age(value.created_ns),
@@ -552,7 +568,10 @@ pub fn render_conntrack(flows: &[FlowView]) -> String {
         .map(|f| {
             vec![
                 proto_name(f.proto),
-                f.client.to_string(),
+                match f.masquerade {
+                    Some(snat) => format!("{} (as {snat})", f.client),
+                    None => f.client.to_string(),
+                },
                 f.service.to_string(),
                 f.backend.to_string(),
                 f.service_id.to_string(),
@@ -631,6 +650,7 @@ pub fn to_json(services: Option<&[ServiceView]>, flows: Option<&[FlowView]>) -> 
                     "client": f.client.to_string(),
                     "service": f.service.to_string(),
                     "backend": f.backend.to_string(),
+                    "masquerade": f.masquerade.map(|m| m.to_string()),
                     "service_id": f.service_id,
                     "created_ns": f.created_ns,
                     "age_seconds": f.age.as_secs(),
@@ -673,6 +693,9 @@ mod tests {
             id,
             backend_count,
             flags: 0,
+            kind: 0,
+            _pad: 0,
+            affinity_timeout: 0,
         }
     }
 
@@ -783,9 +806,12 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
         let value = |nat: &SocketAddrV4| CtValue {
             nat_addr: a(nat),
             nat_port: p(nat),
+            flags: 0,
+            snat_addr: 0,
+            snat_port: 0,
             _pad: 0,
             service_id,
-            _pad2: 0,
+            backend_slot: 0,
             created_ns,
         };
         [
@@ -940,6 +966,64 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
     }
 
     #[test]
+    fn conntrack_joins_masqueraded_flows() {
+        let a = |s: &str| wire::addr_to_map(*sa(s).ip());
+        let p = |s: &str| wire::port_to_map(sa(s).port());
+        let (client, nodeport, backend, masq) = (
+            "192.0.2.10:40000",
+            "172.18.0.3:30080",
+            "10.244.2.11:8080",
+            "172.18.0.3:61000",
+        );
+        let forward = CtValue {
+            nat_addr: a(backend),
+            nat_port: p(backend),
+            flags: CT_F_SNAT,
+            snat_addr: a(masq),
+            snat_port: p(masq),
+            _pad: 0,
+            service_id: 3,
+            backend_slot: 0,
+            created_ns: 5 * SEC,
+        };
+        let reply = CtValue {
+            nat_addr: a(nodeport),
+            nat_port: p(nodeport),
+            snat_addr: a(client),
+            snat_port: p(client),
+            ..forward
+        };
+        let key = |src: &str, dst: &str, dir| CtKey {
+            saddr: a(src),
+            daddr: a(dst),
+            sport: p(src),
+            dport: p(dst),
+            proto: PROTO_TCP,
+            dir,
+            _pad: 0,
+        };
+        let both = [
+            (key(client, nodeport, CT_DIR_FORWARD), forward),
+            (key(backend, masq, CT_DIR_REPLY), reply),
+        ];
+        let flows = conntrack_view(&both, 10 * SEC);
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        assert_eq!(flows[0].entries, FlowEntries::Both);
+        assert_eq!(flows[0].masquerade, Some(sa(masq)));
+        assert_eq!(
+            (flows[0].client, flows[0].service, flows[0].backend),
+            (sa(client), sa(nodeport), sa(backend))
+        );
+        assert!(render_conntrack(&flows).contains("192.0.2.10:40000 (as 172.18.0.3:61000)"));
+
+        // The reply entry alone still names the client and the masquerade address.
+        let orphan = conntrack_view(&both[1..], 10 * SEC);
+        assert_eq!(orphan[0].entries, FlowEntries::OrphanReply);
+        assert_eq!(orphan[0].client, sa(client));
+        assert_eq!(orphan[0].masquerade, Some(sa(masq)));
+    }
+
+    #[test]
     fn conntrack_table() {
         let (entries, now) = sample_entries();
         let table = render_conntrack(&conntrack_view(&entries, now));
@@ -1012,6 +1096,7 @@ UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     fo
                 "client": "10.244.0.10:40000",
                 "service": "10.96.0.10:80",
                 "backend": "10.244.0.21:8080",
+                "masquerade": null,
                 "service_id": 1,
                 "created_ns": now - 75 * SEC,
                 "age_seconds": 75,

@@ -3,26 +3,67 @@
 //! This file is the one place the datapath's maps are described. Every key and value is
 //! `#[repr(C)]`, padded explicitly so no byte is left uninitialised (the kernel hashes keys
 //! byte for byte), and stores addresses and ports in network byte order exactly as they sit in
-//! the packet, so the programs compare and copy them without swapping.
+//! the packet, so the programs compare and copy them without swapping. Everything here is IPv4;
+//! an IPv6 family will get its own keys and maps next to these (`*6` types), the programs
+//! sharing the logic.
 //!
-//! | map (= pin file)  | type          | key                | value           | written by |
-//! |-------------------|---------------|--------------------|-----------------|------------|
-//! | `services`        | hash          | [`ServiceKey`]     | [`ServiceValue`]| agent      |
-//! | `backends`        | hash          | [`BackendKey`]     | [`Backend`]     | agent      |
-//! | `conntrack`       | LRU hash      | [`CtKey`]          | [`CtValue`]     | programs (agent purges) |
+//! | map (= pin file)  | type             | key                  | value            | written by |
+//! |-------------------|------------------|----------------------|------------------|------------|
+//! | `services`        | hash             | [`ServiceKey`]       | [`ServiceValue`] | agent      |
+//! | `backends`        | hash             | [`BackendKey`]       | [`Backend`]      | agent      |
+//! | `conntrack`       | LRU hash         | [`CtKey`]            | [`CtValue`]      | programs (agent purges) |
+//! | `affinity`        | LRU hash         | [`AffinityKey`]      | [`AffinityValue`]| programs (agent purges) |
+//! | `source_ranges`   | LPM trie         | [`SourceRangeKey`] with a prefix length | `u8` (1) | agent |
+//! | `config`          | array, 1 entry   | `u32` 0              | [`NodeConfig`]   | agent      |
+//! | `drops`           | per-CPU array    | `u32` [`Reason`]     | `u64` packets    | programs   |
 //!
-//! A service frontend is one (VIP, port, protocol). Its backends live in `backends` under
-//! (service id, slot) for slots `0..backend_count`; a program picks `prandom % backend_count`.
-//! The agent grows a service by writing new slots before raising `backend_count`, and shrinks it
-//! by lowering `backend_count` before deleting slots, so a packet never sees a count with a
-//! missing slot behind it (see `agent/src/datapath/sync.rs`).
+//! ## services and backends
+//!
+//! A service frontend is one (address, port, protocol): a ClusterIP, a node IP at a NodePort,
+//! an external IP or a load balancer IP. Its backends live in `backends` under (service id,
+//! slot) for slots `0..backend_count`; a program picks `prandom % backend_count`. The agent
+//! grows a service by writing new slots before raising `backend_count`, and shrinks it by
+//! lowering `backend_count` before deleting slots, so a packet never sees a count with a
+//! missing slot behind it (see `agent/src/datapath/sync.rs`). [`ServiceValue::flags`] carry
+//! kube-proxy's per-service behaviours ([`SVC_F_EXTERNAL`], ...), [`Backend::flags`] whether
+//! the backend runs on this node ([`BACKEND_F_LOCAL`]).
+//!
+//! ## conntrack
 //!
 //! `conntrack` holds two entries per translated flow, in the spirit of Cilium's CT map:
-//! * [`CT_DIR_FORWARD`]: the client's original tuple (client -> VIP) to the chosen backend, so
-//!   every later packet of the flow goes to the same backend;
-//! * [`CT_DIR_REPLY`]: the tuple the backend replies with (backend -> client) to the VIP and
-//!   port, so replies get their source rewritten back (reverse NAT).
+//! * [`CT_DIR_FORWARD`]: the client's original tuple (client -> frontend) to the chosen backend
+//!   and, when the flow is source-NATed, the source it is given, so every later packet of the
+//!   flow is translated the same way;
+//! * [`CT_DIR_REPLY`]: the tuple the backend replies with (backend -> client, or backend -> the
+//!   SNAT address and port) to the frontend address to restore as source and, when source-NATed,
+//!   the original client to restore as destination (reverse NAT).
+//!
+//! ICMP errors about a flow (destination unreachable, time exceeded, parameter problem) are
+//! found through the same entries by the tuple they quote.
+//!
+//! ## affinity
+//!
+//! sessionAffinity ClientIP: (service id, client address) -> the backend last chosen for that
+//! client and when. A new flow of a service with [`SVC_F_AFFINITY`] reuses it while
+//! `now - last_used_ns` is below the service's timeout, and refreshes `last_used_ns`.
+//!
+//! ## source_ranges
+//!
+//! loadBalancerSourceRanges of the services with [`SVC_F_SOURCE_RANGES`]: an LPM trie keyed by
+//! (service id, source address); a range `a.b.c.d/n` of service `id` is stored with prefix
+//! length `32 + n` (the id is matched whole). A new flow whose source matches no entry of its
+//! service is dropped. The agent writes a service's ranges before setting the flag and clears
+//! the flag before deleting the last of them.
+//!
+//! ## config and drops
+//!
+//! `config` is this node's context ([`NodeConfig`]): the address masqueraded traffic gets, the
+//! cluster CIDRs, masqueradeAll. `drops` counts the packets the programs dropped or answered
+//! themselves, by [`Reason`]; a program also leaves the reason in `skb->cb[0]`
+//! ([`CB_REASON_MAGIC`] | reason) so `BPF_PROG_RUN` callers (`sluice trace`) can name it.
 #![no_std]
+
+pub mod crc32c;
 
 /// Pin directory used by a real node. Tests pass their own with `--pin-path`.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/sluice";
@@ -31,12 +72,21 @@ pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/sluice";
 pub const MAP_SERVICES: &str = "services";
 pub const MAP_BACKENDS: &str = "backends";
 pub const MAP_CONNTRACK: &str = "conntrack";
+pub const MAP_AFFINITY: &str = "affinity";
+pub const MAP_SOURCE_RANGES: &str = "source_ranges";
+pub const MAP_CONFIG: &str = "config";
+pub const MAP_DROPS: &str = "drops";
 
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_CONNTRACK: u32 = 262_144;
+pub const MAX_AFFINITY: u32 = 65_536;
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
+/// Cluster CIDRs [`NodeConfig`] holds; the programs check them all, unrolled.
+pub const MAX_CLUSTER_CIDRS: usize = 8;
 
 /// IP protocol numbers as found in the IPv4 header.
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
@@ -44,7 +94,12 @@ pub const PROTO_SCTP: u8 = 132;
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// A service frontend: (virtual IP, port, protocol).
+/// The address hairpin traffic (a pod reaching itself through a service) is source-NATed to,
+/// so the pod does not see a packet from itself: Cilium's default service loopback address,
+/// 169.254.42.1, as the maps hold it.
+pub const HAIRPIN_SNAT_ADDR: [u8; 4] = [169, 254, 42, 1];
+
+/// A service frontend: (address, port, protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -56,16 +111,42 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
-/// Flags of a [`ServiceValue`]. None are defined yet; the field is reserved for kube-proxy's
-/// behaviours (external traffic policy, affinity, ...) so the map layout does not change.
+/// [`ServiceValue::flags`]: the frontend is reached from outside the cluster (a NodePort, an
+/// external IP or a load balancer IP): externalTrafficPolicy applies, and traffic entering
+/// from outside the node to a backend on another node is source-NATed to the node.
+pub const SVC_F_EXTERNAL: u16 = 1 << 0;
+/// externalTrafficPolicy Local on an external frontend: never source-NATed (the backends are
+/// this node's only, the translation saw to that).
+pub const SVC_F_EXTERNAL_LOCAL: u16 = 1 << 1;
+/// Without backends, drop silently (a Local policy left none on this node) instead of
+/// rejecting (TCP RST, ICMP port unreachable: the service has no endpoint at all).
+pub const SVC_F_DROP_WHEN_EMPTY: u16 = 1 << 2;
+/// sessionAffinity ClientIP, for [`ServiceValue::affinity_timeout`] seconds (`affinity` map).
+pub const SVC_F_AFFINITY: u16 = 1 << 3;
+/// loadBalancerSourceRanges: sources outside the service's `source_ranges` are dropped.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 4;
+
+/// [`ServiceValue::kind`]: which Kubernetes address the frontend is.
+pub const KIND_CLUSTER_IP: u8 = 0;
+pub const KIND_NODE_PORT: u8 = 1;
+pub const KIND_EXTERNAL_IP: u8 = 2;
+pub const KIND_LOAD_BALANCER: u8 = 3;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
-    /// Agent-assigned id, the first half of every [`BackendKey`] of this service.
+    /// Agent-assigned id, the first half of every [`BackendKey`] of this service; also in
+    /// conntrack, affinity and source range entries.
     pub id: u32,
     /// Number of slots `0..backend_count` present in `backends`.
     pub backend_count: u32,
-    pub flags: u32,
+    /// `SVC_F_*`.
+    pub flags: u16,
+    /// `KIND_*`, for `sluice state`; the programs decide on `flags`.
+    pub kind: u8,
+    pub _pad: u8,
+    /// sessionAffinity timeout in seconds, with [`SVC_F_AFFINITY`]; 0 otherwise.
+    pub affinity_timeout: u32,
 }
 
 #[repr(C)]
@@ -75,13 +156,18 @@ pub struct BackendKey {
     pub slot: u32,
 }
 
+/// [`Backend::flags`]: the backend runs on this node.
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+
 /// A pod endpoint: address and port, network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
     pub addr: u32,
     pub port: u16,
-    pub _pad: u16,
+    /// `BACKEND_F_*`.
+    pub flags: u8,
+    pub _pad: u8,
 }
 
 /// A flow tuple as seen on the wire, plus the direction it was recorded for.
@@ -98,19 +184,143 @@ pub struct CtKey {
     pub _pad: u16,
 }
 
-/// The address a flow is translated to: for a forward entry the backend, for a reply entry
-/// the service VIP and port that replaces the backend as source.
+/// [`CtValue::flags`]: the flow is source-NATed; `snat_addr`/`snat_port` are valid.
+pub const CT_F_SNAT: u16 = 1 << 0;
+/// The flow's packets skip the host's routing after translation (the programs redirect them
+/// to the egress interface found with `bpf_fib_lookup`), in both directions: flows entering
+/// from outside the node, and source-NATed ones, whose source became a local address the stack
+/// would drop as martian. Their replies are reverse-translated where they enter the datapath
+/// (`from_pod`, `from_world`). Flows without the flag go through the host's routing and
+/// netfilter, which see the backend's address both ways: their replies are reverse-translated
+/// on the way out (`to_pod`, `to_world`).
+pub const CT_F_REDIRECT: u16 = 1 << 1;
+/// Hairpin: the backend is the client itself; packets are sent back out the interface they
+/// came in on.
+pub const CT_F_HAIRPIN: u16 = 1 << 2;
+
+/// A conntrack entry.
+///
+/// | field              | forward entry                       | reply entry |
+/// |--------------------|-------------------------------------|-------------|
+/// | `nat_addr/port`    | backend: the new destination        | frontend: the new source |
+/// | `snat_addr/port`   | with [`CT_F_SNAT`]: the new source  | with [`CT_F_SNAT`]: the client, the new destination |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtValue {
     pub nat_addr: u32,
     pub nat_port: u16,
+    /// `CT_F_*`.
+    pub flags: u16,
+    pub snat_addr: u32,
+    pub snat_port: u16,
     pub _pad: u16,
     /// Id of the service the flow was balanced by.
     pub service_id: u32,
-    pub _pad2: u32,
-    /// bpf_ktime_get_ns() when the entry was created, for garbage collection and `sluice state`.
+    /// The slot of `backends` the backend was picked from ([`CT_SLOT_UNKNOWN`]: picked by
+    /// sessionAffinity), so a retransmitted SYN keeps the backend only while the service
+    /// still has it there.
+    pub backend_slot: u32,
+    /// bpf_ktime_get_ns() when the entry was created, for `sluice state`, and to tell a
+    /// retransmitted SYN from a new connection reusing the tuple.
     pub created_ns: u64,
+}
+
+/// [`CtValue::backend_slot`] of a backend not picked from a slot.
+pub const CT_SLOT_UNKNOWN: u32 = u32::MAX;
+
+/// sessionAffinity: a client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    /// The client's address, network byte order.
+    pub client: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// The backend the client's flows go to.
+    pub backend: Backend,
+    /// bpf_ktime_get_ns() of the client's last new flow.
+    pub last_used_ns: u64,
+}
+
+/// The data part of a `source_ranges` key (the LPM trie's key is a `u32` prefix length
+/// followed by this). The prefix length counts the 32 bits of `service_id` plus the range's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    /// The range's network address (or, in a lookup, the source), network byte order.
+    pub addr: u32,
+}
+
+/// Prefix length of a `source_ranges` entry for a range of `bits` bits.
+pub const fn source_range_prefix_len(bits: u32) -> u32 {
+    32 + bits
+}
+
+/// An IPv4 CIDR as `(addr & mask) == net`, both in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Cidr4 {
+    pub net: u32,
+    pub mask: u32,
+}
+
+/// [`NodeConfig::flags`]: kube-proxy's masqueradeAll: every new service flow is source-NATed
+/// (except external frontends with externalTrafficPolicy Local).
+pub const CONFIG_F_MASQUERADE_ALL: u32 = 1 << 0;
+
+/// This node, as the programs need it (`config` map, entry 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// The node's IPv4 address masqueraded traffic gets as source; 0: none known, nothing is
+    /// masqueraded.
+    pub node_ip: u32,
+    /// `CONFIG_F_*`.
+    pub flags: u32,
+    /// Entries of `cluster_cidrs` in use. 0: no cluster CIDR configured, every source counts
+    /// as a pod (kube-proxy without clusterCIDR does not masquerade on it).
+    pub cidr_count: u32,
+    pub _pad: u32,
+    pub cluster_cidrs: [Cidr4; MAX_CLUSTER_CIDRS],
+}
+
+/// Why a program dropped a packet or answered it itself (index of the `drops` map).
+pub type Reason = u32;
+/// Answered with a TCP RST or an ICMP port unreachable: the service has no endpoints.
+pub const REASON_REJECT_NO_ENDPOINTS: Reason = 1;
+/// Dropped: the service has endpoints, but a Local traffic policy left none on this node.
+pub const REASON_DROP_NO_LOCAL_ENDPOINTS: Reason = 2;
+/// Dropped: the source is not in the service's loadBalancerSourceRanges.
+pub const REASON_DROP_SOURCE_RANGE: Reason = 3;
+/// Dropped: no free source port to masquerade the flow with.
+pub const REASON_DROP_NO_SNAT_PORT: Reason = 4;
+/// Dropped: the answer to a rejected packet could not be built.
+pub const REASON_DROP_REJECT_FAILED: Reason = 5;
+/// Dropped: a kernel helper failed to rewrite the packet.
+pub const REASON_DROP_REWRITE_FAILED: Reason = 6;
+/// Entries of the `drops` map (reason 0 is unused).
+pub const REASON_COUNT: u32 = 7;
+
+/// `skb->cb[0]` of a packet a program dropped or answered: this magic | the [`Reason`].
+pub const CB_REASON_MAGIC: u32 = 0x5c1c_e000;
+pub const CB_REASON_MASK: u32 = 0xff;
+
+/// A short name for a [`Reason`], as `sluice trace` and metrics show it.
+pub const fn reason_name(reason: Reason) -> &'static str {
+    match reason {
+        REASON_REJECT_NO_ENDPOINTS => "reject-no-endpoints",
+        REASON_DROP_NO_LOCAL_ENDPOINTS => "drop-no-local-endpoints",
+        REASON_DROP_SOURCE_RANGE => "drop-source-range",
+        REASON_DROP_NO_SNAT_PORT => "drop-no-snat-port",
+        REASON_DROP_REJECT_FAILED => "drop-reject-failed",
+        REASON_DROP_REWRITE_FAILED => "drop-rewrite-failed",
+        _ => "unknown",
+    }
 }
 
 #[cfg(feature = "user")]
@@ -123,6 +333,11 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for Cidr4 {}
+    unsafe impl aya::Pod for NodeConfig {}
 }
 
 #[cfg(test)]
@@ -135,10 +350,22 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 24);
+        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<SourceRangeKey>(), 8);
+        assert_eq!(size_of::<NodeConfig>(), 16 + 8 * MAX_CLUSTER_CIDRS);
+    }
+
+    #[test]
+    fn every_reason_has_a_name() {
+        for reason in 1..REASON_COUNT {
+            assert_ne!(reason_name(reason), "unknown", "{reason}");
+        }
+        assert_eq!(reason_name(REASON_COUNT), "unknown");
     }
 }

@@ -1,15 +1,26 @@
-//! Service lookup and backend selection.
+//! Service lookup and backend selection: the frontend, its loadBalancerSourceRanges, its
+//! sessionAffinity, a random slot otherwise.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use sluice_common::{Backend, BackendKey, ServiceKey};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
+use sluice_common::{
+    source_range_prefix_len, AffinityKey, AffinityValue, Backend, BackendKey, CtValue, ServiceKey,
+    ServiceValue, SourceRangeKey, CT_SLOT_UNKNOWN, SVC_F_AFFINITY,
+};
 
-use crate::{maps::BACKENDS, maps::SERVICES, parse::Ipv4Packet};
+use crate::{
+    maps::{AFFINITY, BACKENDS, SERVICES, SOURCE_RANGES},
+    parse::Ipv4Packet,
+};
 
-/// Looks the packet's destination up in `services` and picks one backend uniformly at random.
-/// Returns the service id and the backend, or `None` when the destination is not a service or
-/// the service has no backends.
+/// A TCP SYN whose tuple still has a conntrack entry younger than this is taken for a
+/// retransmission of the SYN that created it (Linux retransmits a SYN after 1 s,
+/// TCP_TIMEOUT_INIT), not for a new connection reusing the client's port, and keeps the entry's
+/// backend: re-balancing it could answer the client's ACK from another backend than its SYN-ACK.
+pub const SYN_RETRANSMIT_NS: u64 = 1_500_000_000;
+
+/// The frontend the packet is addressed to.
 #[inline(always)]
-pub fn select_backend(pkt: &Ipv4Packet) -> Option<(u32, Backend)> {
+pub fn service(pkt: &Ipv4Packet) -> Option<ServiceValue> {
     let key = ServiceKey {
         addr: pkt.daddr,
         port: pkt.dport,
@@ -17,7 +28,114 @@ pub fn select_backend(pkt: &Ipv4Packet) -> Option<(u32, Backend)> {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
-    let service = unsafe { *SERVICES.get(key)? };
+    unsafe { SERVICES.get(key).copied() }
+}
+
+/// Whether `saddr` is in one of the service's loadBalancerSourceRanges.
+#[inline(always)]
+pub fn source_allowed(service_id: u32, saddr: u32) -> bool {
+    let key = Key::new(
+        source_range_prefix_len(32),
+        SourceRangeKey {
+            service_id,
+            addr: saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// The backend a new flow of `service` from `client` goes to, and its slot
+/// ([`CT_SLOT_UNKNOWN`] for an affinity backend): the client's affinity backend while it is
+/// fresh (refreshed by this flow), else one picked uniformly at random (and remembered, with
+/// affinity). `None` only when the service lost its backends meanwhile.
+#[inline(always)]
+pub fn select(service: &ServiceValue, client: u32, now: u64) -> Option<(Backend, u32)> {
+    if service.flags & SVC_F_AFFINITY == 0 {
+        return random_backend(service);
+    }
+    let key = AffinityKey {
+        service_id: service.id,
+        client,
+    };
+    let (backend, slot) = match affinity_backend(service, &key, now) {
+        Some(backend) => (backend, CT_SLOT_UNKNOWN),
+        None => random_backend(service)?,
+    };
+    let value = AffinityValue {
+        backend,
+        last_used_ns: now,
+    };
+    // An LRU map evicts rather than fails; a failed write only loses the affinity.
+    let _ = AFFINITY.insert(key, value, 0);
+    Some((backend, slot))
+}
+
+/// The client's affinity backend, if used within the service's timeout.
+#[inline(always)]
+fn affinity_backend(service: &ServiceValue, key: &AffinityKey, now: u64) -> Option<Backend> {
+    // SAFETY: the value is copied out at once.
+    let entry = unsafe { AFFINITY.get(key).copied()? };
+    let timeout_ns = service.affinity_timeout as u64 * 1_000_000_000;
+    (now.wrapping_sub(entry.last_used_ns) < timeout_ns).then_some(entry.backend)
+}
+
+/// Whether a TCP SYN of a tuple that has the conntrack entry `entry` keeps its backend instead
+/// of being balanced again: the entry belongs to this service and either is a few moments old
+/// (the SYN is a retransmission, [`SYN_RETRANSMIT_NS`]) with its backend still in the slot it
+/// was picked from (a removed backend gets no new connection), or its backend is the client's
+/// affinity backend (which a new balancing would choose again; its use is refreshed; the agent
+/// deletes the affinity entries of removed backends).
+#[inline(always)]
+pub fn keep_on_syn(service: &ServiceValue, entry: &CtValue, client: u32, now: u64) -> bool {
+    if entry.service_id != service.id {
+        return false;
+    }
+    if now.wrapping_sub(entry.created_ns) < SYN_RETRANSMIT_NS && still_in_slot(service, entry) {
+        return true;
+    }
+    if service.flags & SVC_F_AFFINITY == 0 {
+        return false;
+    }
+    let key = AffinityKey {
+        service_id: service.id,
+        client,
+    };
+    match affinity_backend(service, &key, now) {
+        Some(backend) if backend.addr == entry.nat_addr && backend.port == entry.nat_port => {
+            let _ = AFFINITY.insert(
+                key,
+                AffinityValue {
+                    backend,
+                    last_used_ns: now,
+                },
+                0,
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Whether the entry's backend is still in the slot it was picked from.
+#[inline(always)]
+fn still_in_slot(service: &ServiceValue, entry: &CtValue) -> bool {
+    if entry.backend_slot >= service.backend_count {
+        return false;
+    }
+    let key = BackendKey {
+        service_id: service.id,
+        slot: entry.backend_slot,
+    };
+    // SAFETY: the value is read at once.
+    match unsafe { BACKENDS.get(key) } {
+        Some(b) => b.addr == entry.nat_addr && b.port == entry.nat_port,
+        None => false,
+    }
+}
+
+/// One of the service's slots, uniformly at random, with its slot.
+#[inline(always)]
+fn random_backend(service: &ServiceValue) -> Option<(Backend, u32)> {
     if service.backend_count == 0 {
         return None;
     }
@@ -27,16 +145,15 @@ pub fn select_backend(pkt: &Ipv4Packet) -> Option<(u32, Backend)> {
         service_id: service.id,
         slot,
     };
-    // SAFETY: as above.
-    let backend = match unsafe { BACKENDS.get(bkey) } {
-        Some(b) => *b,
+    // SAFETY: the value is copied out at once.
+    match unsafe { BACKENDS.get(bkey) } {
+        Some(b) => Some((*b, slot)),
         None => {
             // The agent shrinks a service by lowering the count before deleting slots; a packet
             // that read the old count can land on a deleted slot. Slot 0 always exists while the
             // count is non-zero.
             bkey.slot = 0;
-            unsafe { *BACKENDS.get(bkey)? }
+            unsafe { BACKENDS.get(bkey).copied() }.map(|b| (b, 0))
         }
-    };
-    Some((service.id, backend))
+    }
 }

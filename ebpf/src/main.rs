@@ -1,102 +1,234 @@
 //! Sluice's datapath. This file lists every hook in the order a packet meets it; each step is a
 //! small module of its own.
 //!
-//! A pod's traffic crosses the node through the node-side end of the pod's veth:
+//! Pods reach the node through their veth, the world through the node's external interfaces
+//! (every interface carrying a node IP):
 //!
 //! ```text
-//!  pod A ──veth──> [tc ingress: from_pod] ──> node routing ──> [tc egress: to_pod] ──veth──> pod B
+//!  pod ──veth──> [tc ingress: from_pod] ──┐               ┌──> [tc egress: to_pod] ──veth──> pod
+//!                                         ├─ node routing ┤
+//!  world ─eth──> [tc ingress: from_world] ┘  (or redirect) └──> [tc egress: to_world] ──eth──> world
 //! ```
 //!
-//! `from_pod` (tc ingress on the node side of every pod veth: packets the pod sends)
-//!   1. `parse::parse_ipv4`        IPv4 TCP/UDP only; everything else passes untouched
-//!   2. `conntrack::lookup`        a flow already balanced keeps its backend
-//!   3. `lb::select_backend`       (VIP, port, proto) in `services` -> random slot in `backends`
-//!   4. `conntrack::create`        forward entry + reply entry for the reverse NAT
-//!   5. `nat::dnat`                rewrite destination to the backend, checksums by kernel helpers
+//! `from_pod` (tc ingress of every pod veth: packets a pod sends) and `from_world` (tc ingress of
+//! the external interfaces: packets from outside the node) run the same steps:
 //!
-//! `to_pod` (tc egress on the node side of every pod veth: packets delivered to the pod)
-//!   1. `parse::parse_ipv4`
-//!   2. `conntrack::lookup` (reply direction): is this a reply of a translated flow?
-//!   3. `nat::snat_reply`          rewrite source back to the VIP and service port
+//! ```text
+//!  1. parse::parse              IPv4 TCP/UDP/SCTP, or an ICMP error quoting such a packet;
+//!                               everything else passes untouched
+//!  2. icmp::ingress             an ICMP error about a translated flow is translated like the
+//!                               flow's packets (its reply, or its client's packet)
+//!  3. conntrack::lookup (reply) a reply of a flow that skips the host's routing
+//!                               (CT_F_REDIRECT: entered from outside, or masqueraded):
+//!     nat::reverse              source back to the frontend, destination back to the client,
+//!     route::send               then redirected (FIB) or, hairpin, back out its interface.
+//!                               Replies of other flows pass: to_pod/to_world translate them
+//!                               after the host's routing
+//!  4. conntrack::lookup (fwd)   a flow already balanced keeps its backend (a TCP SYN is
+//!                               balanced again unless lb::keep_on_syn: a retransmission, or
+//!                               the client's affinity backend)
+//!  5. lb::service               (address, port, proto) in `services`; not a frontend: pass
+//!  6. lb::source_allowed        loadBalancerSourceRanges: other sources are dropped
+//!  7. no backends               reject::build (TCP RST, ICMP port unreachable, sent back by
+//!                               route::bounce) or drop, as the service says
+//!  8. lb::select                sessionAffinity's backend, else a random slot of `backends`
+//!  9. masq::decide              source NAT: hairpin, masqueradeAll, external traffic to a
+//!                               remote backend, sources outside the cluster CIDRs
+//! 10. conntrack::create         forward + reply entries (with a unique masquerade port)
+//! 11. nat::forward              destination to the backend (and source to the masquerade
+//!                               address), checksums by kernel helpers
+//! 12. route::send               flows entering from outside or masqueraded: redirected to the
+//!                               FIB's egress interface; hairpin: back out the pod's veth; the
+//!                               rest: through the host's routing (TC_ACT_OK)
+//! ```
 //!
+//! `to_pod` (tc egress of every pod veth) and `to_world` (tc egress of the external
+//! interfaces): packets leaving the node's routing
+//!
+//! ```text
+//!  1. parse::parse
+//!  2. icmp::egress              an ICMP error about a flow, toward its client
+//!  3. conntrack::lookup (reply) a reply of a translated flow that went through the host's
+//!     nat::reverse              routing: source back to the frontend (and the client)
+//! ```
+//!
+//! Drops and the programs' own answers are counted by reason in `drops` (`stats::record`).
 //! The maps and their layout are described in `sluice-common` (common/src/lib.rs).
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod icmp;
 mod lb;
 mod maps;
+mod masq;
 mod nat;
 mod parse;
+mod reject;
+mod route;
+mod stats;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
-use sluice_common::{Backend, CT_DIR_FORWARD, CT_DIR_REPLY};
+use sluice_common::{
+    Reason, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REDIRECT, REASON_DROP_NO_LOCAL_ENDPOINTS,
+    REASON_DROP_REJECT_FAILED, REASON_DROP_REWRITE_FAILED, REASON_DROP_SOURCE_RANGE,
+    REASON_REJECT_NO_ENDPOINTS, SVC_F_DROP_WHEN_EMPTY, SVC_F_SOURCE_RANGES,
+};
+
+use parse::{Ipv4Packet, Packet};
+
+/// Where an ingress program runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A pod's veth.
+    Pod,
+    /// An external interface of the node.
+    World,
+}
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    match try_from_pod(&ctx) {
-        Ok(action) => action,
-        // A packet the helpers could not rewrite would reach a pod with a wrong address or
-        // checksum; dropping it lets the sender retransmit.
-        Err(()) => TC_ACT_SHOT,
-    }
+    verdict(&ctx, ingress(&ctx, Hook::Pod))
 }
 
-#[inline(always)]
-fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
-    let Some(pkt) = parse::parse_ipv4(ctx) else {
-        return Ok(TC_ACT_OK);
-    };
-
-    let fwd_key = conntrack::key(&pkt, CT_DIR_FORWARD);
-    // A TCP SYN starts a new connection even when its tuple is still remembered (the client
-    // reused a port): balance it again, as netfilter does for a closed connection.
-    let known = if pkt.is_tcp_syn() {
-        None
-    } else {
-        conntrack::lookup(&fwd_key)
-    };
-
-    let backend = match known {
-        Some(entry) => Backend {
-            addr: entry.nat_addr,
-            port: entry.nat_port,
-            _pad: 0,
-        },
-        None => {
-            let Some((service_id, backend)) = lb::select_backend(&pkt) else {
-                // Not a service, or a service without backends (kube-proxy's REJECT comes later).
-                return Ok(TC_ACT_OK);
-            };
-            conntrack::create(&pkt, &fwd_key, service_id, &backend);
-            backend
-        }
-    };
-
-    nat::dnat(ctx, &pkt, backend.addr, backend.port)?;
-    Ok(TC_ACT_OK)
+#[classifier]
+pub fn from_world(ctx: TcContext) -> i32 {
+    verdict(&ctx, ingress(&ctx, Hook::World))
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    match try_to_pod(&ctx) {
+    verdict(&ctx, egress(&ctx))
+}
+
+#[classifier]
+pub fn to_world(ctx: TcContext) -> i32 {
+    verdict(&ctx, egress(&ctx))
+}
+
+/// A packet a program could not handle is dropped (and counted): one the helpers could not
+/// rewrite would reach its destination with a wrong address or checksum; dropping it lets the
+/// sender retransmit.
+#[inline(always)]
+fn verdict(ctx: &TcContext, result: Result<i32, Reason>) -> i32 {
+    match result {
         Ok(action) => action,
-        Err(()) => TC_ACT_SHOT,
+        Err(reason) => {
+            stats::record(ctx, reason);
+            TC_ACT_SHOT
+        }
     }
 }
 
+/// The helpers' failures, as a drop reason.
 #[inline(always)]
-fn try_to_pod(ctx: &TcContext) -> Result<i32, ()> {
-    let Some(pkt) = parse::parse_ipv4(ctx) else {
-        return Ok(TC_ACT_OK);
+fn rewrite_failed(_: ()) -> Reason {
+    REASON_DROP_REWRITE_FAILED
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
+    let pkt = match parse::parse(ctx) {
+        None => return Ok(TC_ACT_OK),
+        Some(Packet::IcmpError(err)) => return icmp::ingress(ctx, &err).map_err(rewrite_failed),
+        Some(Packet::Flow(pkt)) => pkt,
     };
-    let reply_key = conntrack::key(&pkt, CT_DIR_REPLY);
-    if let Some(entry) = conntrack::lookup(&reply_key) {
-        nat::snat_reply(ctx, &pkt, entry.nat_addr, entry.nat_port)?;
+
+    // A reply: translated here when its flow skips the host's routing.
+    if let Some(entry) = conntrack::lookup(&conntrack::key(&pkt, CT_DIR_REPLY)) {
+        if entry.flags & CT_F_REDIRECT == 0 {
+            return Ok(TC_ACT_OK);
+        }
+        nat::reverse(ctx, &pkt, &entry).map_err(rewrite_failed)?;
+        let (saddr, daddr) = nat::reversed_addrs(&pkt, &entry);
+        return route::send(ctx, &entry, saddr, daddr).map_err(rewrite_failed);
+    }
+
+    let fwd_key = conntrack::key(&pkt, CT_DIR_FORWARD);
+    let known = conntrack::lookup(&fwd_key);
+    let entry = match known {
+        Some(entry) if !pkt.is_tcp_syn() => entry,
+        known => {
+            // A new flow, or a TCP SYN: it starts a new connection even when its tuple is still
+            // remembered (the client reused a port), unless it is a retransmission.
+            let Some(service) = lb::service(&pkt) else {
+                return Ok(TC_ACT_OK);
+            };
+            // SAFETY: a helper call without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            match known {
+                Some(entry) if lb::keep_on_syn(&service, &entry, pkt.saddr, now) => entry,
+                _ => match new_flow(ctx, &pkt, &fwd_key, &service, hook, now)? {
+                    NewFlow::Balanced(entry) => entry,
+                    NewFlow::Done(action) => return Ok(action),
+                },
+            }
+        }
+    };
+
+    nat::forward(ctx, &pkt, &entry).map_err(rewrite_failed)?;
+    let (saddr, daddr) = nat::forwarded_addrs(&pkt, &entry);
+    route::send(ctx, &entry, saddr, daddr).map_err(rewrite_failed)
+}
+
+enum NewFlow {
+    /// Balanced: the flow's forward entry.
+    Balanced(sluice_common::CtValue),
+    /// Handled without a backend (answered, or passed).
+    Done(i32),
+}
+
+/// Steps 6 to 10: the frontend's source ranges, its missing backends, the backend and the
+/// source NAT of a new flow.
+#[inline(always)]
+fn new_flow(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    fwd_key: &sluice_common::CtKey,
+    service: &sluice_common::ServiceValue,
+    hook: Hook,
+    now: u64,
+) -> Result<NewFlow, Reason> {
+    if service.flags & SVC_F_SOURCE_RANGES != 0 && !lb::source_allowed(service.id, pkt.saddr) {
+        return Err(REASON_DROP_SOURCE_RANGE);
+    }
+    if service.backend_count == 0 {
+        if service.flags & SVC_F_DROP_WHEN_EMPTY != 0 {
+            return Err(REASON_DROP_NO_LOCAL_ENDPOINTS);
+        }
+        return match reject::build(ctx, pkt) {
+            Ok(reject::Answer::Built) => {
+                stats::record(ctx, REASON_REJECT_NO_ENDPOINTS);
+                let action = route::bounce(ctx).map_err(|()| REASON_DROP_REJECT_FAILED)?;
+                Ok(NewFlow::Done(action))
+            }
+            Ok(reject::Answer::Nothing) => Err(REASON_REJECT_NO_ENDPOINTS),
+            Err(()) => Err(REASON_DROP_REJECT_FAILED),
+        };
+    }
+    let Some((backend, slot)) = lb::select(service, pkt.saddr, now) else {
+        // The service lost its backends between the two reads: as if it had none yet.
+        return Ok(NewFlow::Done(TC_ACT_OK));
+    };
+    let (snat, flags) = masq::decide(masq::config(), service, &backend, pkt, hook);
+    let entry = conntrack::create(pkt, fwd_key, service.id, &backend, slot, snat, flags, now)?;
+    Ok(NewFlow::Balanced(entry))
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) -> Result<i32, Reason> {
+    let pkt = match parse::parse(ctx) {
+        None => return Ok(TC_ACT_OK),
+        Some(Packet::IcmpError(err)) => return icmp::egress(ctx, &err).map_err(rewrite_failed),
+        Some(Packet::Flow(pkt)) => pkt,
+    };
+    if let Some(entry) = conntrack::lookup(&conntrack::key(&pkt, CT_DIR_REPLY)) {
+        nat::reverse(ctx, &pkt, &entry).map_err(rewrite_failed)?;
     }
     Ok(TC_ACT_OK)
 }

@@ -8,11 +8,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use sluice_common::{
-    Backend, BackendKey, CtKey, CtValue, ServiceKey, ServiceValue, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_SERVICES,
+    AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, NodeConfig, ServiceKey,
+    ServiceValue, SourceRangeKey, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+    MAX_SOURCE_RANGES, REASON_COUNT,
 };
 
 #[map(name = "services")]
@@ -23,3 +24,17 @@ pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(MA
 
 #[map(name = "conntrack")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+#[map(name = "affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+
+#[map(name = "source_ranges")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
+
+#[map(name = "config")]
+pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "drops")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);

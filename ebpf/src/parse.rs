@@ -1,7 +1,7 @@
 //! Header parsing: direct packet access for the common packet, a helper for the rest.
 
 use aya_ebpf::programs::TcContext;
-use sluice_common::{PROTO_TCP, PROTO_UDP};
+use sluice_common::{PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -9,17 +9,29 @@ const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 pub const IP_CSUM_OFF: usize = 10;
 pub const IP_SADDR_OFF: usize = 12;
 pub const IP_DADDR_OFF: usize = 16;
-/// Offset of the checksum inside the TCP and UDP headers.
-const TCP_CSUM_OFF: usize = 16;
-const UDP_CSUM_OFF: usize = 6;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
+/// Offset of the checksum inside the TCP, UDP, SCTP and ICMP headers.
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+pub const SCTP_CSUM_OFF: usize = 8;
+pub const ICMP_CSUM_OFF: usize = 2;
+pub const TCP_FLAG_FIN: u8 = 0x01;
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
+pub const TCP_FLAG_ACK: u8 = 0x10;
+/// ICMP error types whose payload quotes the packet they are about.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
-/// What the programs need of an IPv4 TCP or UDP packet. Addresses and ports stay in network
-/// byte order.
+/// What the programs need of an IPv4 TCP, UDP or SCTP packet. Addresses and ports stay in
+/// network byte order.
 pub struct Ipv4Packet {
     pub l3_off: usize,
     pub l4_off: usize,
+    /// IPv4 header length in bytes (20 without options).
+    pub ihl: usize,
+    /// IPv4 total length, host order.
+    pub tot_len: u16,
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,
@@ -34,16 +46,40 @@ impl Ipv4Packet {
         self.proto == PROTO_TCP && self.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
     }
 
-    /// Offset of the L4 checksum field.
+    /// Offset of the checksum field of the L4 header; for SCTP its CRC32c, which does not cover
+    /// the IP addresses.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         self.l4_off
-            + if self.proto == PROTO_TCP {
-                TCP_CSUM_OFF
-            } else {
-                UDP_CSUM_OFF
+            + match self.proto {
+                PROTO_TCP => TCP_CSUM_OFF,
+                PROTO_UDP => UDP_CSUM_OFF,
+                _ => SCTP_CSUM_OFF,
             }
     }
+}
+
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) quoting an IPv4
+/// TCP, UDP or SCTP packet: the outer header and the quoted ("inner") tuple.
+pub struct IcmpError {
+    pub l3_off: usize,
+    pub icmp_off: usize,
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Offset of the quoted IPv4 header and of its L4 header.
+    pub inner_off: usize,
+    pub inner_l4_off: usize,
+    pub inner_saddr: u32,
+    pub inner_daddr: u32,
+    pub inner_sport: u16,
+    pub inner_dport: u16,
+    pub inner_proto: u8,
+}
+
+/// What the programs handle.
+pub enum Packet {
+    Flow(Ipv4Packet),
+    IcmpError(IcmpError),
 }
 
 /// The fixed part of the IPv4 header, as on the wire.
@@ -52,7 +88,7 @@ impl Ipv4Packet {
 struct Ipv4Header {
     ver_ihl: u8,
     _tos: u8,
-    _total_len: u16,
+    total_len: u16,
     _id: u16,
     frag_off: u16,
     _ttl: u8,
@@ -77,13 +113,24 @@ struct TcpHeader {
     _urg: u16,
 }
 
+/// UDP's header, and as much of SCTP's common header as the programs read (ports, then the
+/// verification tag / length and checksum: 8 bytes either way; SCTP's CRC32c follows).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct UdpHeader {
+struct PortsHeader {
     sport: u16,
     dport: u16,
-    _len: u16,
-    _csum: u16,
+    _rest: u32,
+}
+
+/// SCTP's common header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SctpHeader {
+    sport: u16,
+    dport: u16,
+    _vtag: u32,
+    _csum: u32,
 }
 
 /// Reads headers out of the packet: in place (direct packet access) or through a helper.
@@ -114,8 +161,9 @@ impl Reader for Direct<'_> {
 
 /// `bpf_skb_load_bytes`: for the rare packet the direct path cannot take, an IPv4 header with
 /// options (the L4 header then sits at a variable offset, which the verifier only accepts
-/// through the very register compared with `data_end`, something LLVM does not guarantee) or
-/// headers outside the linear data.
+/// through the very register compared with `data_end`, something LLVM does not guarantee),
+/// headers outside the linear data, and ICMP errors (the quoted header is at a variable
+/// offset too).
 struct Loaded<'a>(&'a TcContext);
 
 impl Reader for Loaded<'_> {
@@ -129,28 +177,35 @@ impl Reader for Loaded<'_> {
 
 enum Parsed {
     Packet(Ipv4Packet),
-    /// Not IPv4 TCP/UDP (or truncated): the programs leave it alone.
+    /// ICMP: maybe an error about a translated flow, parsed on the slow path.
+    Icmp {
+        ihl: usize,
+    },
+    /// Not IPv4 TCP/UDP/SCTP/ICMP (or truncated): the programs leave it alone.
     NotOurs,
     /// The reader could not decide; try the other one.
     Fallback,
 }
 
-/// Parses Ethernet + IPv4 + TCP/UDP. Returns `None` for anything else (ARP, IPv6, ICMP, other
-/// protocols, non-first fragments, truncated packets): those pass untouched.
+/// Parses Ethernet + IPv4 + TCP/UDP/SCTP, or an ICMP error quoting such a packet. Returns
+/// `None` for anything else (ARP, IPv6, other ICMP, other protocols, non-first fragments,
+/// truncated packets): those pass untouched.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
-    match parse(&Direct(ctx)) {
-        Parsed::Packet(pkt) => Some(pkt),
+pub fn parse(ctx: &TcContext) -> Option<Packet> {
+    match parse_with(&Direct(ctx)) {
+        Parsed::Packet(pkt) => Some(Packet::Flow(pkt)),
+        Parsed::Icmp { ihl } => parse_icmp_error(ctx, ihl),
         Parsed::NotOurs => None,
-        Parsed::Fallback => match parse(&Loaded(ctx)) {
-            Parsed::Packet(pkt) => Some(pkt),
+        Parsed::Fallback => match parse_with(&Loaded(ctx)) {
+            Parsed::Packet(pkt) => Some(Packet::Flow(pkt)),
+            Parsed::Icmp { ihl } => parse_icmp_error(ctx, ihl),
             Parsed::NotOurs | Parsed::Fallback => None,
         },
     }
 }
 
 #[inline(always)]
-fn parse<R: Reader>(r: &R) -> Parsed {
+fn parse_with<R: Reader>(r: &R) -> Parsed {
     let Some(ethertype) = r.read::<u16>(12) else {
         return Parsed::Fallback;
     };
@@ -172,7 +227,10 @@ fn parse<R: Reader>(r: &R) -> Parsed {
     if u16::from_be(ip.frag_off) & 0x1fff != 0 {
         return Parsed::NotOurs;
     }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+    if ip.proto == PROTO_ICMP {
+        return Parsed::Icmp { ihl };
+    }
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_SCTP {
         return Parsed::NotOurs;
     }
     let l4_off = if R::FIXED_LAYOUT {
@@ -185,22 +243,24 @@ fn parse<R: Reader>(r: &R) -> Parsed {
         l3_off + ihl
     };
     // The whole fixed L4 header (with its checksum field, which NAT rewrites) must be present.
-    let (sport, dport, tcp_flags) = if ip.proto == PROTO_TCP {
-        match r.read::<TcpHeader>(l4_off) {
-            Some(tcp) => (tcp.sport, tcp.dport, tcp.flags),
-            None if R::FIXED_LAYOUT => return Parsed::Fallback,
-            None => return Parsed::NotOurs,
-        }
+    let ports = if ip.proto == PROTO_TCP {
+        r.read::<TcpHeader>(l4_off)
+            .map(|tcp| (tcp.sport, tcp.dport, tcp.flags))
+    } else if ip.proto == PROTO_UDP {
+        r.read::<PortsHeader>(l4_off).map(|h| (h.sport, h.dport, 0))
     } else {
-        match r.read::<UdpHeader>(l4_off) {
-            Some(udp) => (udp.sport, udp.dport, 0),
-            None if R::FIXED_LAYOUT => return Parsed::Fallback,
-            None => return Parsed::NotOurs,
-        }
+        r.read::<SctpHeader>(l4_off).map(|h| (h.sport, h.dport, 0))
+    };
+    let (sport, dport, tcp_flags) = match ports {
+        Some(ports) => ports,
+        None if R::FIXED_LAYOUT => return Parsed::Fallback,
+        None => return Parsed::NotOurs,
     };
     Parsed::Packet(Ipv4Packet {
         l3_off,
         l4_off,
+        ihl,
+        tot_len: u16::from_be(ip.total_len),
         saddr: ip.saddr,
         daddr: ip.daddr,
         sport,
@@ -208,4 +268,56 @@ fn parse<R: Reader>(r: &R) -> Parsed {
         proto: ip.proto,
         tcp_flags,
     })
+}
+
+/// The ICMP header's first bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IcmpHeader {
+    icmp_type: u8,
+    _code: u8,
+    _csum: u16,
+}
+
+/// An ICMP error quoting a TCP, UDP or SCTP packet, read with the helper (the rare path).
+#[inline(always)]
+fn parse_icmp_error(ctx: &TcContext, ihl: usize) -> Option<Packet> {
+    let r = Loaded(ctx);
+    let l3_off = ETH_HLEN;
+    let outer = r.read::<Ipv4Header>(l3_off)?;
+    let icmp_off = l3_off + ihl;
+    let icmp = r.read::<IcmpHeader>(icmp_off)?;
+    if icmp.icmp_type != ICMP_DEST_UNREACH
+        && icmp.icmp_type != ICMP_TIME_EXCEEDED
+        && icmp.icmp_type != ICMP_PARAMETER_PROBLEM
+    {
+        return None;
+    }
+    let inner_off = icmp_off + 8;
+    let inner = r.read::<Ipv4Header>(inner_off)?;
+    if inner.ver_ihl >> 4 != 4 || u16::from_be(inner.frag_off) & 0x1fff != 0 {
+        return None;
+    }
+    let inner_ihl = ((inner.ver_ihl & 0x0f) as usize) * 4;
+    if inner_ihl < 20
+        || (inner.proto != PROTO_TCP && inner.proto != PROTO_UDP && inner.proto != PROTO_SCTP)
+    {
+        return None;
+    }
+    let inner_l4_off = inner_off + inner_ihl;
+    // Errors quote at least 8 bytes of the L4 header: the ports are there.
+    let ports = r.read::<[u16; 2]>(inner_l4_off)?;
+    Some(Packet::IcmpError(IcmpError {
+        l3_off,
+        icmp_off,
+        saddr: outer.saddr,
+        daddr: outer.daddr,
+        inner_off,
+        inner_l4_off,
+        inner_saddr: inner.saddr,
+        inner_daddr: inner.daddr,
+        inner_sport: ports[0],
+        inner_dport: ports[1],
+        inner_proto: inner.proto,
+    }))
 }

@@ -1,13 +1,17 @@
-//! Kernel-facing code: load the eBPF object, attach its programs to pod interfaces, program the
-//! maps.
+//! Kernel-facing code: load the eBPF object, attach its programs to pod interfaces and to the
+//! node's external interfaces, program the maps.
 //!
 //! A running node keeps everything under one pin directory on bpffs (default
 //! [`sluice_common::DEFAULT_PIN_PATH`]):
 //!
 //! ```text
-//! <pin>/services, <pin>/backends, <pin>/conntrack   the maps
-//! <pin>/links/<ifindex>-ingress                     tcx link running `from_pod` on that interface
+//! <pin>/services, backends, conntrack, affinity,    the maps (sluice-common documents them)
+//!       source_ranges, config, drops
+//! <pin>/links/<ifindex>-ingress                     tcx link running `from_pod` on a pod veth
 //! <pin>/links/<ifindex>-egress                      tcx link running `to_pod`
+//! <pin>/links/<ifindex>-world-ingress               tcx link running `from_world` on an
+//!                                                   external interface
+//! <pin>/links/<ifindex>-world-egress                tcx link running `to_world`
 //! ```
 //!
 //! Pins keep the datapath running while no agent runs: dropping a [`Datapath`] detaches nothing,
@@ -19,6 +23,7 @@
 //! [`Datapath::load_unpinned`] loads the same object with private maps for `BPF_PROG_RUN` (tests,
 //! `sluice trace`): it never touches a running agent's maps or bpffs at all.
 
+pub mod purge;
 pub mod sync;
 pub mod wire;
 
@@ -31,7 +36,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{HashMap, MapData, MapType},
+    maps::{Array, HashMap, LpmTrie, MapData, MapType, PerCpuArray},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
@@ -42,20 +47,29 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use sluice_common::{
-    CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_SERVICES,
+    AffinityKey, AffinityValue, CtKey, CtValue, NodeConfig, Reason, CB_REASON_MAGIC,
+    CB_REASON_MASK, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_DROPS, MAP_SERVICES,
+    MAP_SOURCE_RANGES, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES,
+    REASON_COUNT,
 };
 use tracing::{debug, info, warn};
 
 use sync::{KernelServiceMaps, ServiceSync};
-pub use sync::{ProgrammedService, SyncStats};
+pub use sync::{ProgrammedService, RemovedBackends, SyncStats};
 
-use crate::state::{DesiredState, Frontend};
+use crate::{
+    node::NodeContext,
+    state::{DesiredState, Frontend},
+};
 
 /// Program run on tc ingress of a pod's host-side veth (packets the pod sends).
 pub const PROGRAM_FROM_POD: &str = "from_pod";
 /// Program run on tc egress of a pod's host-side veth (packets delivered to the pod).
 pub const PROGRAM_TO_POD: &str = "to_pod";
+/// Program run on tc ingress of the node's external interfaces (packets from outside).
+pub const PROGRAM_FROM_WORLD: &str = "from_world";
+/// Program run on tc egress of the node's external interfaces (packets leaving the node).
+pub const PROGRAM_TO_WORLD: &str = "to_world";
 
 /// Where bpffs is expected, and mounted when it is not.
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -69,7 +83,7 @@ const NETLINK_PRIORITY: u16 = 0x5c1;
 const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0x5c1);
 
 /// Which program runs on which side of a pod interface.
-const HOOKS: [Hook; 2] = [
+const POD_HOOKS: [Hook; 2] = [
     Hook {
         program: PROGRAM_FROM_POD,
         attach_type: TcAttachType::Ingress,
@@ -81,6 +95,46 @@ const HOOKS: [Hook; 2] = [
         direction: "egress",
     },
 ];
+
+/// Which program runs on which side of an external interface.
+const WORLD_HOOKS: [Hook; 2] = [
+    Hook {
+        program: PROGRAM_FROM_WORLD,
+        attach_type: TcAttachType::Ingress,
+        direction: "world-ingress",
+    },
+    Hook {
+        program: PROGRAM_TO_WORLD,
+        attach_type: TcAttachType::Egress,
+        direction: "world-egress",
+    },
+];
+
+/// Every program of the object, loaded at once.
+const ALL_HOOKS: [&Hook; 4] = [
+    &POD_HOOKS[0],
+    &POD_HOOKS[1],
+    &WORLD_HOOKS[0],
+    &WORLD_HOOKS[1],
+];
+
+/// What an attached interface is to the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A pod's host-side veth: `from_pod`, `to_pod`.
+    Pod,
+    /// An interface carrying a node IP: `from_world`, `to_world`.
+    External,
+}
+
+impl Role {
+    fn hooks(self) -> &'static [Hook; 2] {
+        match self {
+            Role::Pod => &POD_HOOKS,
+            Role::External => &WORLD_HOOKS,
+        }
+    }
+}
 
 struct Hook {
     program: &'static str,
@@ -97,7 +151,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-const MAPS: [MapSpec; 3] = [
+const MAPS: [MapSpec; 7] = [
     MapSpec {
         name: MAP_SERVICES,
         map_type: MapType::Hash,
@@ -112,6 +166,26 @@ const MAPS: [MapSpec; 3] = [
         name: MAP_CONNTRACK,
         map_type: MapType::LruHash,
         max_entries: MAX_CONNTRACK,
+    },
+    MapSpec {
+        name: MAP_AFFINITY,
+        map_type: MapType::LruHash,
+        max_entries: MAX_AFFINITY,
+    },
+    MapSpec {
+        name: MAP_SOURCE_RANGES,
+        map_type: MapType::LpmTrie,
+        max_entries: MAX_SOURCE_RANGES,
+    },
+    MapSpec {
+        name: MAP_CONFIG,
+        map_type: MapType::Array,
+        max_entries: 1,
+    },
+    MapSpec {
+        name: MAP_DROPS,
+        map_type: MapType::PerCpuArray,
+        max_entries: REASON_COUNT,
     },
 ];
 
@@ -133,9 +207,70 @@ pub struct Datapath {
     ebpf: Ebpf,
     services: ServiceSync<KernelServiceMaps>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    config: Array<MapData, NodeConfig>,
+    drops: PerCpuArray<MapData, u64>,
+    /// What `config` holds (read back at load, then as last written).
+    node_config: NodeConfig,
     /// `None` for a datapath with private maps.
     pin_path: Option<PathBuf>,
-    attached: BTreeMap<u32, Attachment>,
+    attached: BTreeMap<u32, (Role, Attachment)>,
+}
+
+/// One `BPF_PROG_RUN` of a program ([`run_program`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramRun {
+    /// The program's return code (a tc action).
+    pub return_value: u32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Why the program dropped the packet or answered it itself, when it says
+    /// (`skb->cb[0]`, see `sluice-common`).
+    pub reason: Option<Reason>,
+}
+
+/// Size of `struct __sk_buff` (uapi/linux/bpf.h) and the offsets `BPF_PROG_RUN` callers use.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_IFINDEX: usize = 40;
+const SK_BUFF_CB0: usize = 48;
+
+/// Runs a loaded classifier on `packet` with `BPF_PROG_RUN`, as received on interface
+/// `ifindex` (of the caller's network namespace; default: loopback), and returns what it did.
+/// The programs' FIB lookups see that namespace's routes.
+pub fn run_program(
+    program: &SchedClassifier,
+    packet: &[u8],
+    ifindex: Option<u32>,
+) -> anyhow::Result<ProgramRun> {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let mut ctx_in = [0u8; SK_BUFF_SIZE];
+    if let Some(ifindex) = ifindex {
+        ctx_in[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    }
+    let mut ctx_out = [0u8; SK_BUFF_SIZE];
+    // Room for whatever a program leaves: an ICMP answer grows the packet it quotes, and
+    // BPF_PROG_RUN fails rather than truncate.
+    let mut out = vec![0u8; packet.len() + 512];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_RUN")?;
+    out.truncate(result.data_size_out as usize);
+    let cb0 = u32::from_ne_bytes(
+        ctx_out[SK_BUFF_CB0..SK_BUFF_CB0 + 4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    Ok(ProgramRun {
+        return_value: result.return_value,
+        packet: out,
+        reason: (cb0 & !CB_REASON_MASK == CB_REASON_MAGIC).then_some(cb0 & CB_REASON_MASK),
+    })
 }
 
 impl Datapath {
@@ -196,13 +331,14 @@ impl Datapath {
             Some(dir) => format!("map `{name}` pinned at {}", dir.join(name).display()),
             None => format!("map `{name}`"),
         };
-        let [services, backends, conntrack] = MAPS.map(|spec| {
-            let map = ebpf
-                .take_map(spec.name)
-                .with_context(|| format!("the eBPF object has no map `{}`", spec.name))?;
-            let info = map_info(&map).with_context(|| describe(spec.name))?;
-            if info.0 != spec.map_type || info.1 != spec.max_entries {
-                bail!(
+        let [services, backends, conntrack, affinity, source_ranges, config, drops] =
+            MAPS.map(|spec| {
+                let map = ebpf
+                    .take_map(spec.name)
+                    .with_context(|| format!("the eBPF object has no map `{}`", spec.name))?;
+                let info = map_info(&map).with_context(|| describe(spec.name))?;
+                if info.0 != spec.map_type || info.1 != spec.max_entries {
+                    bail!(
                     "{} is a {:?} of {} entries, this agent needs a {:?} of {}: it was created by \
                      another Sluice version; `sluice cleanup` removes the old datapath",
                     describe(spec.name),
@@ -211,9 +347,9 @@ impl Datapath {
                     spec.map_type,
                     spec.max_entries
                 );
-            }
-            Ok(map)
-        });
+                }
+                Ok(map)
+            });
         let stale = |name| {
             format!(
                 "{}: its key or value size is not the one this agent expects (created by another \
@@ -224,8 +360,17 @@ impl Datapath {
         let services = HashMap::try_from(services?).with_context(|| stale(MAP_SERVICES))?;
         let backends = HashMap::try_from(backends?).with_context(|| stale(MAP_BACKENDS))?;
         let conntrack = HashMap::try_from(conntrack?).with_context(|| stale(MAP_CONNTRACK))?;
+        let affinity = HashMap::try_from(affinity?).with_context(|| stale(MAP_AFFINITY))?;
+        let source_ranges =
+            LpmTrie::try_from(source_ranges?).with_context(|| stale(MAP_SOURCE_RANGES))?;
+        let config: Array<MapData, NodeConfig> =
+            Array::try_from(config?).with_context(|| stale(MAP_CONFIG))?;
+        let drops = PerCpuArray::try_from(drops?).with_context(|| stale(MAP_DROPS))?;
+        let node_config = config
+            .get(&0, 0)
+            .with_context(|| format!("reading {}", describe(MAP_CONFIG)))?;
 
-        for hook in &HOOKS {
+        for hook in ALL_HOOKS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(hook.program)
                 .with_context(|| format!("the eBPF object has no program `{}`", hook.program))?
@@ -236,30 +381,57 @@ impl Datapath {
                 .with_context(|| format!("loading program `{}` into the kernel", hook.program))?;
         }
 
-        let services = ServiceSync::read_back(KernelServiceMaps { services, backends })
-            .with_context(|| {
-                format!(
-                    "reading back {} and {}",
-                    describe(MAP_SERVICES),
-                    describe(MAP_BACKENDS)
-                )
-            })?;
+        let services = ServiceSync::read_back(KernelServiceMaps {
+            services,
+            backends,
+            source_ranges,
+        })
+        .with_context(|| {
+            format!(
+                "reading back {}, {} and {}",
+                describe(MAP_SERVICES),
+                describe(MAP_BACKENDS),
+                describe(MAP_SOURCE_RANGES)
+            )
+        })?;
         Ok(Datapath {
             ebpf,
             services,
             conntrack,
+            affinity,
+            config,
+            drops,
+            node_config,
             pin_path,
             attached: BTreeMap::new(),
         })
     }
 
-    /// Runs `from_pod` on tc ingress and `to_pod` on tc egress of the interface. Uses tcx links
-    /// (kernel >= 6.6) pinned at `<pin>/links/<ifindex>-{ingress,egress}`; a link already pinned
-    /// there (an earlier agent) gets this agent's programs swapped in atomically. Older kernels
-    /// get a clsact qdisc and netlink filters. Attaching an interface twice is a no-op.
+    /// Runs `from_pod` on tc ingress and `to_pod` on tc egress of a pod's host-side veth. Uses
+    /// tcx links (kernel >= 6.6) pinned at `<pin>/links/<ifindex>-{ingress,egress}`; a link
+    /// already pinned there (an earlier agent) gets this agent's programs swapped in atomically.
+    /// Older kernels get a clsact qdisc and netlink filters. Attaching an interface twice is a
+    /// no-op.
     pub fn attach(&mut self, ifindex: u32, ifname: &str) -> anyhow::Result<()> {
-        if self.attached.contains_key(&ifindex) {
-            return Ok(());
+        self.attach_as(Role::Pod, ifindex, ifname)
+    }
+
+    /// Runs `from_world` on tc ingress and `to_world` on tc egress of one of the node's
+    /// external interfaces (one carrying a node IP), with links pinned at
+    /// `<pin>/links/<ifindex>-world-{ingress,egress}`; otherwise as [`Datapath::attach`].
+    pub fn attach_external(&mut self, ifindex: u32, ifname: &str) -> anyhow::Result<()> {
+        self.attach_as(Role::External, ifindex, ifname)
+    }
+
+    fn attach_as(&mut self, role: Role, ifindex: u32, ifname: &str) -> anyhow::Result<()> {
+        if let Some((attached_as, _)) = self.attached.get(&ifindex) {
+            if *attached_as == role {
+                return Ok(());
+            }
+            bail!(
+                "interface {ifname} (ifindex {ifindex}) is attached as {attached_as:?}, not \
+                 {role:?}: forget it first"
+            );
         }
         let Some(pin_path) = self.pin_path.clone() else {
             bail!(
@@ -275,7 +447,7 @@ impl Datapath {
         }
 
         let attachment = if tcx_supported() {
-            for hook in &HOOKS {
+            for hook in role.hooks() {
                 let link_pin = link_pin_path(&pin_path, ifindex, hook.direction);
                 let program = classifier_mut(&mut self.ebpf, hook.program);
                 attach_tcx(program, ifname, hook.attach_type, &link_pin).with_context(|| {
@@ -290,7 +462,7 @@ impl Datapath {
             }
             Attachment::Tcx
         } else {
-            for hook in &HOOKS {
+            for hook in role.hooks() {
                 let program = classifier_mut(&mut self.ebpf, hook.program);
                 attach_netlink(program, ifname, hook.attach_type).with_context(|| {
                     format!(
@@ -303,14 +475,15 @@ impl Datapath {
                 ifname: ifname.to_owned(),
             }
         };
-        debug!(ifname, ifindex, "attached");
-        self.attached.insert(ifindex, attachment);
+        debug!(ifname, ifindex, ?role, "attached");
+        self.attached.insert(ifindex, (role, attachment));
         Ok(())
     }
 
-    /// Detaches the programs from every interface not in `present`: unpins their links, also
-    /// those an earlier agent pinned for interfaces that have gone since. Returns the ifindexes
-    /// forgotten. Errors are collected: one stuck pin does not keep the others.
+    /// Detaches the programs from every interface not in `present` (pod veths and external
+    /// interfaces alike: `present` lists every interface still wanted): unpins their links,
+    /// also those an earlier agent pinned for interfaces that have gone since. Returns the
+    /// ifindexes forgotten. Errors are collected: one stuck pin does not keep the others.
     ///
     /// The kernel releases an unpinned link asynchronously (after an RCU grace period), so the
     /// programs of an interface that is still there stop running shortly after this returns.
@@ -321,13 +494,13 @@ impl Datapath {
         let mut forgotten = BTreeSet::new();
         let mut errors = Vec::new();
 
-        for (ifindex, attachment) in &self.attached {
+        for (ifindex, (role, attachment)) in &self.attached {
             if present.contains(ifindex) {
                 continue;
             }
             forgotten.insert(*ifindex);
             if let Attachment::Netlink { ifname } = attachment {
-                for hook in &HOOKS {
+                for hook in role.hooks() {
                     // The interface is usually gone, and its filters with it.
                     match tc::qdisc_detach_program(ifname, hook.attach_type, hook.program) {
                         Ok(()) => {}
@@ -360,14 +533,75 @@ impl Datapath {
         Ok(forgotten.into_iter().collect())
     }
 
-    /// Programs the `services` and `backends` maps with `desired`, writing only what differs.
-    /// A frontend that cannot be programmed is reported in [`SyncStats::failed`] and does not
-    /// stop the others.
+    /// Programs the `services`, `backends` and `source_ranges` maps with `desired`, writing
+    /// only what differs, then purges the UDP/SCTP conntrack entries and the affinity entries
+    /// of the backends the sync removed ([`Datapath::purge_removed_backends`];
+    /// [`SyncStats::purged`] says how many). A frontend that cannot be programmed is reported
+    /// in [`SyncStats::failed`] and does not stop the others; a failed purge is an error (the
+    /// maps are programmed; the next sync does not retry the purge).
     pub fn sync(&mut self, desired: &DesiredState) -> anyhow::Result<SyncStats> {
-        Ok(self.services.sync(desired))
+        let mut stats = self.services.sync(desired);
+        if !stats.removed_backends.is_empty() {
+            stats.purged = self
+                .purge_removed_backends(&stats.removed_backends)
+                .context("purging the flows of removed backends")?;
+        }
+        Ok(stats)
     }
 
-    /// The frontends the maps hold, with their ids and reachable backends.
+    /// Writes this node's context to the `config` map: the first IPv4 node IP (the address
+    /// masqueraded traffic gets), the IPv4 cluster CIDRs, masqueradeAll. Writes only when it
+    /// changed; returns whether it wrote. Until it is called the programs masquerade nothing
+    /// but hairpin traffic.
+    pub fn set_node_config(&mut self, node: &NodeContext) -> anyhow::Result<bool> {
+        let config = wire::node_config(node)?;
+        if config == self.node_config {
+            return Ok(false);
+        }
+        self.config
+            .set(0, config, 0)
+            .context("writing the config map")?;
+        self.node_config = config;
+        Ok(true)
+    }
+
+    /// What the `config` map holds.
+    pub fn node_config(&self) -> NodeConfig {
+        self.node_config
+    }
+
+    /// Deletes the conntrack entries of UDP and SCTP flows to the `removed` backends (forward
+    /// and reply entries) and the affinity entries pointing to them, so the clients' next
+    /// packets are balanced over the live backends (kube-proxy's conntrack cleanup; TCP flows
+    /// drain). [`Datapath::sync`] calls it with what it removed. Returns how many entries went.
+    pub fn purge_removed_backends(&mut self, removed: &[RemovedBackends]) -> anyhow::Result<usize> {
+        let selection = purge::Selection::new(removed);
+        if selection.is_empty() {
+            return Ok(0);
+        }
+        let flows = self.purge_conntrack(|key, value| selection.conntrack(key, value))?;
+        let doomed: Vec<AffinityKey> = self
+            .affinity_entries()?
+            .into_iter()
+            .filter(|(key, value)| selection.affinity(key, value))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            match self.affinity.remove(key) {
+                Ok(()) => {}
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting an affinity entry"),
+            }
+        }
+        debug!(
+            conntrack = flows,
+            affinity = doomed.len(),
+            "purged the entries of removed backends"
+        );
+        Ok(flows + doomed.len())
+    }
+
+    /// The frontends the maps hold, with their ids, settings and reachable backends.
     pub fn programmed_services(&self) -> Vec<ProgrammedService> {
         self.services.programmed()
     }
@@ -383,6 +617,14 @@ impl Datapath {
             .iter()
             .collect::<Result<_, _>>()
             .context("reading the conntrack map")
+    }
+
+    /// Every sessionAffinity entry.
+    pub fn affinity_entries(&self) -> anyhow::Result<Vec<(AffinityKey, AffinityValue)>> {
+        self.affinity
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the affinity map")
     }
 
     /// Deletes the conntrack entries `remove` selects (e.g. flows to a backend that went away).
@@ -401,16 +643,48 @@ impl Datapath {
             match self.conntrack.remove(key) {
                 Ok(()) => {}
                 // Evicted by the LRU meanwhile.
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
-                    if io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if sync::is_not_found(&e) => {}
                 Err(e) => return Err(e).context("deleting a conntrack entry"),
             }
         }
         Ok(doomed.len())
     }
 
-    /// `from_pod`, loaded (for `BPF_PROG_RUN` via [`aya::programs::TestRun`]).
+    /// Deletes every affinity entry (`sluice trace` forgets its private clients with it).
+    pub fn clear_affinity(&mut self) -> anyhow::Result<usize> {
+        let keys: Vec<AffinityKey> = self
+            .affinity_entries()?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        for key in &keys {
+            match self.affinity.remove(key) {
+                Ok(()) => {}
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting an affinity entry"),
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// Packets dropped or answered by the programs, by reason, summed over the CPUs; reasons
+    /// that never happened are left out.
+    pub fn drop_counts(&self) -> anyhow::Result<BTreeMap<Reason, u64>> {
+        let mut counts = BTreeMap::new();
+        for reason in 1..REASON_COUNT {
+            let per_cpu = self
+                .drops
+                .get(&reason, 0)
+                .with_context(|| format!("reading the drops map at {reason}"))?;
+            let total: u64 = per_cpu.iter().sum();
+            if total > 0 {
+                counts.insert(reason, total);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// `from_pod`, loaded (for `BPF_PROG_RUN`: [`run_program`]).
     pub fn from_pod(&self) -> &SchedClassifier {
         classifier(&self.ebpf, PROGRAM_FROM_POD)
     }
@@ -418,6 +692,16 @@ impl Datapath {
     /// `to_pod`, loaded.
     pub fn to_pod(&self) -> &SchedClassifier {
         classifier(&self.ebpf, PROGRAM_TO_POD)
+    }
+
+    /// `from_world`, loaded.
+    pub fn from_world(&self) -> &SchedClassifier {
+        classifier(&self.ebpf, PROGRAM_FROM_WORLD)
+    }
+
+    /// `to_world`, loaded.
+    pub fn to_world(&self) -> &SchedClassifier {
+        classifier(&self.ebpf, PROGRAM_TO_WORLD)
     }
 
     /// The pin directory, `None` for private maps.
@@ -428,6 +712,13 @@ impl Datapath {
     /// Interfaces this process attached to.
     pub fn attached_interfaces(&self) -> impl Iterator<Item = u32> + '_ {
         self.attached.keys().copied()
+    }
+
+    /// Interfaces this process attached to, with what they are.
+    pub fn attached_roles(&self) -> impl Iterator<Item = (u32, Role)> + '_ {
+        self.attached
+            .iter()
+            .map(|(ifindex, (role, _))| (*ifindex, *role))
     }
 
     /// Removes the datapath pinned under `pin_path`: unpins the links first (which detaches the
@@ -491,7 +782,11 @@ fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier
 /// object's definition).
 fn map_info(map: &aya::maps::Map) -> anyhow::Result<(MapType, u32)> {
     let data = match map {
-        aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => data,
+        aya::maps::Map::HashMap(data)
+        | aya::maps::Map::LruHashMap(data)
+        | aya::maps::Map::LpmTrie(data)
+        | aya::maps::Map::Array(data)
+        | aya::maps::Map::PerCpuArray(data) => data,
         other => bail!("unexpected map kind {other:?}"),
     };
     let info = data.info()?;
@@ -636,7 +931,7 @@ fn detach_netlink_filters_everywhere() {
         let Some(ifname) = entry.file_name().to_str().map(str::to_owned) else {
             continue;
         };
-        for hook in &HOOKS {
+        for hook in ALL_HOOKS {
             if let Err(e) = tc::qdisc_detach_program(&ifname, hook.attach_type, hook.program) {
                 debug!("detaching {} from {ifname}: {e}", hook.program);
             }

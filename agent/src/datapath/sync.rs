@@ -1,18 +1,25 @@
-//! Incremental sync of the `services` and `backends` maps with a [`DesiredState`].
+//! Incremental sync of the `services`, `backends` and `source_ranges` maps with a
+//! [`DesiredState`].
 //!
-//! [`ServiceSync`] keeps a mirror of what the two maps hold. It is read back from the kernel when
+//! [`ServiceSync`] keeps a mirror of what the maps hold. It is read back from the kernel when
 //! the datapath is loaded (a restarted agent diffs against what the kernel really has and keeps
 //! the existing service ids) and afterwards updated after every successful write, so it stays
 //! equal to the maps while the agent is their only writer. A sync computes, per frontend, the
 //! writes that take the maps from the mirror to the desired state and applies only those:
-//! resyncing an unchanged state writes nothing.
+//! resyncing an unchanged state writes nothing. A frontend's `services` value carries its
+//! settings (flags, kind, affinity timeout) besides its id and backend count: a change of any
+//! of them is an update; a backend's value carries whether it is local.
 //!
 //! The datapath reads a service's `backend_count`, then slot `prandom % count`, falling back to
-//! slot 0 when that slot is missing. So that a packet never meets a service without a backend
-//! behind its count, every frontend's writes are ordered:
+//! slot 0 when that slot is missing; a service with `SVC_F_SOURCE_RANGES` drops every source
+//! outside its ranges. So that a packet never meets a service without a backend behind its
+//! count, nor a range check without the ranges, every frontend's writes are ordered:
 //! * slots are written before the count that makes them visible is raised (growing, new service);
 //! * the count is lowered before the slots above it are deleted (shrinking);
-//! * a removed frontend loses its `services` entry before its slots.
+//! * new source ranges are written before the `services` entry, old ones deleted after it (a
+//!   change of ranges briefly allows both; the flag is set after the first range and cleared
+//!   before the last goes);
+//! * a removed frontend loses its `services` entry before its slots and ranges.
 //!
 //! A slot whose backend stays keeps it, so replacing one backend rewrites one slot. A frontend
 //! whose backends all went away stays programmed with `backend_count` 0.
@@ -20,26 +27,86 @@
 //! A failed write (a full map: E2BIG/ENOSPC, ...) stops that frontend only: it is reported in
 //! [`SyncStats::failed`] and the next sync retries it from whatever the maps hold by then.
 //!
+//! Each sync also reports, per service, the backends that were reachable before and are not
+//! any more ([`SyncStats::removed_backends`]), for the conntrack cleanup of
+//! [`super::Datapath::purge_removed_backends`].
+//!
 //! The maps are reached through the [`ServiceMaps`] trait so this logic is unit-tested against an
 //! in-memory fake that checks the ordering rules after every single write.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context as _};
-use aya::maps::{HashMap, MapData, MapError};
-use sluice_common::{Backend, BackendKey, ServiceKey, ServiceValue};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    HashMap, MapData, MapError,
+};
+use ipnet::Ipv4Net;
+use sluice_common::{
+    source_range_prefix_len, Backend, BackendKey, ServiceKey, ServiceValue, SourceRangeKey,
+};
 use tracing::{debug, warn};
 
-use super::wire;
+use super::wire::{self, ServiceSettings};
 use crate::state::{BackendAddr, DesiredState, Frontend};
 
-/// One write to the `services` or `backends` map.
+/// One loadBalancerSourceRange of a service, as `source_ranges` holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub service_id: u32,
+    /// The range's prefix length (0..=32), without the service id's 32 bits.
+    pub bits: u32,
+    /// The network address, as the maps hold it.
+    pub addr: u32,
+}
+
+impl SourceRange {
+    pub fn new(service_id: u32, net: &Ipv4Net) -> SourceRange {
+        let net = net.trunc();
+        SourceRange {
+            service_id,
+            bits: u32::from(net.prefix_len()),
+            addr: wire::addr_to_map(net.network()),
+        }
+    }
+
+    pub fn net(&self) -> Ipv4Net {
+        Ipv4Net::new(wire::addr_from_map(self.addr), self.bits.min(32) as u8)
+            .expect("a prefix length of at most 32")
+    }
+
+    /// The LPM trie key.
+    pub fn key(&self) -> LpmKey<SourceRangeKey> {
+        LpmKey::new(
+            source_range_prefix_len(self.bits),
+            SourceRangeKey {
+                service_id: self.service_id,
+                addr: self.addr,
+            },
+        )
+    }
+
+    /// The range an LPM trie key stands for; `None` for a key the agent never writes.
+    pub fn from_key(key: &LpmKey<SourceRangeKey>) -> Option<SourceRange> {
+        let bits = key.prefix_len().checked_sub(32).filter(|b| *b <= 32)?;
+        let data = key.data();
+        Some(SourceRange {
+            service_id: data.service_id,
+            bits,
+            addr: data.addr,
+        })
+    }
+}
+
+/// One write to the `services`, `backends` or `source_ranges` map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
     PutBackend(BackendKey, Backend),
     DeleteBackend(BackendKey),
     PutService(ServiceKey, ServiceValue),
     DeleteService(ServiceKey),
+    PutSourceRange(SourceRange),
+    DeleteSourceRange(SourceRange),
 }
 
 impl std::fmt::Display for MapOp {
@@ -67,16 +134,30 @@ impl std::fmt::Display for MapOp {
             MapOp::DeleteService(key) => {
                 write!(f, "deleting service {}", wire::describe_key(key))
             }
+            MapOp::PutSourceRange(range) => write!(
+                f,
+                "writing source range {} of service id {}",
+                range.net(),
+                range.service_id
+            ),
+            MapOp::DeleteSourceRange(range) => write!(
+                f,
+                "deleting source range {} of service id {}",
+                range.net(),
+                range.service_id
+            ),
         }
     }
 }
 
-/// The two maps the agent programs, as the sync needs them.
+/// The maps the agent programs, as the sync needs them.
 pub trait ServiceMaps {
     /// Every entry of `services`.
     fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>>;
     /// Every entry of `backends`.
     fn read_backends(&self) -> anyhow::Result<Vec<(BackendKey, Backend)>>;
+    /// Every entry of `source_ranges`.
+    fn read_source_ranges(&self) -> anyhow::Result<Vec<SourceRange>>;
     /// Applies one write. Deleting a key that is already absent succeeds: the goal is reached.
     fn apply(&mut self, op: &MapOp) -> anyhow::Result<()>;
 }
@@ -85,9 +166,10 @@ pub trait ServiceMaps {
 pub struct KernelServiceMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, BackendKey, Backend>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
-fn is_not_found(error: &MapError) -> bool {
+pub(super) fn is_not_found(error: &MapError) -> bool {
     match error {
         MapError::KeyNotFound => true,
         MapError::SyscallError(e) => e.io_error.kind() == std::io::ErrorKind::NotFound,
@@ -110,22 +192,49 @@ impl ServiceMaps for KernelServiceMaps {
             .context("reading the backends map")
     }
 
+    fn read_source_ranges(&self) -> anyhow::Result<Vec<SourceRange>> {
+        let mut ranges = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.context("reading the source_ranges map")?;
+            match SourceRange::from_key(&key) {
+                Some(range) => ranges.push(range),
+                None => warn!(
+                    prefix_len = key.prefix_len(),
+                    "ignoring a source_ranges entry Sluice does not write"
+                ),
+            }
+        }
+        Ok(ranges)
+    }
+
     fn apply(&mut self, op: &MapOp) -> anyhow::Result<()> {
+        let ignore_missing = |result: Result<(), MapError>| match result {
+            Err(e) if is_not_found(&e) => Ok(()),
+            other => other,
+        };
         let result = match op {
             MapOp::PutBackend(key, value) => self.backends.insert(key, value, 0),
             MapOp::PutService(key, value) => self.services.insert(key, value, 0),
-            MapOp::DeleteBackend(key) => match self.backends.remove(key) {
-                Err(e) if is_not_found(&e) => Ok(()),
-                other => other,
-            },
-            MapOp::DeleteService(key) => match self.services.remove(key) {
-                Err(e) if is_not_found(&e) => Ok(()),
-                other => other,
-            },
+            MapOp::PutSourceRange(range) => self.source_ranges.insert(&range.key(), 1u8, 0),
+            MapOp::DeleteBackend(key) => ignore_missing(self.backends.remove(key)),
+            MapOp::DeleteService(key) => ignore_missing(self.services.remove(key)),
+            MapOp::DeleteSourceRange(range) => {
+                ignore_missing(self.source_ranges.remove(&range.key()))
+            }
         };
         // MapError's Display omits the errno ("bpf_map_update_elem failed"); its source has it.
         result.map_err(|e| anyhow::Error::new(e).context(op.to_string()))
     }
+}
+
+/// Backends a sync took away from a service: flows to them are purged
+/// ([`super::Datapath::purge_removed_backends`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemovedBackends {
+    /// `None` for a `services` key with a protocol the agent does not write.
+    pub frontend: Option<Frontend>,
+    pub service_id: u32,
+    pub backends: BTreeSet<BackendAddr>,
 }
 
 /// What a sync did.
@@ -133,7 +242,7 @@ impl ServiceMaps for KernelServiceMaps {
 pub struct SyncStats {
     /// Frontends newly programmed.
     pub added: usize,
-    /// Frontends whose backends changed.
+    /// Frontends whose backends or settings changed.
     pub updated: usize,
     /// Frontends removed from the maps.
     pub removed: usize,
@@ -147,6 +256,12 @@ pub struct SyncStats {
     /// Entries without a frontend of their own (slots of a service id no service uses any more,
     /// a `services` key with an unknown protocol) that could not be removed.
     pub leftovers_failed: Vec<String>,
+    /// Per service, the backends that were reachable before this sync and are not any more
+    /// (every backend of a removed frontend).
+    pub removed_backends: Vec<RemovedBackends>,
+    /// Conntrack and affinity entries of removed backends deleted after the sync
+    /// ([`super::Datapath::sync`] fills it; the sync engine alone leaves it 0).
+    pub purged: usize,
 }
 
 impl SyncStats {
@@ -156,7 +271,7 @@ impl SyncStats {
     }
 }
 
-/// A frontend as the maps hold it, for `sluice state`.
+/// A frontend as the maps hold it, for `sluice state` and `sluice trace`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgrammedService {
     /// `None` for a key with a protocol the agent does not write.
@@ -165,7 +280,11 @@ pub struct ProgrammedService {
     pub id: u32,
     /// The backends of slots `0..backend_count`, in slot order; a missing slot is left out.
     pub backends: Vec<BackendAddr>,
+    /// Those of `backends` marked local.
+    pub local_backends: Vec<BackendAddr>,
     pub backend_count: u32,
+    pub settings: ServiceSettings,
+    pub source_ranges: Vec<Ipv4Net>,
 }
 
 /// A copy of the maps' content.
@@ -175,6 +294,8 @@ struct Mirror {
     /// Every slot present in `backends`, by service id, including slots of ids no service uses
     /// (left over by an interrupted removal) and slots at or above a service's count.
     slots: BTreeMap<u32, BTreeMap<u32, Backend>>,
+    /// Every entry of `source_ranges`, by service id (leftovers included).
+    ranges: BTreeMap<u32, BTreeSet<SourceRange>>,
     /// Service id -> the frontend using it.
     owner: BTreeMap<u32, ServiceKey>,
 }
@@ -211,16 +332,71 @@ impl Mirror {
                     }
                 }
             }
+            MapOp::PutSourceRange(range) => {
+                self.ranges
+                    .entry(range.service_id)
+                    .or_default()
+                    .insert(range);
+            }
+            MapOp::DeleteSourceRange(range) => {
+                if let Some(ranges) = self.ranges.get_mut(&range.service_id) {
+                    ranges.remove(&range);
+                    if ranges.is_empty() {
+                        self.ranges.remove(&range.service_id);
+                    }
+                }
+            }
         }
     }
 
     fn id_in_use(&self, id: u32) -> bool {
-        self.owner.contains_key(&id) || self.slots.contains_key(&id)
+        self.owner.contains_key(&id)
+            || self.slots.contains_key(&id)
+            || self.ranges.contains_key(&id)
     }
 
     fn slots_of(&self, id: u32) -> &BTreeMap<u32, Backend> {
         static NONE: BTreeMap<u32, Backend> = BTreeMap::new();
         self.slots.get(&id).unwrap_or(&NONE)
+    }
+
+    fn ranges_of(&self, id: u32) -> &BTreeSet<SourceRange> {
+        static NONE: BTreeSet<SourceRange> = BTreeSet::new();
+        self.ranges.get(&id).unwrap_or(&NONE)
+    }
+
+    /// The backends a packet can reach for the service with `value`.
+    fn reachable(&self, value: &ServiceValue) -> BTreeSet<BackendAddr> {
+        self.slots_of(value.id)
+            .range(..value.backend_count)
+            .map(|(_, b)| wire::backend_addr(b))
+            .collect()
+    }
+}
+
+/// One frontend as the maps should hold it.
+struct DesiredFrontend {
+    frontend: Frontend,
+    settings: ServiceSettings,
+    backends: BTreeSet<Backend>,
+    /// Source ranges, without service id yet: (bits, addr).
+    ranges: BTreeSet<(u32, u32)>,
+}
+
+impl DesiredFrontend {
+    fn ranges_for(&self, id: u32) -> BTreeSet<SourceRange> {
+        self.ranges
+            .iter()
+            .map(|&(bits, addr)| SourceRange {
+                service_id: id,
+                bits,
+                addr,
+            })
+            .collect()
+    }
+
+    fn backend_addrs(&self) -> BTreeSet<BackendAddr> {
+        self.backends.iter().map(wire::backend_addr).collect()
     }
 }
 
@@ -253,10 +429,14 @@ impl<M: ServiceMaps> ServiceSync<M> {
         for (key, backend) in maps.read_backends()? {
             mirror.record(&MapOp::PutBackend(key, backend));
         }
+        for range in maps.read_source_ranges()? {
+            mirror.record(&MapOp::PutSourceRange(range));
+        }
         let highest = mirror
             .owner
             .keys()
             .chain(mirror.slots.keys())
+            .chain(mirror.ranges.keys())
             .max()
             .copied()
             .unwrap_or(0);
@@ -290,15 +470,28 @@ impl<M: ServiceMaps> ServiceSync<M> {
             .iter()
             .map(|(key, value)| {
                 let slots = self.mirror.slots_of(value.id);
+                let reachable = || slots.range(..value.backend_count).map(|(_, b)| b);
                 ProgrammedService {
                     frontend: wire::frontend(key),
                     key: *key,
                     id: value.id,
-                    backends: slots
-                        .range(..value.backend_count)
-                        .map(|(_, b)| wire::backend_addr(b))
+                    backends: reachable().map(wire::backend_addr).collect(),
+                    local_backends: reachable()
+                        .filter(|b| b.flags & sluice_common::BACKEND_F_LOCAL != 0)
+                        .map(wire::backend_addr)
                         .collect(),
                     backend_count: value.backend_count,
+                    settings: ServiceSettings {
+                        flags: value.flags,
+                        kind: value.kind,
+                        affinity_timeout: value.affinity_timeout,
+                    },
+                    source_ranges: self
+                        .mirror
+                        .ranges_of(value.id)
+                        .iter()
+                        .map(SourceRange::net)
+                        .collect(),
                 }
             })
             .collect()
@@ -307,72 +500,101 @@ impl<M: ServiceMaps> ServiceSync<M> {
     /// Applies the differences between the maps and `desired`.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncStats {
         let mut stats = SyncStats::default();
-        let desired: BTreeMap<ServiceKey, (Frontend, BTreeSet<Backend>)> = desired
+        let desired: BTreeMap<ServiceKey, DesiredFrontend> = desired
             .services
             .iter()
             .map(|(frontend, entry)| {
-                let backends = entry.backends.iter().map(wire::backend_value).collect();
-                (wire::service_key(frontend), (*frontend, backends))
+                let backends = entry
+                    .backends
+                    .iter()
+                    .map(|b| wire::backend_value_with(b, entry.local_backends.contains(b)))
+                    .collect();
+                let ranges = entry
+                    .source_ranges
+                    .iter()
+                    .map(|net| {
+                        let net = net.trunc();
+                        (
+                            u32::from(net.prefix_len()),
+                            wire::addr_to_map(net.network()),
+                        )
+                    })
+                    .collect();
+                let desired = DesiredFrontend {
+                    frontend: *frontend,
+                    settings: wire::service_settings(entry),
+                    backends,
+                    ranges,
+                };
+                (wire::service_key(frontend), desired)
             })
             .collect();
 
         // Removals first: they free room in the maps for what is added next.
-        self.remove_leftover_slots(&mut stats);
+        self.remove_leftovers(&mut stats);
         self.remove_frontends(&desired, &mut stats);
 
         // Frontends already in the maps, those that shrink before those that grow (room again).
         let (shrinking, growing): (Vec<_>, Vec<_>) = desired
             .iter()
-            .filter_map(|(key, (frontend, backends))| {
+            .filter_map(|(key, want)| {
                 let value = self.mirror.services.get(key)?;
-                Some((*key, *frontend, backends, *value))
+                Some((*key, want, *value))
             })
-            .partition(|(_, _, backends, value)| {
-                backends.len() as u64 <= value.backend_count as u64
-            });
-        for (key, frontend, backends, value) in shrinking.into_iter().chain(growing) {
+            .partition(|(_, want, value)| want.backends.len() as u64 <= value.backend_count as u64);
+        for (key, want, value) in shrinking.into_iter().chain(growing) {
             let ops = plan_frontend(
                 key,
                 Some(value),
                 value.id,
                 self.mirror.slots_of(value.id),
-                backends,
+                self.mirror.ranges_of(value.id),
+                want,
             );
             if ops.is_empty() {
                 stats.unchanged += 1;
                 continue;
             }
+            let before = self.mirror.reachable(&value);
             match self.run(&ops, &mut stats) {
-                Ok(()) => stats.updated += 1,
-                Err(e) => fail(&mut stats, frontend, e),
+                Ok(()) => {
+                    stats.updated += 1;
+                    let removed: BTreeSet<BackendAddr> =
+                        before.difference(&want.backend_addrs()).copied().collect();
+                    if !removed.is_empty() {
+                        stats.removed_backends.push(RemovedBackends {
+                            frontend: Some(want.frontend),
+                            service_id: value.id,
+                            backends: removed,
+                        });
+                    }
+                }
+                Err(e) => fail(&mut stats, want.frontend, e),
             }
         }
 
         // New frontends.
-        for (key, (frontend, backends)) in &desired {
+        for (key, want) in &desired {
             if self.mirror.services.contains_key(key) {
                 continue;
             }
             let id = self.allocate_id();
-            let ops = plan_frontend(*key, None, id, self.mirror.slots_of(id), backends);
+            let ops = plan_frontend(
+                *key,
+                None,
+                id,
+                self.mirror.slots_of(id),
+                self.mirror.ranges_of(id),
+                want,
+            );
             match self.run(&ops, &mut stats) {
                 Ok(()) => stats.added += 1,
                 Err(e) => {
-                    // Give back the slots written under the id so they do not take room from
+                    // Give back what was written under the id so it does not take room from
                     // other frontends; what cannot be deleted now is a leftover for next time.
-                    let written: Vec<MapOp> = self
-                        .mirror
-                        .slots_of(id)
-                        .keys()
-                        .map(|&slot| {
-                            MapOp::DeleteBackend(BackendKey {
-                                service_id: id,
-                                slot,
-                            })
-                        })
-                        .collect();
+                    let written = self.delete_all_of(id);
                     let _ = self.run(&written, &mut stats);
-                    fail(&mut stats, *frontend, e);
+                    fail(&mut stats, want.frontend, e);
                 }
             }
         }
@@ -380,20 +602,34 @@ impl<M: ServiceMaps> ServiceSync<M> {
         stats
     }
 
-    /// Deletes slots of ids no service uses: an agent stopped between deleting a service and its
-    /// slots, or a new service whose slots were written but whose entry could not be.
-    fn remove_leftover_slots(&mut self, stats: &mut SyncStats) {
-        let leftovers: Vec<u32> = self
+    /// The deletes of every slot and range under `id`.
+    fn delete_all_of(&self, id: u32) -> Vec<MapOp> {
+        let mut ops = delete_slots(id, self.mirror.slots_of(id));
+        ops.extend(
+            self.mirror
+                .ranges_of(id)
+                .iter()
+                .map(|r| MapOp::DeleteSourceRange(*r)),
+        );
+        ops
+    }
+
+    /// Deletes slots and ranges of ids no service uses: an agent stopped between deleting a
+    /// service and its slots, or a new service whose slots were written but whose entry could
+    /// not be.
+    fn remove_leftovers(&mut self, stats: &mut SyncStats) {
+        let leftovers: BTreeSet<u32> = self
             .mirror
             .slots
             .keys()
+            .chain(self.mirror.ranges.keys())
             .filter(|id| !self.mirror.owner.contains_key(id))
             .copied()
             .collect();
         for id in leftovers {
-            let ops = delete_slots(id, self.mirror.slots_of(id));
+            let ops = self.delete_all_of(id);
             if let Err(e) = self.run(&ops, stats) {
-                let message = format!("leftover slots of service id {id}: {e:#}");
+                let message = format!("leftover entries of service id {id}: {e:#}");
                 warn!("{message}");
                 stats.leftovers_failed.push(message);
             }
@@ -402,7 +638,7 @@ impl<M: ServiceMaps> ServiceSync<M> {
 
     fn remove_frontends(
         &mut self,
-        desired: &BTreeMap<ServiceKey, (Frontend, BTreeSet<Backend>)>,
+        desired: &BTreeMap<ServiceKey, DesiredFrontend>,
         stats: &mut SyncStats,
     ) {
         let removed: Vec<(ServiceKey, ServiceValue)> = self
@@ -413,12 +649,20 @@ impl<M: ServiceMaps> ServiceSync<M> {
             .map(|(k, v)| (*k, *v))
             .collect();
         for (key, value) in removed {
+            let before = self.mirror.reachable(&value);
             // The entry goes first: a packet that already read it may still pick a slot, which
             // is there until the entry is gone.
             let mut result = self.run(&[MapOp::DeleteService(key)], stats);
             if result.is_ok() && !self.mirror.owner.contains_key(&value.id) {
-                let ops = delete_slots(value.id, self.mirror.slots_of(value.id));
+                let ops = self.delete_all_of(value.id);
                 result = self.run(&ops, stats);
+            }
+            if result.is_ok() && !before.is_empty() {
+                stats.removed_backends.push(RemovedBackends {
+                    frontend: wire::frontend(&key),
+                    service_id: value.id,
+                    backends: before,
+                });
             }
             match (result, wire::frontend(&key)) {
                 (Ok(()), _) => stats.removed += 1,
@@ -474,17 +718,18 @@ fn delete_slots(id: u32, slots: &BTreeMap<u32, Backend>) -> Vec<MapOp> {
         .collect()
 }
 
-/// The writes that take one frontend from what the maps hold (`current` entry, if any, and the
-/// `present` slots under `id`) to `desired` backends, in the order described in the module
-/// documentation. Empty when nothing differs.
+/// The writes that take one frontend from what the maps hold (`current` entry, if any, the
+/// `present` slots and `present_ranges` under `id`) to `desired`, in the order described in the
+/// module documentation. Empty when nothing differs.
 fn plan_frontend(
     key: ServiceKey,
     current: Option<ServiceValue>,
     id: u32,
     present: &BTreeMap<u32, Backend>,
-    desired: &BTreeSet<Backend>,
+    present_ranges: &BTreeSet<SourceRange>,
+    desired: &DesiredFrontend,
 ) -> Vec<MapOp> {
-    let count = u32::try_from(desired.len()).unwrap_or(u32::MAX);
+    let count = u32::try_from(desired.backends.len()).unwrap_or(u32::MAX);
     let slot_key = |slot| BackendKey {
         service_id: id,
         slot,
@@ -494,12 +739,12 @@ fn plan_frontend(
     let mut placed = BTreeSet::new();
     let mut kept_slots = BTreeSet::new();
     for (&slot, backend) in present.range(..count) {
-        if desired.contains(backend) && placed.insert(*backend) {
+        if desired.backends.contains(backend) && placed.insert(*backend) {
             kept_slots.insert(slot);
         }
     }
     // The others fill the remaining slots below the count, in ascending order.
-    let mut to_place = desired.iter().filter(|b| !placed.contains(*b));
+    let mut to_place = desired.backends.iter().filter(|b| !placed.contains(*b));
 
     let mut ops = Vec::new();
     for slot in (0..count).filter(|slot| !kept_slots.contains(slot)) {
@@ -508,16 +753,26 @@ fn plan_frontend(
             .expect("as many backends to place as free slots");
         ops.push(MapOp::PutBackend(slot_key(slot), *backend));
     }
+    let ranges = desired.ranges_for(id);
+    for range in ranges.difference(present_ranges) {
+        ops.push(MapOp::PutSourceRange(*range));
+    }
     let value = ServiceValue {
         id,
         backend_count: count,
-        flags: 0,
+        flags: desired.settings.flags,
+        kind: desired.settings.kind,
+        _pad: 0,
+        affinity_timeout: desired.settings.affinity_timeout,
     };
     if current != Some(value) {
         ops.push(MapOp::PutService(key, value));
     }
     for &slot in present.range(count..).map(|(slot, _)| slot) {
         ops.push(MapOp::DeleteBackend(slot_key(slot)));
+    }
+    for range in present_ranges.difference(&ranges) {
+        ops.push(MapOp::DeleteSourceRange(*range));
     }
     ops
 }
@@ -543,6 +798,19 @@ mod tests {
 
     use super::*;
     use crate::state::{Protocol, ServiceEntry};
+    use sluice_common::SVC_F_SOURCE_RANGES;
+
+    /// A `services` value with id 7, no backends and default settings, to fill in with `..`.
+    fn value_of(backend_count: u32) -> ServiceValue {
+        ServiceValue {
+            id: 7,
+            backend_count,
+            flags: 0,
+            kind: 0,
+            _pad: 0,
+            affinity_timeout: 0,
+        }
+    }
 
     /// In-memory maps that record every write and check, after each one, the invariant the
     /// datapath relies on: every slot below a service's count exists.
@@ -550,6 +818,7 @@ mod tests {
     struct FakeMaps {
         services: HashMap<ServiceKey, ServiceValue>,
         backends: HashMap<BackendKey, Backend>,
+        ranges: BTreeSet<SourceRange>,
         log: Vec<MapOp>,
         max_services: Option<usize>,
         max_backends: Option<usize>,
@@ -562,14 +831,25 @@ mod tests {
         fn check_every_counted_slot_exists(&self, op: &MapOp) {
             let touched: Vec<(&ServiceKey, &ServiceValue)> = match op {
                 MapOp::PutService(key, _) => self.services.get_key_value(key).into_iter().collect(),
-                MapOp::DeleteBackend(key) => self
+                MapOp::DeleteBackend(BackendKey { service_id, .. })
+                | MapOp::DeleteSourceRange(SourceRange { service_id, .. }) => self
                     .services
                     .iter()
-                    .filter(|(_, v)| v.id == key.service_id)
+                    .filter(|(_, v)| v.id == *service_id)
                     .collect(),
-                MapOp::PutBackend(..) | MapOp::DeleteService(_) => Vec::new(),
+                MapOp::PutBackend(..) | MapOp::DeleteService(_) | MapOp::PutSourceRange(_) => {
+                    Vec::new()
+                }
             };
             for (key, value) in touched {
+                if value.flags & SVC_F_SOURCE_RANGES != 0 {
+                    assert!(
+                        self.ranges.iter().any(|r| r.service_id == value.id),
+                        "service {} checks source ranges but has none; writes: {:?}",
+                        wire::describe_key(key),
+                        self.log
+                    );
+                }
                 for slot in 0..value.backend_count {
                     assert!(
                         self.backends.contains_key(&BackendKey {
@@ -595,6 +875,10 @@ mod tests {
             Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
         }
 
+        fn read_source_ranges(&self) -> anyhow::Result<Vec<SourceRange>> {
+            Ok(self.ranges.iter().copied().collect())
+        }
+
         fn apply(&mut self, op: &MapOp) -> anyhow::Result<()> {
             match *op {
                 MapOp::PutService(key, value) => {
@@ -618,6 +902,12 @@ mod tests {
                 }
                 MapOp::DeleteBackend(key) => {
                     self.backends.remove(&key);
+                }
+                MapOp::PutSourceRange(range) => {
+                    self.ranges.insert(range);
+                }
+                MapOp::DeleteSourceRange(range) => {
+                    self.ranges.remove(&range);
                 }
             }
             self.log.push(*op);
@@ -727,7 +1017,7 @@ mod tests {
                     ServiceValue {
                         id,
                         backend_count: 4,
-                        flags: 0
+                        ..value_of(0)
                     }
                 ),
             ]
@@ -764,7 +1054,7 @@ mod tests {
                     ServiceValue {
                         id,
                         backend_count: 2,
-                        flags: 0
+                        ..value_of(0)
                     }
                 ),
                 MapOp::DeleteBackend(slot(2)),
@@ -931,7 +1221,7 @@ mod tests {
             ServiceValue {
                 id: 7,
                 backend_count: 2,
-                flags: 0,
+                ..value_of(0)
             },
         );
         for slot in 0..4 {
@@ -961,5 +1251,144 @@ mod tests {
         let new = frontend(2, 80);
         sync.sync(&state([(f, entry([1, 2])), (new, entry([1]))]));
         assert!(sync.service_id(&new).unwrap() > 9);
+    }
+
+    fn with_ranges(mut entry: ServiceEntry, ranges: &[&str]) -> ServiceEntry {
+        entry.kind = crate::state::FrontendKind::LoadBalancer;
+        entry.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+        entry
+    }
+
+    #[test]
+    fn a_settings_change_rewrites_the_service_entry_only() {
+        let f = frontend(1, 80);
+        let mut sync = new_sync();
+        sync.sync(&state([(f, entry([1, 2]))]));
+        sync.maps_mut().log.clear();
+
+        let mut sticky = entry([1, 2]);
+        sticky.affinity_timeout = Some(30);
+        sticky.when_empty = crate::state::WhenEmpty::Drop;
+        let stats = sync.sync(&state([(f, sticky.clone())]));
+        assert_eq!((stats.updated, stats.map_writes), (1, 1));
+        let MapOp::PutService(_, value) = sync.maps().log[0] else {
+            panic!("{:?}", sync.maps().log);
+        };
+        assert_eq!(
+            value.flags,
+            sluice_common::SVC_F_AFFINITY | sluice_common::SVC_F_DROP_WHEN_EMPTY
+        );
+        assert_eq!(value.affinity_timeout, 30);
+        assert!(stats.removed_backends.is_empty());
+
+        // Unchanged, also after a restart: nothing written.
+        let stats = sync.sync(&state([(f, sticky.clone())]));
+        assert_eq!((stats.unchanged, stats.map_writes), (1, 0));
+        let mut sync = restart(sync);
+        assert_eq!(sync.sync(&state([(f, sticky)])).map_writes, 0);
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_flag_and_deleted_after_it() {
+        let f = frontend(1, 443);
+        let mut sync = new_sync();
+        // New: ranges, then the entry with the flag (the fake checks the flag never points to
+        // no ranges).
+        let stats = sync.sync(&state([(f, with_ranges(entry([1]), &["192.0.2.0/24"]))]));
+        assert!(stats.is_complete());
+        let log = &sync.maps().log;
+        let put_range = log
+            .iter()
+            .position(|op| matches!(op, MapOp::PutSourceRange(_)))
+            .unwrap();
+        let put_service = log
+            .iter()
+            .position(|op| matches!(op, MapOp::PutService(..)))
+            .unwrap();
+        assert!(put_range < put_service, "{log:?}");
+        let id = sync.service_id(&f).unwrap();
+        assert_eq!(
+            sync.programmed()[0].source_ranges,
+            vec!["192.0.2.0/24".parse::<Ipv4Net>().unwrap()]
+        );
+
+        // Replaced: the new range first, the old one after; the entry is untouched.
+        sync.maps_mut().log.clear();
+        let stats = sync.sync(&state([(
+            f,
+            with_ranges(entry([1]), &["198.51.100.0/24", "203.0.113.7/32"]),
+        )]));
+        assert_eq!(stats.map_writes, 3);
+        let range = |net: &str| SourceRange::new(id, &net.parse().unwrap());
+        assert_eq!(
+            sync.maps().log,
+            vec![
+                MapOp::PutSourceRange(range("198.51.100.0/24")),
+                MapOp::PutSourceRange(range("203.0.113.7/32")),
+                MapOp::DeleteSourceRange(range("192.0.2.0/24")),
+            ]
+        );
+
+        // A restart reads the ranges back: nothing to write.
+        let mut sync = restart(sync);
+        let desired = state([(
+            f,
+            with_ranges(entry([1]), &["198.51.100.0/24", "203.0.113.7/32"]),
+        )]);
+        assert_eq!(sync.sync(&desired).map_writes, 0);
+
+        // No ranges: the flag goes first, then the ranges.
+        sync.maps_mut().log.clear();
+        sync.sync(&state([(f, with_ranges(entry([1]), &[]))]));
+        let log = &sync.maps().log;
+        assert!(
+            matches!(log[0], MapOp::PutService(_, v) if v.flags == sluice_common::SVC_F_EXTERNAL)
+        );
+        assert_eq!(log.len(), 3, "{log:?}");
+        assert!(sync.maps().ranges.is_empty());
+
+        // A removed frontend takes its ranges along; leftovers of another agent are cleaned.
+        sync.sync(&state([(f, with_ranges(entry([1]), &["192.0.2.0/24"]))]));
+        sync.sync(&state([]));
+        assert!(sync.maps().ranges.is_empty());
+        let mut maps = FakeMaps::default();
+        maps.ranges
+            .insert(SourceRange::new(99, &"10.0.0.0/8".parse().unwrap()));
+        let mut sync = ServiceSync::read_back(maps).unwrap();
+        let stats = sync.sync(&state([]));
+        assert_eq!(stats.map_writes, 1);
+        assert!(sync.maps().ranges.is_empty());
+    }
+
+    #[test]
+    fn removed_backends_are_reported_per_service() {
+        let (a, b) = (frontend(1, 80), frontend(2, 80));
+        let mut sync = new_sync();
+        sync.sync(&state([(a, entry([1, 2, 3])), (b, entry([4]))]));
+        let (id_a, id_b) = (sync.service_id(&a).unwrap(), sync.service_id(&b).unwrap());
+
+        // a loses 1 and 3 (gains 5), b goes away with its backend.
+        let stats = sync.sync(&state([(a, entry([2, 5]))]));
+        let mut removed: Vec<(u32, Vec<BackendAddr>)> = stats
+            .removed_backends
+            .iter()
+            .map(|r| (r.service_id, r.backends.iter().copied().collect()))
+            .collect();
+        removed.sort();
+        let mut expected = vec![
+            (id_a, vec![backend(1), backend(3)]),
+            (id_b, vec![backend(4)]),
+        ];
+        expected.sort();
+        assert_eq!(removed, expected);
+
+        // A backend only changing its local flag is not removed; neither is anything when
+        // nothing changes.
+        let mut local = entry([2, 5]);
+        local.local_backends = [backend(2)].into();
+        let stats = sync.sync(&state([(a, local.clone())]));
+        assert_eq!(stats.updated, 1);
+        assert!(stats.removed_backends.is_empty(), "{stats:?}");
+        assert!(sync.sync(&state([(a, local)])).removed_backends.is_empty());
     }
 }

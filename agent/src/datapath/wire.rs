@@ -5,9 +5,18 @@
 
 use std::net::Ipv4Addr;
 
-use sluice_common::{Backend, ServiceKey};
+use ipnet::Ipv4Net;
+use sluice_common::{
+    Backend, Cidr4, NodeConfig, ServiceKey, BACKEND_F_LOCAL, CONFIG_F_MASQUERADE_ALL,
+    KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, MAX_CLUSTER_CIDRS,
+    SVC_F_AFFINITY, SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL, SVC_F_EXTERNAL_LOCAL,
+    SVC_F_SOURCE_RANGES,
+};
 
-use crate::state::{BackendAddr, Frontend, Protocol};
+use crate::{
+    node::NodeContext,
+    state::{BackendAddr, Frontend, FrontendKind, Protocol, ServiceEntry, WhenEmpty},
+};
 
 /// An IPv4 address as the maps (and the packet) hold it.
 pub fn addr_to_map(ip: Ipv4Addr) -> u32 {
@@ -45,11 +54,79 @@ pub fn frontend(key: &ServiceKey) -> Option<Frontend> {
     })
 }
 
+/// A backend as `backends` holds it, not marked local.
 pub fn backend_value(backend: &BackendAddr) -> Backend {
+    backend_value_with(backend, false)
+}
+
+/// A backend as `backends` holds it; `local`: it runs on this node.
+pub fn backend_value_with(backend: &BackendAddr, local: bool) -> Backend {
     Backend {
         addr: addr_to_map(backend.ip),
         port: port_to_map(backend.port),
+        flags: if local { BACKEND_F_LOCAL } else { 0 },
         _pad: 0,
+    }
+}
+
+/// What a [`sluice_common::ServiceValue`] says about a frontend besides its id and backend
+/// count: the `SVC_F_*` flags, the `KIND_*` and the affinity timeout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceSettings {
+    pub flags: u16,
+    pub kind: u8,
+    pub affinity_timeout: u32,
+}
+
+pub fn kind_to_map(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIp => KIND_CLUSTER_IP,
+        FrontendKind::NodePort => KIND_NODE_PORT,
+        FrontendKind::ExternalIp => KIND_EXTERNAL_IP,
+        FrontendKind::LoadBalancer => KIND_LOAD_BALANCER,
+    }
+}
+
+pub fn kind_from_map(kind: u8) -> Option<FrontendKind> {
+    match kind {
+        KIND_CLUSTER_IP => Some(FrontendKind::ClusterIp),
+        KIND_NODE_PORT => Some(FrontendKind::NodePort),
+        KIND_EXTERNAL_IP => Some(FrontendKind::ExternalIp),
+        KIND_LOAD_BALANCER => Some(FrontendKind::LoadBalancer),
+        _ => None,
+    }
+}
+
+/// The settings a frontend's entry asks for.
+pub fn service_settings(entry: &ServiceEntry) -> ServiceSettings {
+    let mut flags = 0;
+    if entry.kind.is_external() {
+        flags |= SVC_F_EXTERNAL;
+        if entry.external_local {
+            flags |= SVC_F_EXTERNAL_LOCAL;
+        }
+    }
+    if entry.when_empty == WhenEmpty::Drop {
+        flags |= SVC_F_DROP_WHEN_EMPTY;
+    }
+    if entry.affinity_timeout.is_some() {
+        flags |= SVC_F_AFFINITY;
+    }
+    if !entry.source_ranges.is_empty() {
+        flags |= SVC_F_SOURCE_RANGES;
+    }
+    ServiceSettings {
+        flags,
+        kind: kind_to_map(entry.kind),
+        affinity_timeout: entry.affinity_timeout.unwrap_or(0),
+    }
+}
+
+/// An IPv4 CIDR as the programs match it: `(addr & mask) == net`.
+pub fn cidr_to_map(net: &Ipv4Net) -> Cidr4 {
+    Cidr4 {
+        net: addr_to_map(net.network()),
+        mask: addr_to_map(net.netmask()),
     }
 }
 
@@ -58,6 +135,45 @@ pub fn backend_addr(backend: &Backend) -> BackendAddr {
         ip: addr_from_map(backend.addr),
         port: port_from_map(backend.port),
     }
+}
+
+/// The `config` entry for this node: the first IPv4 node address (masqueraded traffic gets it
+/// as source), the IPv4 cluster CIDRs, masqueradeAll. IPv6 addresses and CIDRs are for the
+/// IPv6 datapath. More IPv4 cluster CIDRs than the map holds are an error: the programs would
+/// masquerade pod traffic from the ones left out.
+pub fn node_config(node: &NodeContext) -> anyhow::Result<NodeConfig> {
+    let node_ip = node.node_ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V4(v4) => Some(*v4),
+        std::net::IpAddr::V6(_) => None,
+    });
+    let cidrs: Vec<Ipv4Net> = node
+        .cluster_cidrs
+        .iter()
+        .filter_map(|net| match net {
+            ipnet::IpNet::V4(v4) => Some(v4.trunc()),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .collect();
+    if cidrs.len() > MAX_CLUSTER_CIDRS {
+        anyhow::bail!(
+            "{} IPv4 cluster CIDRs given, the datapath holds at most {MAX_CLUSTER_CIDRS}",
+            cidrs.len()
+        );
+    }
+    let mut config = NodeConfig {
+        node_ip: node_ip.map_or(0, addr_to_map),
+        flags: if node.masquerade_all {
+            CONFIG_F_MASQUERADE_ALL
+        } else {
+            0
+        },
+        cidr_count: cidrs.len() as u32,
+        ..NodeConfig::default()
+    };
+    for (slot, cidr) in config.cluster_cidrs.iter_mut().zip(&cidrs) {
+        *slot = cidr_to_map(cidr);
+    }
+    Ok(config)
 }
 
 /// A `services` key for messages: the frontend when it is one, the raw fields otherwise.
@@ -95,5 +211,73 @@ mod tests {
             port: 8443,
         };
         assert_eq!(backend_addr(&backend_value(&backend)), backend);
+        assert_eq!(backend_value_with(&backend, true).flags, BACKEND_F_LOCAL);
+    }
+
+    #[test]
+    fn settings_follow_the_entry() {
+        let mut entry = ServiceEntry::cluster_ip("ns/svc", vec![]);
+        assert_eq!(service_settings(&entry), ServiceSettings::default());
+        entry.kind = FrontendKind::LoadBalancer;
+        entry.external_local = true;
+        entry.when_empty = WhenEmpty::Drop;
+        entry.affinity_timeout = Some(30);
+        entry.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        let settings = service_settings(&entry);
+        assert_eq!(
+            settings.flags,
+            SVC_F_EXTERNAL
+                | SVC_F_EXTERNAL_LOCAL
+                | SVC_F_DROP_WHEN_EMPTY
+                | SVC_F_AFFINITY
+                | SVC_F_SOURCE_RANGES
+        );
+        assert_eq!(settings.kind, KIND_LOAD_BALANCER);
+        assert_eq!(settings.affinity_timeout, 30);
+        assert_eq!(
+            kind_from_map(settings.kind),
+            Some(FrontendKind::LoadBalancer)
+        );
+        // externalTrafficPolicy means nothing to a ClusterIP.
+        entry.kind = FrontendKind::ClusterIp;
+        assert_eq!(service_settings(&entry).flags & SVC_F_EXTERNAL_LOCAL, 0);
+    }
+
+    #[test]
+    fn node_config_takes_the_first_ipv4_address_and_the_ipv4_cidrs() {
+        let node = NodeContext {
+            node_ips: vec![
+                "fc00::3".parse().unwrap(),
+                "172.18.0.3".parse().unwrap(),
+                "203.0.113.7".parse().unwrap(),
+            ],
+            cluster_cidrs: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:244::/56".parse().unwrap(),
+                "10.245.1.7/24".parse().unwrap(),
+            ],
+            masquerade_all: true,
+            ..Default::default()
+        };
+        let config = node_config(&node).unwrap();
+        assert_eq!(config.node_ip.to_ne_bytes(), [172, 18, 0, 3]);
+        assert_eq!(config.flags, CONFIG_F_MASQUERADE_ALL);
+        assert_eq!(config.cidr_count, 2);
+        assert_eq!(config.cluster_cidrs[0].net.to_ne_bytes(), [10, 244, 0, 0]);
+        assert_eq!(config.cluster_cidrs[0].mask.to_ne_bytes(), [255, 255, 0, 0]);
+        assert_eq!(config.cluster_cidrs[1].net.to_ne_bytes(), [10, 245, 1, 0]);
+        assert_eq!(config.cluster_cidrs[2], Cidr4::default());
+
+        assert_eq!(
+            node_config(&NodeContext::default()).unwrap(),
+            NodeConfig::default()
+        );
+        let too_many = NodeContext {
+            cluster_cidrs: (0..9)
+                .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
+                .collect(),
+            ..Default::default()
+        };
+        assert!(node_config(&too_many).is_err());
     }
 }

@@ -5,24 +5,29 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
 };
 
 use anyhow::Context as _;
+use sluice_common::Reason;
 
 use super::{
     hooks::{self, EntryPoint, Hop, PacketPath, Program},
     verdict::{self, Rewrite, Step, Verdict},
 };
-use crate::packet::{self, Decoded, Flow};
+use crate::{
+    datapath::ProgramRun,
+    packet::{self, Decoded, Flow},
+};
 
 /// Payload of the UDP datagrams a trace sends (TCP sends a bare SYN, SCTP an INIT).
 pub const PAYLOAD: &[u8] = b"sluice trace";
 
 /// Runs the datapath's programs on packets.
 pub trait ProgramRunner {
-    /// Runs `program` on `packet`; returns its return code and the packet as it left it.
-    fn run(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)>;
+    /// Runs `program` on `packet`; returns its return code, the packet as it left it and the
+    /// reason it gave for a drop or an answer.
+    fn run(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<ProgramRun>;
     /// Forgets every connection earlier runs created (conntrack), so that the next packet is
     /// balanced as the first of a new connection.
     fn forget_connections(&mut self) -> anyhow::Result<()>;
@@ -40,11 +45,14 @@ pub enum End {
     Dropped {
         by: &'static str,
         action: String,
+        /// The datapath's reason (`sluice_common::Reason`), when it gave one.
+        reason: Option<Reason>,
     },
     Rejected {
         by: &'static str,
         answer: Decoded,
         how: String,
+        reason: Option<Reason>,
     },
 }
 
@@ -109,12 +117,15 @@ pub struct Trace {
 }
 
 /// What to find out besides the first packet's fate.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Options {
     /// Drive the backend choice until every backend has been chosen (`--all`).
     pub all: bool,
     /// The frontend's backend count (from the `services` map), to know when `--all` is done.
     pub expected_backends: Option<usize>,
+    /// Addresses of this node's pods (the backends marked local): their answers enter the
+    /// datapath through their veth, other receivers' through the external interface.
+    pub local_addresses: BTreeSet<Ipv4Addr>,
 }
 
 /// How many runs `--all` allows itself: enough that missing one of `n` equally likely backends
@@ -139,7 +150,13 @@ pub fn trace(
 
     // Before `--all` forgets the connection: the answer needs the first run's conntrack entries.
     let reply = match &first.end {
-        End::Forwarded { rewrite, .. } => Some(check_reply(runner, path.reply, &input, rewrite)?),
+        End::Forwarded { rewrite, .. } => {
+            // A pod reaching itself (hairpin) answers from this node too.
+            let receiver = rewrite.flow.dst;
+            let local = options.local_addresses.contains(&receiver) || receiver == input.src;
+            let hops = hooks::reply_path(entry, local);
+            Some(check_reply(runner, hops, &input, rewrite)?)
+        }
         End::Dropped { .. } | End::Rejected { .. } => None,
     };
 
@@ -178,15 +195,20 @@ fn push(
     let mut warnings = Vec::new();
     for hop in hops {
         let name = hop.program.name();
-        let (code, out) = runner
+        let ran = runner
             .run(hop.program, &current)
             .with_context(|| format!("running {name} on {current_flow}"))?;
-        let step = verdict::classify(&current_flow, code, &out)
+        let out = ran.packet;
+        let step = verdict::classify(&current_flow, ran.return_value, &out)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         match step {
             Step::Dropped { action } => {
                 return Ok(Outcome {
-                    end: End::Dropped { by: name, action },
+                    end: End::Dropped {
+                        by: name,
+                        action,
+                        reason: ran.reason,
+                    },
                     warnings,
                 })
             }
@@ -199,6 +221,7 @@ fn push(
                         by: name,
                         answer,
                         how,
+                        reason: ran.reason,
                     },
                     warnings,
                 });
@@ -349,7 +372,24 @@ mod tests {
     }
 
     impl ProgramRunner for FakeDatapath {
-        fn run(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        fn run(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<ProgramRun> {
+            let (return_value, packet) = self.run_fake(program, packet)?;
+            Ok(ProgramRun {
+                return_value,
+                packet,
+                reason: (return_value == 2).then_some(sluice_common::REASON_DROP_SOURCE_RANGE),
+            })
+        }
+
+        fn forget_connections(&mut self) -> anyhow::Result<()> {
+            self.forward.clear();
+            self.reverse.clear();
+            Ok(())
+        }
+    }
+
+    impl FakeDatapath {
+        fn run_fake(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
             self.runs += 1;
             let flow = packet::decode(packet).unwrap().flow().unwrap();
             match program {
@@ -395,14 +435,10 @@ mod tests {
                     }
                     None => Ok((0, packet.to_vec())),
                 },
-                Program::FromPod => Ok((0, packet.to_vec())),
+                Program::FromPod | Program::FromWorld | Program::ToWorld => {
+                    Ok((0, packet.to_vec()))
+                }
             }
-        }
-
-        fn forget_connections(&mut self) -> anyhow::Result<()> {
-            self.forward.clear();
-            self.reverse.clear();
-            Ok(())
         }
     }
 
@@ -420,6 +456,7 @@ mod tests {
         Options {
             all: true,
             expected_backends: Some(expected),
+            ..Options::default()
         }
     }
 
@@ -445,9 +482,19 @@ mod tests {
         assert_eq!(trace.choices, None);
         let reply = trace.reply.unwrap();
         assert_eq!(reply.sent.src, *chosen.ip());
-        assert_eq!(reply.programs, ["to_pod"]);
+        // Not a local backend: the answer enters from the backend's node.
+        assert_eq!(reply.programs, ["from_world", "to_pod"]);
         assert!(reply.from_original_destination);
-        assert_eq!(fake.runs, 2, "one forward run, one reply run");
+        assert_eq!(fake.runs, 3, "one forward run, two reply runs");
+
+        // A local backend's answer enters through its veth.
+        let mut fake = FakeDatapath::new(Mode::Balance, vec![backend(1)]);
+        let options = Options {
+            local_addresses: [*backend(1).ip()].into(),
+            ..Options::default()
+        };
+        let local = super::trace(&mut fake, EntryPoint::Pod, to_vip(PROTO_TCP), options).unwrap();
+        assert_eq!(local.reply.unwrap().programs, ["from_pod", "to_pod"]);
     }
 
     #[test]
@@ -495,7 +542,8 @@ mod tests {
             dropped.first.end,
             End::Dropped {
                 by: "from_pod",
-                action: "TC_ACT_SHOT".into()
+                action: "TC_ACT_SHOT".into(),
+                reason: Some(sluice_common::REASON_DROP_SOURCE_RANGE),
             }
         );
         assert_eq!(dropped.reply, None);
@@ -540,14 +588,13 @@ mod tests {
 
     #[test]
     fn trace_without_hooks_runs_nothing_and_passes() {
-        for entry in [EntryPoint::Host, EntryPoint::External] {
-            let mut fake = FakeDatapath::new(Mode::Balance, vec![backend(1)]);
-            let trace = trace(&mut fake, entry, to_vip(PROTO_TCP), all(1)).unwrap();
-            assert_eq!(fake.runs, 0, "{entry}");
-            assert_eq!(trace.first.end.verdict(), Verdict::Pass);
-            assert!(trace.path.unhooked.is_some());
-            let reply = trace.reply.unwrap();
-            assert!(reply.programs.is_empty());
-        }
+        let entry = EntryPoint::Host;
+        let mut fake = FakeDatapath::new(Mode::Balance, vec![backend(1)]);
+        let trace = trace(&mut fake, entry, to_vip(PROTO_TCP), all(1)).unwrap();
+        assert_eq!(fake.runs, 0, "{entry}");
+        assert_eq!(trace.first.end.verdict(), Verdict::Pass);
+        assert!(trace.path.unhooked.is_some());
+        let reply = trace.reply.unwrap();
+        assert!(reply.programs.is_empty());
     }
 }

@@ -1,13 +1,13 @@
 //! Where a traced packet enters the node, and which of the datapath's programs it meets on the
-//! way there and back. One table ([`path`]): a new hook (issue #4: host and external traffic)
-//! is a new [`Program`] and a line in it.
+//! way there and back. One table ([`path`], [`reply_path`]): a new hook is a new [`Program`]
+//! and a line in it.
 
 use std::{fmt, net::Ipv4Addr};
 
 use serde::Serialize;
 
 use crate::{
-    datapath::{PROGRAM_FROM_POD, PROGRAM_TO_POD},
+    datapath::{PROGRAM_FROM_POD, PROGRAM_FROM_WORLD, PROGRAM_TO_POD, PROGRAM_TO_WORLD},
     node::NodeContext,
 };
 
@@ -53,6 +53,8 @@ impl EntryPoint {
 pub enum Program {
     FromPod,
     ToPod,
+    FromWorld,
+    ToWorld,
 }
 
 impl Program {
@@ -61,7 +63,15 @@ impl Program {
         match self {
             Program::FromPod => PROGRAM_FROM_POD,
             Program::ToPod => PROGRAM_TO_POD,
+            Program::FromWorld => PROGRAM_FROM_WORLD,
+            Program::ToWorld => PROGRAM_TO_WORLD,
         }
+    }
+
+    /// Whether the program runs where packets enter the node (tc ingress): the interface a
+    /// trace gives `BPF_PROG_RUN` for the FIB lookups of its redirects.
+    pub fn at_ingress(self) -> bool {
+        matches!(self, Program::FromPod | Program::FromWorld)
     }
 }
 
@@ -79,12 +89,10 @@ impl fmt::Display for Hop {
     }
 }
 
-/// The programs a packet from an entry point meets, in order, and those its answer meets on
-/// the way back to the sender.
+/// The programs a packet from an entry point meets, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PacketPath {
     pub forward: &'static [Hop],
-    pub reply: &'static [Hop],
     /// Why no program runs on the forward way, when none does.
     pub unhooked: Option<&'static str>,
 }
@@ -97,34 +105,57 @@ const TO_POD: Hop = Hop {
     program: Program::ToPod,
     at: "tc egress of the client pod's veth",
 };
+const FROM_WORLD: Hop = Hop {
+    program: Program::FromWorld,
+    at: "tc ingress of the node's external interface",
+};
+const TO_WORLD: Hop = Hop {
+    program: Program::ToWorld,
+    at: "tc egress of the node's external interface",
+};
+const FROM_BACKEND_POD: Hop = Hop {
+    program: Program::FromPod,
+    at: "tc ingress of the backend pod's veth",
+};
+const FROM_BACKEND_NODE: Hop = Hop {
+    program: Program::FromWorld,
+    at: "tc ingress of the node's external interface, from the backend's node",
+};
 
-/// The table. A packet a pod sends meets `from_pod` as it leaves the pod; the answer meets
-/// `to_pod` as it is delivered back to the pod. (The forward packet also crosses `to_pod` on
-/// the backend's veth when the backend is local; `to_pod` translates only answers of known
-/// flows, so that hop is left out.)
+/// The table. A packet a pod sends meets `from_pod` as it leaves the pod; a packet from outside
+/// the node meets `from_world` on the external interface it arrives on. (A forwarded packet also
+/// crosses `to_pod` of a local backend's veth or `to_world` on its way out; those translate
+/// only answers of known flows, so these hops are left out.)
 pub fn path(entry: EntryPoint) -> PacketPath {
     match entry {
         EntryPoint::Pod => PacketPath {
             forward: &[FROM_POD],
-            reply: &[TO_POD],
             unhooked: None,
         },
         EntryPoint::Host => PacketPath {
             forward: &[],
-            reply: &[],
             unhooked: Some(
-                "no Sluice hook handles packets sent by the host yet (issue #4 adds one); the \
-                 packet leaves untranslated",
+                "no Sluice hook handles packets sent by the host (its own sockets reach services \
+                 untranslated); the packet leaves untranslated",
             ),
         },
         EntryPoint::External => PacketPath {
-            forward: &[],
-            reply: &[],
-            unhooked: Some(
-                "no Sluice hook handles packets arriving from outside the node yet (issue #4 \
-                 adds one); the packet passes untranslated",
-            ),
+            forward: &[FROM_WORLD],
+            unhooked: None,
         },
+    }
+}
+
+/// The programs the answer of the packet's receiver meets on its way back to the sender: where
+/// it enters the datapath (the backend's veth for a backend on this node, the external
+/// interface for one elsewhere), then where it leaves toward the sender.
+pub fn reply_path(entry: EntryPoint, receiver_local: bool) -> &'static [Hop] {
+    match (entry, receiver_local) {
+        (EntryPoint::Pod, true) => &[FROM_BACKEND_POD, TO_POD],
+        (EntryPoint::Pod, false) => &[FROM_BACKEND_NODE, TO_POD],
+        (EntryPoint::External, true) => &[FROM_BACKEND_POD, TO_WORLD],
+        (EntryPoint::External, false) => &[FROM_BACKEND_NODE, TO_WORLD],
+        (EntryPoint::Host, _) => &[],
     }
 }
 
@@ -165,6 +196,27 @@ mod tests {
             assert_eq!(path.forward.is_empty(), path.unhooked.is_some(), "{entry}");
         }
         assert_eq!(path(EntryPoint::Pod).forward[0].program.name(), "from_pod");
-        assert_eq!(path(EntryPoint::Pod).reply[0].program.name(), "to_pod");
+        assert_eq!(
+            path(EntryPoint::External).forward[0].program.name(),
+            "from_world"
+        );
+        let names = |hops: &[Hop]| hops.iter().map(|h| h.program.name()).collect::<Vec<_>>();
+        assert_eq!(
+            names(reply_path(EntryPoint::Pod, true)),
+            ["from_pod", "to_pod"]
+        );
+        assert_eq!(
+            names(reply_path(EntryPoint::Pod, false)),
+            ["from_world", "to_pod"]
+        );
+        assert_eq!(
+            names(reply_path(EntryPoint::External, true)),
+            ["from_pod", "to_world"]
+        );
+        assert_eq!(
+            names(reply_path(EntryPoint::External, false)),
+            ["from_world", "to_world"]
+        );
+        assert!(reply_path(EntryPoint::Host, true).is_empty());
     }
 }

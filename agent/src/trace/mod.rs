@@ -25,7 +25,6 @@ pub mod verdict;
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
-use aya::programs::{TestRun as _, TestRunOptions};
 
 use self::{
     engine::{Options, ProgramRunner},
@@ -33,7 +32,7 @@ use self::{
     report::Report,
 };
 use crate::{
-    datapath::Datapath,
+    datapath::{self, Datapath, ProgramRun},
     manifests,
     node::{self, NodeContext, NodeOptions},
     state::{DesiredState, Frontend, Protocol},
@@ -132,6 +131,11 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
     let mut datapath = Datapath::load_unpinned()
         .context("loading the datapath with private maps (this needs root or CAP_BPF)")
         .map_err(failed)?;
+    // The node's context exactly as the agent writes it.
+    datapath
+        .set_node_config(&node)
+        .context("programming the private config map")
+        .map_err(failed)?;
     let stats = datapath
         .sync(&desired)
         .context("programming the private maps")
@@ -144,11 +148,15 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
     let expected_backends = frontend_backend_count(&datapath, &flow);
     let mut runner = BpfRunner {
         datapath: &mut datapath,
-        buffer: vec![0; OUTPUT_BUFFER],
     };
     let options = Options {
         all: args.all,
         expected_backends,
+        local_addresses: desired
+            .services
+            .values()
+            .flat_map(|entry| entry.local_backends.iter().map(|b| b.ip))
+            .collect(),
     };
     let trace = engine::trace(&mut runner, entry, flow, options).map_err(failed)?;
     let report = Report::new(&trace, &desired);
@@ -218,36 +226,30 @@ fn frontend_backend_count(datapath: &Datapath, flow: &crate::packet::Flow) -> Op
         .map(|s| s.backend_count as usize)
 }
 
-/// Room for whatever a program leaves: the packet may grow (an ICMP answer quotes the packet
-/// it refuses), and BPF_PROG_RUN fails rather than truncate.
-const OUTPUT_BUFFER: usize = 64 * 1024;
-
-/// The real programs, run with BPF_PROG_RUN on the private datapath.
+/// The real programs, run with BPF_PROG_RUN on the private datapath. The programs' FIB
+/// lookups (for the packets they redirect) see the routes of the namespace `sluice trace` runs
+/// in; without a forwarding route they hand the packet to the stack, which a trace reports as
+/// not redirected.
 struct BpfRunner<'a> {
     datapath: &'a mut Datapath,
-    buffer: Vec<u8>,
 }
 
 impl ProgramRunner for BpfRunner<'_> {
-    fn run(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+    fn run(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<ProgramRun> {
         let classifier = match program {
             Program::FromPod => self.datapath.from_pod(),
             Program::ToPod => self.datapath.to_pod(),
+            Program::FromWorld => self.datapath.from_world(),
+            Program::ToWorld => self.datapath.to_world(),
         };
-        let result = classifier
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut self.buffer),
-                ..TestRunOptions::default()
-            })
-            .with_context(|| format!("BPF_PROG_RUN of {}", program.name()))?;
-        let len = (result.data_size_out as usize).min(self.buffer.len());
-        Ok((result.return_value, self.buffer[..len].to_vec()))
+        datapath::run_program(classifier, packet, None)
+            .with_context(|| format!("BPF_PROG_RUN of {}", program.name()))
     }
 
     fn forget_connections(&mut self) -> anyhow::Result<()> {
         // These maps are private to this trace: every entry in them belongs to the one flow
-        // being traced, so all of them go.
+        // being traced, so all of them go. The affinity map stays: a client's next connection
+        // is what sessionAffinity is about.
         self.datapath
             .purge_conntrack(|_, _| true)
             .context("clearing the private conntrack map")?;

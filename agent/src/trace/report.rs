@@ -12,7 +12,10 @@
 //! runs        with --all: how many times the packet was run; without: null
 //! masquerade  whether the source address was rewritten (SNAT)
 //! snat_ip     the new source address, else null
-//! reason      why, when the verdict needs explaining (PASS, DROP, REJECT, no hook), else null
+//! reason      why, when the verdict needs explaining (PASS, DROP, REJECT, no hook,
+//!             sessionAffinity), else null
+//! drop_reason for DROP and REJECT, the datapath's own reason (sluice_common::reason_name,
+//!             e.g. "drop-source-range", "reject-no-endpoints"), else null
 //! packet      the packet as it leaves: "PROTO SRC:SPORT -> DST:DPORT" (the syntax trace reads);
 //!             for REJECT the answer sent back (an ICMP answer reads
 //!             "icmp SRC -> DST type T code C"); null for DROP
@@ -34,7 +37,7 @@
 use std::{fmt::Write as _, net::Ipv4Addr};
 
 use serde::Serialize;
-use sluice_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use sluice_common::{reason_name, Reason, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 use super::{
     engine::{End, Outcome, ReplyCheck, Trace},
@@ -43,7 +46,7 @@ use super::{
 };
 use crate::{
     packet::{proto_name, Flow},
-    state::{DesiredState, Frontend, Protocol, ServiceEntry},
+    state::{DesiredState, Frontend, Protocol, ServiceEntry, WhenEmpty},
 };
 
 /// What the desired state has at the packet's destination.
@@ -92,6 +95,7 @@ pub struct Report {
     pub masquerade: bool,
     pub snat_ip: Option<Ipv4Addr>,
     pub reason: Option<String>,
+    pub drop_reason: Option<&'static str>,
     pub packet: Option<String>,
     pub redirected_by: Option<&'static str>,
     pub input: String,
@@ -136,8 +140,20 @@ impl Report {
         if let Some(reply) = &trace.reply {
             warnings.extend(reply.outcome.warnings.iter().cloned());
         }
+        let affinity = match &matched {
+            ServiceMatch::Frontend { entry, .. } => entry.affinity_timeout,
+            _ => None,
+        };
         if let Some(choices) = &trace.choices {
-            if let Some(expected) = choices.expected {
+            if affinity.is_some() && choices.backends.len() > 1 {
+                warnings.push(format!(
+                    "--all: sessionAffinity ClientIP, yet the programs chose {} backends for \
+                     one client in {} runs",
+                    choices.backends.len(),
+                    choices.runs
+                ));
+            }
+            if let (Some(expected), None) = (choices.expected, affinity) {
                 if !choices.backends.is_empty() && choices.backends.len() < expected {
                     warnings.push(format!(
                         "--all: the programs chose only {} of the frontend's {expected} backends \
@@ -165,6 +181,12 @@ impl Report {
             masquerade,
             snat_ip,
             reason: reason(trace, &matched),
+            drop_reason: match end {
+                End::Dropped { reason, .. } | End::Rejected { reason, .. } => {
+                    reason.map(reason_name)
+                }
+                End::Forwarded { .. } => None,
+            },
             packet,
             redirected_by: match end {
                 End::Forwarded { redirected_by, .. } => *redirected_by,
@@ -319,7 +341,13 @@ fn join(items: impl Iterator<Item = String>, separator: &str) -> String {
 fn reply_report(reply: &ReplyCheck) -> ReplyReport {
     let (seen_as, reason) = match &reply.outcome.end {
         End::Forwarded { rewrite, .. } => (Some(rewrite.flow.to_string()), None),
-        End::Dropped { by, action } => (None, Some(format!("{by} dropped it ({action})"))),
+        End::Dropped { by, action, reason } => (
+            None,
+            Some(format!(
+                "{by} dropped it ({})",
+                action_and_reason(action, *reason)
+            )),
+        ),
         End::Rejected { by, how, .. } => (None, Some(format!("{by} answered with {how}"))),
     };
     ReplyReport {
@@ -332,6 +360,14 @@ fn reply_report(reply: &ReplyCheck) -> ReplyReport {
     }
 }
 
+/// `TC_ACT_SHOT, drop-source-range`: the tc action and the datapath's reason, if it gave one.
+fn action_and_reason(action: &str, reason: Option<Reason>) -> String {
+    match reason {
+        Some(reason) => format!("{action}, {}", reason_name(reason)),
+        None => action.to_string(),
+    }
+}
+
 /// Why the packet got its verdict, in words: the program's action and, from the desired state,
 /// what the destination is.
 fn reason(trace: &Trace, matched: &ServiceMatch) -> Option<String> {
@@ -339,10 +375,23 @@ fn reason(trace: &Trace, matched: &ServiceMatch) -> Option<String> {
         return Some(unhooked.to_string());
     }
     let no_endpoints = match matched {
-        ServiceMatch::Frontend { frontend, entry } if entry.backends.is_empty() => Some(format!(
-            "service {} ({frontend}) has no endpoints",
-            entry.name
-        )),
+        ServiceMatch::Frontend { frontend, entry } if entry.backends.is_empty() => {
+            Some(match entry.when_empty {
+                WhenEmpty::Reject => {
+                    format!("service {} ({frontend}) has no endpoints", entry.name)
+                }
+                WhenEmpty::Drop => format!(
+                    "service {} ({frontend}) has no endpoints on this node, and its {} traffic \
+                     policy is Local",
+                    entry.name,
+                    if entry.kind.is_external() {
+                        "external"
+                    } else {
+                        "internal"
+                    }
+                ),
+            })
+        }
         _ => None,
     };
     let programs = join(
@@ -355,7 +404,9 @@ fn reason(trace: &Trace, matched: &ServiceMatch) -> Option<String> {
     );
     let Outcome { end, .. } = &trace.first;
     let action = match end {
-        End::Forwarded { rewrite, .. } if rewrite.verdict() == Verdict::Dnat => return None,
+        End::Forwarded { rewrite, .. } if rewrite.verdict() == Verdict::Dnat => {
+            return affinity_reason(trace, matched)
+        }
         End::Forwarded { .. } => {
             let why = match matched {
                 ServiceMatch::Frontend { frontend, entry } => match &no_endpoints {
@@ -392,13 +443,54 @@ fn reason(trace: &Trace, matched: &ServiceMatch) -> Option<String> {
                 "{programs} left the packet untouched{separator}{why}"
             ));
         }
-        End::Dropped { by, action } => format!("{by} dropped the packet ({action})"),
+        End::Dropped { by, action, reason } => {
+            let dropped = format!(
+                "{by} dropped the packet ({})",
+                action_and_reason(action, *reason)
+            );
+            if *reason == Some(sluice_common::REASON_DROP_SOURCE_RANGE) {
+                if let ServiceMatch::Frontend { frontend, entry } = matched {
+                    return Some(format!(
+                        "{dropped}: {} is not in the loadBalancerSourceRanges of service {} \
+                         ({frontend}: {})",
+                        trace.input.src,
+                        entry.name,
+                        join(entry.source_ranges.iter().map(ToString::to_string), ", ")
+                    ));
+                }
+            }
+            dropped
+        }
         End::Rejected { by, how, .. } => format!("{by} answered with {how}"),
     };
     Some(match no_endpoints {
         Some(no_endpoints) => format!("{action}: {no_endpoints}"),
         None => action,
     })
+}
+
+/// A DNAT of a service with sessionAffinity: the client keeps its backend, and `--all` shows
+/// it did.
+fn affinity_reason(trace: &Trace, matched: &ServiceMatch) -> Option<String> {
+    let ServiceMatch::Frontend { entry, .. } = matched else {
+        return None;
+    };
+    let timeout = entry.affinity_timeout?;
+    let mut reason = format!(
+        "sessionAffinity ClientIP (timeout {timeout}s): new connections from {} go to the \
+         backend it was given",
+        trace.input.src
+    );
+    if let Some(choices) = &trace.choices {
+        if choices.backends.len() == 1 {
+            let _ = write!(
+                reason,
+                "; all {} runs (new connections) went to the same backend",
+                choices.runs
+            );
+        }
+    }
+    Some(reason)
 }
 
 #[cfg(test)]
@@ -567,6 +659,7 @@ mod tests {
             End::Dropped {
                 by: "from_pod",
                 action: "TC_ACT_SHOT".into(),
+                reason: None,
             },
         );
         let report = Report::new(&trace, &state());
@@ -594,5 +687,103 @@ mod tests {
         assert_eq!(report.verdict, Verdict::Pass);
         assert!(report.programs.is_empty());
         assert!(report.reason.unwrap().starts_with("no Sluice hook handles"));
+    }
+
+    #[test]
+    fn trace_report_names_the_datapath_reason_and_the_source_ranges() {
+        let lb = Frontend {
+            ip: "198.51.100.7".parse().unwrap(),
+            port: 443,
+            proto: Protocol::Tcp,
+        };
+        let mut entry = ServiceEntry::cluster_ip(
+            "shop/lb:https",
+            vec![BackendAddr {
+                ip: "10.244.1.10".parse().unwrap(),
+                port: 8443,
+            }],
+        );
+        entry.kind = crate::state::FrontendKind::LoadBalancer;
+        entry.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        let mut state = DesiredState::default();
+        state.services.insert(lb, entry);
+        let input = Flow {
+            src: "203.0.113.5".parse().unwrap(),
+            ..flow("198.51.100.7", 443, PROTO_TCP)
+        };
+        let mut trace = trace_of(
+            input,
+            End::Dropped {
+                by: "from_world",
+                action: "TC_ACT_SHOT".into(),
+                reason: Some(sluice_common::REASON_DROP_SOURCE_RANGE),
+            },
+        );
+        trace.entry = EntryPoint::External;
+        trace.path = hooks::path(EntryPoint::External);
+        let report = Report::new(&trace, &state);
+        assert_eq!(report.drop_reason, Some("drop-source-range"));
+        assert_eq!(
+            report.reason.as_deref(),
+            Some(
+                "from_world dropped the packet (TC_ACT_SHOT, drop-source-range): 203.0.113.5 is \
+                 not in the loadBalancerSourceRanges of service shop/lb:https \
+                 (198.51.100.7:443/TCP: 192.0.2.0/24)"
+            )
+        );
+    }
+
+    #[test]
+    fn trace_report_explains_session_affinity() {
+        let input = flow("10.96.0.1", 80, PROTO_TCP);
+        let mut state = state();
+        let web = Frontend {
+            ip: input.dst,
+            port: 80,
+            proto: Protocol::Tcp,
+        };
+        state.services.get_mut(&web).unwrap().affinity_timeout = Some(60);
+        let chosen = SocketAddrV4::new("10.244.1.10".parse().unwrap(), 8080);
+        let mut trace = trace_of(
+            input,
+            End::Forwarded {
+                rewrite: Rewrite {
+                    flow: Flow {
+                        dst: *chosen.ip(),
+                        dport: chosen.port(),
+                        ..input
+                    },
+                    dnat: Some(chosen),
+                    snat: None,
+                },
+                redirected_by: None,
+            },
+        );
+        trace.choices = Some(Choices {
+            backends: [chosen].into(),
+            runs: 200,
+            expected: Some(2),
+            other_verdicts: Default::default(),
+        });
+        let report = Report::new(&trace, &state);
+        assert_eq!(
+            report.reason.as_deref(),
+            Some(
+                "sessionAffinity ClientIP (timeout 60s): new connections from 10.244.0.5 go to \
+                 the backend it was given; all 200 runs (new connections) went to the same \
+                 backend"
+            )
+        );
+        // One backend out of two is what affinity does: no warning.
+        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+        // Two backends for one client would be a datapath bug.
+        trace
+            .choices
+            .as_mut()
+            .unwrap()
+            .backends
+            .insert(SocketAddrV4::new("10.244.1.11".parse().unwrap(), 8080));
+        let report = Report::new(&trace, &state);
+        assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     }
 }
