@@ -1815,6 +1815,34 @@ fn sctp_flows_are_translated_with_their_crc_updated() {
             TC_ACT_REDIRECT,
         );
         assert_eq!(tuple_of(&back), outside.reversed());
+
+        // Another client with the same port: another masquerade port, CRC still right.
+        let second = flow(
+            PROTO_SCTP,
+            Ipv4Addr::new(192, 0, 2, 11),
+            50_001,
+            NODE_IP,
+            NODE_PORT,
+        );
+        let out = expect(
+            datapath.from_world(),
+            &packet::sctp_packet(&second, false),
+            Some(ifs.ext),
+            TC_ACT_REDIRECT,
+        );
+        assert!(
+            (61_000..=65_535).contains(&tuple_of(&out).sport),
+            "{}",
+            tuple_of(&out)
+        );
+        let answer = packet::sctp_packet(&tuple_of(&out).reversed(), true);
+        let back = expect(
+            datapath.from_world(),
+            &answer,
+            Some(ifs.ext),
+            TC_ACT_REDIRECT,
+        );
+        assert_eq!(tuple_of(&back), second.reversed());
     });
 }
 

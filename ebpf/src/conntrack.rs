@@ -2,7 +2,7 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use sluice_common::{
-    Backend, CtKey, CtValue, Reason, CT_DIR_REPLY, CT_F_SNAT, PROTO_SCTP, REASON_DROP_NO_SNAT_PORT,
+    Backend, CtKey, CtValue, Reason, CT_DIR_REPLY, CT_F_SNAT, REASON_DROP_NO_SNAT_PORT,
 };
 
 use crate::{maps::CONNTRACK, parse::Ipv4Packet};
@@ -47,8 +47,7 @@ pub struct Snat {
 ///
 /// A masqueraded flow needs a source port that makes the reply tuple (backend -> masquerade
 /// address:port) unique: the client's port when no other flow uses it, else a few random ones.
-/// The reply entry is claimed with BPF_NOEXIST, so two CPUs never get the same port. SCTP keeps
-/// the client's port (its associations carry their ports inside).
+/// The reply entry is claimed with BPF_NOEXIST, so two CPUs never get the same port.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn create(
@@ -101,9 +100,6 @@ pub fn create(
             let mut claimed = false;
             for attempt in 0..SNAT_ATTEMPTS {
                 if attempt > 0 {
-                    if pkt.proto == PROTO_SCTP {
-                        break;
-                    }
                     // SAFETY: a helper call without arguments.
                     let random = unsafe { bpf_get_prandom_u32() };
                     reply_key.dport = ((SNAT_PORT_MIN + random % SNAT_PORT_SPAN) as u16).to_be();
