@@ -17,6 +17,7 @@ pub mod interfaces;
 pub mod manifests;
 pub mod node;
 pub mod packet;
+pub mod policy;
 pub mod state;
 pub mod trace;
 pub mod translate;

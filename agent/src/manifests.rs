@@ -12,8 +12,9 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 use serde::Deserialize as _;
 
@@ -48,6 +49,10 @@ pub struct Objects {
     pub services: BTreeMap<ObjectRef, Service>,
     pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
     pub nodes: BTreeMap<String, Node>,
+    pub pods: BTreeMap<ObjectRef, Pod>,
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub network_policies: BTreeMap<ObjectRef, NetworkPolicy>,
 }
 
 /// A problem with one file or one object in it. The rest of the directory is still used.
@@ -170,28 +175,39 @@ fn add_value(
                 add_value(file, &what, item.clone(), objects, errors);
             }
         }
-        ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
-            Ok(svc) if svc.metadata.name.is_some() => {
-                let key = ObjectRef::of(&svc.metadata);
-                if objects.services.insert(key.clone(), svc).is_some() {
-                    tracing::warn!(file = %file.display(), service = %key, "service defined twice; the later definition wins");
-                }
-            }
-            Ok(_) => errors.push(error("metadata.name is missing".into())),
-            Err(e) => errors.push(error(format!("invalid Service: {e}"))),
-        },
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            match serde_yaml::from_value::<EndpointSlice>(value) {
-                Ok(slice) if slice.metadata.name.is_some() => {
-                    let key = ObjectRef::of(&slice.metadata);
-                    if objects.endpoint_slices.insert(key.clone(), slice).is_some() {
-                        tracing::warn!(file = %file.display(), slice = %key, "EndpointSlice defined twice; the later definition wins");
-                    }
-                }
-                Ok(_) => errors.push(error("metadata.name is missing".into())),
-                Err(e) => errors.push(error(format!("invalid EndpointSlice: {e}"))),
-            }
+        ("v1", "Service") => {
+            namespaced(file, &described, value, &mut objects.services, errors);
         }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            namespaced(
+                file,
+                &described,
+                value,
+                &mut objects.endpoint_slices,
+                errors,
+            );
+        }
+        ("v1", "Pod") => {
+            namespaced(file, &described, value, &mut objects.pods, errors);
+        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            namespaced(
+                file,
+                &described,
+                value,
+                &mut objects.network_policies,
+                errors,
+            );
+        }
+        ("v1", "Namespace") => match serde_yaml::from_value::<Namespace>(value) {
+            Ok(namespace) => match namespace.metadata.name.clone() {
+                Some(name) => {
+                    objects.namespaces.insert(name, namespace);
+                }
+                None => errors.push(error("metadata.name is missing".into())),
+            },
+            Err(e) => errors.push(error(format!("invalid Namespace: {e}"))),
+        },
         ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
             Ok(node) => match node.metadata.name.clone() {
                 Some(name) => {
@@ -213,6 +229,35 @@ fn add_value(
 }
 
 /// Parses YAML that must be free of problems, for other modules' tests.
+/// Adds a namespaced object of kind `K` to `into`, or reports why it cannot be.
+fn namespaced<K>(
+    file: &Path,
+    described: &str,
+    value: serde_yaml::Value,
+    into: &mut BTreeMap<ObjectRef, K>,
+    errors: &mut Vec<ManifestError>,
+) where
+    K: k8s_openapi::Resource
+        + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
+        + serde::de::DeserializeOwned,
+{
+    let error = |message: String| ManifestError {
+        file: file.to_path_buf(),
+        object: described.to_string(),
+        message,
+    };
+    match serde_yaml::from_value::<K>(value) {
+        Ok(object) if object.metadata().name.is_some() => {
+            let key = ObjectRef::of(object.metadata());
+            if into.insert(key.clone(), object).is_some() {
+                tracing::warn!(file = %file.display(), object = %key, "{} defined twice; the later definition wins", K::KIND);
+            }
+        }
+        Ok(_) => errors.push(error("metadata.name is missing".into())),
+        Err(e) => errors.push(error(format!("invalid {}: {e}", K::KIND))),
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn parse_valid(text: &str) -> Objects {
     let mut objects = Objects::default();
