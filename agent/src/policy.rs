@@ -643,6 +643,9 @@ pub struct CompiledPolicy {
     pub entries: BTreeMap<CompiledKey, Vec<(u16, u16)>>,
 }
 
+/// A rule reduced to one protocol: the peer prefixes and the port ranges it allows them.
+type PrefixesAndPorts = (Vec<Ipv4Net>, Vec<(u16, u16)>);
+
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 /// Compiles [`PolicyState`] into longest-prefix entries. For one pod, direction and protocol,
@@ -664,7 +667,7 @@ pub fn compile(state: &PolicyState) -> CompiledPolicy {
             compiled.isolated.insert((pod, way));
             for proto in PROTOCOLS {
                 // (prefixes, ranges) of every allow, for this protocol.
-                let rules: Vec<(Vec<Ipv4Net>, Vec<(u16, u16)>)> = allows
+                let rules: Vec<PrefixesAndPorts> = allows
                     .iter()
                     .filter_map(|allow| {
                         let ranges: Vec<(u16, u16)> = match &allow.ports {
