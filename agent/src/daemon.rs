@@ -207,6 +207,8 @@ impl Agent<'_> {
                         updated = stats.updated,
                         removed = stats.removed,
                         map_writes = stats.map_writes,
+                        ipv6 = stats.ipv6_programmed,
+                        ipv6_skipped = stats.skipped_ipv6,
                         "datapath synced"
                     );
                 }

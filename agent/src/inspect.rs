@@ -13,7 +13,7 @@ use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
     ffi::CString,
     io::{self, Write as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::fd::{FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -27,13 +27,14 @@ use aya::{
 };
 use serde_json::{json, Value};
 use sluice_common::{
-    Backend, BackendKey, CtKey, CtValue, ServiceKey, ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_SNAT, DEFAULT_PIN_PATH, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES,
+    Backend, Backend6, BackendKey, CtKey, CtKey6, CtValue, CtValue6, ServiceKey, ServiceKey6,
+    ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, DEFAULT_PIN_PATH, MAP_BACKENDS,
+    MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_SERVICES, MAP_SERVICES6,
 };
 
 use crate::{
-    datapath::wire,
-    state::{BackendAddr, Protocol},
+    datapath::{sync6, wire},
+    state::{BackendAddr, Frontend, Protocol},
 };
 
 /// Arguments of `sluice state`.
@@ -61,10 +62,17 @@ pub enum Table {
 
 pub fn run(args: StateArgs) -> ExitCode {
     let output = read_pinned(&args.pin_path, args.table).map(|snapshot| {
-        let services = wants(args.table, Table::Services)
-            .then(|| services_view(&snapshot.services, &snapshot.backends));
-        let flows = wants(args.table, Table::Conntrack)
-            .then(|| conntrack_view(&snapshot.conntrack, snapshot.now_ns));
+        // IPv4 frontends and flows first, then IPv6 ones.
+        let services = wants(args.table, Table::Services).then(|| {
+            let mut views = services_view(&snapshot.services, &snapshot.backends);
+            views.extend(services6_view(&snapshot.services6, &snapshot.backends6));
+            views
+        });
+        let flows = wants(args.table, Table::Conntrack).then(|| {
+            let mut flows = conntrack_view(&snapshot.conntrack, snapshot.now_ns);
+            flows.extend(conntrack6_view(&snapshot.conntrack6, snapshot.now_ns));
+            flows
+        });
         if args.json {
             let mut text =
                 serde_json::to_string_pretty(&to_json(services.as_deref(), flows.as_deref()))
@@ -116,6 +124,10 @@ pub struct Snapshot {
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub backends: Vec<(BackendKey, Backend)>,
     pub conntrack: Vec<(CtKey, CtValue)>,
+    /// The IPv6 maps (empty when the pin directory has none: an older agent's).
+    pub services6: Vec<(ServiceKey6, ServiceValue)>,
+    pub backends6: Vec<(BackendKey, Backend6)>,
+    pub conntrack6: Vec<(CtKey6, CtValue6)>,
     /// `CLOCK_MONOTONIC` (the clock of `bpf_ktime_get_ns`) when the maps were read.
     pub now_ns: u64,
 }
@@ -146,6 +158,22 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
     }
     if wants(only, Table::Conntrack) {
         snapshot.conntrack = read_all(&conntrack, pin_path, MAP_CONNTRACK)?;
+    }
+    // The IPv6 maps, when pinned (an agent from before IPv6 support has none).
+    if pin_path.join(MAP_SERVICES6).exists() {
+        let services6: HashMap<MapData, ServiceKey6, ServiceValue> =
+            open_read_only(pin_path, MAP_SERVICES6)?;
+        let backends6: HashMap<MapData, BackendKey, Backend6> =
+            open_read_only(pin_path, MAP_BACKENDS6)?;
+        let conntrack6: HashMap<MapData, CtKey6, CtValue6> =
+            open_read_only(pin_path, MAP_CONNTRACK6)?;
+        if wants(only, Table::Services) {
+            snapshot.services6 = read_all(&services6, pin_path, MAP_SERVICES6)?;
+            snapshot.backends6 = read_all(&backends6, pin_path, MAP_BACKENDS6)?;
+        }
+        if wants(only, Table::Conntrack) {
+            snapshot.conntrack6 = read_all(&conntrack6, pin_path, MAP_CONNTRACK6)?;
+        }
     }
     // After reading: an entry created meanwhile does not get a negative age.
     snapshot.now_ns = monotonic_now_ns()?;
@@ -277,7 +305,11 @@ fn monotonic_now_ns() -> anyhow::Result<u64> {
 /// One programmed frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceView {
-    pub key: ServiceKey,
+    /// The frontend: address (either family), port, protocol number.
+    pub ip: IpAddr,
+    pub port: u16,
+    pub proto: u8,
+    /// The id in its family's maps (IPv4 and IPv6 frontends have separate id spaces).
     pub id: u32,
     pub backend_count: u32,
     /// Slots `0..backend_count` in order.
@@ -293,17 +325,25 @@ pub struct SlotView {
 }
 
 impl ServiceView {
-    /// `ip:port/PROTO`.
+    /// `ip:port/PROTO`, `[ip6]:port/PROTO`.
     pub fn frontend(&self) -> String {
-        wire::describe_key(&self.key)
+        match Protocol::from_number(self.proto) {
+            Some(proto) => Frontend {
+                ip: self.ip,
+                port: self.port,
+                proto,
+            }
+            .to_string(),
+            None => format!(
+                "{}/proto-{}",
+                SocketAddr::new(self.ip, self.port),
+                self.proto
+            ),
+        }
     }
 
-    fn sort_key(&self) -> (Ipv4Addr, u16, u8) {
-        (
-            wire::addr_from_map(self.key.addr),
-            wire::port_from_map(self.key.port),
-            self.key.proto,
-        )
+    fn sort_key(&self) -> (IpAddr, u16, u8) {
+        (self.ip, self.port, self.proto)
     }
 }
 
@@ -320,13 +360,44 @@ pub fn services_view(
     let mut views: Vec<ServiceView> = services
         .iter()
         .map(|(key, value)| ServiceView {
-            key: *key,
+            ip: wire::addr_from_map(key.addr).into(),
+            port: wire::port_from_map(key.port),
+            proto: key.proto,
             id: value.id,
             backend_count: value.backend_count,
             slots: (0..value.backend_count)
                 .map(|slot| SlotView {
                     slot,
                     backend: slots.get(&(value.id, slot)).map(wire::backend_addr),
+                })
+                .collect(),
+        })
+        .collect();
+    views.sort_by_key(ServiceView::sort_key);
+    views
+}
+
+/// [`services_view`] of the IPv6 maps (`services6`, `backends6`).
+pub fn services6_view(
+    services: &[(ServiceKey6, ServiceValue)],
+    backends: &[(BackendKey, Backend6)],
+) -> Vec<ServiceView> {
+    let slots: BTreeMap<(u32, u32), Backend6> = backends
+        .iter()
+        .map(|(key, backend)| ((key.service_id, key.slot), *backend))
+        .collect();
+    let mut views: Vec<ServiceView> = services
+        .iter()
+        .map(|(key, value)| ServiceView {
+            ip: sync6::addr6_from_map(key.addr).into(),
+            port: wire::port_from_map(key.port),
+            proto: key.proto,
+            id: value.id,
+            backend_count: value.backend_count,
+            slots: (0..value.backend_count)
+                .map(|slot| SlotView {
+                    slot,
+                    backend: slots.get(&(value.id, slot)).map(sync6::backend6_addr),
                 })
                 .collect(),
         })
@@ -362,13 +433,13 @@ impl FlowEntries {
 pub struct FlowView {
     pub proto: u8,
     /// The client's own address (source of the forward direction).
-    pub client: SocketAddrV4,
+    pub client: SocketAddr,
     /// The service address the client dialled.
-    pub service: SocketAddrV4,
+    pub service: SocketAddr,
     /// The backend the flow is translated to.
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     /// The source the flow is masqueraded to (SNAT), if it is.
-    pub masquerade: Option<SocketAddrV4>,
+    pub masquerade: Option<SocketAddr>,
     pub service_id: u32,
     /// `bpf_ktime_get_ns()` when the flow was balanced.
     pub created_ns: u64,
@@ -377,20 +448,104 @@ pub struct FlowView {
     pub entries: FlowEntries,
 }
 
-fn sock(addr: u32, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(wire::addr_from_map(addr), wire::port_from_map(port))
+/// A conntrack key of either family, addresses as host values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AnyCtKey {
+    saddr: IpAddr,
+    daddr: IpAddr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    dir: u8,
+}
+
+/// A conntrack value of either family.
+#[derive(Clone, Copy, Debug)]
+struct AnyCtValue {
+    nat_addr: IpAddr,
+    nat_port: u16,
+    flags: u16,
+    snat_addr: IpAddr,
+    snat_port: u16,
+    service_id: u32,
+    created_ns: u64,
+}
+
+fn sock(addr: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(addr, port)
 }
 
 /// Joins the conntrack entries into flows: each forward entry with the reply entry that
 /// reverses it, then the reply entries left over as orphans. Entries with an unknown direction
 /// are left out. Sorted by protocol, client, service.
 pub fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<FlowView> {
-    let replies: StdHashMap<CtKey, CtValue> = entries
+    let v4 = |a: u32| IpAddr::V4(wire::addr_from_map(a));
+    let p = wire::port_from_map;
+    let entries: Vec<(AnyCtKey, AnyCtValue)> = entries
+        .iter()
+        .map(|(k, v)| {
+            (
+                AnyCtKey {
+                    saddr: v4(k.saddr),
+                    daddr: v4(k.daddr),
+                    sport: p(k.sport),
+                    dport: p(k.dport),
+                    proto: k.proto,
+                    dir: k.dir,
+                },
+                AnyCtValue {
+                    nat_addr: v4(v.nat_addr),
+                    nat_port: p(v.nat_port),
+                    flags: v.flags,
+                    snat_addr: v4(v.snat_addr),
+                    snat_port: p(v.snat_port),
+                    service_id: v.service_id,
+                    created_ns: v.created_ns,
+                },
+            )
+        })
+        .collect();
+    join_flows(&entries, now_ns)
+}
+
+/// [`conntrack_view`] of the `conntrack6` map.
+pub fn conntrack6_view(entries: &[(CtKey6, CtValue6)], now_ns: u64) -> Vec<FlowView> {
+    let v6 = |a: [u32; 4]| IpAddr::V6(sync6::addr6_from_map(a));
+    let p = wire::port_from_map;
+    let entries: Vec<(AnyCtKey, AnyCtValue)> = entries
+        .iter()
+        .map(|(k, v)| {
+            (
+                AnyCtKey {
+                    saddr: v6(k.saddr),
+                    daddr: v6(k.daddr),
+                    sport: p(k.sport),
+                    dport: p(k.dport),
+                    proto: k.proto,
+                    dir: k.dir,
+                },
+                AnyCtValue {
+                    nat_addr: v6(v.nat_addr),
+                    nat_port: p(v.nat_port),
+                    flags: v.flags,
+                    snat_addr: v6(v.snat_addr),
+                    snat_port: p(v.snat_port),
+                    service_id: v.service_id,
+                    created_ns: v.created_ns,
+                },
+            )
+        })
+        .collect();
+    join_flows(&entries, now_ns)
+}
+
+fn join_flows(entries: &[(AnyCtKey, AnyCtValue)], now_ns: u64) -> Vec<FlowView> {
+    let replies: StdHashMap<AnyCtKey, AnyCtValue> = entries
         .iter()
         .filter(|(key, _)| key.dir == CT_DIR_REPLY)
         .copied()
         .collect();
-    let mut joined: Vec<CtKey> = Vec::new();
+    let mut joined: Vec<AnyCtKey> = Vec::new();
     let age = |created_ns: u64| Duration::from_nanos(now_ns.saturating_sub(created_ns));
     let mut flows: Vec<FlowView> = Vec::new();
     for (key, value) in entries.iter().filter(|(key, _)| key.dir == CT_DIR_FORWARD) {
@@ -402,14 +557,13 @@ pub fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<FlowView
             Some(_) => (value.snat_addr, value.snat_port),
             None => (key.saddr, key.sport),
         };
-        let reply_key = CtKey {
+        let reply_key = AnyCtKey {
             saddr: value.nat_addr,
             daddr: reply_daddr,
             sport: value.nat_port,
             dport: reply_dport,
             proto: key.proto,
             dir: CT_DIR_REPLY,
-            _pad: 0,
         };
         let reverses = replies.get(&reply_key).is_some_and(|reply| {
             reply.nat_addr == key.daddr
@@ -459,12 +613,12 @@ pub fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<FlowView
     flows.sort_by_key(|f| {
         (
             f.proto,
-            *f.client.ip(),
+            f.client.ip(),
             f.client.port(),
-            *f.service.ip(),
+            f.service.ip(),
             f.service.port(),
             f.entries != FlowEntries::Both,
-            *f.backend.ip(),
+            f.backend.ip(),
             f.backend.port(),
         )
     });
@@ -627,9 +781,9 @@ pub fn to_json(services: Option<&[ServiceView]>, flows: Option<&[FlowView]>) -> 
             .map(|s| {
                 json!({
                     "frontend": s.frontend(),
-                    "ip": wire::addr_from_map(s.key.addr).to_string(),
-                    "port": wire::port_from_map(s.key.port),
-                    "protocol": proto_name(s.key.proto),
+                    "ip": s.ip.to_string(),
+                    "port": s.port,
+                    "protocol": proto_name(s.proto),
                     "id": s.id,
                     "backend_count": s.backend_count,
                     "backends": s.slots.iter().map(|slot| json!({
@@ -668,24 +822,27 @@ pub fn to_json(services: Option<&[ServiceView]>, flows: Option<&[FlowView]>) -> 
 mod tests {
     use sluice_common::{PROTO_TCP, PROTO_UDP};
 
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
     use super::*;
-    use crate::state::Frontend;
 
     const SEC: u64 = 1_000_000_000;
 
     fn frontend(ip: [u8; 4], port: u16, proto: Protocol) -> ServiceKey {
         wire::service_key(&Frontend {
-            ip: Ipv4Addr::from(ip),
+            ip: Ipv4Addr::from(ip).into(),
             port,
             proto,
         })
+        .unwrap()
     }
 
     fn backend(ip: [u8; 4], port: u16) -> Backend {
         wire::backend_value(&BackendAddr {
-            ip: Ipv4Addr::from(ip),
+            ip: Ipv4Addr::from(ip).into(),
             port,
         })
+        .unwrap()
     }
 
     fn service(id: u32, backend_count: u32) -> ServiceValue {
@@ -743,14 +900,14 @@ mod tests {
                 SlotView {
                     slot: 0,
                     backend: Some(BackendAddr {
-                        ip: Ipv4Addr::new(10, 244, 0, 21),
+                        ip: Ipv4Addr::new(10, 244, 0, 21).into(),
                         port: 8080
                     })
                 },
                 SlotView {
                     slot: 1,
                     backend: Some(BackendAddr {
-                        ip: Ipv4Addr::new(10, 244, 0, 22),
+                        ip: Ipv4Addr::new(10, 244, 0, 22).into(),
                         port: 8080
                     })
                 },
@@ -962,7 +1119,7 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
         // Every flow names the service address, also the orphan reply.
         assert!(flows
             .iter()
-            .all(|f| *f.service.ip() == Ipv4Addr::new(10, 96, 0, 10)));
+            .all(|f| f.service.ip() == IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))));
     }
 
     #[test]
@@ -1009,18 +1166,18 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
         let flows = conntrack_view(&both, 10 * SEC);
         assert_eq!(flows.len(), 1, "{flows:?}");
         assert_eq!(flows[0].entries, FlowEntries::Both);
-        assert_eq!(flows[0].masquerade, Some(sa(masq)));
+        assert_eq!(flows[0].masquerade, Some(sa(masq).into()));
         assert_eq!(
             (flows[0].client, flows[0].service, flows[0].backend),
-            (sa(client), sa(nodeport), sa(backend))
+            (sa(client).into(), sa(nodeport).into(), sa(backend).into())
         );
         assert!(render_conntrack(&flows).contains("192.0.2.10:40000 (as 172.18.0.3:61000)"));
 
         // The reply entry alone still names the client and the masquerade address.
         let orphan = conntrack_view(&both[1..], 10 * SEC);
         assert_eq!(orphan[0].entries, FlowEntries::OrphanReply);
-        assert_eq!(orphan[0].client, sa(client));
-        assert_eq!(orphan[0].masquerade, Some(sa(masq)));
+        assert_eq!(orphan[0].client, sa(client).into());
+        assert_eq!(orphan[0].masquerade, Some(sa(masq).into()));
     }
 
     #[test]
@@ -1116,5 +1273,89 @@ UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     fo
     fn unknown_protocols_are_named_by_number() {
         assert_eq!(proto_name(PROTO_TCP), "TCP");
         assert_eq!(proto_name(1), "proto-1");
+    }
+
+    #[test]
+    fn ipv6_frontends_and_flows_are_shown_with_bracketed_addresses() {
+        use crate::datapath::sync6::{addr6_to_map, backend6_value, service_key6};
+
+        let vip: std::net::Ipv6Addr = "fd00:10:96::10".parse().unwrap();
+        let backend = BackendAddr {
+            ip: "fd00:10:244::7".parse().unwrap(),
+            port: 8080,
+        };
+        let key = service_key6(&Frontend {
+            ip: vip.into(),
+            port: 80,
+            proto: Protocol::Tcp,
+        })
+        .unwrap();
+        let views = services6_view(
+            &[(key, service(1, 1))],
+            &[(slot(1, 0), backend6_value(&backend, false).unwrap())],
+        );
+        let table = render_services(&views);
+        assert!(
+            table.contains(
+                "[fd00:10:96::10]:80/TCP  1           1         0     [fd00:10:244::7]:8080"
+            ),
+            "{table}"
+        );
+
+        // A masqueraded flow: client -> vip, as node:61000 -> backend, and its reply entry.
+        let client: SocketAddr = "[2001:db8::5]:40000".parse().unwrap();
+        let node: SocketAddr = "[fc00::3]:61000".parse().unwrap();
+        let a = |s: &SocketAddr| match s.ip() {
+            IpAddr::V6(v6) => addr6_to_map(v6),
+            IpAddr::V4(_) => unreachable!(),
+        };
+        let p = |s: &SocketAddr| wire::port_to_map(s.port());
+        let vip_sa: SocketAddr = SocketAddr::new(vip.into(), 80);
+        let backend_sa: SocketAddr = "[fd00:10:244::7]:8080".parse().unwrap();
+        let value = |nat: &SocketAddr, snat: &SocketAddr| CtValue6 {
+            nat_addr: a(nat),
+            nat_port: p(nat),
+            flags: CT_F_SNAT,
+            snat_addr: a(snat),
+            snat_port: p(snat),
+            _pad: 0,
+            service_id: 1,
+            backend_slot: 0,
+            created_ns: SEC,
+        };
+        let entries = [
+            (
+                CtKey6 {
+                    saddr: a(&client),
+                    daddr: a(&vip_sa),
+                    sport: p(&client),
+                    dport: p(&vip_sa),
+                    proto: sluice_common::PROTO_TCP,
+                    dir: CT_DIR_FORWARD,
+                    _pad: 0,
+                },
+                value(&backend_sa, &node),
+            ),
+            (
+                CtKey6 {
+                    saddr: a(&backend_sa),
+                    daddr: a(&node),
+                    sport: p(&backend_sa),
+                    dport: p(&node),
+                    proto: sluice_common::PROTO_TCP,
+                    dir: CT_DIR_REPLY,
+                    _pad: 0,
+                },
+                value(&vip_sa, &client),
+            ),
+        ];
+        let flows = conntrack6_view(&entries, 3 * SEC);
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        assert_eq!(flows[0].entries, FlowEntries::Both);
+        assert_eq!(
+            (flows[0].client, flows[0].service, flows[0].backend),
+            (client, vip_sa, backend_sa)
+        );
+        assert_eq!(flows[0].masquerade, Some(node));
     }
 }

@@ -4,7 +4,10 @@
 //!
 //! Pure: no I/O. Addresses and ports are host values here; on the wire they are big-endian.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use sluice_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
@@ -57,6 +60,7 @@ pub fn proto_name(proto: u8) -> String {
         PROTO_UDP => "udp".into(),
         PROTO_SCTP => "sctp".into(),
         PROTO_ICMP => "icmp".into(),
+        PROTO_ICMPV6 => "icmpv6".into(),
         other => format!("proto {other}"),
     }
 }
@@ -511,6 +515,261 @@ pub fn verify_checksums(packet: &[u8]) -> Result<(), String> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// IPv6: building and checking the packets the datapath tests feed the programs. (`sluice
+// trace` takes IPv4 packets only for now.)
+
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const IPV6_HLEN: usize = 40;
+pub const PROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers (next header values).
+pub const IPV6_HOP_BY_HOP: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_FRAGMENT: u8 = 44;
+pub const IPV6_DEST_OPTS: u8 = 60;
+pub const IPV6_NO_NEXT: u8 = 59;
+
+/// ICMPv6 types (RFC 4443, RFC 4861).
+pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ROUTER_SOLICITATION: u8 = 133;
+pub const ICMPV6_ROUTER_ADVERTISEMENT: u8 = 134;
+pub const ICMPV6_NEIGHBOR_SOLICITATION: u8 = 135;
+pub const ICMPV6_NEIGHBOR_ADVERTISEMENT: u8 = 136;
+
+/// An IPv6 packet's 5-tuple: `[src]:sport -> [dst]:dport`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow6 {
+    pub proto: u8,
+    pub src: Ipv6Addr,
+    pub sport: u16,
+    pub dst: Ipv6Addr,
+    pub dport: u16,
+}
+
+impl Flow6 {
+    pub fn reversed(&self) -> Flow6 {
+        Flow6 {
+            proto: self.proto,
+            src: self.dst,
+            sport: self.dport,
+            dst: self.src,
+            dport: self.sport,
+        }
+    }
+}
+
+/// `tcp [fd00::5]:40000 -> [fd00:10:96::1]:80`.
+impl fmt::Display for Flow6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} [{}]:{} -> [{}]:{}",
+            proto_name(self.proto),
+            self.src,
+            self.sport,
+            self.dst,
+            self.dport
+        )
+    }
+}
+
+/// The IPv6 pseudo header (RFC 8200 section 8.1) followed by the upper-layer packet.
+pub fn with_pseudo_header6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, upper: &[u8]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(40 + upper.len());
+    data.extend_from_slice(&src.octets());
+    data.extend_from_slice(&dst.octets());
+    data.extend_from_slice(&(upper.len() as u32).to_be_bytes());
+    data.extend_from_slice(&[0, 0, 0, next]);
+    data.extend_from_slice(upper);
+    data
+}
+
+/// Ethernet + IPv6 (hop limit 64) + `upper` (of protocol `next`), with the checksum at
+/// `csum_at` in `upper` computed over the pseudo header when given (TCP, UDP, ICMPv6; a UDP
+/// checksum is mandatory in IPv6).
+pub fn ipv6_packet(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next: u8,
+    mut upper: Vec<u8>,
+    csum_at: Option<usize>,
+) -> Vec<u8> {
+    if let Some(at) = csum_at {
+        upper[at..at + 2].copy_from_slice(&[0, 0]);
+        let csum = internet_checksum(&with_pseudo_header6(src, dst, next, &upper));
+        let csum = if next == PROTO_UDP && csum == 0 {
+            0xffff
+        } else {
+            csum
+        };
+        upper[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+    }
+    let mut frame = ethernet(ETH_P_IPV6);
+    frame.extend_from_slice(&[0x60, 0, 0, 0]); // version, traffic class, flow label
+    frame.extend_from_slice(&(upper.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[next, 64]);
+    frame.extend_from_slice(&src.octets());
+    frame.extend_from_slice(&dst.octets());
+    frame.extend_from_slice(&upper);
+    frame
+}
+
+/// A TCP segment of an IPv6 `flow`.
+pub fn tcp6_packet(flow: &Flow6, flags: u8, payload: &[u8]) -> Vec<u8> {
+    assert_eq!(flow.proto, PROTO_TCP, "tcp6_packet of a {flow}");
+    let mut tcp = Vec::with_capacity(20 + payload.len());
+    tcp.extend_from_slice(&flow.sport.to_be_bytes());
+    tcp.extend_from_slice(&flow.dport.to_be_bytes());
+    tcp.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    let ack: u32 = if flags & TCP_ACK != 0 { 0x0a0b_0c0d } else { 0 };
+    tcp.extend_from_slice(&ack.to_be_bytes());
+    tcp.extend_from_slice(&[5 << 4, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+    tcp.extend_from_slice(payload);
+    ipv6_packet(flow.src, flow.dst, PROTO_TCP, tcp, Some(16))
+}
+
+/// A UDP datagram of an IPv6 `flow`, with its (mandatory) checksum.
+pub fn udp6_packet(flow: &Flow6, payload: &[u8]) -> Vec<u8> {
+    assert_eq!(flow.proto, PROTO_UDP, "udp6_packet of a {flow}");
+    let mut udp = Vec::with_capacity(8 + payload.len());
+    udp.extend_from_slice(&flow.sport.to_be_bytes());
+    udp.extend_from_slice(&flow.dport.to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    ipv6_packet(flow.src, flow.dst, PROTO_UDP, udp, Some(6))
+}
+
+/// An ICMPv6 message of `type_`/`code` with `body` (what follows the 4-byte header).
+pub fn icmp6_packet(src: Ipv6Addr, dst: Ipv6Addr, type_: u8, code: u8, body: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![type_, code, 0, 0];
+    icmp.extend_from_slice(body);
+    ipv6_packet(src, dst, PROTO_ICMPV6, icmp, Some(2))
+}
+
+/// A neighbour solicitation from `src` for `target`, sent to the target's solicited-node
+/// multicast address, with a source link-layer address option.
+pub fn neighbor_solicitation(src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let t = target.octets();
+    let dst = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(t[13]),
+        u16::from_be_bytes([t[14], t[15]]),
+    );
+    let mut body = vec![0; 4]; // reserved
+    body.extend_from_slice(&t);
+    body.extend_from_slice(&[1, 1, 0x02, 0, 0, 0, 0, 0x01]); // source link-layer address
+    icmp6_packet(src, dst, ICMPV6_NEIGHBOR_SOLICITATION, 0, &body)
+}
+
+/// Inserts an extension header of type `ext` (hop-by-hop, routing, destination options: 8
+/// bytes of padding; fragment: `fragment`'s offset in 8-byte units and more-fragments flag)
+/// between the IPv6 header of `packet` and its upper-layer header. The upper-layer checksum
+/// does not cover extension headers and stays valid.
+pub fn with_ipv6_extension(packet: &[u8], ext: u8, fragment: (u16, bool)) -> Vec<u8> {
+    let ip = ETH_HLEN;
+    let next = packet[ip + 6];
+    let header: Vec<u8> = match ext {
+        IPV6_FRAGMENT => {
+            let (offset, more) = fragment;
+            let field = (offset << 3) | u16::from(more);
+            let mut h = vec![next, 0];
+            h.extend_from_slice(&field.to_be_bytes());
+            h.extend_from_slice(&0x5eed_0001u32.to_be_bytes()); // identification
+            h
+        }
+        IPV6_ROUTING => vec![next, 0, 0, 0, 0, 0, 0, 0], // type 0... segments left 0
+        _ => vec![next, 0, 1, 4, 0, 0, 0, 0],            // PadN option
+    };
+    let mut out = packet[..ip + IPV6_HLEN].to_vec();
+    out[ip + 6] = ext;
+    let payload_len = u16::from_be_bytes([out[ip + 4], out[ip + 5]]) + header.len() as u16;
+    out[ip + 4..ip + 6].copy_from_slice(&payload_len.to_be_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&packet[ip + IPV6_HLEN..]);
+    out
+}
+
+/// The upper-layer protocol and offset of an IPv6 packet, past the extension headers this
+/// module builds (hop-by-hop, routing, fragment, destination options).
+pub fn ipv6_upper(packet: &[u8]) -> Result<(u8, usize), String> {
+    if packet.len() < ETH_HLEN + IPV6_HLEN
+        || u16::from_be_bytes([packet[12], packet[13]]) != ETH_P_IPV6
+        || packet[ETH_HLEN] >> 4 != 6
+    {
+        return Err("not an Ethernet + IPv6 frame".into());
+    }
+    let mut next = packet[ETH_HLEN + 6];
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    loop {
+        let len = match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                (usize::from(*packet.get(off + 1).ok_or("truncated extension header")?) + 1) * 8
+            }
+            IPV6_FRAGMENT => 8,
+            _ => return Ok((next, off)),
+        };
+        next = *packet.get(off).ok_or("truncated extension header")?;
+        off += len;
+    }
+}
+
+/// Checks an IPv6 packet's TCP, UDP or ICMPv6 checksum, recomputed from scratch over the
+/// pseudo header; the payload length must match the frame. Fragments are not checked (their
+/// checksum covers the reassembled packet).
+pub fn verify_checksums6(packet: &[u8]) -> Result<(), String> {
+    let (next, off) = ipv6_upper(packet)?;
+    let payload_len = usize::from(u16::from_be_bytes([
+        packet[ETH_HLEN + 4],
+        packet[ETH_HLEN + 5],
+    ]));
+    if ETH_HLEN + IPV6_HLEN + payload_len != packet.len() {
+        return Err(format!(
+            "the IPv6 payload length {payload_len} does not fit the {}-byte frame",
+            packet.len()
+        ));
+    }
+    let mut ext = packet[ETH_HLEN + 6];
+    let mut at = ETH_HLEN + IPV6_HLEN;
+    while at < off {
+        if ext == IPV6_FRAGMENT {
+            return Ok(());
+        }
+        let len = (usize::from(packet[at + 1]) + 1) * 8;
+        ext = packet[at];
+        at += len;
+    }
+    let csum_at = match next {
+        PROTO_TCP => 16,
+        PROTO_UDP => 6,
+        PROTO_ICMPV6 => 2,
+        _ => return Ok(()),
+    };
+    let upper = &packet[off..];
+    if upper.len() < csum_at + 2 {
+        return Err(format!("the {} header is truncated", proto_name(next)));
+    }
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&packet[ETH_HLEN + 8..ETH_HLEN + 24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&packet[ETH_HLEN + 24..ETH_HLEN + 40]).unwrap());
+    if next == PROTO_UDP && upper[6..8] == [0, 0] {
+        return Err("an IPv6 UDP checksum of 0 (none) is not allowed".into());
+    }
+    if internet_checksum(&with_pseudo_header6(src, dst, next, upper)) != 0 {
+        return Err(format!(
+            "the {} checksum is wrong",
+            proto_name(next).to_uppercase()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -613,5 +872,68 @@ mod tests {
         let mut v6 = first_packet(&flow(PROTO_TCP), &[]);
         v6[ETH_HLEN] = 0x65;
         assert_eq!(decode(&v6).unwrap_err(), "IP version 6");
+    }
+
+    #[test]
+    fn ipv6_packets_carry_checksums_over_the_ipv6_pseudo_header() {
+        let flow = Flow6 {
+            proto: PROTO_TCP,
+            src: "fd00:10:244:1::5".parse().unwrap(),
+            sport: 40_000,
+            dst: "fd00:10:96::1".parse().unwrap(),
+            dport: 80,
+        };
+        assert_eq!(
+            flow.to_string(),
+            "tcp [fd00:10:244:1::5]:40000 -> [fd00:10:96::1]:80"
+        );
+        let udp = Flow6 {
+            proto: PROTO_UDP,
+            ..flow
+        };
+        let packets = [
+            tcp6_packet(&flow, TCP_SYN, b"odd"),
+            udp6_packet(&udp, b"odd payload"),
+            neighbor_solicitation(flow.src, flow.dst),
+            icmp6_packet(flow.src, flow.dst, ICMPV6_ECHO_REQUEST, 0, &[0, 1, 0, 1, 9]),
+        ];
+        for packet in &packets {
+            verify_checksums6(packet).unwrap();
+            // The sum is over the pseudo header: a changed address breaks it ...
+            let mut moved = packet.clone();
+            moved[ETH_HLEN + 39] ^= 1;
+            assert!(verify_checksums6(&moved).is_err());
+            // ... and extension headers do not count.
+            let hop = with_ipv6_extension(packet, IPV6_HOP_BY_HOP, (0, false));
+            assert_eq!(
+                ipv6_upper(&hop).unwrap(),
+                (packet[ETH_HLEN + 6], ETH_HLEN + IPV6_HLEN + 8)
+            );
+            verify_checksums6(&hop).unwrap();
+        }
+        // A hand-computed sum: the TCP SYN's checksum field, checked independently of
+        // with_pseudo_header6.
+        let syn = &packets[0];
+        let mut sum: u32 = 0;
+        for word in syn[ETH_HLEN + 8..ETH_HLEN + 40].chunks(2) {
+            sum += u32::from(u16::from_be_bytes([word[0], word[1]]));
+        }
+        sum += (syn.len() - ETH_HLEN - IPV6_HLEN) as u32 + u32::from(PROTO_TCP);
+        let tcp = &syn[ETH_HLEN + IPV6_HLEN..];
+        for (i, word) in tcp.chunks(2).enumerate() {
+            if i != 8 {
+                sum += u32::from(u16::from_be_bytes([word[0], *word.get(1).unwrap_or(&0)]));
+            }
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        assert_eq!(u16::from_be_bytes([tcp[16], tcp[17]]), !(sum as u16));
+        // The solicited-node multicast address of the target.
+        let ns = &packets[2];
+        assert_eq!(
+            Ipv6Addr::from(<[u8; 16]>::try_from(&ns[ETH_HLEN + 24..ETH_HLEN + 40]).unwrap()),
+            "ff02::1:ff00:1".parse::<Ipv6Addr>().unwrap()
+        );
     }
 }

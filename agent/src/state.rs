@@ -4,10 +4,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::health::ServiceHealth;
 
@@ -52,27 +52,32 @@ impl fmt::Display for Protocol {
 /// What a client addresses: a service's virtual IP, port and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub ip: Ipv4Addr,
+    /// IPv4 or IPv6. A frontend's backends are always of its own family.
+    pub ip: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.proto),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.proto),
+        }
     }
 }
 
 /// A pod endpoint traffic is DNATed to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        // std's SocketAddr formatting: `10.0.0.1:80`, `[fd00::1]:80`.
+        write!(f, "{}", std::net::SocketAddr::new(self.ip, self.port))
     }
 }
 
@@ -135,8 +140,9 @@ pub struct ServiceEntry {
     /// `sessionAffinity: ClientIP`: a client keeps its backend for this many seconds.
     pub affinity_timeout: Option<u32>,
     /// `loadBalancerSourceRanges` (LoadBalancer frontends): other sources are dropped. Empty
-    /// means every source is allowed.
-    pub source_ranges: Vec<Ipv4Net>,
+    /// means every source is allowed. Only ranges of the frontend's family (kube-proxy filters
+    /// the ranges per family, so an IPv6 frontend of a service with IPv4 ranges only is open).
+    pub source_ranges: Vec<IpNet>,
 }
 
 impl ServiceEntry {

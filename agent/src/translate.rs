@@ -4,12 +4,15 @@
 //! topology.go, and the iptables proxier's choice of REJECT or DROP):
 //! * ExternalName and headless (`clusterIP: None`) services get nothing programmed; so do
 //!   services labelled `service.kubernetes.io/service-proxy-name` (they belong to another proxy).
-//! * Every service port becomes a frontend on each IPv4 cluster IP; NodePort and LoadBalancer
-//!   services add one on each node IP (filtered by `--nodeport-addresses`) at the node port;
+//! * Every service port becomes a frontend on each cluster IP (`clusterIPs`: one per family on
+//!   a dual-stack service); NodePort and LoadBalancer services add one on each node IP, IPv4
+//!   and IPv6 (filtered by `--nodeport-addresses`) at the node port;
 //!   `externalIPs` and LoadBalancer `status.loadBalancer.ingress` IPs (except `ipMode: Proxy`)
 //!   add one at the service port.
 //! * Endpoints come from the EndpointSlices labelled `kubernetes.io/service-name`, in the
-//!   service's namespace, of address type IPv4; a slice port is matched to the service port by
+//!   service's namespace, of the frontend's address type (like kube-proxy's one proxier per
+//!   family, an IPv4 frontend balances over IPv4 endpoints only and an IPv6 one over IPv6
+//!   endpoints only; FQDN slices are ignored); a slice port is matched to the service port by
 //!   name and protocol, and its number is the backend port (that is how `targetPort` by name is
 //!   resolved). Only an endpoint's first address is used, as kube-proxy does. Several slices
 //!   are merged and duplicates removed. A selector-less service is treated like any other.
@@ -21,16 +24,20 @@
 //!   and terminating.
 //! * ClusterIP frontends use the local endpoints with `internalTrafficPolicy: Local`, external
 //!   frontends with `externalTrafficPolicy: Local`, the cluster endpoints otherwise.
+//! * The choice of endpoints, the traffic policies and REJECT versus DROP are decided per
+//!   family (a dual-stack service may have ready IPv4 endpoints and no IPv6 ones). A
+//!   LoadBalancer frontend keeps the `loadBalancerSourceRanges` of its own family only (none
+//!   of its family: open, as with kube-proxy). IPv4-mapped IPv6 addresses count as IPv4.
 //! * A frontend left without backends rejects (TCP RST, ICMP port unreachable) when the service
 //!   has no usable endpoint at all, and drops when a Local policy filtered the endpoints away.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::{Endpoint, EndpointSlice},
@@ -175,22 +182,40 @@ impl ServiceTranslation<'_> {
             } else {
                 format!("{}:{port_name}", self.key)
             };
-            let endpoints = endpoints_for_port(port, proto, slices, self.errors);
-            let sets = EndpointSets::categorize(&endpoints, self.node, topology);
-
-            let (internal, internal_empty) = sets.for_policy(internal_local);
-            let (external, external_empty) = sets.for_policy(external_local);
-            let entry =
-                |kind, backends: &[BackendAddr], when_empty, ranges: &[Ipv4Net]| ServiceEntry {
+            // One set of endpoints per family, as kube-proxy's per-family proxiers see them.
+            let sets = [Family::V4, Family::V6].map(|family| {
+                let endpoints = endpoints_for_port(port, proto, family, slices, self.errors);
+                EndpointSets::categorize(&endpoints, self.node, topology)
+            });
+            let entry = |kind: FrontendKind, ip: &IpAddr| {
+                let family = Family::of(ip);
+                let sets = &sets[family as usize];
+                let local = if kind.is_external() {
+                    external_local
+                } else {
+                    internal_local
+                };
+                let (backends, when_empty) = sets.for_policy(local);
+                let source_ranges = if kind == FrontendKind::LoadBalancer {
+                    source_ranges
+                        .iter()
+                        .filter(|net| Family::of(&net.addr()) == family)
+                        .copied()
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                ServiceEntry {
                     name: name.clone(),
                     kind,
-                    backends: backends.to_vec(),
-                    local_backends: sets.local_of(backends),
+                    local_backends: sets.local_of(&backends),
+                    backends,
                     when_empty,
                     external_local: kind != FrontendKind::ClusterIp && external_local,
                     affinity_timeout,
-                    source_ranges: ranges.to_vec(),
-                };
+                    source_ranges,
+                }
+            };
 
             for ip in &cluster_ips {
                 let frontend = Frontend {
@@ -198,10 +223,7 @@ impl ServiceTranslation<'_> {
                     port: number,
                     proto,
                 };
-                self.insert(
-                    frontend,
-                    entry(FrontendKind::ClusterIp, &internal, internal_empty, &[]),
-                );
+                self.insert(frontend, entry(FrontendKind::ClusterIp, ip));
             }
             if has_node_ports {
                 match port.node_port.map(valid_port) {
@@ -212,10 +234,7 @@ impl ServiceTranslation<'_> {
                                 port: node_port,
                                 proto,
                             };
-                            self.insert(
-                                frontend,
-                                entry(FrontendKind::NodePort, &external, external_empty, &[]),
-                            );
+                            self.insert(frontend, entry(FrontendKind::NodePort, &ip));
                         }
                     }
                     Some(None) => self.error(format!(
@@ -232,10 +251,7 @@ impl ServiceTranslation<'_> {
                     port: number,
                     proto,
                 };
-                self.insert(
-                    frontend,
-                    entry(FrontendKind::ExternalIp, &external, external_empty, &[]),
-                );
+                self.insert(frontend, entry(FrontendKind::ExternalIp, ip));
             }
             for ip in &lb_ips {
                 let frontend = Frontend {
@@ -243,18 +259,13 @@ impl ServiceTranslation<'_> {
                     port: number,
                     proto,
                 };
-                self.insert(
-                    frontend,
-                    entry(
-                        FrontendKind::LoadBalancer,
-                        &external,
-                        external_empty,
-                        &source_ranges,
-                    ),
-                );
+                self.insert(frontend, entry(FrontendKind::LoadBalancer, ip));
             }
             if is_load_balancer && external_local {
-                self.health_check(spec, sets.local.len());
+                // One health check server per service (kube-proxy shares it between the
+                // families): it counts the family with the most local endpoints.
+                let local = sets.iter().map(|s| s.local.len()).max().unwrap_or(0);
+                self.health_check(spec, local);
             }
         }
     }
@@ -271,9 +282,9 @@ impl ServiceTranslation<'_> {
         self.state.services.insert(frontend, entry);
     }
 
-    /// The IPv4 cluster IPs. clusterIPs (dual stack) supersedes clusterIP; both may be set and
-    /// then agree.
-    fn cluster_ips(&mut self, spec: &ServiceSpec) -> Vec<Ipv4Addr> {
+    /// The cluster IPs, of both families. clusterIPs (dual stack) supersedes clusterIP; both
+    /// may be set and then agree.
+    fn cluster_ips(&mut self, spec: &ServiceSpec) -> Vec<IpAddr> {
         let mut cluster_ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
         if cluster_ips.is_empty() {
             cluster_ips.extend(spec.cluster_ip.as_ref());
@@ -284,19 +295,16 @@ impl ServiceTranslation<'_> {
         self.addresses("cluster IP", cluster_ips)
     }
 
-    /// Parses addresses of one field; invalid ones are reported, IPv6 ones skipped for now.
+    /// Parses addresses of one field, either family; invalid ones are reported.
     fn addresses<'s>(
         &mut self,
         field: &str,
         addresses: impl Iterator<Item = &'s String>,
-    ) -> Vec<Ipv4Addr> {
+    ) -> Vec<IpAddr> {
         let mut parsed = Vec::new();
         for address in addresses {
             match address.parse::<IpAddr>() {
-                Ok(IpAddr::V4(v4)) => parsed.push(v4),
-                Ok(IpAddr::V6(_)) => {
-                    tracing::debug!(service = %self.key, %address, "IPv6 {field} not programmed yet")
-                }
+                Ok(ip) => parsed.push(canonical(ip)),
                 Err(_) => self.error(format!("invalid {field} {address:?}")),
             }
         }
@@ -305,7 +313,7 @@ impl ServiceTranslation<'_> {
 
     /// LoadBalancer ingress IPs that traffic reaches the node with. `ipMode: Proxy` means the
     /// load balancer rewrites the destination itself, so kube-proxy programs nothing for it.
-    fn load_balancer_ips(&mut self) -> Vec<Ipv4Addr> {
+    fn load_balancer_ips(&mut self) -> Vec<IpAddr> {
         let ingress = self
             .service
             .status
@@ -321,13 +329,13 @@ impl ServiceTranslation<'_> {
         self.addresses("load balancer ingress IP", ips.into_iter())
     }
 
-    fn source_ranges(&mut self, spec: &ServiceSpec) -> Vec<Ipv4Net> {
+    /// Both families' ranges; each LoadBalancer frontend keeps those of its own family.
+    fn source_ranges(&mut self, spec: &ServiceSpec) -> Vec<IpNet> {
         let mut ranges = Vec::new();
         for range in spec.load_balancer_source_ranges.iter().flatten() {
             // kube-proxy accepts surrounding whitespace here.
-            match range.trim().parse::<ipnet::IpNet>() {
-                Ok(ipnet::IpNet::V4(net)) => ranges.push(net.trunc()),
-                Ok(ipnet::IpNet::V6(_)) => {}
+            match range.trim().parse::<IpNet>() {
+                Ok(net) => ranges.push(net.trunc()),
                 Err(_) => self.error(format!("invalid loadBalancerSourceRange {range:?}")),
             }
         }
@@ -336,7 +344,8 @@ impl ServiceTranslation<'_> {
 
     /// This node's addresses that serve NodePorts: all node IPs, or those inside
     /// `--nodeport-addresses` when given.
-    fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
+    /// IPv4 and IPv6 ones alike.
+    fn node_port_addresses(&self) -> Vec<IpAddr> {
         self.node
             .node_ips
             .iter()
@@ -344,10 +353,7 @@ impl ServiceTranslation<'_> {
                 self.node.nodeport_addresses.is_empty()
                     || self.node.nodeport_addresses.iter().any(|n| n.contains(*ip))
             })
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
+            .map(|ip| canonical(*ip))
             .collect()
     }
 
@@ -384,6 +390,39 @@ impl ServiceTranslation<'_> {
     }
 }
 
+/// An address family. Its value indexes the per-family endpoint sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4 = 0,
+    V6 = 1,
+}
+
+impl Family {
+    fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The EndpointSlice `addressType` of this family.
+    fn address_type(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) is the IPv4 address; the datapath never sees
+/// one on the wire.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 fn affinity_timeout(spec: &ServiceSpec) -> Option<u32> {
     if spec.session_affinity.as_deref() != Some("ClientIP") {
         return None;
@@ -408,11 +447,12 @@ struct PortEndpoint {
     zone_hints: Vec<String>,
 }
 
-/// The endpoints of one service port, merged over all the service's slices, without
-/// duplicates (the first slice that lists an address wins).
+/// The endpoints of one service port in the slices of `family`, merged over all the service's
+/// slices, without duplicates (the first slice that lists an address wins).
 fn endpoints_for_port(
     port: &ServicePort,
     proto: Protocol,
+    family: Family,
     slices: &[(&ObjectRef, &EndpointSlice)],
     errors: &mut Vec<TranslateError>,
 ) -> Vec<PortEndpoint> {
@@ -420,8 +460,8 @@ fn endpoints_for_port(
     let mut endpoints: Vec<PortEndpoint> = Vec::new();
     let mut seen = BTreeSet::new();
     for (slice_key, slice) in slices {
-        if slice.address_type != "IPv4" {
-            continue; // IPv6 and FQDN slices: not programmed yet
+        if slice.address_type != family.address_type() {
+            continue; // the other family's slices, and FQDN ones
         }
         let object = format!("EndpointSlice {slice_key}");
         let slice_port = slice.ports.iter().flatten().find(|p| {
@@ -442,7 +482,8 @@ fn endpoints_for_port(
             let Some(address) = endpoint.addresses.first() else {
                 continue;
             };
-            let Ok(ip) = address.parse() else {
+            let parsed = address.parse::<IpAddr>().ok().map(canonical);
+            let Some(ip) = parsed.filter(|ip| Family::of(ip) == family) else {
                 errors.push(TranslateError {
                     object: object.clone(),
                     message: format!("invalid endpoint address {address:?}"),
@@ -586,8 +627,6 @@ fn valid_port(port: i32) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
 
     fn translate_all(objects: &Objects) -> (DesiredState, Vec<TranslateError>) {
@@ -608,7 +647,7 @@ mod tests {
 
     fn be(ip: &str, port: u16) -> BackendAddr {
         BackendAddr {
-            ip: ip.parse::<Ipv4Addr>().unwrap(),
+            ip: ip.parse().unwrap(),
             port,
         }
     }
@@ -861,6 +900,15 @@ ports: [{name: c, port: 8082}]
                     "ecommerce/redis-service",
                     1
                 ),
+                // The guide's NodePort and LoadBalancer examples; without a node name there
+                // are no node IPs, so no NodePort frontends.
+                (
+                    "10.96.0.80:8080/TCP".to_string(),
+                    "ecommerce/backend-nodeport",
+                    2
+                ),
+                ("10.96.0.81:80/TCP".to_string(), "ecommerce/frontend-lb", 2),
+                ("192.0.2.80:80/TCP".to_string(), "ecommerce/frontend-lb", 2),
             ]
         );
     }
@@ -1063,6 +1111,205 @@ ports: [{{name: http, port: 8080}}]
         assert!(state.services[&fe("172.18.0.11", 30080, Protocol::Tcp)]
             .source_ranges
             .is_empty());
+    }
+
+    /// A dual-stack NodePort/LoadBalancer service with an IPv4 and an IPv6 slice.
+    const DUAL_STACK: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:10:96::10"]
+  externalIPs: [198.51.100.7, "2001:db8:7::7"]
+  loadBalancerSourceRanges: [203.0.113.0/24, "2001:db8:1::/48"]
+  ports: [{name: http, port: 80, nodePort: 30080, targetPort: 8080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.10}, {ip: "2001:db8::10"}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v4, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-1}
+- {addresses: [10.244.2.5], nodeName: node-2}
+ports: [{name: http, port: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+endpoints:
+- {addresses: ["fd00:10:244:1::5"], nodeName: node-1}
+- {addresses: ["fd00:10:244:2::5"], nodeName: node-2}
+- {addresses: ["fd00:10:244:2::6"], nodeName: node-2, conditions: {ready: false}}
+ports: [{name: http, port: 8080}]
+"#;
+
+    fn dual_stack_node() -> NodeContext {
+        let mut node = node_1();
+        node.node_ips
+            .push("fc00:f853:ccd:e793::11".parse().unwrap());
+        node
+    }
+
+    #[test]
+    fn dual_stack_service_gets_frontends_of_both_families_with_their_own_backends() {
+        let (state, errors) = translate(&objects(DUAL_STACK), &dual_stack_node());
+        assert!(errors.is_empty(), "{errors:?}");
+        let kinds: Vec<(String, FrontendKind)> = state
+            .services
+            .iter()
+            .map(|(f, e)| (f.to_string(), e.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("10.96.0.10:80/TCP".into(), FrontendKind::ClusterIp),
+                ("172.18.0.11:30080/TCP".into(), FrontendKind::NodePort),
+                ("192.0.2.10:80/TCP".into(), FrontendKind::LoadBalancer),
+                ("198.51.100.7:80/TCP".into(), FrontendKind::ExternalIp),
+                ("[2001:db8::10]:80/TCP".into(), FrontendKind::LoadBalancer),
+                ("[2001:db8:7::7]:80/TCP".into(), FrontendKind::ExternalIp),
+                (
+                    "[fc00:f853:ccd:e793::11]:30080/TCP".into(),
+                    FrontendKind::NodePort
+                ),
+                ("[fd00:10:96::10]:80/TCP".into(), FrontendKind::ClusterIp),
+            ]
+        );
+        for (frontend, entry) in &state.services {
+            let (backends, local, ranges) = if frontend.ip.is_ipv4() {
+                (
+                    vec![be("10.244.1.5", 8080), be("10.244.2.5", 8080)],
+                    be("10.244.1.5", 8080),
+                    "203.0.113.0/24",
+                )
+            } else {
+                (
+                    vec![be("fd00:10:244:1::5", 8080), be("fd00:10:244:2::5", 8080)],
+                    be("fd00:10:244:1::5", 8080),
+                    "2001:db8:1::/48",
+                )
+            };
+            assert_eq!(entry.backends, backends, "{frontend}");
+            assert_eq!(
+                entry.local_backends.iter().copied().collect::<Vec<_>>(),
+                vec![local],
+                "{frontend}"
+            );
+            // Each LoadBalancer frontend keeps the source ranges of its own family only.
+            let expected: Vec<String> = if entry.kind == FrontendKind::LoadBalancer {
+                vec![ranges.to_string()]
+            } else {
+                vec![]
+            };
+            let got: Vec<String> = entry
+                .source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(got, expected, "{frontend}");
+        }
+    }
+
+    #[test]
+    fn ipv6_single_stack_service_uses_only_ipv6_slices() {
+        let (state, errors) = translate_all(&objects(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: v6}
+spec: {clusterIP: "fd00:10:96::20", clusterIPs: ["fd00:10:96::20"], ipFamilies: [IPv6], ports: [{port: 53, protocol: UDP}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: v6-a, labels: {kubernetes.io/service-name: v6}}
+addressType: IPv6
+endpoints: [{addresses: ["fd00:10:244::3"]}, {addresses: ["FD00:10:244::2"]}]
+ports: [{port: 5353, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: v6-stray, labels: {kubernetes.io/service-name: v6}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.0.9]}]
+ports: [{port: 5353, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: v6-fqdn, labels: {kubernetes.io/service-name: v6}}
+addressType: FQDN
+endpoints: [{addresses: [db.example.com]}]
+ports: [{port: 5353, protocol: UDP}]
+"#,
+        ));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(state.services.len(), 1);
+        let entry = &state.services[&fe("fd00:10:96::20", 53, Protocol::Udp)];
+        assert_eq!(
+            entry.backends,
+            vec![be("fd00:10:244::2", 5353), be("fd00:10:244::3", 5353)]
+        );
+    }
+
+    #[test]
+    fn rejection_and_drop_are_decided_per_family() {
+        // IPv4 endpoints only: the IPv6 frontend has nothing usable in its family, so it
+        // rejects, as kube-proxy's IPv6 proxier does.
+        let text = DUAL_STACK
+            .split(
+                "
+---
+",
+            )
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(
+                "
+---
+",
+            );
+        let (state, _) = translate(&objects(&text), &dual_stack_node());
+        let v6 = &state.services[&fe("fd00:10:96::10", 80, Protocol::Tcp)];
+        assert!(v6.backends.is_empty());
+        assert_eq!(v6.when_empty, WhenEmpty::Reject);
+        assert_eq!(
+            state.services[&fe("10.96.0.10", 80, Protocol::Tcp)]
+                .backends
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn endpoint_addresses_of_the_wrong_family_are_reported() {
+        let (state, errors) = translate_all(&objects(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: s-1, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+endpoints: [{addresses: ["fd00::1"]}, {addresses: [10.244.0.1]}]
+ports: [{port: 80}]
+"#,
+        ));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("fd00::1"), "{errors:?}");
+        assert_eq!(
+            state.services[&fe("10.96.0.30", 80, Protocol::Tcp)].backends,
+            vec![be("10.244.0.1", 80)]
+        );
     }
 
     #[test]

@@ -3,9 +3,8 @@
 //! This file is the one place the datapath's maps are described. Every key and value is
 //! `#[repr(C)]`, padded explicitly so no byte is left uninitialised (the kernel hashes keys
 //! byte for byte), and stores addresses and ports in network byte order exactly as they sit in
-//! the packet, so the programs compare and copy them without swapping. Everything here is IPv4;
-//! an IPv6 family will get its own keys and maps next to these (`*6` types), the programs
-//! sharing the logic.
+//! the packet, so the programs compare and copy them without swapping. IPv6 has its own keys
+//! and maps next to the IPv4 ones (`*6` types and maps, as Cilium's `lb6_*`), see "IPv6" below.
 //!
 //! | map (= pin file)  | type             | key                  | value            | written by |
 //! |-------------------|------------------|----------------------|------------------|------------|
@@ -16,6 +15,10 @@
 //! | `source_ranges`   | LPM trie         | [`SourceRangeKey`] with a prefix length | `u8` (1) | agent |
 //! | `config`          | array, 1 entry   | `u32` 0              | [`NodeConfig`]   | agent      |
 //! | `drops`           | per-CPU array    | `u32` [`Reason`]     | `u64` packets    | programs   |
+//! | `services6`       | hash             | [`ServiceKey6`]      | [`ServiceValue`] | agent      |
+//! | `backends6`       | hash             | [`BackendKey`]       | [`Backend6`]     | agent      |
+//! | `conntrack6`      | LRU hash         | [`CtKey6`]           | [`CtValue6`]     | programs   |
+//! | `config6`         | array, 1 entry   | `u32` 0              | [`NodeConfig6`]  | agent      |
 //!
 //! ## services and backends
 //!
@@ -61,6 +64,17 @@
 //! cluster CIDRs, masqueradeAll. `drops` counts the packets the programs dropped or answered
 //! themselves, by [`Reason`]; a program also leaves the reason in `skb->cb[0]`
 //! ([`CB_REASON_MAGIC`] | reason) so `BPF_PROG_RUN` callers (`sluice trace`) can name it.
+//!
+//! ## IPv6
+//!
+//! `services6`, `backends6` and `conntrack6` are the IPv6 `services`, `backends` and
+//! `conntrack`, with 128-bit addresses (`[u32; 4]`, the 16 bytes as in the packet) and their own
+//! service ids. The IPv6 datapath is a subset of the IPv4 one: destination NAT of TCP, UDP and
+//! SCTP to a random backend and its reverse NAT, REJECT and DROP, masquerade to the node's IPv6
+//! address of external traffic to a backend on another node ([`NodeConfig6`]), hairpin to
+//! [`HAIRPIN6_SNAT_ADDR`]; no other source NAT (masqueradeAll, off-cluster sources), affinity,
+//! source ranges or ICMPv6 error translation. The agent programs only the
+//! IPv6 frontends that subset serves correctly (see `agent/src/datapath/sync6.rs`).
 #![no_std]
 
 pub mod crc32c;
@@ -76,6 +90,10 @@ pub const MAP_AFFINITY: &str = "affinity";
 pub const MAP_SOURCE_RANGES: &str = "source_ranges";
 pub const MAP_CONFIG: &str = "config";
 pub const MAP_DROPS: &str = "drops";
+pub const MAP_SERVICES6: &str = "services6";
+pub const MAP_BACKENDS6: &str = "backends6";
+pub const MAP_CONNTRACK6: &str = "conntrack6";
+pub const MAP_CONFIG6: &str = "config6";
 
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
@@ -98,6 +116,13 @@ pub const CT_DIR_REPLY: u8 = 1;
 /// so the pod does not see a packet from itself: Cilium's default service loopback address,
 /// 169.254.42.1, as the maps hold it.
 pub const HAIRPIN_SNAT_ADDR: [u8; 4] = [169, 254, 42, 1];
+
+/// The IPv6 service loopback address hairpin traffic is source-NATed to:
+/// `fd00:a9fe:2a01::1`, a unique local address (RFC 4193) whose middle spells the IPv4 one,
+/// 169.254.42.1, in hex. Pods reach it through their default route, like any address.
+pub const HAIRPIN6_SNAT_ADDR: [u8; 16] = [
+    0xfd, 0x00, 0xa9, 0xfe, 0x2a, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01,
+];
 
 /// A service frontend: (address, port, protocol).
 #[repr(C)]
@@ -256,6 +281,69 @@ pub struct SourceRangeKey {
     pub addr: u32,
 }
 
+/// An IPv6 service frontend: (address, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey6 {
+    /// IPv6 address, the 16 bytes as in the packet.
+    pub addr: [u32; 4],
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// An IPv6 pod endpoint: address (as in the packet) and port (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    /// `BACKEND_F_*`.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// An IPv6 flow tuple, plus the direction it was recorded for ([`CtKey`]'s IPv6 twin).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// An IPv6 conntrack entry, [`CtValue`]'s twin: forward entry: the backend (new destination)
+/// and, with [`CT_F_SNAT`], the new source; reply entry: the frontend (new source) and, with
+/// [`CT_F_SNAT`], the client (new destination).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue6 {
+    pub nat_addr: [u32; 4],
+    pub nat_port: u16,
+    /// `CT_F_*` ([`CT_F_SNAT`], [`CT_F_REDIRECT`]; no hairpin in IPv6 yet).
+    pub flags: u16,
+    pub snat_addr: [u32; 4],
+    pub snat_port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub backend_slot: u32,
+    pub created_ns: u64,
+}
+
+/// This node for the IPv6 datapath (`config6` map, entry 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig6 {
+    /// The node's IPv6 address masqueraded traffic gets as source (as in the packet); all
+    /// zeroes: none known, nothing is masqueraded (such flows are not translated).
+    pub node_ip: [u32; 4],
+}
+
 /// Prefix length of a `source_ranges` entry for a range of `bits` bits.
 pub const fn source_range_prefix_len(bits: u32) -> u32 {
     32 + bits
@@ -338,6 +426,11 @@ mod pod {
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for Cidr4 {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtValue6 {}
+    unsafe impl aya::Pod for NodeConfig6 {}
 }
 
 #[cfg(test)]
@@ -359,6 +452,11 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<NodeConfig>(), 16 + 8 * MAX_CLUSTER_CIDRS);
+        assert_eq!(size_of::<ServiceKey6>(), 20);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(size_of::<CtKey6>(), 40);
+        assert_eq!(size_of::<CtValue6>(), 56);
+        assert_eq!(size_of::<NodeConfig6>(), 16);
     }
 
     #[test]

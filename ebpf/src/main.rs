@@ -15,7 +15,9 @@
 //!
 //! ```text
 //!  1. parse::parse              IPv4 TCP/UDP/SCTP, or an ICMP error quoting such a packet;
-//!                               everything else passes untouched
+//!                               IPv6 TCP/UDP/SCTP goes to v6::ingress (the same steps on the
+//!                               IPv6 maps, a subset: see v6.rs); everything else passes
+//!                               untouched
 //!  2. icmp::ingress             an ICMP error about a translated flow is translated like the
 //!                               flow's packets (its reply, or its client's packet)
 //!  3. conntrack::lookup (reply) a reply of a flow that skips the host's routing
@@ -46,7 +48,7 @@
 //! interfaces): packets leaving the node's routing
 //!
 //! ```text
-//!  1. parse::parse
+//!  1. parse::parse              (IPv6: v6::egress)
 //!  2. icmp::egress              an ICMP error about a flow, toward its client
 //!  3. conntrack::lookup (reply) a reply of a translated flow that went through the host's
 //!     nat::reverse              routing: source back to the frontend (and the client)
@@ -67,6 +69,7 @@ mod parse;
 mod reject;
 mod route;
 mod stats;
+mod v6;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -134,7 +137,12 @@ fn rewrite_failed(_: ()) -> Reason {
 #[inline(always)]
 fn ingress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
     let pkt = match parse::parse(ctx) {
-        None => return Ok(TC_ACT_OK),
+        None => {
+            return match v6::parse(ctx) {
+                Some(pkt) => v6::ingress(ctx, &pkt, hook),
+                None => Ok(TC_ACT_OK),
+            }
+        }
         Some(Packet::IcmpError(err)) => return icmp::ingress(ctx, &err).map_err(rewrite_failed),
         Some(Packet::Flow(pkt)) => pkt,
     };
@@ -223,7 +231,12 @@ fn new_flow(
 #[inline(always)]
 fn egress(ctx: &TcContext) -> Result<i32, Reason> {
     let pkt = match parse::parse(ctx) {
-        None => return Ok(TC_ACT_OK),
+        None => {
+            return match v6::parse(ctx) {
+                Some(pkt) => v6::egress(ctx, &pkt),
+                None => Ok(TC_ACT_OK),
+            }
+        }
         Some(Packet::IcmpError(err)) => return icmp::egress(ctx, &err).map_err(rewrite_failed),
         Some(Packet::Flow(pkt)) => pkt,
     };

@@ -11,9 +11,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use sluice_common::{
-    AffinityKey, AffinityValue, Backend, BackendKey, CtKey, CtValue, NodeConfig, ServiceKey,
-    ServiceValue, SourceRangeKey, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
-    MAX_SOURCE_RANGES, REASON_COUNT,
+    AffinityKey, AffinityValue, Backend, Backend6, BackendKey, CtKey, CtKey6, CtValue, CtValue6,
+    NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES, REASON_COUNT,
 };
 
 #[map(name = "services")]
@@ -38,3 +38,17 @@ pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "drops")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+#[map(name = "services6")]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "backends6")]
+pub static BACKENDS6: HashMap<BackendKey, Backend6> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "conntrack6")]
+pub static CONNTRACK6: LruHashMap<CtKey6, CtValue6> =
+    LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+#[map(name = "config6")]
+pub static CONFIG6: Array<NodeConfig6> = Array::with_max_entries(1, 0);

@@ -102,7 +102,7 @@ pub fn build(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Answer, ()> {
 
 /// The ones' complement sum of `len` bytes at `data` (a multiple of 4), added to `seed`.
 #[inline(always)]
-fn sum(data: *const u8, len: u32, seed: u32) -> Result<u32, ()> {
+pub fn sum(data: *const u8, len: u32, seed: u32) -> Result<u32, ()> {
     // SAFETY: the callers pass initialised memory of at least `len` bytes.
     let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data as *mut u32, len, seed) };
     if sum < 0 {
@@ -113,7 +113,7 @@ fn sum(data: *const u8, len: u32, seed: u32) -> Result<u32, ()> {
 
 /// Folds a 32-bit ones' complement sum into the 16-bit checksum (complemented).
 #[inline(always)]
-fn checksum(sum: u32) -> u16 {
+pub fn checksum(sum: u32) -> u16 {
     let sum = (sum & 0xffff) + (sum >> 16);
     let sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)

@@ -1,22 +1,42 @@
-//! `cargo xtask demo`: the networking guide's e-commerce platform on a Sluice node.
+//! `cargo xtask demo`: the networking guide's e-commerce platform on a two-node Sluice cluster.
 //!
-//! A node made of network namespaces (nothing touches the machine's own network) runs the
-//! platform's pods with the guide's IPs; `sluice agent` reads `examples/ecommerce/` and the demo
-//! sends requests the way the guide's traffic flows (ingress -> frontend -> backend -> redis,
-//! postgres through its headless service), printing which pod answered. Then it scales the
-//! backend up, and the new pod starts receiving without a restart.
+//! Two nodes and an outside client made of network namespaces (nothing touches the machine's
+//! own network) run the platform's pods with the guide's IPs; one `sluice agent` per node
+//! reads `examples/ecommerce/`, and the demo sends requests the way the guide's traffic flows
+//! (ingress -> frontend -> backend -> redis, postgres through its headless service), then from
+//! outside through the guide's NodePort and LoadBalancer examples, printing which pod answered
+//! and which client address it saw. Then it scales the backend up, and the new pod starts
+//! receiving without a restart.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
     process::Command,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
-use sluice_testbed::{retry_until, sluice::SluiceNode, tally, Pod};
+use sluice_testbed::{
+    client::{ReplyAny, RequestError},
+    retry_until,
+    sluice::SluiceCluster,
+    tally, Pod,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// The guide's `frontend-lb` gets this address from the (pretend) cloud load balancer.
+const FRONTEND_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
+
+/// A platform pod: name, node, the guide's IP, and the port it serves.
+const PODS: &[(&str, usize, [u8; 4], u16)] = &[
+    ("frontend-1", 1, [10, 244, 1, 5], 3000),
+    ("postgres-0", 1, [10, 244, 1, 7], 5432),
+    ("backend-1", 1, [10, 244, 1, 10], 8080),
+    ("frontend-2", 2, [10, 244, 2, 6], 3000),
+    ("redis-0", 2, [10, 244, 2, 8], 6379),
+    ("backend-2", 2, [10, 244, 2, 15], 8080),
+];
 
 pub fn run(root: &Path) -> Result<()> {
     crate::run(
@@ -24,22 +44,17 @@ pub fn run(root: &Path) -> Result<()> {
             .current_dir(root)
             .args(["build", "--quiet", "-p", "sluice"]),
     )?;
-    // SluiceNode runs the binary next to this one (target/debug/sluice), built just above.
-    let mut cluster = SluiceNode::new("demo")?;
-    let pod = |cluster: &SluiceNode, name: &str, ip: [u8; 4], port: u16| -> Result<Pod> {
-        let pod = cluster.node.add_pod(name, Ipv4Addr::from(ip))?;
-        pod.serve_tcp(&[port])?;
-        Ok(pod)
-    };
+    // SluiceCluster runs the binary next to this one (target/debug/sluice), built just above.
+    let mut cluster = SluiceCluster::new("demo", 2)?;
     let ingress = cluster
-        .node
-        .add_pod("ingress-nginx", Ipv4Addr::new(10, 244, 0, 10))?;
-    let frontend_1 = pod(&cluster, "frontend-1", [10, 244, 1, 5], 3000)?;
-    pod(&cluster, "frontend-2", [10, 244, 1, 6], 3000)?;
-    let postgres = pod(&cluster, "postgres-0", [10, 244, 1, 7], 5432)?;
-    pod(&cluster, "redis-0", [10, 244, 1, 8], 6379)?;
-    let backend_1 = pod(&cluster, "backend-1", [10, 244, 1, 10], 8080)?;
-    pod(&cluster, "backend-2", [10, 244, 1, 15], 8080)?;
+        .node(1)
+        .add_pod("ingress-nginx", Ipv4Addr::new(10, 244, 1, 100))?;
+    let mut pods = BTreeMap::new();
+    for &(name, node, ip, port) in PODS {
+        let pod = cluster.node(node).add_pod(name, Ipv4Addr::from(ip))?;
+        pod.serve_tcp(&[port])?;
+        pods.insert(name, pod);
+    }
 
     let examples = root.join("examples/ecommerce");
     for file in ["services.yaml", "endpointslices.yaml"] {
@@ -48,72 +63,156 @@ pub fn run(root: &Path) -> Result<()> {
         cluster.manifests.write(file, &text)?;
     }
     println!(
-        "Starting sluice agent on node {} with {}",
-        cluster.node.netns_name(),
+        "Two nodes, one sluice agent each, reading {}",
         examples.display()
     );
-    cluster.start_agent()?;
+    for node in cluster.cluster.nodes() {
+        let names: Vec<&str> = PODS
+            .iter()
+            .filter(|p| {
+                Some(p.1)
+                    == node
+                        .name()
+                        .strip_prefix("node-")
+                        .and_then(|n| n.parse().ok())
+            })
+            .map(|p| p.0)
+            .collect();
+        println!(
+            "  {} ({}, pods {}): {}",
+            node.name(),
+            node.node_ip().map(|ip| ip.to_string()).unwrap_or_default(),
+            node.pod_cidr(),
+            names.join(", ")
+        );
+    }
+    cluster.start_agents()?;
 
     println!();
-    println!("{:<52} {:>8}  answered by", "request", "count");
-    let show = |from: &Pod, what: &str, dst: SocketAddrV4, n: usize| -> Result<()> {
-        let replies = from.tcp_requests(dst, n, TIMEOUT)?;
-        let spread: Vec<String> = tally(&replies)
-            .into_iter()
-            .map(|(pod, count)| format!("{pod} x{count}"))
-            .collect();
-        let via = if replies.iter().flatten().all(|r| r.peer == dst) {
-            ""
-        } else {
-            "  (some replies NOT from the service address!)"
-        };
-        println!(
-            "{:<52} {n:>8}  {}{via}",
-            format!("{} -> {what} {dst}", from.name()),
-            spread.join(", ")
-        );
-        Ok(())
-    };
-    let svc = |ip: [u8; 4], port: u16| SocketAddrV4::new(Ipv4Addr::from(ip), port);
+    println!("{:<58} {:>5}  answered by", "request", "count");
+    let svc =
+        |ip: [u8; 4], port: u16| SocketAddr::from(SocketAddrV4::new(Ipv4Addr::from(ip), port));
+    let pod = |name: &str| &pods[name];
     show(&ingress, "frontend-service", svc([10, 96, 0, 2], 3000), 100)?;
     show(
-        &frontend_1,
+        pod("frontend-1"),
         "backend-service",
         svc([10, 96, 0, 1], 8080),
         100,
     )?;
-    show(&backend_1, "redis-service", svc([10, 96, 0, 6], 6379), 20)?;
-    show(&backend_1, "postgres-0 (headless)", postgres.addr(5432), 5)?;
+    show(
+        pod("backend-2"),
+        "redis-service",
+        svc([10, 96, 0, 6], 6379),
+        20,
+    )?;
+    show(
+        pod("backend-2"),
+        "postgres-0 (headless)",
+        SocketAddr::from(pod("postgres-0").addr(5432)),
+        5,
+    )?;
 
     println!();
-    println!("Scaling backend to 3 replicas: backend-3 (10.244.1.20) joins backend-service's EndpointSlice");
-    pod(&cluster, "backend-3", [10, 244, 1, 20], 8080)?;
+    println!(
+        "From outside the cluster ({}):",
+        cluster.cluster.external().ip()
+    );
+    let ext = cluster.cluster.external();
+    let node_1 = cluster.node(1).node_ip().context("node 1 has an IP")?;
+    let node_2 = cluster.node(2).node_ip().context("node 2 has an IP")?;
+    ext.add_route(&format!("{FRONTEND_LB_IP}/32"), node_1)?;
+    for (what, dst) in [
+        (
+            "backend-nodeport on node-1",
+            SocketAddr::from((node_1, 30080)),
+        ),
+        (
+            "backend-nodeport on node-2",
+            SocketAddr::from((node_2, 30080)),
+        ),
+        ("frontend-lb", SocketAddr::from((FRONTEND_LB_IP, 80))),
+    ] {
+        for p in pods.values() {
+            p.clear_seen();
+        }
+        let replies = ext.tcp_requests_any(dst, 60, TIMEOUT)?;
+        print_row(&format!("ext -> {what} {dst}"), dst, &replies);
+        let mut seen: Vec<String> = pods
+            .iter()
+            .filter_map(|(name, p)| {
+                let sources: std::collections::BTreeSet<IpAddr> =
+                    p.seen().iter().map(|s| s.source.ip()).collect();
+                (!sources.is_empty()).then(|| {
+                    let list: Vec<String> = sources.iter().map(ToString::to_string).collect();
+                    format!("{name} saw {}", list.join(", "))
+                })
+            })
+            .collect();
+        seen.sort();
+        println!("{:<58}        {}", "", seen.join("; "));
+    }
+    println!("  (externalTrafficPolicy: Cluster keeps the client address for a backend on the");
+    println!("   node the request arrived at, and masquerades to that node's IP for the other)");
+
+    println!();
+    println!(
+        "Scaling backend to 3 replicas: backend-3 (10.244.2.20, node-2) joins backend-service"
+    );
+    let backend_3 = cluster
+        .node(2)
+        .add_pod("backend-3", Ipv4Addr::new(10, 244, 2, 20))?;
+    backend_3.serve_tcp(&[8080])?;
     let slices = std::fs::read_to_string(examples.join("endpointslices.yaml"))?;
     let scaled = slices.replacen(
         "  targetRef: {kind: Pod, name: backend-2, namespace: ecommerce}\n",
         "  targetRef: {kind: Pod, name: backend-2, namespace: ecommerce}\n\
-         - addresses: [10.244.1.20]\n  conditions: {ready: true}\n  targetRef: {kind: Pod, name: backend-3, namespace: ecommerce}\n",
+         - addresses: [10.244.2.20]\n  conditions: {ready: true}\n  nodeName: node-2\n  \
+         targetRef: {kind: Pod, name: backend-3, namespace: ecommerce}\n",
         1,
     );
     cluster.manifests.write("endpointslices.yaml", &scaled)?;
     let backend = svc([10, 96, 0, 1], 8080);
     retry_until(Duration::from_secs(5), Duration::from_millis(50), || {
-        let replies = frontend_1.tcp_requests(backend, 10, TIMEOUT)?;
+        let replies = pod("frontend-1").tcp_requests_any(backend, 10, TIMEOUT)?;
         anyhow::ensure!(
             tally(&replies).contains_key("backend-3"),
             "backend-3 not reached yet"
         );
         Ok(())
     })?;
-    show(&frontend_1, "backend-service", backend, 150)?;
+    show(pod("frontend-1"), "backend-service", backend, 150)?;
 
     println!();
-    println!("Agent log:");
-    if let Some(agent) = cluster.agent_mut() {
-        for line in agent.log().lines() {
+    println!("Agent log of node-1 (info):");
+    if let Some(agent) = cluster.agent_mut(1) {
+        for line in agent.log().lines().filter(|l| l.contains(" INFO ")) {
             println!("  {line}");
         }
     }
     println!("\nDone: the namespaces, pinned maps and programs are removed.");
     Ok(())
+}
+
+fn show(from: &Pod, what: &str, dst: SocketAddr, n: usize) -> Result<()> {
+    let replies = from.tcp_requests_any(dst, n, TIMEOUT)?;
+    print_row(&format!("{} -> {what} {dst}", from.name()), dst, &replies);
+    Ok(())
+}
+
+fn print_row(request: &str, dst: SocketAddr, replies: &[Result<ReplyAny, RequestError>]) {
+    let spread: Vec<String> = tally(replies)
+        .into_iter()
+        .map(|(pod, count)| format!("{pod} x{count}"))
+        .collect();
+    let via = if replies.iter().flatten().all(|r| r.peer == dst) {
+        ""
+    } else {
+        "  (some replies NOT from the service address!)"
+    };
+    println!(
+        "{request:<58} {:>5}  {}{via}",
+        replies.len(),
+        spread.join(", ")
+    );
 }

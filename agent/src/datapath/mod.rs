@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! <pin>/services, backends, conntrack, affinity,    the maps (sluice-common documents them)
-//!       source_ranges, config, drops
+//!       source_ranges, config, drops,
+//!       services6, backends6, conntrack6, config6   (IPv6: sync6.rs)
 //! <pin>/links/<ifindex>-ingress                     tcx link running `from_pod` on a pod veth
 //! <pin>/links/<ifindex>-egress                      tcx link running `to_pod`
 //! <pin>/links/<ifindex>-world-ingress               tcx link running `from_world` on an
@@ -25,6 +26,7 @@
 
 pub mod purge;
 pub mod sync;
+pub mod sync6;
 pub mod wire;
 
 use std::{
@@ -47,8 +49,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use sluice_common::{
-    AffinityKey, AffinityValue, CtKey, CtValue, NodeConfig, Reason, CB_REASON_MAGIC,
-    CB_REASON_MASK, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_DROPS, MAP_SERVICES,
+    AffinityKey, AffinityValue, CtKey, CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, Reason,
+    CB_REASON_MAGIC, CB_REASON_MASK, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG,
+    MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_SERVICES, MAP_SERVICES6,
     MAP_SOURCE_RANGES, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES,
     REASON_COUNT,
 };
@@ -151,7 +154,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-const MAPS: [MapSpec; 7] = [
+const MAPS: [MapSpec; 11] = [
     MapSpec {
         name: MAP_SERVICES,
         map_type: MapType::Hash,
@@ -187,6 +190,26 @@ const MAPS: [MapSpec; 7] = [
         map_type: MapType::PerCpuArray,
         max_entries: REASON_COUNT,
     },
+    MapSpec {
+        name: MAP_SERVICES6,
+        map_type: MapType::Hash,
+        max_entries: MAX_SERVICES,
+    },
+    MapSpec {
+        name: MAP_BACKENDS6,
+        map_type: MapType::Hash,
+        max_entries: MAX_BACKENDS,
+    },
+    MapSpec {
+        name: MAP_CONNTRACK6,
+        map_type: MapType::LruHash,
+        max_entries: MAX_CONNTRACK,
+    },
+    MapSpec {
+        name: MAP_CONFIG6,
+        map_type: MapType::Array,
+        max_entries: 1,
+    },
 ];
 
 /// The eBPF object built by `build.rs`.
@@ -206,12 +229,16 @@ enum Attachment {
 pub struct Datapath {
     ebpf: Ebpf,
     services: ServiceSync<KernelServiceMaps>,
+    services6: sync6::Ipv6Sync,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    conntrack6: HashMap<MapData, CtKey6, CtValue6>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     config: Array<MapData, NodeConfig>,
     drops: PerCpuArray<MapData, u64>,
     /// What `config` holds (read back at load, then as last written).
     node_config: NodeConfig,
+    config6: Array<MapData, NodeConfig6>,
+    node_config6: NodeConfig6,
     /// `None` for a datapath with private maps.
     pin_path: Option<PathBuf>,
     attached: BTreeMap<u32, (Role, Attachment)>,
@@ -331,14 +358,13 @@ impl Datapath {
             Some(dir) => format!("map `{name}` pinned at {}", dir.join(name).display()),
             None => format!("map `{name}`"),
         };
-        let [services, backends, conntrack, affinity, source_ranges, config, drops] =
-            MAPS.map(|spec| {
-                let map = ebpf
-                    .take_map(spec.name)
-                    .with_context(|| format!("the eBPF object has no map `{}`", spec.name))?;
-                let info = map_info(&map).with_context(|| describe(spec.name))?;
-                if info.0 != spec.map_type || info.1 != spec.max_entries {
-                    bail!(
+        let maps = MAPS.map(|spec| {
+            let map = ebpf
+                .take_map(spec.name)
+                .with_context(|| format!("the eBPF object has no map `{}`", spec.name))?;
+            let info = map_info(&map).with_context(|| describe(spec.name))?;
+            if info.0 != spec.map_type || info.1 != spec.max_entries {
+                bail!(
                     "{} is a {:?} of {} entries, this agent needs a {:?} of {}: it was created by \
                      another Sluice version; `sluice cleanup` removes the old datapath",
                     describe(spec.name),
@@ -347,9 +373,11 @@ impl Datapath {
                     spec.map_type,
                     spec.max_entries
                 );
-                }
-                Ok(map)
-            });
+            }
+            Ok(map)
+        });
+        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6] =
+            maps;
         let stale = |name| {
             format!(
                 "{}: its key or value size is not the one this agent expects (created by another \
@@ -366,6 +394,14 @@ impl Datapath {
         let config: Array<MapData, NodeConfig> =
             Array::try_from(config?).with_context(|| stale(MAP_CONFIG))?;
         let drops = PerCpuArray::try_from(drops?).with_context(|| stale(MAP_DROPS))?;
+        let services6 = HashMap::try_from(services6?).with_context(|| stale(MAP_SERVICES6))?;
+        let backends6 = HashMap::try_from(backends6?).with_context(|| stale(MAP_BACKENDS6))?;
+        let conntrack6 = HashMap::try_from(conntrack6?).with_context(|| stale(MAP_CONNTRACK6))?;
+        let config6: Array<MapData, NodeConfig6> =
+            Array::try_from(config6?).with_context(|| stale(MAP_CONFIG6))?;
+        let node_config6 = config6
+            .get(&0, 0)
+            .with_context(|| format!("reading {}", describe(MAP_CONFIG6)))?;
         let node_config = config
             .get(&0, 0)
             .with_context(|| format!("reading {}", describe(MAP_CONFIG)))?;
@@ -394,10 +430,21 @@ impl Datapath {
                 describe(MAP_SOURCE_RANGES)
             )
         })?;
+        let services6 = sync6::Ipv6Sync::read_back(services6, backends6).with_context(|| {
+            format!(
+                "reading back {} and {}",
+                describe(MAP_SERVICES6),
+                describe(MAP_BACKENDS6)
+            )
+        })?;
         Ok(Datapath {
             ebpf,
             services,
+            services6,
             conntrack,
+            conntrack6,
+            config6,
+            node_config6,
             affinity,
             config,
             drops,
@@ -541,6 +588,21 @@ impl Datapath {
     /// maps are programmed; the next sync does not retry the purge).
     pub fn sync(&mut self, desired: &DesiredState) -> anyhow::Result<SyncStats> {
         let mut stats = self.services.sync(desired);
+        let ipv6 = self
+            .services6
+            .sync(desired)
+            .context("programming the IPv6 maps")?;
+        stats.ipv6_programmed = ipv6.programmed;
+        stats.skipped_ipv6 = ipv6.skipped.len();
+        for (frontend, reason) in &ipv6.skipped {
+            debug!(%frontend, reason, "IPv6 frontend not programmed");
+        }
+        stats.map_writes += ipv6.map_writes;
+        if !ipv6.removed_backends.is_empty() {
+            stats.purged += self
+                .purge_conntrack6(&ipv6.removed_backends)
+                .context("purging the IPv6 flows of removed backends")?;
+        }
         if !stats.removed_backends.is_empty() {
             stats.purged = self
                 .purge_removed_backends(&stats.removed_backends)
@@ -554,9 +616,27 @@ impl Datapath {
     /// changed; returns whether it wrote. Until it is called the programs masquerade nothing
     /// but hairpin traffic.
     pub fn set_node_config(&mut self, node: &NodeContext) -> anyhow::Result<bool> {
+        let config6 = NodeConfig6 {
+            node_ip: node
+                .node_ips
+                .iter()
+                .find_map(|ip| match ip {
+                    std::net::IpAddr::V6(v6) => Some(sync6::addr6_to_map(*v6)),
+                    std::net::IpAddr::V4(_) => None,
+                })
+                .unwrap_or_default(),
+        };
+        let mut wrote = false;
+        if config6 != self.node_config6 {
+            self.config6
+                .set(0, config6, 0)
+                .context("writing the config6 map")?;
+            self.node_config6 = config6;
+            wrote = true;
+        }
         let config = wire::node_config(node)?;
         if config == self.node_config {
-            return Ok(false);
+            return Ok(wrote);
         }
         self.config
             .set(0, config, 0)
@@ -609,6 +689,48 @@ impl Datapath {
     /// The service id the maps hold for `frontend`.
     pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
         self.services.service_id(frontend)
+    }
+
+    /// The IPv6 frontends the maps hold: (address, port, protocol number, id, backends).
+    pub fn programmed_services6(
+        &self,
+    ) -> Vec<(
+        std::net::Ipv6Addr,
+        u16,
+        u8,
+        u32,
+        Vec<crate::state::BackendAddr>,
+    )> {
+        self.services6.programmed()
+    }
+
+    /// Deletes the `conntrack6` entries of UDP and SCTP flows to removed backends.
+    fn purge_conntrack6(
+        &mut self,
+        removed: &BTreeSet<(u32, [u32; 4], u16)>,
+    ) -> anyhow::Result<usize> {
+        let doomed: Vec<CtKey6> = self
+            .conntrack6_entries()?
+            .into_iter()
+            .filter(|(key, value)| sync6::purged(removed, key, value))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            match self.conntrack6.remove(key) {
+                Ok(()) => {}
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting a conntrack6 entry"),
+            }
+        }
+        Ok(doomed.len())
+    }
+
+    /// Every IPv6 conntrack entry (two per translated flow).
+    pub fn conntrack6_entries(&self) -> anyhow::Result<Vec<(CtKey6, CtValue6)>> {
+        self.conntrack6
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the conntrack6 map")
     }
 
     /// Every conntrack entry (two per translated flow, see `sluice-common`).

@@ -42,7 +42,7 @@ impl Selection {
 
     fn is_removed(&self, service_id: u32, addr: u32, port: u16) -> bool {
         let backend = BackendAddr {
-            ip: wire::addr_from_map(addr),
+            ip: wire::addr_from_map(addr).into(),
             port: wire::port_from_map(port),
         };
         self.removed.contains(&(service_id, backend))
@@ -76,19 +76,19 @@ mod tests {
     use super::*;
 
     const LIVE: BackendAddr = BackendAddr {
-        ip: Ipv4Addr::new(10, 244, 1, 2),
+        ip: std::net::IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2)),
         port: 53,
     };
     const GONE: BackendAddr = BackendAddr {
-        ip: Ipv4Addr::new(10, 244, 2, 3),
+        ip: std::net::IpAddr::V4(Ipv4Addr::new(10, 244, 2, 3)),
         port: 53,
     };
     const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
     const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
     const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
 
-    fn a(ip: Ipv4Addr) -> u32 {
-        wire::addr_to_map(ip)
+    fn a(ip: impl Into<std::net::IpAddr>) -> u32 {
+        wire::addr_to_map(wire::ipv4(ip.into()).expect("an IPv4 address"))
     }
 
     fn p(port: u16) -> u16 {

@@ -31,6 +31,9 @@
 //! any more ([`SyncStats::removed_backends`]), for the conntrack cleanup of
 //! [`super::Datapath::purge_removed_backends`].
 //!
+//! This is the IPv4 maps' sync: IPv6 frontends of the desired state (dual-stack and IPv6
+//! services, see `translate.rs`) go to their own maps (`sync6.rs`).
+//!
 //! The maps are reached through the [`ServiceMaps`] trait so this logic is unit-tested against an
 //! in-memory fake that checks the ordering rules after every single write.
 
@@ -262,6 +265,11 @@ pub struct SyncStats {
     /// Conntrack and affinity entries of removed backends deleted after the sync
     /// ([`super::Datapath::sync`] fills it; the sync engine alone leaves it 0).
     pub purged: usize,
+    /// IPv6 frontends in the IPv6 maps after the sync ([`super::Datapath::sync`] fills it).
+    pub ipv6_programmed: usize,
+    /// IPv6 frontends of the desired state the IPv6 datapath cannot serve yet, left out
+    /// ([`super::sync6::unsupported`]; [`super::Datapath::sync`] fills it).
+    pub skipped_ipv6: usize,
 }
 
 impl SyncStats {
@@ -459,7 +467,7 @@ impl<M: ServiceMaps> ServiceSync<M> {
     pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
         self.mirror
             .services
-            .get(&wire::service_key(frontend))
+            .get(&wire::service_key(frontend)?)
             .map(|v| v.id)
     }
 
@@ -503,21 +511,25 @@ impl<M: ServiceMaps> ServiceSync<M> {
         let desired: BTreeMap<ServiceKey, DesiredFrontend> = desired
             .services
             .iter()
-            .map(|(frontend, entry)| {
+            .filter_map(|(frontend, entry)| {
+                // IPv6 frontends have maps of their own (sync6.rs).
+                let key = wire::service_key(frontend)?;
+                // A frontend's backends are of its family (translate.rs); the filter is a
+                // safety net.
                 let backends = entry
                     .backends
                     .iter()
-                    .map(|b| wire::backend_value_with(b, entry.local_backends.contains(b)))
+                    .filter_map(|b| wire::backend_value_with(b, entry.local_backends.contains(b)))
                     .collect();
                 let ranges = entry
                     .source_ranges
                     .iter()
-                    .map(|net| {
-                        let net = net.trunc();
-                        (
+                    .filter_map(|net| match net.trunc() {
+                        ipnet::IpNet::V4(net) => Some((
                             u32::from(net.prefix_len()),
                             wire::addr_to_map(net.network()),
-                        )
+                        )),
+                        ipnet::IpNet::V6(_) => None,
                     })
                     .collect();
                 let desired = DesiredFrontend {
@@ -526,7 +538,7 @@ impl<M: ServiceMaps> ServiceSync<M> {
                     backends,
                     ranges,
                 };
-                (wire::service_key(frontend), desired)
+                Some((key, desired))
             })
             .collect();
 
@@ -918,7 +930,7 @@ mod tests {
 
     fn frontend(i: u32, port: u16) -> Frontend {
         Frontend {
-            ip: Ipv4Addr::from(0x0a60_0000 + i),
+            ip: Ipv4Addr::from(0x0a60_0000 + i).into(),
             port,
             proto: Protocol::Tcp,
         }
@@ -926,7 +938,7 @@ mod tests {
 
     fn backend(i: u32) -> BackendAddr {
         BackendAddr {
-            ip: Ipv4Addr::from(0x0af4_0000 + i),
+            ip: Ipv4Addr::from(0x0af4_0000 + i).into(),
             port: 8080,
         }
     }
@@ -958,7 +970,7 @@ mod tests {
     /// Backends a packet can reach for `f`, as a set.
     fn reachable(sync: &ServiceSync<FakeMaps>, f: &Frontend) -> BTreeSet<BackendAddr> {
         let maps = sync.maps();
-        let value = maps.services[&wire::service_key(f)];
+        let value = maps.services[&wire::service_key(f).unwrap()];
         (0..value.backend_count)
             .map(|slot| {
                 wire::backend_addr(
@@ -969,6 +981,33 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn ipv6_frontends_stay_out_of_the_ipv4_maps() {
+        let v6 = Frontend {
+            ip: "fd00:10:96::1".parse().unwrap(),
+            port: 80,
+            proto: crate::state::Protocol::Tcp,
+        };
+        let v6_entry = ServiceEntry::cluster_ip(
+            "ns/v6",
+            vec![BackendAddr {
+                ip: "fd00:10:244::5".parse().unwrap(),
+                port: 8080,
+            }],
+        );
+        let desired = state([(frontend(1, 80), entry([1])), (v6, v6_entry)]);
+        let mut sync = new_sync();
+        let stats = sync.sync(&desired);
+        assert!(stats.is_complete(), "{stats:?}");
+        assert_eq!(stats.added, 1);
+        assert_eq!(sync.programmed().len(), 1);
+        assert_eq!(sync.service_id(&v6), None);
+        assert_eq!(
+            reachable(&sync, &frontend(1, 80)),
+            BTreeSet::from([backend(1)])
+        );
     }
 
     #[test]
@@ -1002,7 +1041,7 @@ mod tests {
 
         let stats = sync.sync(&state([(f, entry([1, 2, 3, 4]))]));
         assert_eq!(stats.updated, 1);
-        let key = wire::service_key(&f);
+        let key = wire::service_key(&f).unwrap();
         let slot = |slot| BackendKey {
             service_id: id,
             slot,
@@ -1010,8 +1049,8 @@ mod tests {
         assert_eq!(
             sync.maps().log,
             vec![
-                MapOp::PutBackend(slot(2), wire::backend_value(&backend(3))),
-                MapOp::PutBackend(slot(3), wire::backend_value(&backend(4))),
+                MapOp::PutBackend(slot(2), wire::backend_value(&backend(3)).unwrap()),
+                MapOp::PutBackend(slot(3), wire::backend_value(&backend(4)).unwrap()),
                 MapOp::PutService(
                     key,
                     ServiceValue {
@@ -1047,10 +1086,10 @@ mod tests {
         assert_eq!(
             sync.maps().log,
             vec![
-                MapOp::PutBackend(slot(0), wire::backend_value(&backend(3))),
-                MapOp::PutBackend(slot(1), wire::backend_value(&backend(5))),
+                MapOp::PutBackend(slot(0), wire::backend_value(&backend(3)).unwrap()),
+                MapOp::PutBackend(slot(1), wire::backend_value(&backend(5)).unwrap()),
                 MapOp::PutService(
-                    wire::service_key(&f),
+                    wire::service_key(&f).unwrap(),
                     ServiceValue {
                         id,
                         backend_count: 2,
@@ -1086,7 +1125,7 @@ mod tests {
         let mut sync = new_sync();
         let stats = sync.sync(&state([(f, entry([]))]));
         assert_eq!(stats.added, 1);
-        let value = sync.maps().services[&wire::service_key(&f)];
+        let value = sync.maps().services[&wire::service_key(&f).unwrap()];
         assert_eq!(value.backend_count, 0);
 
         // Losing every backend keeps the entry with count 0: count first, then the slots.
@@ -1151,7 +1190,7 @@ mod tests {
         assert_eq!(
             sync.maps().log,
             vec![
-                MapOp::DeleteService(wire::service_key(&a)),
+                MapOp::DeleteService(wire::service_key(&a).unwrap()),
                 MapOp::DeleteBackend(slot(0)),
                 MapOp::DeleteBackend(slot(1)),
             ]
@@ -1214,7 +1253,7 @@ mod tests {
     fn leftovers_of_an_interrupted_agent_are_cleaned_up() {
         let f = frontend(1, 80);
         let mut maps = FakeMaps::default();
-        let key = wire::service_key(&f);
+        let key = wire::service_key(&f).unwrap();
         // An agent stopped in the middle of shrinking f from 4 to 2 backends ...
         maps.services.insert(
             key,
@@ -1230,7 +1269,7 @@ mod tests {
                     service_id: 7,
                     slot,
                 },
-                wire::backend_value(&backend(slot + 1)),
+                wire::backend_value(&backend(slot + 1)).unwrap(),
             );
         }
         // ... and in the middle of removing the service with id 9.
@@ -1239,7 +1278,7 @@ mod tests {
                 service_id: 9,
                 slot: 0,
             },
-            wire::backend_value(&backend(9)),
+            wire::backend_value(&backend(9)).unwrap(),
         );
         let mut sync = ServiceSync::read_back(maps).unwrap();
         let stats = sync.sync(&state([(f, entry([1, 2]))]));

@@ -3,7 +3,7 @@
 //! in a packet, so an address is the native-endian reading of its four octets and a port is
 //! byte-swapped with `to_be`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use sluice_common::{
@@ -36,37 +36,46 @@ pub fn port_from_map(port: u16) -> u16 {
     u16::from_be(port)
 }
 
-pub fn service_key(frontend: &Frontend) -> ServiceKey {
-    ServiceKey {
-        addr: addr_to_map(frontend.ip),
+/// The IPv4 address of `ip`; `None` for IPv6, which the (IPv4) maps do not hold.
+pub fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The `services` key of an IPv4 frontend; `None` for an IPv6 one (no IPv6 maps yet).
+pub fn service_key(frontend: &Frontend) -> Option<ServiceKey> {
+    Some(ServiceKey {
+        addr: addr_to_map(ipv4(frontend.ip)?),
         port: port_to_map(frontend.port),
         proto: frontend.proto.number(),
         _pad: 0,
-    }
+    })
 }
 
 /// The frontend a `services` key stands for; `None` for a protocol the agent never writes.
 pub fn frontend(key: &ServiceKey) -> Option<Frontend> {
     Some(Frontend {
-        ip: addr_from_map(key.addr),
+        ip: addr_from_map(key.addr).into(),
         port: port_from_map(key.port),
         proto: Protocol::from_number(key.proto)?,
     })
 }
 
-/// A backend as `backends` holds it, not marked local.
-pub fn backend_value(backend: &BackendAddr) -> Backend {
+/// An IPv4 backend as `backends` holds it, not marked local; `None` for IPv6.
+pub fn backend_value(backend: &BackendAddr) -> Option<Backend> {
     backend_value_with(backend, false)
 }
 
-/// A backend as `backends` holds it; `local`: it runs on this node.
-pub fn backend_value_with(backend: &BackendAddr, local: bool) -> Backend {
-    Backend {
-        addr: addr_to_map(backend.ip),
+/// An IPv4 backend as `backends` holds it; `local`: it runs on this node. `None` for IPv6.
+pub fn backend_value_with(backend: &BackendAddr, local: bool) -> Option<Backend> {
+    Some(Backend {
+        addr: addr_to_map(ipv4(backend.ip)?),
         port: port_to_map(backend.port),
         flags: if local { BACKEND_F_LOCAL } else { 0 },
         _pad: 0,
-    }
+    })
 }
 
 /// What a [`sluice_common::ServiceValue`] says about a frontend besides its id and backend
@@ -132,7 +141,7 @@ pub fn cidr_to_map(net: &Ipv4Net) -> Cidr4 {
 
 pub fn backend_addr(backend: &Backend) -> BackendAddr {
     BackendAddr {
-        ip: addr_from_map(backend.addr),
+        ip: addr_from_map(backend.addr).into(),
         port: port_from_map(backend.port),
     }
 }
@@ -196,22 +205,36 @@ mod tests {
     #[test]
     fn addresses_and_ports_are_stored_as_on_the_wire() {
         let frontend = Frontend {
-            ip: Ipv4Addr::new(10, 96, 0, 1),
+            ip: Ipv4Addr::new(10, 96, 0, 1).into(),
             port: 443,
             proto: Protocol::Tcp,
         };
-        let key = service_key(&frontend);
+        let key = service_key(&frontend).unwrap();
         // The bytes in memory are the bytes in the packet.
         assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 1]);
         assert_eq!(key.port.to_ne_bytes(), 443u16.to_be_bytes());
         assert_eq!(super::frontend(&key), Some(frontend));
 
         let backend = BackendAddr {
-            ip: Ipv4Addr::new(10, 244, 1, 7),
+            ip: Ipv4Addr::new(10, 244, 1, 7).into(),
             port: 8443,
         };
-        assert_eq!(backend_addr(&backend_value(&backend)), backend);
-        assert_eq!(backend_value_with(&backend, true).flags, BACKEND_F_LOCAL);
+        assert_eq!(backend_addr(&backend_value(&backend).unwrap()), backend);
+        assert_eq!(
+            backend_value_with(&backend, true).unwrap().flags,
+            BACKEND_F_LOCAL
+        );
+        // The maps are IPv4: IPv6 frontends and backends have no key or value there.
+        let v6 = Frontend {
+            ip: "fd00:10:96::1".parse().unwrap(),
+            ..frontend
+        };
+        assert_eq!(service_key(&v6), None);
+        let v6 = BackendAddr {
+            ip: "fd00:10:244::5".parse().unwrap(),
+            port: 80,
+        };
+        assert_eq!(backend_value(&v6), None);
     }
 
     #[test]

@@ -155,7 +155,12 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
         local_addresses: desired
             .services
             .values()
-            .flat_map(|entry| entry.local_backends.iter().map(|b| b.ip))
+            .flat_map(|entry| {
+                entry
+                    .local_backends
+                    .iter()
+                    .filter_map(|b| crate::datapath::wire::ipv4(b.ip))
+            })
             .collect(),
     };
     let trace = engine::trace(&mut runner, entry, flow, options).map_err(failed)?;
@@ -215,7 +220,7 @@ fn desired_state(args: &TraceArgs) -> Result<(DesiredState, NodeContext), Failur
 /// How many backends the `services` map holds for the flow's frontend, if it is one.
 fn frontend_backend_count(datapath: &Datapath, flow: &crate::packet::Flow) -> Option<usize> {
     let frontend = Frontend {
-        ip: flow.dst,
+        ip: flow.dst.into(),
         port: flow.dport,
         proto: Protocol::from_number(flow.proto)?,
     };

@@ -65,7 +65,7 @@ pub enum ServiceMatch<'a> {
 pub fn match_service<'a>(state: &'a DesiredState, flow: &Flow) -> ServiceMatch<'a> {
     if let Some(proto) = Protocol::from_number(flow.proto) {
         let frontend = Frontend {
-            ip: flow.dst,
+            ip: flow.dst.into(),
             port: flow.dport,
             proto,
         };
@@ -76,7 +76,7 @@ pub fn match_service<'a>(state: &'a DesiredState, flow: &Flow) -> ServiceMatch<'
     let same_ip: Vec<Frontend> = state
         .services
         .keys()
-        .filter(|f| f.ip == flow.dst)
+        .filter(|f| f.ip == std::net::IpAddr::V4(flow.dst))
         .copied()
         .collect();
     if same_ip.is_empty() {
@@ -738,7 +738,7 @@ mod tests {
         let input = flow("10.96.0.1", 80, PROTO_TCP);
         let mut state = state();
         let web = Frontend {
-            ip: input.dst,
+            ip: input.dst.into(),
             port: 80,
             proto: Protocol::Tcp,
         };
