@@ -1,12 +1,12 @@
-//! Building and decoding the Ethernet + IPv4 packets that `BPF_PROG_RUN` feeds to the datapath's
-//! programs: `sluice trace` and the datapath tests (agent/tests/datapath.rs) share this code, so
-//! the packets a trace reports on are built exactly like the ones the tests check.
+//! Building and decoding the Ethernet + IPv4 and IPv6 packets that `BPF_PROG_RUN` feeds to the
+//! datapath's programs: `sluice trace` and the datapath tests (agent/tests/datapath.rs) share
+//! this code, so the packets a trace reports on are built exactly like the ones the tests check.
 //!
 //! Pure: no I/O. Addresses and ports are host values here; on the wire they are big-endian.
 
 use std::{
     fmt,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use sluice_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
@@ -214,9 +214,16 @@ pub fn udp_packet(flow: &Flow, with_checksum: bool, payload: &[u8]) -> Vec<u8> {
 /// `init_ack`, the INIT ACK answering it.
 pub fn sctp_packet(flow: &Flow, init_ack: bool) -> Vec<u8> {
     assert_eq!(flow.proto, PROTO_SCTP, "sctp_packet of a {flow}");
+    let sctp = sctp_segment(flow.sport, flow.dport, init_ack);
+    ipv4_packet(flow.src, flow.dst, PROTO_SCTP, sctp, None)
+}
+
+/// The SCTP common header and INIT (or INIT ACK) chunk of [`sctp_packet`], CRC32c included
+/// (SCTP has no pseudo header, so the segment is the same in both families).
+fn sctp_segment(sport: u16, dport: u16, init_ack: bool) -> Vec<u8> {
     let mut sctp = Vec::with_capacity(32);
-    sctp.extend_from_slice(&flow.sport.to_be_bytes());
-    sctp.extend_from_slice(&flow.dport.to_be_bytes());
+    sctp.extend_from_slice(&sport.to_be_bytes());
+    sctp.extend_from_slice(&dport.to_be_bytes());
     // Verification tag: 0 in an INIT, the peer's initiate tag otherwise.
     let vtag: u32 = if init_ack { 0x5c1_0001 } else { 0 };
     sctp.extend_from_slice(&vtag.to_be_bytes());
@@ -230,7 +237,7 @@ pub fn sctp_packet(flow: &Flow, init_ack: bool) -> Vec<u8> {
                                                  // The CRC32c is stored little-endian (the Linux stack's cpu_to_le32 of the raw value).
     let crc = crc32c(&sctp);
     sctp[8..12].copy_from_slice(&crc.to_le_bytes());
-    ipv4_packet(flow.src, flow.dst, PROTO_SCTP, sctp, None)
+    sctp
 }
 
 /// The packet opening a new connection or association of `flow`: a TCP SYN, a UDP datagram
@@ -516,8 +523,8 @@ pub fn verify_checksums(packet: &[u8]) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// IPv6: building and checking the packets the datapath tests feed the programs. (`sluice
-// trace` takes IPv4 packets only for now.)
+// IPv6: building and checking the packets the datapath tests and `sluice trace` feed the
+// programs.
 
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPV6_HLEN: usize = 40;
@@ -770,6 +777,275 @@ pub fn verify_checksums6(packet: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// An SCTP packet of an IPv6 `flow`: one INIT chunk or, with `init_ack`, the INIT ACK.
+pub fn sctp6_packet(flow: &Flow6, init_ack: bool) -> Vec<u8> {
+    assert_eq!(flow.proto, PROTO_SCTP, "sctp6_packet of a {flow}");
+    let sctp = sctp_segment(flow.sport, flow.dport, init_ack);
+    ipv6_packet(flow.src, flow.dst, PROTO_SCTP, sctp, None)
+}
+
+/// [`first_packet`] of an IPv6 `flow`.
+pub fn first_packet6(flow: &Flow6, payload: &[u8]) -> Vec<u8> {
+    match flow.proto {
+        PROTO_TCP => tcp6_packet(flow, TCP_SYN, &[]),
+        PROTO_UDP => udp6_packet(flow, payload),
+        PROTO_SCTP => sctp6_packet(flow, false),
+        other => panic!("first_packet6: protocol {other} is not supported"),
+    }
+}
+
+/// [`first_answer`] of an IPv6 `flow`.
+pub fn first_answer6(flow: &Flow6, payload: &[u8]) -> Vec<u8> {
+    match flow.proto {
+        PROTO_TCP => tcp6_packet(flow, TCP_SYN | TCP_ACK, &[]),
+        PROTO_UDP => udp6_packet(flow, payload),
+        PROTO_SCTP => sctp6_packet(flow, true),
+        other => panic!("first_answer6: protocol {other} is not supported"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Either family: what `sluice trace` works with. A packet's family is its ethertype; the
+// builders and decoders above do the work.
+
+/// A 5-tuple of either family: `tcp 10.244.0.5:40000 -> 10.96.0.1:80` or
+/// `tcp [fd00::5]:40000 -> [fd00::1]:80`. Both addresses are of the same family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpFlow {
+    pub proto: u8,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+impl IpFlow {
+    pub fn reversed(&self) -> IpFlow {
+        IpFlow {
+            proto: self.proto,
+            src: self.dst,
+            sport: self.dport,
+            dst: self.src,
+            dport: self.sport,
+        }
+    }
+
+    pub fn source(&self) -> SocketAddr {
+        SocketAddr::new(self.src, self.sport)
+    }
+
+    pub fn destination(&self) -> SocketAddr {
+        SocketAddr::new(self.dst, self.dport)
+    }
+
+    /// The flow as an IPv4 [`Flow`], when both addresses are IPv4.
+    pub fn v4(&self) -> Option<Flow> {
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => Some(Flow {
+                proto: self.proto,
+                src,
+                sport: self.sport,
+                dst,
+                dport: self.dport,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The flow as an IPv6 [`Flow6`], when both addresses are IPv6.
+    pub fn v6(&self) -> Option<Flow6> {
+        match (self.src, self.dst) {
+            (IpAddr::V6(src), IpAddr::V6(dst)) => Some(Flow6 {
+                proto: self.proto,
+                src,
+                sport: self.sport,
+                dst,
+                dport: self.dport,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Builds the flow's packet with `v4` or `v6`; a flow mixing families is a caller's bug.
+    fn build(
+        &self,
+        v4: impl FnOnce(&Flow) -> Vec<u8>,
+        v6: impl FnOnce(&Flow6) -> Vec<u8>,
+    ) -> Vec<u8> {
+        match (self.v4(), self.v6()) {
+            (Some(flow), _) => v4(&flow),
+            (_, Some(flow)) => v6(&flow),
+            _ => panic!("{self}: the addresses are of different families"),
+        }
+    }
+}
+
+impl From<Flow> for IpFlow {
+    fn from(flow: Flow) -> IpFlow {
+        IpFlow {
+            proto: flow.proto,
+            src: flow.src.into(),
+            sport: flow.sport,
+            dst: flow.dst.into(),
+            dport: flow.dport,
+        }
+    }
+}
+
+impl From<Flow6> for IpFlow {
+    fn from(flow: Flow6) -> IpFlow {
+        IpFlow {
+            proto: flow.proto,
+            src: flow.src.into(),
+            sport: flow.sport,
+            dst: flow.dst.into(),
+            dport: flow.dport,
+        }
+    }
+}
+
+/// Displayed like [`Flow`] and [`Flow6`].
+impl fmt::Display for IpFlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} -> {}",
+            proto_name(self.proto),
+            self.source(),
+            self.destination()
+        )
+    }
+}
+
+/// [`first_packet`] or [`first_packet6`], by the flow's family.
+pub fn first_ip_packet(flow: &IpFlow, payload: &[u8]) -> Vec<u8> {
+    flow.build(|f| first_packet(f, payload), |f| first_packet6(f, payload))
+}
+
+/// [`first_answer`] or [`first_answer6`], by the flow's family.
+pub fn first_ip_answer(flow: &IpFlow, payload: &[u8]) -> Vec<u8> {
+    flow.build(|f| first_answer(f, payload), |f| first_answer6(f, payload))
+}
+
+/// A TCP segment of `flow` ([`tcp_packet`] or [`tcp6_packet`]).
+pub fn tcp_ip_packet(flow: &IpFlow, flags: u8, payload: &[u8]) -> Vec<u8> {
+    flow.build(
+        |f| tcp_packet(f, flags, payload),
+        |f| tcp6_packet(f, flags, payload),
+    )
+}
+
+/// An IPv4 or IPv6 packet taken apart (ICMPv6 messages are [`L4::Icmp`], without the quoted
+/// flow).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpDecoded {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub l4: L4,
+}
+
+impl From<Decoded> for IpDecoded {
+    fn from(decoded: Decoded) -> IpDecoded {
+        IpDecoded {
+            src: decoded.src.into(),
+            dst: decoded.dst.into(),
+            proto: decoded.proto,
+            l4: decoded.l4,
+        }
+    }
+}
+
+impl IpDecoded {
+    /// The 5-tuple, for the protocols that have ports.
+    pub fn flow(&self) -> Option<IpFlow> {
+        let (sport, dport) = match self.l4 {
+            L4::Tcp { sport, dport, .. }
+            | L4::Udp { sport, dport, .. }
+            | L4::Sctp { sport, dport } => (sport, dport),
+            L4::Icmp { .. } | L4::Other => return None,
+        };
+        Some(IpFlow {
+            proto: self.proto,
+            src: self.src,
+            sport,
+            dst: self.dst,
+            dport,
+        })
+    }
+}
+
+/// Like [`Decoded`]: `tcp [fd00::5]:40000 -> [fd00::1]:80`, or
+/// `icmpv6 fd00::1 -> fd00::5 type 1 code 4`.
+impl fmt::Display for IpDecoded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(flow) = self.flow() {
+            return flow.fmt(f);
+        }
+        write!(f, "{} {} -> {}", proto_name(self.proto), self.src, self.dst)?;
+        if let L4::Icmp {
+            icmp_type, code, ..
+        } = self.l4
+        {
+            write!(f, " type {icmp_type} code {code}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes an Ethernet + IPv4 or IPv6 packet apart, by its ethertype.
+pub fn decode_ip(packet: &[u8]) -> Result<IpDecoded, String> {
+    if packet.len() < ETH_HLEN {
+        return Err(format!(
+            "{} bytes: shorter than an Ethernet header",
+            packet.len()
+        ));
+    }
+    let ethertype = u16::from_be_bytes([packet[12], packet[13]]);
+    match ethertype {
+        ETH_P_IP => return decode(packet).map(IpDecoded::from),
+        ETH_P_IPV6 => {}
+        other => return Err(format!("ethertype {other:#06x} is neither IPv4 nor IPv6")),
+    }
+    let (next, off) = ipv6_upper(packet)?;
+    let address = |at: usize| {
+        let octets: [u8; 16] = packet[ETH_HLEN + at..ETH_HLEN + at + 16]
+            .try_into()
+            .expect("length checked by ipv6_upper");
+        IpAddr::from(octets)
+    };
+    let payload_len = usize::from(u16::from_be_bytes([
+        packet[ETH_HLEN + 4],
+        packet[ETH_HLEN + 5],
+    ]));
+    let end = (ETH_HLEN + IPV6_HLEN + payload_len).clamp(off.min(packet.len()), packet.len());
+    let upper = packet.get(off..end).unwrap_or_default();
+    let l4 = match next {
+        PROTO_ICMPV6 if upper.len() >= 4 => L4::Icmp {
+            icmp_type: upper[0],
+            code: upper[1],
+            quoted: None,
+        },
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => decode_l4(next, upper),
+        _ => L4::Other,
+    };
+    Ok(IpDecoded {
+        src: address(8),
+        dst: address(24),
+        proto: next,
+        l4,
+    })
+}
+
+/// [`verify_checksums`] or [`verify_checksums6`], by the packet's ethertype.
+pub fn verify_ip_checksums(packet: &[u8]) -> Result<(), String> {
+    if packet.len() >= ETH_HLEN && u16::from_be_bytes([packet[12], packet[13]]) == ETH_P_IPV6 {
+        verify_checksums6(packet)
+    } else {
+        verify_checksums(packet)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -934,6 +1210,47 @@ mod tests {
         assert_eq!(
             Ipv6Addr::from(<[u8; 16]>::try_from(&ns[ETH_HLEN + 24..ETH_HLEN + 40]).unwrap()),
             "ff02::1:ff00:1".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+    #[test]
+    fn ip_flow_builds_and_decodes_either_family() {
+        let v4 = IpFlow::from(flow(PROTO_UDP));
+        assert_eq!(v4.to_string(), flow(PROTO_UDP).to_string());
+        assert_eq!(
+            first_ip_packet(&v4, b"x"),
+            first_packet(&flow(PROTO_UDP), b"x")
+        );
+        let decoded = decode_ip(&first_ip_packet(&v4, b"x")).unwrap();
+        assert_eq!(decoded.flow(), Some(v4));
+
+        let v6 = IpFlow {
+            proto: PROTO_SCTP,
+            src: "fd00::5".parse().unwrap(),
+            sport: 40_000,
+            dst: "fd00:10:96::1".parse().unwrap(),
+            dport: 3868,
+        };
+        assert_eq!(
+            v6.to_string(),
+            "sctp [fd00::5]:40000 -> [fd00:10:96::1]:3868"
+        );
+        assert_eq!(v6.to_string(), v6.v6().unwrap().to_string());
+        for proto in [PROTO_TCP, PROTO_UDP, PROTO_SCTP] {
+            let flow = IpFlow { proto, ..v6 };
+            for packet in [
+                first_ip_packet(&flow, b"x"),
+                first_ip_answer(&flow.reversed(), b"y"),
+            ] {
+                verify_ip_checksums(&packet).unwrap();
+                let decoded = decode_ip(&packet).unwrap();
+                assert!(decoded.flow() == Some(flow) || decoded.flow() == Some(flow.reversed()));
+            }
+        }
+        let mut arp = ethernet(0x0806);
+        arp.extend_from_slice(&[0; 28]);
+        assert_eq!(
+            decode_ip(&arp).unwrap_err(),
+            "ethertype 0x0806 is neither IPv4 nor IPv6"
         );
     }
 }

@@ -600,7 +600,7 @@ impl Datapath {
         stats.map_writes += ipv6.map_writes;
         if !ipv6.removed_backends.is_empty() {
             stats.purged += self
-                .purge_conntrack6(&ipv6.removed_backends)
+                .purge_removed_conntrack6(&ipv6.removed_backends)
                 .context("purging the IPv6 flows of removed backends")?;
         }
         if !stats.removed_backends.is_empty() {
@@ -705,24 +705,11 @@ impl Datapath {
     }
 
     /// Deletes the `conntrack6` entries of UDP and SCTP flows to removed backends.
-    fn purge_conntrack6(
+    fn purge_removed_conntrack6(
         &mut self,
         removed: &BTreeSet<(u32, [u32; 4], u16)>,
     ) -> anyhow::Result<usize> {
-        let doomed: Vec<CtKey6> = self
-            .conntrack6_entries()?
-            .into_iter()
-            .filter(|(key, value)| sync6::purged(removed, key, value))
-            .map(|(key, _)| key)
-            .collect();
-        for key in &doomed {
-            match self.conntrack6.remove(key) {
-                Ok(()) => {}
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting a conntrack6 entry"),
-            }
-        }
-        Ok(doomed.len())
+        self.purge_conntrack6(|key, value| sync6::purged(removed, key, value))
     }
 
     /// Every IPv6 conntrack entry (two per translated flow).
@@ -739,6 +726,28 @@ impl Datapath {
             .iter()
             .collect::<Result<_, _>>()
             .context("reading the conntrack map")
+    }
+
+    /// Deletes the IPv6 conntrack entries `remove` picks; returns how many.
+    pub fn purge_conntrack6(
+        &mut self,
+        mut remove: impl FnMut(&CtKey6, &CtValue6) -> bool,
+    ) -> anyhow::Result<usize> {
+        let doomed: Vec<CtKey6> = self
+            .conntrack6_entries()?
+            .into_iter()
+            .filter(|(key, value)| remove(key, value))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            match self.conntrack6.remove(key) {
+                Ok(()) => {}
+                // Evicted by the LRU meanwhile.
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting an IPv6 conntrack entry"),
+            }
+        }
+        Ok(doomed.len())
     }
 
     /// Every sessionAffinity entry.

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::Context as _;
@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     datapath::ProgramRun,
-    packet::{self, Decoded, Flow},
+    packet::{self, IpDecoded, IpFlow},
 };
 
 /// Payload of the UDP datagrams a trace sends (TCP sends a bare SYN, SCTP an INIT).
@@ -50,7 +50,7 @@ pub enum End {
     },
     Rejected {
         by: &'static str,
-        answer: Decoded,
+        answer: IpDecoded,
         how: String,
         reason: Option<Reason>,
     },
@@ -66,7 +66,7 @@ impl End {
     }
 
     /// The backend the packet was sent to.
-    pub fn backend(&self) -> Option<SocketAddrV4> {
+    pub fn backend(&self) -> Option<SocketAddr> {
         match self {
             End::Forwarded { rewrite, .. } => rewrite.dnat,
             _ => None,
@@ -85,7 +85,7 @@ pub struct Outcome {
 /// Every backend the programs chose for the packet over `runs` runs (`--all`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Choices {
-    pub backends: BTreeSet<SocketAddrV4>,
+    pub backends: BTreeSet<SocketAddr>,
     pub runs: usize,
     /// How many backends the `services` map says the frontend has, when it is a frontend.
     pub expected: Option<usize>,
@@ -97,7 +97,7 @@ pub struct Choices {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplyCheck {
     /// The answer as the receiver sends it: the forwarded packet's flow, reversed.
-    pub sent: Flow,
+    pub sent: IpFlow,
     pub programs: Vec<&'static str>,
     pub outcome: Outcome,
     /// The answer reaches the sender from the address and port it sent to.
@@ -107,7 +107,7 @@ pub struct ReplyCheck {
 /// Everything a trace found out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Trace {
-    pub input: Flow,
+    pub input: IpFlow,
     pub entry: EntryPoint,
     pub path: PacketPath,
     /// The first run (the one the verdict reports).
@@ -125,7 +125,7 @@ pub struct Options {
     pub expected_backends: Option<usize>,
     /// Addresses of this node's pods (the backends marked local): their answers enter the
     /// datapath through their veth, other receivers' through the external interface.
-    pub local_addresses: BTreeSet<Ipv4Addr>,
+    pub local_addresses: BTreeSet<IpAddr>,
 }
 
 /// How many runs `--all` allows itself: enough that missing one of `n` equally likely backends
@@ -141,11 +141,11 @@ pub fn run_cap(expected_backends: Option<usize>) -> usize {
 pub fn trace(
     runner: &mut impl ProgramRunner,
     entry: EntryPoint,
-    input: Flow,
+    input: IpFlow,
     options: Options,
 ) -> anyhow::Result<Trace> {
     let path = hooks::path(entry);
-    let packet = packet::first_packet(&input, PAYLOAD);
+    let packet = packet::first_ip_packet(&input, PAYLOAD);
     let first = push(runner, path.forward, &input, &packet)?;
 
     // Before `--all` forgets the connection: the answer needs the first run's conntrack entries.
@@ -186,7 +186,7 @@ pub fn trace(
 fn push(
     runner: &mut impl ProgramRunner,
     hops: &[Hop],
-    flow: &Flow,
+    flow: &IpFlow,
     packet: &[u8],
 ) -> anyhow::Result<Outcome> {
     let mut current = packet.to_vec();
@@ -213,7 +213,7 @@ fn push(
                 })
             }
             Step::Rejected { answer, how } => {
-                if let Err(e) = packet::verify_checksums(&out) {
+                if let Err(e) = packet::verify_ip_checksums(&out) {
                     warnings.push(format!("{name} answered with a broken packet: {e}"));
                 }
                 return Ok(Outcome {
@@ -227,7 +227,7 @@ fn push(
                 });
             }
             Step::Forwarded { packet, redirected } => {
-                if let Err(e) = packet::verify_checksums(&packet) {
+                if let Err(e) = packet::verify_ip_checksums(&packet) {
                     warnings.push(format!("{name} left a broken packet: {e}"));
                 }
                 if redirected {
@@ -254,11 +254,11 @@ fn push(
 fn check_reply(
     runner: &mut impl ProgramRunner,
     hops: &[Hop],
-    input: &Flow,
+    input: &IpFlow,
     forwarded: &Rewrite,
 ) -> anyhow::Result<ReplyCheck> {
     let sent = forwarded.flow.reversed();
-    let answer = packet::first_answer(&sent, PAYLOAD);
+    let answer = packet::first_ip_answer(&sent, PAYLOAD);
     let outcome = push(runner, hops, &sent, &answer)?;
     let from_original_destination = match &outcome.end {
         End::Forwarded { rewrite, .. } => rewrite.flow == input.reversed(),
@@ -278,7 +278,7 @@ fn check_reply(
 fn drive_choices(
     runner: &mut impl ProgramRunner,
     hops: &[Hop],
-    input: &Flow,
+    input: &IpFlow,
     packet: &[u8],
     first: &Outcome,
     expected: Option<usize>,
@@ -321,13 +321,14 @@ mod tests {
     use sluice_common::{PROTO_TCP, PROTO_UDP};
 
     use super::*;
-    use crate::packet::{first_packet, tcp_packet, TCP_ACK, TCP_RST};
+    use crate::packet::{first_ip_packet, tcp_ip_packet, TCP_ACK, TCP_RST};
 
-    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
-    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 5));
+    const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1));
+    const VIP6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 1));
 
-    fn backend(last: u8) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, last), 8080)
+    fn backend(last: u8) -> SocketAddr {
+        SocketAddr::new(Ipv4Addr::new(10, 244, 1, last).into(), 8080)
     }
 
     /// What the fake does with packets to the VIP.
@@ -345,16 +346,16 @@ mod tests {
     /// every backend if it really forgets the connection between runs.
     struct FakeDatapath {
         mode: Mode,
-        backends: Vec<SocketAddrV4>,
+        backends: Vec<SocketAddr>,
         /// Client flow -> backend, and backend-side flow -> VIP, like the real conntrack.
-        forward: HashMap<Flow, SocketAddrV4>,
-        reverse: HashMap<Flow, SocketAddrV4>,
+        forward: HashMap<IpFlow, SocketAddr>,
+        reverse: HashMap<IpFlow, SocketAddr>,
         seed: u32,
         runs: usize,
     }
 
     impl FakeDatapath {
-        fn new(mode: Mode, backends: Vec<SocketAddrV4>) -> Self {
+        fn new(mode: Mode, backends: Vec<SocketAddr>) -> Self {
             FakeDatapath {
                 mode,
                 backends,
@@ -391,13 +392,15 @@ mod tests {
     impl FakeDatapath {
         fn run_fake(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
             self.runs += 1;
-            let flow = packet::decode(packet).unwrap().flow().unwrap();
+            let flow = packet::decode_ip(packet).unwrap().flow().unwrap();
             match program {
-                Program::FromPod if flow.dst == VIP && !self.backends.is_empty() => {
+                Program::FromPod
+                    if (flow.dst == VIP || flow.dst == VIP6) && !self.backends.is_empty() =>
+                {
                     match self.mode {
                         Mode::Drop => return Ok((2, packet.to_vec())),
                         Mode::Reject => {
-                            let rst = tcp_packet(&flow.reversed(), TCP_RST | TCP_ACK, &[]);
+                            let rst = tcp_ip_packet(&flow.reversed(), TCP_RST | TCP_ACK, &[]);
                             return Ok((7, rst));
                         }
                         Mode::Balance | Mode::BreakChecksums => {}
@@ -410,28 +413,27 @@ mod tests {
                         }
                     };
                     self.forward.insert(flow, chosen);
-                    let out = Flow {
-                        dst: *chosen.ip(),
+                    let out = IpFlow {
+                        dst: chosen.ip(),
                         dport: chosen.port(),
                         ..flow
                     };
-                    self.reverse
-                        .insert(out.reversed(), SocketAddrV4::new(flow.dst, flow.dport));
-                    let mut rewritten = first_packet(&out, PAYLOAD);
+                    self.reverse.insert(out.reversed(), flow.destination());
+                    let mut rewritten = first_ip_packet(&out, PAYLOAD);
                     if self.mode == Mode::BreakChecksums {
-                        let original = packet::first_packet(&flow, PAYLOAD);
+                        let original = packet::first_ip_packet(&flow, PAYLOAD);
                         rewritten[24..26].copy_from_slice(&original[24..26]);
                     }
                     Ok((0, rewritten))
                 }
                 Program::ToPod => match self.reverse.get(&flow) {
                     Some(vip) => {
-                        let out = Flow {
-                            src: *vip.ip(),
+                        let out = IpFlow {
+                            src: vip.ip(),
                             sport: vip.port(),
                             ..flow
                         };
-                        Ok((0, packet::first_answer(&out, PAYLOAD)))
+                        Ok((0, packet::first_ip_answer(&out, PAYLOAD)))
                     }
                     None => Ok((0, packet.to_vec())),
                 },
@@ -442,8 +444,8 @@ mod tests {
         }
     }
 
-    fn to_vip(proto: u8) -> Flow {
-        Flow {
+    fn to_vip(proto: u8) -> IpFlow {
+        IpFlow {
             proto,
             src: CLIENT,
             sport: 40_000,
@@ -481,7 +483,7 @@ mod tests {
         );
         assert_eq!(trace.choices, None);
         let reply = trace.reply.unwrap();
-        assert_eq!(reply.sent.src, *chosen.ip());
+        assert_eq!(reply.sent.src, chosen.ip());
         // Not a local backend: the answer enters from the backend's node.
         assert_eq!(reply.programs, ["from_world", "to_pod"]);
         assert!(reply.from_original_destination);
@@ -490,7 +492,7 @@ mod tests {
         // A local backend's answer enters through its veth.
         let mut fake = FakeDatapath::new(Mode::Balance, vec![backend(1)]);
         let options = Options {
-            local_addresses: [*backend(1).ip()].into(),
+            local_addresses: [backend(1).ip()].into(),
             ..Options::default()
         };
         let local = super::trace(&mut fake, EntryPoint::Pod, to_vip(PROTO_TCP), options).unwrap();
@@ -565,6 +567,56 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(rejected.first.end.verdict(), Verdict::Reject);
+    }
+
+    #[test]
+    fn trace_ipv6_dnat_all_and_reject() {
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let backends: Vec<SocketAddr> = ["[fd00:10:244:1::10]:8080", "[fd00:10:244:2::10]:8080"]
+            .iter()
+            .map(|b| b.parse().unwrap())
+            .collect();
+        let input = IpFlow {
+            proto: PROTO_UDP,
+            src: v6("fd00:10:244:1::5"),
+            sport: 40_000,
+            dst: VIP6,
+            dport: 53,
+        };
+        let mut fake = FakeDatapath::new(Mode::Balance, backends.clone());
+        let options = Options {
+            local_addresses: [backends[0].ip()].into(),
+            ..all(2)
+        };
+        let trace = trace(&mut fake, EntryPoint::Pod, input, options).unwrap();
+        assert_eq!(trace.first.end.verdict(), Verdict::Dnat);
+        assert!(
+            trace.first.warnings.is_empty(),
+            "{:?}",
+            trace.first.warnings
+        );
+        assert_eq!(
+            trace.choices.unwrap().backends,
+            backends.iter().copied().collect()
+        );
+        let reply = trace.reply.unwrap();
+        assert!(reply.from_original_destination, "{reply:?}");
+        assert!(reply.outcome.warnings.is_empty());
+
+        let mut fake = FakeDatapath::new(Mode::Reject, backends);
+        let tcp = IpFlow {
+            proto: PROTO_TCP,
+            ..input
+        };
+        let rejected = super::trace(&mut fake, EntryPoint::Pod, tcp, Options::default()).unwrap();
+        match &rejected.first.end {
+            End::Rejected { how, answer, .. } => {
+                assert_eq!(how, "TCP RST from [fd00:10:96::1]:53");
+                assert_eq!(answer.flow(), Some(tcp.reversed()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(rejected.first.warnings.is_empty());
     }
 
     #[test]

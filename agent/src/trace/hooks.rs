@@ -2,7 +2,7 @@
 //! way there and back. One table ([`path`], [`reply_path`]): a new hook is a new [`Program`]
 //! and a line in it.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{fmt, net::IpAddr};
 
 use serde::Serialize;
 
@@ -37,10 +37,10 @@ impl EntryPoint {
     /// Where a packet from `src` comes from when `--from` is not given: the host for one of this
     /// node's addresses, a pod for an address in the cluster CIDRs (every address when none is
     /// configured, as kube-proxy has it), outside the node otherwise.
-    pub fn default_for(src: Ipv4Addr, node: &NodeContext) -> EntryPoint {
-        if node.node_ips.contains(&src.into()) {
+    pub fn default_for(src: IpAddr, node: &NodeContext) -> EntryPoint {
+        if node.node_ips.contains(&src) {
             EntryPoint::Host
-        } else if node.is_pod_ip(src.into()) {
+        } else if node.is_pod_ip(src) {
             EntryPoint::Pod
         } else {
             EntryPoint::External
@@ -187,6 +187,26 @@ mod tests {
             EntryPoint::default_for("172.18.0.3".parse().unwrap(), &open),
             EntryPoint::Host
         );
+    }
+
+    #[test]
+    fn trace_entry_point_defaults_for_ipv6_sources() {
+        let node = NodeContext {
+            node_ips: vec![
+                "172.18.0.3".parse().unwrap(),
+                "fc00:f853:ccd:e793::3".parse().unwrap(),
+            ],
+            cluster_cidrs: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:244::/56".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        let at = |ip: &str| EntryPoint::default_for(ip.parse().unwrap(), &node);
+        assert_eq!(at("fd00:10:244:1::5"), EntryPoint::Pod);
+        assert_eq!(at("fc00:f853:ccd:e793::3"), EntryPoint::Host);
+        assert_eq!(at("2001:db8::10"), EntryPoint::External);
+        assert_eq!(at("10.244.3.4"), EntryPoint::Pod);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! ([`Datapath::load_unpinned`]): a trace never touches a running agent's maps, attaches nothing
 //! and sends nothing on any interface.
 //!
-//! * [`spec`] parses the packet (`PROTO SRC[:SPORT] -> DST:DPORT`);
+//! * [`spec`] parses the packet (`PROTO SRC[:SPORT] -> DST:DPORT`, IPv4 or IPv6);
 //! * [`hooks`] maps the entry point (`--from`) to the programs on the packet's way;
 //! * [`engine`] runs them (and `--all`, and the reply check);
 //! * [`verdict`] reads a program run's return code and output packet;
@@ -35,6 +35,7 @@ use crate::{
     datapath::{self, Datapath, ProgramRun},
     manifests,
     node::{self, NodeContext, NodeOptions},
+    packet::IpFlow,
     state::{DesiredState, Frontend, Protocol},
     translate,
 };
@@ -51,7 +52,9 @@ const EXIT_BAD_INPUT: u8 = 2;
     CAP_BPF), 2 bad input (packet, node name, manifests).\n\nExamples:\n  \
     sluice trace --manifests examples/ecommerce 'tcp 10.244.1.5 -> 10.96.0.1:8080'\n  \
     sluice trace --manifests DIR --cluster-cidr 10.244.0.0/16 --all --json \
-    'udp 10.244.1.5:5353 -> 10.96.0.10:53'"
+    'udp 10.244.1.5:5353 -> 10.96.0.10:53'\n  \
+    sluice trace --manifests DIR --cluster-cidr 10.244.0.0/16,fd00:10:244::/56 --all \
+    'tcp [fd00:10:244:1::5]:40000 -> [fd00:10:96::1]:80'"
 )]
 pub struct TraceArgs {
     /// Directory of manifests, as for `sluice agent --manifests`: Services, EndpointSlices and
@@ -78,8 +81,10 @@ pub struct TraceArgs {
     #[arg(long)]
     pub ignore_errors: bool,
     /// The packet, quoted: 'PROTO SRC[:SPORT] -> DST:DPORT', e.g. 'tcp 10.244.1.5 ->
-    /// 10.96.0.1:80'. PROTO is tcp, udp or sctp (IPv4 only); SPORT defaults to 40000. A TCP
-    /// packet is a SYN, so it opens a new connection.
+    /// 10.96.0.1:80' or, IPv6 (brackets around an address with a port), 'tcp
+    /// [fd00:10:244:1::5]:40000 -> [fd00:10:96::1]:80'. PROTO is tcp, udp or sctp; both
+    /// addresses are of the same family; SPORT defaults to 40000. A TCP packet is a SYN, so it
+    /// opens a new connection.
     #[arg(value_name = "PACKET")]
     pub packet: String,
 }
@@ -117,8 +122,14 @@ pub fn run(args: TraceArgs) -> ExitCode {
 fn trace(args: &TraceArgs) -> Result<String, Failure> {
     // The cheapest check first: a typo in the packet needs no BPF and no manifests.
     let spec = spec::parse(&args.packet).map_err(|e| {
+        let example = if e.about_ipv6() {
+            "'tcp 10.244.1.5 -> 10.96.0.1:80' or 'tcp [fd00:10:244:1::5]:40000 -> \
+             [fd00:10:96::1]:80'"
+        } else {
+            "'tcp 10.244.1.5 -> 10.96.0.1:80'"
+        };
         Failure::bad_input(vec![format!(
-            "bad packet {:?}: {e} (expected '{}', e.g. 'tcp 10.244.1.5 -> 10.96.0.1:80')",
+            "bad packet {:?}: {e} (expected '{}', e.g. {example})",
             args.packet,
             spec::SYNTAX
         )])
@@ -155,12 +166,7 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
         local_addresses: desired
             .services
             .values()
-            .flat_map(|entry| {
-                entry
-                    .local_backends
-                    .iter()
-                    .filter_map(|b| crate::datapath::wire::ipv4(b.ip))
-            })
+            .flat_map(|entry| entry.local_backends.iter().map(|b| b.ip))
             .collect(),
     };
     let trace = engine::trace(&mut runner, entry, flow, options).map_err(failed)?;
@@ -217,10 +223,20 @@ fn desired_state(args: &TraceArgs) -> Result<(DesiredState, NodeContext), Failur
     Err(Failure::bad_input(lines))
 }
 
-/// How many backends the `services` map holds for the flow's frontend, if it is one.
-fn frontend_backend_count(datapath: &Datapath, flow: &crate::packet::Flow) -> Option<usize> {
+/// How many backends the `services` (or `services6`) map holds for the flow's frontend, if it
+/// is one.
+fn frontend_backend_count(datapath: &Datapath, flow: &IpFlow) -> Option<usize> {
+    if let Some(flow) = flow.v6() {
+        return datapath
+            .programmed_services6()
+            .into_iter()
+            .find(|(ip, port, proto, _, _)| {
+                (*ip, *port, *proto) == (flow.dst, flow.dport, flow.proto)
+            })
+            .map(|(_, _, _, _, backends)| backends.len());
+    }
     let frontend = Frontend {
-        ip: flow.dst.into(),
+        ip: flow.dst,
         port: flow.dport,
         proto: Protocol::from_number(flow.proto)?,
     };
@@ -258,6 +274,9 @@ impl ProgramRunner for BpfRunner<'_> {
         self.datapath
             .purge_conntrack(|_, _| true)
             .context("clearing the private conntrack map")?;
+        self.datapath
+            .purge_conntrack6(|_, _| true)
+            .context("clearing the private conntrack6 map")?;
         Ok(())
     }
 }

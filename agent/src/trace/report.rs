@@ -16,9 +16,11 @@
 //!             sessionAffinity), else null
 //! drop_reason for DROP and REJECT, the datapath's own reason (sluice_common::reason_name,
 //!             e.g. "drop-source-range", "reject-no-endpoints"), else null
-//! packet      the packet as it leaves: "PROTO SRC:SPORT -> DST:DPORT" (the syntax trace reads);
+//! packet      the packet as it leaves: "PROTO SRC:SPORT -> DST:DPORT" (the syntax trace reads;
+//!             IPv6 addresses in brackets: "tcp [fd00::5]:40000 -> [fd00::1]:80");
 //!             for REJECT the answer sent back (an ICMP answer reads
-//!             "icmp SRC -> DST type T code C"); null for DROP
+//!             "icmp SRC -> DST type T code C", an ICMPv6 one "icmpv6 SRC -> DST type T code C");
+//!             null for DROP
 //! redirected_by  the program that redirected the packet to another interface
 //!             (TC_ACT_REDIRECT), else null
 //! input       the packet traced, same syntax
@@ -34,7 +36,7 @@
 //! warnings    odd things the programs did (broken checksums, --all surprises); usually []
 //! ```
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{fmt::Write as _, net::IpAddr};
 
 use serde::Serialize;
 use sluice_common::{reason_name, Reason, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
@@ -45,7 +47,7 @@ use super::{
     verdict::Verdict,
 };
 use crate::{
-    packet::{proto_name, Flow},
+    packet::{proto_name, IpFlow},
     state::{DesiredState, Frontend, Protocol, ServiceEntry, WhenEmpty},
 };
 
@@ -62,10 +64,10 @@ pub enum ServiceMatch<'a> {
     NotAService,
 }
 
-pub fn match_service<'a>(state: &'a DesiredState, flow: &Flow) -> ServiceMatch<'a> {
+pub fn match_service<'a>(state: &'a DesiredState, flow: &IpFlow) -> ServiceMatch<'a> {
     if let Some(proto) = Protocol::from_number(flow.proto) {
         let frontend = Frontend {
-            ip: flow.dst.into(),
+            ip: flow.dst,
             port: flow.dport,
             proto,
         };
@@ -76,7 +78,7 @@ pub fn match_service<'a>(state: &'a DesiredState, flow: &Flow) -> ServiceMatch<'
     let same_ip: Vec<Frontend> = state
         .services
         .keys()
-        .filter(|f| f.ip == std::net::IpAddr::V4(flow.dst))
+        .filter(|f| f.ip == flow.dst)
         .copied()
         .collect();
     if same_ip.is_empty() {
@@ -93,7 +95,7 @@ pub struct Report {
     pub backends: Option<Vec<String>>,
     pub runs: Option<usize>,
     pub masquerade: bool,
-    pub snat_ip: Option<Ipv4Addr>,
+    pub snat_ip: Option<IpAddr>,
     pub reason: Option<String>,
     pub drop_reason: Option<&'static str>,
     pub packet: Option<String>,
@@ -428,9 +430,8 @@ fn reason(trace: &Trace, matched: &ServiceMatch) -> Option<String> {
                     )
                 ),
                 ServiceMatch::NotAService => format!(
-                    "{}:{}/{} is not a service frontend",
-                    trace.input.dst,
-                    trace.input.dport,
+                    "{}/{} is not a service frontend",
+                    trace.input.destination(),
                     proto_name(trace.input.proto).to_uppercase()
                 ),
             };
@@ -495,7 +496,7 @@ fn affinity_reason(trace: &Trace, matched: &ServiceMatch) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddrV4;
+    use std::net::SocketAddr;
 
     use super::*;
     use crate::{
@@ -503,8 +504,8 @@ mod tests {
         trace::{engine::Choices, hooks, verdict::Rewrite},
     };
 
-    fn flow(dst: &str, dport: u16, proto: u8) -> Flow {
-        Flow {
+    fn flow(dst: &str, dport: u16, proto: u8) -> IpFlow {
+        IpFlow {
             proto,
             src: "10.244.0.5".parse().unwrap(),
             sport: 40_000,
@@ -538,7 +539,7 @@ mod tests {
     }
 
     /// A trace of `input` entering from a pod that ended in `end`.
-    fn trace_of(input: Flow, end: End) -> Trace {
+    fn trace_of(input: IpFlow, end: End) -> Trace {
         Trace {
             input,
             entry: EntryPoint::Pod,
@@ -552,7 +553,7 @@ mod tests {
         }
     }
 
-    fn untouched(input: Flow) -> End {
+    fn untouched(input: IpFlow) -> End {
         End::Forwarded {
             rewrite: Rewrite {
                 flow: input,
@@ -566,7 +567,7 @@ mod tests {
     #[test]
     fn trace_report_of_a_dnat() {
         let input = flow("10.96.0.1", 80, PROTO_TCP);
-        let out = Flow {
+        let out = IpFlow {
             dst: "10.244.1.10".parse().unwrap(),
             dport: 8080,
             ..input
@@ -576,14 +577,14 @@ mod tests {
             End::Forwarded {
                 rewrite: Rewrite {
                     flow: out,
-                    dnat: Some(SocketAddrV4::new(out.dst, out.dport)),
+                    dnat: Some(out.destination()),
                     snat: None,
                 },
                 redirected_by: None,
             },
         );
         trace.choices = Some(Choices {
-            backends: [SocketAddrV4::new(out.dst, out.dport)].into(),
+            backends: [out.destination()].into(),
             runs: 1,
             expected: Some(1),
             other_verdicts: Default::default(),
@@ -707,7 +708,7 @@ mod tests {
         entry.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
         let mut state = DesiredState::default();
         state.services.insert(lb, entry);
-        let input = Flow {
+        let input = IpFlow {
             src: "203.0.113.5".parse().unwrap(),
             ..flow("198.51.100.7", 443, PROTO_TCP)
         };
@@ -738,18 +739,18 @@ mod tests {
         let input = flow("10.96.0.1", 80, PROTO_TCP);
         let mut state = state();
         let web = Frontend {
-            ip: input.dst.into(),
+            ip: input.dst,
             port: 80,
             proto: Protocol::Tcp,
         };
         state.services.get_mut(&web).unwrap().affinity_timeout = Some(60);
-        let chosen = SocketAddrV4::new("10.244.1.10".parse().unwrap(), 8080);
+        let chosen = SocketAddr::new("10.244.1.10".parse().unwrap(), 8080);
         let mut trace = trace_of(
             input,
             End::Forwarded {
                 rewrite: Rewrite {
-                    flow: Flow {
-                        dst: *chosen.ip(),
+                    flow: IpFlow {
+                        dst: chosen.ip(),
                         dport: chosen.port(),
                         ..input
                     },
@@ -782,7 +783,7 @@ mod tests {
             .as_mut()
             .unwrap()
             .backends
-            .insert(SocketAddrV4::new("10.244.1.11".parse().unwrap(), 8080));
+            .insert(SocketAddr::new("10.244.1.11".parse().unwrap(), 8080));
         let report = Report::new(&trace, &state);
         assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     }

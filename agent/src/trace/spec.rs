@@ -1,11 +1,13 @@
-//! The packet `sluice trace` is asked about: `PROTO SRC[:SPORT] -> DST:DPORT`. Pure.
+//! The packet `sluice trace` is asked about: `PROTO SRC[:SPORT] -> DST:DPORT`, IPv4 or IPv6
+//! (`tcp [fd00:10:244:1::5]:40000 -> [fd00:10:96::1]:80`: brackets around an IPv6 address with
+//! a port; `tcp fd00:10:244:1::5 -> [fd00:10:96::1]:80` without a source port). Pure.
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::{packet::Flow, state::Protocol};
+use crate::{packet::IpFlow, state::Protocol};
 
 /// The syntax, for error messages and `--help`.
 pub const SYNTAX: &str = "PROTO SRC[:SPORT] -> DST:DPORT";
@@ -16,15 +18,15 @@ pub const DEFAULT_SPORT: u16 = 40_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PacketSpec {
     pub proto: Protocol,
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     pub sport: u16,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub dport: u16,
 }
 
 impl PacketSpec {
-    pub fn flow(&self) -> Flow {
-        Flow {
+    pub fn flow(&self) -> IpFlow {
+        IpFlow {
             proto: self.proto.number(),
             src: self.src,
             sport: self.sport,
@@ -49,16 +51,43 @@ pub enum SpecError {
     MissingSource,
     #[error("missing destination address")]
     MissingDestination,
-    #[error("bad {side} address {text:?}: not an IPv4 address")]
-    BadAddress { side: Side, text: String },
+    #[error("bad {side} address {text:?}: not an {family} address")]
+    BadAddress {
+        side: Side,
+        text: String,
+        family: &'static str,
+    },
+    #[error("bad {side} {text:?}: expected [IPv6] or [IPv6]:PORT")]
+    BadBrackets { side: Side, text: String },
     #[error("bad {side} port {text:?}: not a number")]
     BadPort { side: Side, text: String },
     #[error("{side} port {port} is out of range (1-65535)")]
     PortOutOfRange { side: Side, port: String },
     #[error("missing destination port: write DST:DPORT")]
     MissingDestinationPort,
-    #[error("{0} address {1:?}: IPv6 not supported yet")]
-    Ipv6(Side, String),
+    #[error(
+        "missing destination port: write [DST]:DPORT (an IPv6 address with a port goes in \
+         brackets)"
+    )]
+    MissingDestinationPort6,
+    #[error(
+        "source {src} and destination {dst} are of different families: trace IPv4 -> IPv4 or \
+         IPv6 -> IPv6"
+    )]
+    MixedFamilies { src: IpAddr, dst: IpAddr },
+}
+
+impl SpecError {
+    /// Whether the problem is with IPv6 syntax (the error message then shows an IPv6 example).
+    pub fn about_ipv6(&self) -> bool {
+        match self {
+            SpecError::BadAddress { family, .. } => *family == "IPv6",
+            SpecError::BadBrackets { .. }
+            | SpecError::MissingDestinationPort6
+            | SpecError::MixedFamilies { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,43 +128,76 @@ pub fn parse(text: &str) -> Result<PacketSpec, SpecError> {
     }
     let (src, sport) = endpoint(src_text.trim(), Side::Source)?;
     let (dst, dport) = endpoint(dst_text.trim(), Side::Destination)?;
+    let dport = dport.ok_or(if dst.is_ipv6() {
+        SpecError::MissingDestinationPort6
+    } else {
+        SpecError::MissingDestinationPort
+    })?;
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Err(SpecError::MixedFamilies { src, dst });
+    }
     Ok(PacketSpec {
         proto,
         src,
         sport: sport.unwrap_or(DEFAULT_SPORT),
         dst,
-        dport: dport.ok_or(SpecError::MissingDestinationPort)?,
+        dport,
     })
 }
 
-/// `ADDR` or `ADDR:PORT`.
-fn endpoint(text: &str, side: Side) -> Result<(Ipv4Addr, Option<u16>), SpecError> {
+/// `ADDR` or `ADDR:PORT` (IPv4), `[ADDR]`, `[ADDR]:PORT` or a bare `ADDR` (IPv6).
+fn endpoint(text: &str, side: Side) -> Result<(IpAddr, Option<u16>), SpecError> {
     if text.is_empty() {
         return Err(match side {
             Side::Source => SpecError::MissingSource,
             Side::Destination => SpecError::MissingDestination,
         });
     }
-    // `[v6]:port`, or a bare v6 address (two colons or more).
-    if text.starts_with('[') || text.matches(':').count() > 1 {
-        return Err(SpecError::Ipv6(side, text.to_owned()));
+    let bad_address = |text: &str, family| SpecError::BadAddress {
+        side,
+        text: text.to_owned(),
+        family,
+    };
+    if let Some(bracketed) = text.strip_prefix('[') {
+        let Some((addr_text, rest)) = bracketed.split_once(']') else {
+            return Err(SpecError::BadBrackets {
+                side,
+                text: text.to_owned(),
+            });
+        };
+        let addr = addr_text
+            .parse::<Ipv6Addr>()
+            .map_err(|_| bad_address(addr_text, "IPv6"))?;
+        let port = match rest {
+            "" => None,
+            _ => match rest.strip_prefix(':') {
+                Some(p) => Some(port(p, side)?),
+                None => {
+                    return Err(SpecError::BadBrackets {
+                        side,
+                        text: text.to_owned(),
+                    })
+                }
+            },
+        };
+        return Ok((addr.into(), port));
+    }
+    // A bare IPv6 address (two colons or more) has no port: `fd00::1:80` is an address.
+    if text.matches(':').count() > 1 {
+        let addr = text
+            .parse::<Ipv6Addr>()
+            .map_err(|_| bad_address(text, "IPv6"))?;
+        return Ok((addr.into(), None));
     }
     let (addr_text, port_text) = match text.split_once(':') {
         Some((addr, port)) => (addr, Some(port)),
         None => (text, None),
     };
-    let addr = match addr_text.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => v4,
-        Ok(IpAddr::V6(_)) => return Err(SpecError::Ipv6(side, text.to_owned())),
-        Err(_) => {
-            return Err(SpecError::BadAddress {
-                side,
-                text: addr_text.to_owned(),
-            })
-        }
-    };
+    let addr = addr_text
+        .parse::<Ipv4Addr>()
+        .map_err(|_| bad_address(addr_text, "IPv4"))?;
     let port = port_text.map(|p| port(p, side)).transpose()?;
-    Ok((addr, port))
+    Ok((addr.into(), port))
 }
 
 fn port(text: &str, side: Side) -> Result<u16, SpecError> {
@@ -275,22 +337,103 @@ mod tests {
             ),
             (
                 "tcp fd00::1 -> 10.96.0.1:80",
-                "source address \"fd00::1\": IPv6 not supported yet",
+                "source fd00::1 and destination 10.96.0.1 are of different families: trace \
+                 IPv4 -> IPv4 or IPv6 -> IPv6",
             ),
             (
                 "tcp 10.0.0.1 -> [fd00::1]:80",
-                "destination address \"[fd00::1]:80\": IPv6 not supported yet",
+                "source 10.0.0.1 and destination fd00::1 are of different families: trace \
+                 IPv4 -> IPv4 or IPv6 -> IPv6",
+            ),
+            (
+                "tcp fd00::5 -> fd00::1:80",
+                "missing destination port: write [DST]:DPORT (an IPv6 address with a port goes \
+                 in brackets)",
+            ),
+            (
+                "tcp [fd00::5]:40000 -> fd00::1",
+                "missing destination port: write [DST]:DPORT (an IPv6 address with a port goes \
+                 in brackets)",
+            ),
+            (
+                "tcp [fd00::5:40000 -> [fd00::1]:80",
+                "bad source \"[fd00::5:40000\": expected [IPv6] or [IPv6]:PORT",
+            ),
+            (
+                "tcp [fd00::5]40000 -> [fd00::1]:80",
+                "bad source \"[fd00::5]40000\": expected [IPv6] or [IPv6]:PORT",
+            ),
+            (
+                "tcp fd00::5 -> [fd00::g]:80",
+                "bad destination address \"fd00::g\": not an IPv6 address",
+            ),
+            (
+                "tcp fd00:::5 -> [fd00::1]:80",
+                "bad source address \"fd00:::5\": not an IPv6 address",
+            ),
+            (
+                "tcp [10.0.0.1]:1 -> [fd00::1]:80",
+                "bad source address \"10.0.0.1\": not an IPv6 address",
+            ),
+            (
+                "tcp fd00::5 -> [fd00::1]:0",
+                "destination port 0 is out of range (1-65535)",
+            ),
+            (
+                "tcp fd00::5 -> [fd00::1]:http",
+                "bad destination port \"http\": not a number",
             ),
         ];
         for (text, message) in cases {
             let error = parse(text).expect_err(text);
             assert_eq!(error.to_string(), *message, "{text:?}");
+            // IPv6 problems come with an IPv6 example, IPv4 (and port) ones keep theirs.
+            let about_ipv6 = (text.contains('[') || text.contains("::"))
+                && !message.contains("out of range")
+                && !message.contains("not a number");
+            assert_eq!(error.about_ipv6(), about_ipv6, "{text:?}");
         }
         // Absurdly long ports are still out of range, not a crash.
         assert!(matches!(
             parse("tcp 10.0.0.1 -> 10.96.0.1:99999999999999999999999"),
             Err(SpecError::PortOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn trace_spec_ipv6_forms() {
+        let full = spec(
+            Protocol::Tcp,
+            "fd00:10:244:1::5",
+            40_000,
+            "fd00:10:96::1",
+            80,
+        );
+        assert_eq!(
+            parse("tcp [fd00:10:244:1::5]:40000 -> [fd00:10:96::1]:80"),
+            Ok(full)
+        );
+        assert_eq!(
+            parse("TCP  [fd00:10:244:1::5]:40000->[fd00:10:96::1]:80 "),
+            Ok(full)
+        );
+        // Without a source port: bare or bracketed.
+        let default_sport = spec(Protocol::Udp, "fd00::5", DEFAULT_SPORT, "fd00:10:96::a", 53);
+        assert_eq!(
+            parse("udp fd00::5 -> [fd00:10:96::a]:53"),
+            Ok(default_sport)
+        );
+        assert_eq!(
+            parse("udp [fd00::5] -> [fd00:10:96::a]:53"),
+            Ok(default_sport)
+        );
+        assert_eq!(
+            parse("sctp [::1]:1 -> [::ffff:10.96.0.1]:65535"),
+            Ok(spec(Protocol::Sctp, "::1", 1, "::ffff:10.96.0.1", 65535))
+        );
+        let flow = parse("tcp [fd00::5]:1234 -> [fd00::1]:80").unwrap().flow();
+        assert_eq!(flow.to_string(), "tcp [fd00::5]:1234 -> [fd00::1]:80");
+        assert!(flow.v6().is_some() && flow.v4().is_none());
     }
 
     #[test]
