@@ -353,28 +353,12 @@ pub fn services_view(
     services: &[(ServiceKey, ServiceValue)],
     backends: &[(BackendKey, Backend)],
 ) -> Vec<ServiceView> {
-    let slots: BTreeMap<(u32, u32), Backend> = backends
-        .iter()
-        .map(|(key, backend)| ((key.service_id, key.slot), *backend))
-        .collect();
-    let mut views: Vec<ServiceView> = services
-        .iter()
-        .map(|(key, value)| ServiceView {
-            ip: wire::addr_from_map(key.addr).into(),
-            port: wire::port_from_map(key.port),
-            proto: key.proto,
-            id: value.id,
-            backend_count: value.backend_count,
-            slots: (0..value.backend_count)
-                .map(|slot| SlotView {
-                    slot,
-                    backend: slots.get(&(value.id, slot)).map(wire::backend_addr),
-                })
-                .collect(),
-        })
-        .collect();
-    views.sort_by_key(ServiceView::sort_key);
-    views
+    views_of(
+        services,
+        backends,
+        |key| (wire::addr_from_map(key.addr).into(), key.port, key.proto),
+        wire::backend_addr,
+    )
 }
 
 /// [`services_view`] of the IPv6 maps (`services6`, `backends6`).
@@ -382,24 +366,43 @@ pub fn services6_view(
     services: &[(ServiceKey6, ServiceValue)],
     backends: &[(BackendKey, Backend6)],
 ) -> Vec<ServiceView> {
-    let slots: BTreeMap<(u32, u32), Backend6> = backends
+    views_of(
+        services,
+        backends,
+        |key| (sync6::addr6_from_map(key.addr).into(), key.port, key.proto),
+        sync6::backend6_addr,
+    )
+}
+
+/// Either family's maps as views: `frontend` gives a key's (address, port in network byte
+/// order, protocol), `backend` a slot's address.
+fn views_of<K, B>(
+    services: &[(K, ServiceValue)],
+    backends: &[(BackendKey, B)],
+    frontend: impl Fn(&K) -> (IpAddr, u16, u8),
+    backend: impl Fn(&B) -> crate::state::BackendAddr,
+) -> Vec<ServiceView> {
+    let slots: BTreeMap<(u32, u32), &B> = backends
         .iter()
-        .map(|(key, backend)| ((key.service_id, key.slot), *backend))
+        .map(|(key, b)| ((key.service_id, key.slot), b))
         .collect();
     let mut views: Vec<ServiceView> = services
         .iter()
-        .map(|(key, value)| ServiceView {
-            ip: sync6::addr6_from_map(key.addr).into(),
-            port: wire::port_from_map(key.port),
-            proto: key.proto,
-            id: value.id,
-            backend_count: value.backend_count,
-            slots: (0..value.backend_count)
-                .map(|slot| SlotView {
-                    slot,
-                    backend: slots.get(&(value.id, slot)).map(sync6::backend6_addr),
-                })
-                .collect(),
+        .map(|(key, value)| {
+            let (ip, port, proto) = frontend(key);
+            ServiceView {
+                ip,
+                port: wire::port_from_map(port),
+                proto,
+                id: value.id,
+                backend_count: value.backend_count,
+                slots: (0..value.backend_count)
+                    .map(|slot| SlotView {
+                        slot,
+                        backend: slots.get(&(value.id, slot)).map(|b| backend(b)),
+                    })
+                    .collect(),
+            }
         })
         .collect();
     views.sort_by_key(ServiceView::sort_key);
