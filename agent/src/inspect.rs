@@ -309,6 +309,9 @@ pub struct ServiceView {
     pub ip: IpAddr,
     pub port: u16,
     pub proto: u8,
+    /// The pods' entry of an externalTrafficPolicy Local frontend (`SCOPE_POD`: the
+    /// cluster-wide backends traffic from pods uses).
+    pub from_pods: bool,
     /// The id in its family's maps (IPv4 and IPv6 frontends have separate id spaces).
     pub id: u32,
     pub backend_count: u32,
@@ -325,8 +328,18 @@ pub struct SlotView {
 }
 
 impl ServiceView {
-    /// `ip:port/PROTO`, `[ip6]:port/PROTO`.
+    /// `ip:port/PROTO`, `[ip6]:port/PROTO`, followed by ` (from pods)` for a frontend's pods'
+    /// entry.
     pub fn frontend(&self) -> String {
+        let frontend = self.address();
+        if self.from_pods {
+            format!("{frontend} (from pods)")
+        } else {
+            frontend
+        }
+    }
+
+    fn address(&self) -> String {
         match Protocol::from_number(self.proto) {
             Some(proto) => Frontend {
                 ip: self.ip,
@@ -342,8 +355,8 @@ impl ServiceView {
         }
     }
 
-    fn sort_key(&self) -> (IpAddr, u16, u8) {
-        (self.ip, self.port, self.proto)
+    fn sort_key(&self) -> (IpAddr, u16, u8, bool) {
+        (self.ip, self.port, self.proto, self.from_pods)
     }
 }
 
@@ -356,7 +369,14 @@ pub fn services_view(
     views_of(
         services,
         backends,
-        |key| (wire::addr_from_map(key.addr).into(), key.port, key.proto),
+        |key| {
+            (
+                wire::addr_from_map(key.addr).into(),
+                key.port,
+                key.proto,
+                key.scope == sluice_common::SCOPE_POD,
+            )
+        },
         wire::backend_addr,
     )
 }
@@ -369,17 +389,24 @@ pub fn services6_view(
     views_of(
         services,
         backends,
-        |key| (sync6::addr6_from_map(key.addr).into(), key.port, key.proto),
+        |key| {
+            (
+                sync6::addr6_from_map(key.addr).into(),
+                key.port,
+                key.proto,
+                false,
+            )
+        },
         sync6::backend6_addr,
     )
 }
 
 /// Either family's maps as views: `frontend` gives a key's (address, port in network byte
-/// order, protocol), `backend` a slot's address.
+/// order, protocol, whether it is a pods' entry), `backend` a slot's address.
 fn views_of<K, B>(
     services: &[(K, ServiceValue)],
     backends: &[(BackendKey, B)],
-    frontend: impl Fn(&K) -> (IpAddr, u16, u8),
+    frontend: impl Fn(&K) -> (IpAddr, u16, u8, bool),
     backend: impl Fn(&B) -> crate::state::BackendAddr,
 ) -> Vec<ServiceView> {
     let slots: BTreeMap<(u32, u32), &B> = backends
@@ -389,11 +416,12 @@ fn views_of<K, B>(
     let mut views: Vec<ServiceView> = services
         .iter()
         .map(|(key, value)| {
-            let (ip, port, proto) = frontend(key);
+            let (ip, port, proto, from_pods) = frontend(key);
             ServiceView {
                 ip,
                 port: wire::port_from_map(port),
                 proto,
+                from_pods,
                 id: value.id,
                 backend_count: value.backend_count,
                 slots: (0..value.backend_count)
@@ -880,6 +908,21 @@ mod tests {
             (slot(4, 0), backend([10, 244, 0, 23], 53)),
         ];
         services_view(&services, &backends)
+    }
+
+    #[test]
+    fn a_pods_entry_follows_its_frontend_and_is_named_so() {
+        let nodeport = frontend([172, 18, 0, 3], 30080, Protocol::Tcp);
+        let pods = ServiceKey {
+            scope: sluice_common::SCOPE_POD,
+            ..nodeport
+        };
+        let views = services_view(&[(pods, service(2, 1)), (nodeport, service(1, 0))], &[]);
+        let frontends: Vec<String> = views.iter().map(ServiceView::frontend).collect();
+        assert_eq!(
+            frontends,
+            ["172.18.0.3:30080/TCP", "172.18.0.3:30080/TCP (from pods)"]
+        );
     }
 
     #[test]

@@ -130,9 +130,14 @@ pub struct ServiceEntry {
     /// The endpoints this frontend balances over on this node (traffic policy and topology
     /// applied), sorted, without duplicates. May be empty.
     pub backends: Vec<BackendAddr>,
-    /// The subset of `backends` running on this node. External traffic to a backend on another
-    /// node is masqueraded so its replies come back through this node.
+    /// The backends of `backends` and `cluster_backends` running on this node. External
+    /// traffic to a backend on another node is masqueraded so its replies come back through
+    /// this node.
     pub local_backends: BTreeSet<BackendAddr>,
+    /// An external frontend with `externalTrafficPolicy: Local`: the service's cluster-wide
+    /// endpoints, sorted, which traffic from pods uses instead of `backends` (kube-proxy's
+    /// "pod traffic for external destinations" rule). `None` for every other frontend.
+    pub cluster_backends: Option<Vec<BackendAddr>>,
     pub when_empty: WhenEmpty,
     /// An external frontend with `externalTrafficPolicy: Local`: the client's address is kept
     /// (never masqueraded) and only local backends are used.
@@ -153,6 +158,7 @@ impl ServiceEntry {
             kind: FrontendKind::ClusterIp,
             backends,
             local_backends: BTreeSet::new(),
+            cluster_backends: None,
             when_empty: WhenEmpty::Reject,
             external_local: false,
             affinity_timeout: None,

@@ -196,6 +196,14 @@ impl ServiceTranslation<'_> {
                     internal_local
                 };
                 let (backends, when_empty) = sets.for_policy(local);
+                // Pods reach an external frontend with a Local policy through the cluster-wide
+                // endpoints.
+                let cluster_backends =
+                    (kind.is_external() && external_local).then(|| sets.for_policy(false).0);
+                let mut local_backends = sets.local_of(&backends);
+                if let Some(cluster) = &cluster_backends {
+                    local_backends.extend(sets.local_of(cluster));
+                }
                 let source_ranges = if kind == FrontendKind::LoadBalancer {
                     source_ranges
                         .iter()
@@ -208,8 +216,9 @@ impl ServiceTranslation<'_> {
                 ServiceEntry {
                     name: name.clone(),
                     kind,
-                    local_backends: sets.local_of(&backends),
+                    local_backends,
                     backends,
+                    cluster_backends,
                     when_empty,
                     external_local: kind != FrontendKind::ClusterIp && external_local,
                     affinity_timeout,
@@ -1016,10 +1025,16 @@ ports: [{{name: http, port: 8080}}]
         let node_port = &state.services[&fe("172.18.0.11", 30080, Protocol::Tcp)];
         assert_eq!(node_port.backends, vec![be("10.244.1.5", 8080)]);
         assert!(node_port.external_local);
+        // Pods use the cluster-wide endpoints.
+        assert_eq!(
+            node_port.cluster_backends,
+            Some(vec![be("10.244.1.5", 8080), be("10.244.2.5", 8080)])
+        );
         // The ClusterIP is not affected by the external policy.
         let cluster_ip = &state.services[&fe("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(cluster_ip.backends.len(), 2);
         assert!(!cluster_ip.external_local);
+        assert_eq!(cluster_ip.cluster_backends, None);
         assert_eq!(
             state.health_checks[&32000],
             ServiceHealth {
@@ -1036,6 +1051,8 @@ ports: [{{name: http, port: 8080}}]
         let node_port = &state.services[&fe("172.18.0.11", 30080, Protocol::Tcp)];
         assert!(node_port.backends.is_empty());
         assert_eq!(node_port.when_empty, WhenEmpty::Drop);
+        assert_eq!(node_port.cluster_backends.as_ref().map(Vec::len), Some(2));
+        assert!(node_port.local_backends.is_empty());
         assert_eq!(state.health_checks[&32000].local_endpoints, 0);
     }
 

@@ -1329,6 +1329,7 @@ fn entry(kind: FrontendKind, backends: &[BackendAddr], local: &[BackendAddr]) ->
         kind,
         backends,
         local_backends: local.iter().copied().collect(),
+        cluster_backends: None,
         when_empty: WhenEmpty::Reject,
         external_local: false,
         affinity_timeout: None,
@@ -1691,6 +1692,61 @@ fn external_traffic_policy_local_never_masquerades_and_drops_without_local_endpo
                 .get(&REASON_DROP_NO_LOCAL_ENDPOINTS),
             Some(&1)
         );
+    });
+}
+
+#[test]
+fn pods_reach_an_external_traffic_policy_local_nodeport_through_every_endpoint() {
+    let node = FibNode::new();
+    node.run(|ifs| {
+        // This node has no endpoint of the service; another node has one.
+        let backend = be(REMOTE_POD, 8080);
+        let nodeport = frontend(NODE_IP, NODE_PORT, Protocol::Tcp);
+        let mut none_here = entry(FrontendKind::NodePort, &[], &[]);
+        none_here.external_local = true;
+        none_here.when_empty = WhenEmpty::Drop;
+        none_here.cluster_backends = Some(vec![backend]);
+        let mut datapath = node_datapath(vec![(nodeport, none_here.clone())], &node_context(false));
+
+        // From a pod: the cluster-wide endpoint, the pod's address kept.
+        let client = flow(PROTO_TCP, LOCAL_CLIENT, 40_000, NODE_IP, NODE_PORT);
+        let out = expect(
+            datapath.from_pod(),
+            &tcp_packet(&client, TCP_SYN),
+            Some(ifs.pod),
+            TC_ACT_OK,
+        );
+        assert_eq!(
+            tuple_of(&out),
+            flow(PROTO_TCP, LOCAL_CLIENT, 40_000, REMOTE_POD, 8080)
+        );
+        let answer = tcp_packet(&client.reply_from(backend), TCP_SYN | TCP_ACK);
+        let back = expect(datapath.to_pod(), &answer, Some(ifs.pod), TC_ACT_OK);
+        assert_eq!(tuple_of(&back), client.reversed());
+
+        // The same packet from outside the node: no local endpoint, dropped.
+        let ran = run_at(
+            datapath.from_world(),
+            &tcp_packet(&client, TCP_SYN),
+            Some(ifs.ext),
+        );
+        assert_eq!(ran.return_value, TC_ACT_SHOT);
+        assert_eq!(ran.reason, Some(REASON_DROP_NO_LOCAL_ENDPOINTS));
+
+        // Resyncing the same state writes nothing; without the pods' set, pods are dropped too.
+        let stats = resync(&mut datapath, vec![(nodeport, none_here.clone())]);
+        assert_eq!(stats.map_writes, 0, "{stats:?}");
+        let mut local_only = none_here;
+        local_only.cluster_backends = None;
+        resync(&mut datapath, vec![(nodeport, local_only)]);
+        let client = flow(PROTO_TCP, LOCAL_CLIENT, 40_001, NODE_IP, NODE_PORT);
+        let ran = run_at(
+            datapath.from_pod(),
+            &tcp_packet(&client, TCP_SYN),
+            Some(ifs.pod),
+        );
+        assert_eq!(ran.return_value, TC_ACT_SHOT);
+        assert_eq!(ran.reason, Some(REASON_DROP_NO_LOCAL_ENDPOINTS));
     });
 }
 

@@ -31,6 +31,18 @@
 //! kube-proxy's per-service behaviours ([`SVC_F_EXTERNAL`], ...), [`Backend::flags`] whether
 //! the backend runs on this node ([`BACKEND_F_LOCAL`]).
 //!
+//! ## pod traffic to external frontends
+//!
+//! An external frontend with externalTrafficPolicy Local balances over this node's endpoints
+//! only, but traffic from a pod uses the service's cluster-wide endpoints (kube-proxy's "pod
+//! traffic for external destinations" rule). Such a frontend has a second `services` entry,
+//! with [`ServiceKey::scope`] [`SCOPE_POD`], its own service id and the cluster-wide backends
+//! (flags without [`SVC_F_EXTERNAL_LOCAL`] and [`SVC_F_DROP_WHEN_EMPTY`]). `from_pod` looks up
+//! that entry first and falls back to the [`SCOPE_ALL`] one; `from_world` only uses the
+//! latter. Each entry is a frontend of its own for the agent's sync (ordering rules included),
+//! so neither depends on the other being present. IPv4 only: IPv6 pods get the local
+//! endpoints.
+//!
 //! ## conntrack
 //!
 //! `conntrack` holds two entries per translated flow, in the spirit of Cilium's CT map:
@@ -133,8 +145,17 @@ pub struct ServiceKey {
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// Which traffic the entry serves: [`SCOPE_ALL`], or [`SCOPE_POD`] for the pods' entry of
+    /// an externalTrafficPolicy Local frontend (see "pod traffic to external frontends").
+    pub scope: u8,
 }
+
+/// [`ServiceKey::scope`] of a frontend's entry: every packet addressed to it.
+pub const SCOPE_ALL: u8 = 0;
+/// [`ServiceKey::scope`] of the second entry an external frontend with externalTrafficPolicy
+/// Local has: the service's cluster-wide backends, which packets from pods (`from_pod`) use
+/// instead of the frontend's node-local ones.
+pub const SCOPE_POD: u8 = 1;
 
 /// [`ServiceValue::flags`]: the frontend is reached from outside the cluster (a NodePort, an
 /// external IP or a load balancer IP): externalTrafficPolicy applies, and traffic entering

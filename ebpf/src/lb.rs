@@ -4,12 +4,13 @@
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use sluice_common::{
     source_range_prefix_len, AffinityKey, AffinityValue, Backend, BackendKey, CtValue, ServiceKey,
-    ServiceValue, SourceRangeKey, CT_SLOT_UNKNOWN, SVC_F_AFFINITY,
+    ServiceValue, SourceRangeKey, CT_SLOT_UNKNOWN, SCOPE_ALL, SCOPE_POD, SVC_F_AFFINITY,
 };
 
 use crate::{
     maps::{AFFINITY, BACKENDS, SERVICES, SOURCE_RANGES},
     parse::Ipv4Packet,
+    Hook,
 };
 
 /// A TCP SYN whose tuple still has a conntrack entry younger than this is taken for a
@@ -18,16 +19,25 @@ use crate::{
 /// backend: re-balancing it could answer the client's ACK from another backend than its SYN-ACK.
 pub const SYN_RETRANSMIT_NS: u64 = 1_500_000_000;
 
-/// The frontend the packet is addressed to.
+/// The frontend the packet is addressed to. A packet from a pod (`hook` [`Hook::Pod`]) uses
+/// the frontend's pods' entry when it has one ([`SCOPE_POD`]: the cluster-wide backends of an
+/// externalTrafficPolicy Local frontend).
 #[inline(always)]
-pub fn service(pkt: &Ipv4Packet) -> Option<ServiceValue> {
-    let key = ServiceKey {
+pub fn service(pkt: &Ipv4Packet, hook: Hook) -> Option<ServiceValue> {
+    let mut key = ServiceKey {
         addr: pkt.daddr,
         port: pkt.dport,
         proto: pkt.proto,
-        _pad: 0,
+        scope: SCOPE_POD,
     };
-    // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    if hook == Hook::Pod {
+        // SAFETY: the value is copied out at once; the agent replaces entries whole.
+        if let Some(value) = unsafe { SERVICES.get(key) } {
+            return Some(*value);
+        }
+    }
+    key.scope = SCOPE_ALL;
+    // SAFETY: as above.
     unsafe { SERVICES.get(key).copied() }
 }
 

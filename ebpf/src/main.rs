@@ -29,7 +29,10 @@
 //!  4. conntrack::lookup (fwd)   a flow already balanced keeps its backend (a TCP SYN is
 //!                               balanced again unless lb::keep_on_syn: a retransmission, or
 //!                               the client's affinity backend)
-//!  5. lb::service               (address, port, proto) in `services`; not a frontend: pass
+//!  5. lb::service               (address, port, proto) in `services`; not a frontend: pass.
+//!                               from_pod first tries the frontend's pods' entry (SCOPE_POD:
+//!                               an externalTrafficPolicy Local frontend's cluster-wide
+//!                               backends)
 //!  6. lb::source_allowed        loadBalancerSourceRanges: other sources are dropped
 //!  7. no backends               reject::build (TCP RST, ICMP port unreachable, sent back by
 //!                               route::bounce) or drop, as the service says
@@ -164,7 +167,7 @@ fn ingress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
         known => {
             // A new flow, or a TCP SYN: it starts a new connection even when its tuple is still
             // remembered (the client reused a port), unless it is a retransmission.
-            let Some(service) = lb::service(&pkt) else {
+            let Some(service) = lb::service(&pkt, hook) else {
                 return Ok(TC_ACT_OK);
             };
             // SAFETY: a helper call without arguments.

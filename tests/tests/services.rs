@@ -188,6 +188,7 @@ fn node_port_from_outside_and_from_pods_with_cluster_policy() {
 fn external_traffic_policy_local_keeps_the_client_address() {
     let mut cluster = SluiceCluster::new("svc-etp-local", 2).unwrap();
     let web = web_pod(&cluster, 2, 21);
+    let client = client_pod(&cluster, 1);
     write(
         &cluster,
         &web_service(
@@ -211,6 +212,18 @@ fn external_traffic_policy_local_keeps_the_client_address() {
     assert!(
         matches!(answer, Err(RequestError::Timeout)),
         "node 1 without a local endpoint answered {answer:?}"
+    );
+
+    // A pod on node 1 is not outside traffic: node 1's NodePort and the load balancer IP take
+    // it to the service's endpoints anywhere (kube-proxy's "pod traffic for external
+    // destinations"), without masquerade.
+    for dst in [node_1, v4(LB_IP, 80)] {
+        let replies = client.tcp_requests_any(dst, 10, TIMEOUT).unwrap();
+        assert_answered(&replies, dst, &[&web], 10);
+    }
+    assert_eq!(
+        sources(&web),
+        BTreeSet::from([IpAddr::V4(ext.ip()), IpAddr::V4(client.ip())])
     );
 }
 

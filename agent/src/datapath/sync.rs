@@ -508,39 +508,57 @@ impl<M: ServiceMaps> ServiceSync<M> {
     /// Applies the differences between the maps and `desired`.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncStats {
         let mut stats = SyncStats::default();
-        let desired: BTreeMap<ServiceKey, DesiredFrontend> = desired
-            .services
-            .iter()
-            .filter_map(|(frontend, entry)| {
-                // IPv6 frontends have maps of their own (sync6.rs).
-                let key = wire::service_key(frontend)?;
-                // A frontend's backends are of its family (translate.rs); the filter is a
-                // safety net.
-                let backends = entry
-                    .backends
+        let mut wanted: BTreeMap<ServiceKey, DesiredFrontend> = BTreeMap::new();
+        for (frontend, entry) in &desired.services {
+            // IPv6 frontends have maps of their own (sync6.rs).
+            let Some(key) = wire::service_key(frontend) else {
+                continue;
+            };
+            // A frontend's backends are of its family (translate.rs); the filter is a
+            // safety net.
+            let backend_values = |backends: &[BackendAddr]| -> BTreeSet<Backend> {
+                backends
                     .iter()
                     .filter_map(|b| wire::backend_value_with(b, entry.local_backends.contains(b)))
-                    .collect();
-                let ranges = entry
-                    .source_ranges
-                    .iter()
-                    .filter_map(|net| match net.trunc() {
-                        ipnet::IpNet::V4(net) => Some((
-                            u32::from(net.prefix_len()),
-                            wire::addr_to_map(net.network()),
-                        )),
-                        ipnet::IpNet::V6(_) => None,
-                    })
-                    .collect();
-                let desired = DesiredFrontend {
+                    .collect()
+            };
+            let ranges: BTreeSet<(u32, u32)> = entry
+                .source_ranges
+                .iter()
+                .filter_map(|net| match net.trunc() {
+                    ipnet::IpNet::V4(net) => Some((
+                        u32::from(net.prefix_len()),
+                        wire::addr_to_map(net.network()),
+                    )),
+                    ipnet::IpNet::V6(_) => None,
+                })
+                .collect();
+            // An externalTrafficPolicy Local frontend's cluster-wide backends for pods: an
+            // entry of its own (SCOPE_POD), synced like any frontend.
+            if let (Some(cluster), Some(pod_key)) =
+                (&entry.cluster_backends, wire::pod_service_key(frontend))
+            {
+                wanted.insert(
+                    pod_key,
+                    DesiredFrontend {
+                        frontend: *frontend,
+                        settings: wire::pod_service_settings(entry),
+                        backends: backend_values(cluster),
+                        ranges: ranges.clone(),
+                    },
+                );
+            }
+            wanted.insert(
+                key,
+                DesiredFrontend {
                     frontend: *frontend,
                     settings: wire::service_settings(entry),
-                    backends,
+                    backends: backend_values(&entry.backends),
                     ranges,
-                };
-                Some((key, desired))
-            })
-            .collect();
+                },
+            );
+        }
+        let desired = wanted;
 
         // Removals first: they free room in the maps for what is added next.
         self.remove_leftovers(&mut stats);
@@ -1008,6 +1026,76 @@ mod tests {
             reachable(&sync, &frontend(1, 80)),
             BTreeSet::from([backend(1)])
         );
+    }
+
+    #[test]
+    fn a_local_policy_frontend_gets_a_second_entry_with_the_cluster_backends_for_pods() {
+        use crate::state::FrontendKind;
+        let f = frontend(1, 30080);
+        let local_entry = |local: &[u32], cluster: &[u32]| {
+            let mut e = entry(local.iter().copied());
+            e.kind = FrontendKind::NodePort;
+            e.external_local = true;
+            e.when_empty = crate::state::WhenEmpty::Drop;
+            e.cluster_backends = Some(cluster.iter().copied().map(backend).collect());
+            e
+        };
+        let pod_reachable = |sync: &ServiceSync<FakeMaps>| -> BTreeSet<BackendAddr> {
+            let maps = sync.maps();
+            let value = maps.services[&wire::pod_service_key(&f).unwrap()];
+            (0..value.backend_count)
+                .map(|slot| {
+                    wire::backend_addr(
+                        &maps.backends[&BackendKey {
+                            service_id: value.id,
+                            slot,
+                        }],
+                    )
+                })
+                .collect()
+        };
+        let mut sync = new_sync();
+        let stats = sync.sync(&state([(f, local_entry(&[], &[2, 3]))]));
+        assert!(stats.is_complete(), "{stats:?}");
+        assert_eq!(stats.added, 2);
+        assert!(reachable(&sync, &f).is_empty());
+        assert_eq!(
+            pod_reachable(&sync),
+            BTreeSet::from([backend(2), backend(3)])
+        );
+        let maps = sync.maps();
+        let all = maps.services[&wire::service_key(&f).unwrap()];
+        let pods = maps.services[&wire::pod_service_key(&f).unwrap()];
+        assert_ne!(all.id, pods.id);
+        assert_ne!(all.flags & sluice_common::SVC_F_EXTERNAL_LOCAL, 0);
+        assert_eq!(pods.flags & sluice_common::SVC_F_EXTERNAL_LOCAL, 0);
+        assert_eq!(pods.flags & sluice_common::SVC_F_DROP_WHEN_EMPTY, 0);
+        assert_ne!(pods.flags & sluice_common::SVC_F_EXTERNAL, 0);
+
+        // Unchanged: nothing written, also after a restart.
+        let again = sync.sync(&state([(f, local_entry(&[], &[2, 3]))]));
+        assert_eq!(again.map_writes, 0, "{again:?}");
+        let mut sync = restart(sync);
+        let again = sync.sync(&state([(f, local_entry(&[], &[2, 3]))]));
+        assert_eq!(again.map_writes, 0, "{again:?}");
+
+        // Both sets grow and shrink under the ordering rules (FakeMaps checks every write).
+        sync.sync(&state([(f, local_entry(&[1], &[1, 2, 3, 4]))]));
+        assert_eq!(reachable(&sync, &f), BTreeSet::from([backend(1)]));
+        assert_eq!(pod_reachable(&sync).len(), 4);
+        let stats = sync.sync(&state([(f, local_entry(&[1], &[4]))]));
+        assert_eq!(pod_reachable(&sync), BTreeSet::from([backend(4)]));
+        assert!(stats
+            .removed_backends
+            .iter()
+            .any(|r| r.backends == BTreeSet::from([backend(1), backend(2), backend(3)])));
+
+        // Back to the Cluster policy: the pods' entry and its slots go.
+        let stats = sync.sync(&state([(f, entry([1, 4]))]));
+        assert!(stats.is_complete(), "{stats:?}");
+        assert_eq!(stats.removed, 1);
+        assert_eq!(sync.maps().services.len(), 1);
+        assert_eq!(sync.maps().backends.len(), 2);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use ipnet::Ipv4Net;
 use sluice_common::{
     Backend, Cidr4, NodeConfig, ServiceKey, BACKEND_F_LOCAL, CONFIG_F_MASQUERADE_ALL,
     KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, MAX_CLUSTER_CIDRS,
-    SVC_F_AFFINITY, SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL, SVC_F_EXTERNAL_LOCAL,
-    SVC_F_SOURCE_RANGES,
+    SCOPE_ALL, SCOPE_POD, SVC_F_AFFINITY, SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL,
+    SVC_F_EXTERNAL_LOCAL, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -50,7 +50,15 @@ pub fn service_key(frontend: &Frontend) -> Option<ServiceKey> {
         addr: addr_to_map(ipv4(frontend.ip)?),
         port: port_to_map(frontend.port),
         proto: frontend.proto.number(),
-        _pad: 0,
+        scope: SCOPE_ALL,
+    })
+}
+
+/// The `services` key of the pods' entry of an IPv4 frontend (see [`SCOPE_POD`]).
+pub fn pod_service_key(frontend: &Frontend) -> Option<ServiceKey> {
+    Some(ServiceKey {
+        scope: SCOPE_POD,
+        ..service_key(frontend)?
     })
 }
 
@@ -131,6 +139,18 @@ pub fn service_settings(entry: &ServiceEntry) -> ServiceSettings {
     }
 }
 
+/// The settings of the pods' entry of a frontend with cluster-wide backends for pods
+/// ([`SCOPE_POD`]): the frontend's, without the Local policy (pods are not masqueraded
+/// anyway) and rejecting when empty (the cluster-wide set is empty only when the service has
+/// no usable endpoint at all).
+pub fn pod_service_settings(entry: &ServiceEntry) -> ServiceSettings {
+    let settings = service_settings(entry);
+    ServiceSettings {
+        flags: settings.flags & !(SVC_F_EXTERNAL_LOCAL | SVC_F_DROP_WHEN_EMPTY),
+        ..settings
+    }
+}
+
 /// An IPv4 CIDR as the programs match it: `(addr & mask) == net`.
 pub fn cidr_to_map(net: &Ipv4Net) -> Cidr4 {
     Cidr4 {
@@ -188,6 +208,7 @@ pub fn node_config(node: &NodeContext) -> anyhow::Result<NodeConfig> {
 /// A `services` key for messages: the frontend when it is one, the raw fields otherwise.
 pub fn describe_key(key: &ServiceKey) -> String {
     match frontend(key) {
+        Some(frontend) if key.scope == SCOPE_POD => format!("{frontend} (from pods)"),
         Some(frontend) => frontend.to_string(),
         None => format!(
             "{}:{}/proto-{}",

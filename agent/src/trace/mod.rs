@@ -156,7 +156,7 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
         eprintln!("sluice trace: warning: {frontend} could not be programmed: {error}");
     }
     let flow = spec.flow();
-    let expected_backends = frontend_backend_count(&datapath, &flow);
+    let expected_backends = frontend_backend_count(&datapath, &flow, entry);
     let mut runner = BpfRunner {
         datapath: &mut datapath,
     };
@@ -224,8 +224,9 @@ fn desired_state(args: &TraceArgs) -> Result<(DesiredState, NodeContext), Failur
 }
 
 /// How many backends the `services` (or `services6`) map holds for the flow's frontend, if it
-/// is one.
-fn frontend_backend_count(datapath: &Datapath, flow: &IpFlow) -> Option<usize> {
+/// is one, for a packet entering at `entry` (a pod's packet uses the frontend's pods' entry
+/// when it has one, `sluice_common::SCOPE_POD`).
+fn frontend_backend_count(datapath: &Datapath, flow: &IpFlow, entry: EntryPoint) -> Option<usize> {
     if let Some(flow) = flow.v6() {
         return datapath
             .programmed_services6()
@@ -240,11 +241,22 @@ fn frontend_backend_count(datapath: &Datapath, flow: &IpFlow) -> Option<usize> {
         port: flow.dport,
         proto: Protocol::from_number(flow.proto)?,
     };
-    datapath
+    let matching: Vec<_> = datapath
         .programmed_services()
         .into_iter()
-        .find(|s| s.frontend == Some(frontend))
-        .map(|s| s.backend_count as usize)
+        .filter(|s| s.frontend == Some(frontend))
+        .collect();
+    let pods = matching
+        .iter()
+        .find(|s| s.key.scope == sluice_common::SCOPE_POD);
+    let all = matching
+        .iter()
+        .find(|s| s.key.scope == sluice_common::SCOPE_ALL);
+    match (entry, pods) {
+        (EntryPoint::Pod, Some(pods)) => Some(pods),
+        _ => all,
+    }
+    .map(|s| s.backend_count as usize)
 }
 
 /// The real programs, run with BPF_PROG_RUN on the private datapath. The programs' FIB
