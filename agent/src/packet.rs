@@ -320,15 +320,22 @@ pub enum L4 {
     Other,
 }
 
+impl L4 {
+    /// (source, destination) ports, for the protocols that have them.
+    pub fn ports(&self) -> Option<(u16, u16)> {
+        match *self {
+            L4::Tcp { sport, dport, .. }
+            | L4::Udp { sport, dport, .. }
+            | L4::Sctp { sport, dport } => Some((sport, dport)),
+            L4::Icmp { .. } | L4::Other => None,
+        }
+    }
+}
+
 impl Decoded {
     /// The 5-tuple, for the protocols that have ports.
     pub fn flow(&self) -> Option<Flow> {
-        let (sport, dport) = match self.l4 {
-            L4::Tcp { sport, dport, .. }
-            | L4::Udp { sport, dport, .. }
-            | L4::Sctp { sport, dport } => (sport, dport),
-            L4::Icmp { .. } | L4::Other => return None,
-        };
+        let (sport, dport) = self.l4.ports()?;
         Some(Flow {
             proto: self.proto,
             src: self.src,
@@ -959,12 +966,7 @@ impl From<Decoded> for IpDecoded {
 impl IpDecoded {
     /// The 5-tuple, for the protocols that have ports.
     pub fn flow(&self) -> Option<IpFlow> {
-        let (sport, dport) = match self.l4 {
-            L4::Tcp { sport, dport, .. }
-            | L4::Udp { sport, dport, .. }
-            | L4::Sctp { sport, dport } => (sport, dport),
-            L4::Icmp { .. } | L4::Other => return None,
-        };
+        let (sport, dport) = self.l4.ports()?;
         Some(IpFlow {
             proto: self.proto,
             src: self.src,

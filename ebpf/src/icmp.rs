@@ -70,11 +70,23 @@ pub fn egress(ctx: &TcContext, err: &IcmpError) -> Result<i32, ()> {
 /// The quote client' -> backend becomes client -> frontend. Returns the new outer addresses.
 #[inline(always)]
 fn toward_client(ctx: &TcContext, err: &IcmpError, entry: &CtValue) -> Result<(u32, u32), ()> {
-    inner_addr(ctx, err, IP_DADDR_OFF, err.inner_daddr, entry.nat_addr)?;
+    ip_addr(
+        ctx,
+        err.inner_off,
+        IP_DADDR_OFF,
+        err.inner_daddr,
+        entry.nat_addr,
+    )?;
     inner_port(ctx, err, 2, err.inner_dport, entry.nat_port)?;
     let mut daddr = err.daddr;
     if entry.flags & CT_F_SNAT != 0 {
-        inner_addr(ctx, err, IP_SADDR_OFF, err.inner_saddr, entry.snat_addr)?;
+        ip_addr(
+            ctx,
+            err.inner_off,
+            IP_SADDR_OFF,
+            err.inner_saddr,
+            entry.snat_addr,
+        )?;
         inner_port(ctx, err, 0, err.inner_sport, entry.snat_port)?;
         daddr = entry.snat_addr;
     }
@@ -83,44 +95,53 @@ fn toward_client(ctx: &TcContext, err: &IcmpError, entry: &CtValue) -> Result<(u
     } else {
         err.saddr
     };
-    outer_addr(ctx, err, IP_SADDR_OFF, err.saddr, saddr)?;
-    outer_addr(ctx, err, IP_DADDR_OFF, err.daddr, daddr)?;
+    ip_addr(ctx, err.l3_off, IP_SADDR_OFF, err.saddr, saddr)?;
+    ip_addr(ctx, err.l3_off, IP_DADDR_OFF, err.daddr, daddr)?;
     Ok((saddr, daddr))
 }
 
 /// The quote frontend -> client becomes backend -> client'. Returns the new outer addresses.
 #[inline(always)]
 fn toward_backend(ctx: &TcContext, err: &IcmpError, entry: &CtValue) -> Result<(u32, u32), ()> {
-    inner_addr(ctx, err, IP_SADDR_OFF, err.inner_saddr, entry.nat_addr)?;
+    ip_addr(
+        ctx,
+        err.inner_off,
+        IP_SADDR_OFF,
+        err.inner_saddr,
+        entry.nat_addr,
+    )?;
     inner_port(ctx, err, 0, err.inner_sport, entry.nat_port)?;
     let mut saddr = err.saddr;
     if entry.flags & CT_F_SNAT != 0 {
-        inner_addr(ctx, err, IP_DADDR_OFF, err.inner_daddr, entry.snat_addr)?;
+        ip_addr(
+            ctx,
+            err.inner_off,
+            IP_DADDR_OFF,
+            err.inner_daddr,
+            entry.snat_addr,
+        )?;
         inner_port(ctx, err, 2, err.inner_dport, entry.snat_port)?;
         if err.saddr == err.inner_daddr {
             saddr = entry.snat_addr;
         }
     }
     let daddr = entry.nat_addr;
-    outer_addr(ctx, err, IP_SADDR_OFF, err.saddr, saddr)?;
-    outer_addr(ctx, err, IP_DADDR_OFF, err.daddr, daddr)?;
+    ip_addr(ctx, err.l3_off, IP_SADDR_OFF, err.saddr, saddr)?;
+    ip_addr(ctx, err.l3_off, IP_DADDR_OFF, err.daddr, daddr)?;
     Ok((saddr, daddr))
 }
 
+/// Rewrites the IPv4 address at `field` of the header at `ip_off` (the outer header, or the
+/// one the error quotes) and that header's checksum. The ICMP checksum needs no update for a
+/// quoted header: its checksum field changes by exactly the opposite of its address.
 #[inline(always)]
-fn inner_addr(
-    ctx: &TcContext,
-    err: &IcmpError,
-    field: usize,
-    old: u32,
-    new: u32,
-) -> Result<(), ()> {
+fn ip_addr(ctx: &TcContext, ip_off: usize, field: usize, old: u32, new: u32) -> Result<(), ()> {
     if old == new {
         return Ok(());
     }
-    ctx.l3_csum_replace(err.inner_off + IP_CSUM_OFF, old as u64, new as u64, 4)
+    ctx.l3_csum_replace(ip_off + IP_CSUM_OFF, old as u64, new as u64, 4)
         .map_err(|_| ())?;
-    ctx.store(err.inner_off + field, &new, 0).map_err(|_| ())
+    ctx.store(ip_off + field, &new, 0).map_err(|_| ())
 }
 
 #[inline(always)]
@@ -137,20 +158,4 @@ fn inner_port(
     ctx.l4_csum_replace(err.icmp_off + ICMP_CSUM_OFF, old as u64, new as u64, 2)
         .map_err(|_| ())?;
     ctx.store(err.inner_l4_off + field, &new, 0).map_err(|_| ())
-}
-
-#[inline(always)]
-fn outer_addr(
-    ctx: &TcContext,
-    err: &IcmpError,
-    field: usize,
-    old: u32,
-    new: u32,
-) -> Result<(), ()> {
-    if old == new {
-        return Ok(());
-    }
-    ctx.l3_csum_replace(err.l3_off + IP_CSUM_OFF, old as u64, new as u64, 4)
-        .map_err(|_| ())?;
-    ctx.store(err.l3_off + field, &new, 0).map_err(|_| ())
 }
