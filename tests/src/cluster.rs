@@ -5,8 +5,7 @@
 use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::Output;
 
 use anyhow::{bail, Context, Result};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -14,9 +13,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use crate::cmd::{self, EXEC_TIMEOUT};
 use crate::endpoint::endpoint_methods;
 use crate::names::{self, PREFIX};
-use crate::netns::{self, in_netns};
-use crate::node::{dec_as_hex, spawn_logged, sweep_once, NodeSpec, POD_SYSCTLS};
-use crate::process::NodeProcess;
+use crate::netns::{self};
+use crate::node::{dec_as_hex, sweep_once, NodeSpec, POD_SYSCTLS};
 use crate::server::{Bind, ServerSet};
 use crate::Node;
 
@@ -472,35 +470,13 @@ impl Host {
         cmd::ip(&["-n", &self.netns_name, fam, "route", "del", dst]).map(drop)
     }
 
-    /// Runs `args` inside the host's netns (30 s timeout); `Output` whatever the exit status.
-    pub fn exec<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
-        cmd::exec_in(Some(&self.path), args, EXEC_TIMEOUT)
-    }
-
-    /// Like [`Host::exec`], but an error unless it exits 0; returns stdout.
-    pub fn exec_ok<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<String> {
-        cmd::exec_ok_in(Some(&self.path), args, EXEC_TIMEOUT)
-    }
-
-    /// Like [`Host::exec`] with a chosen timeout.
-    pub fn exec_timeout<S: AsRef<OsStr>>(&self, args: &[S], timeout: Duration) -> Result<Output> {
-        cmd::exec_in(Some(&self.path), args, timeout)
-    }
-
-    /// Starts `cmd` inside the host's netns, logging to [`Host::log_dir`].
-    pub fn spawn(&self, cmd: &mut Command) -> Result<NodeProcess> {
-        spawn_logged(&self.path, &self.log_dir, cmd)
-    }
-
-    /// Runs `f` on a thread inside the host's netns.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        in_netns(&self.path, f)
-    }
-
     endpoint_methods!("host");
 
     fn ep_netns(&self) -> &Path {
         &self.path
+    }
+    fn ep_log_dir(&self) -> &Path {
+        &self.log_dir
     }
     fn ep_servers(&self) -> &ServerSet {
         &self.servers

@@ -10,10 +10,56 @@
 //! fn ep_answer(&self) -> &str;          // what its servers answer
 //! fn ep_bind(&self) -> Bind;            // IPv4 only or dual-stack sockets
 //! fn ep_check(&self) -> Result<()>;     // an error once it is gone
+//! fn ep_log_dir(&self) -> &Path;        // where spawned processes log
 //! ```
+//!
+//! Besides the servers and clients, every such place can run commands and closures inside
+//! its netns (`exec`, `exec_ok`, `exec_timeout`, `spawn`, `run`).
 
 macro_rules! endpoint_methods {
     ($what:literal) => {
+        #[doc = concat!(
+            "Runs `args` (program resolved through `PATH` and the sbin directories) inside the ",
+            $what, "'s netns, like `nsenter --net=<netns> -- args…`, never `ip netns exec`; ",
+            "30 s timeout. `Output` whatever the exit status."
+        )]
+        pub fn exec<S: AsRef<std::ffi::OsStr>>(
+            &self,
+            args: &[S],
+        ) -> anyhow::Result<std::process::Output> {
+            $crate::cmd::exec_in(Some(self.ep_netns()), args, $crate::EXEC_TIMEOUT)
+        }
+
+        /// Like `exec`, but an error unless it exits 0; returns stdout.
+        pub fn exec_ok<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> anyhow::Result<String> {
+            $crate::cmd::exec_ok_in(Some(self.ep_netns()), args, $crate::EXEC_TIMEOUT)
+        }
+
+        /// Like `exec` with a chosen timeout.
+        pub fn exec_timeout<S: AsRef<std::ffi::OsStr>>(
+            &self,
+            args: &[S],
+            timeout: std::time::Duration,
+        ) -> anyhow::Result<std::process::Output> {
+            $crate::cmd::exec_in(Some(self.ep_netns()), args, timeout)
+        }
+
+        #[doc = concat!(
+            "Starts `cmd` inside the ", $what, "'s netns (setns between fork and exec), ",
+            "stdout and stderr to a log file; the process is stopped when dropped."
+        )]
+        pub fn spawn(
+            &self,
+            cmd: &mut std::process::Command,
+        ) -> anyhow::Result<$crate::NodeProcess> {
+            $crate::node::spawn_logged(self.ep_netns(), self.ep_log_dir(), cmd)
+        }
+
+        #[doc = concat!("Runs `f` on a thread inside the ", $what, "'s netns.")]
+        pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+            $crate::netns::in_netns(self.ep_netns(), f)
+        }
+
         #[doc = concat!(
             "Starts TCP and UDP servers on each port in the ", $what, "'s netns (one thread for ",
             "all of them): `0.0.0.0:port`, or `[::]:port` accepting IPv4 and IPv6 when it has an ",

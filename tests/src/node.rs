@@ -1,9 +1,8 @@
 //! The node and its pods.
 
-use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
@@ -11,10 +10,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::cmd::{self, EXEC_TIMEOUT};
+use crate::cmd::{self};
 use crate::endpoint::endpoint_methods;
 use crate::names::{self, PREFIX};
-use crate::netns::{self, in_netns};
+use crate::netns::{self};
 use crate::process::NodeProcess;
 use crate::server::{Bind, ServerSet};
 
@@ -457,39 +456,14 @@ impl Node {
         })
     }
 
-    /// Runs `args` (program resolved through `PATH` and the sbin directories) inside the
-    /// node netns, like `nsenter --net=<netns> -- args…`; 30 s timeout. `Output` whatever
-    /// the exit status.
-    pub fn exec<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
-        cmd::exec_in(Some(&self.path), args, EXEC_TIMEOUT)
-    }
-
-    /// Like [`Node::exec`], but an error unless it exits 0; returns stdout.
-    pub fn exec_ok<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<String> {
-        cmd::exec_ok_in(Some(&self.path), args, EXEC_TIMEOUT)
-    }
-
-    /// Like [`Node::exec`] with a chosen timeout.
-    pub fn exec_timeout<S: AsRef<OsStr>>(&self, args: &[S], timeout: Duration) -> Result<Output> {
-        cmd::exec_in(Some(&self.path), args, timeout)
-    }
-
-    /// Starts `cmd` inside the node netns (setns between fork and exec, like
-    /// `nsenter --net=<netns> --`), stdout+stderr to a log file in [`Node::log_dir`].
-    pub fn spawn(&self, cmd: &mut Command) -> Result<NodeProcess> {
-        spawn_logged(&self.path, &self.log_dir, cmd)
-    }
-
-    /// Runs `f` on a thread inside the node netns (e.g. a client on the node itself).
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        in_netns(&self.path, f)
-    }
-
     // Host-network servers (answering the node name) and clients on the node itself.
     endpoint_methods!("node");
 
     fn ep_netns(&self) -> &Path {
         &self.path
+    }
+    fn ep_log_dir(&self) -> &Path {
+        &self.log_dir
     }
     fn ep_servers(&self) -> &ServerSet {
         &self.servers
@@ -723,6 +697,10 @@ impl Pod {
     fn ep_netns(&self) -> &Path {
         &self.inner.netns_path
     }
+    /// The node's log directory: a pod's processes log next to the node's.
+    fn ep_log_dir(&self) -> &Path {
+        &self.inner.log_dir
+    }
     fn ep_servers(&self) -> &ServerSet {
         &self.inner.servers
     }
@@ -741,26 +719,6 @@ impl Pod {
             bail!("pod {} was removed", self.name());
         }
         Ok(())
-    }
-
-    /// Runs `f` on a thread inside the pod netns.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        in_netns(self.netns_path(), f)
-    }
-
-    /// Runs `args` inside the pod netns (30 s timeout); `Output` whatever the exit status.
-    pub fn exec<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
-        cmd::exec_in(Some(self.netns_path()), args, EXEC_TIMEOUT)
-    }
-
-    /// Like [`Pod::exec`], but an error unless it exits 0; returns stdout.
-    pub fn exec_ok<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<String> {
-        cmd::exec_ok_in(Some(self.netns_path()), args, EXEC_TIMEOUT)
-    }
-
-    /// Starts `cmd` inside the pod netns, logging to the node's log dir.
-    pub fn spawn(&self, cmd: &mut Command) -> Result<NodeProcess> {
-        spawn_logged(self.netns_path(), &self.inner.log_dir, cmd)
     }
 }
 
