@@ -1,8 +1,10 @@
-//! `sluice agent`: keeps the node's datapath equal to what the manifests describe.
+//! `sluice agent`: keeps the node's datapath equal to what the Kubernetes objects describe,
+//! read from a manifests directory or from the API server ([`Source`]).
 //!
 //! Three event sources drive one loop, so the datapath is only ever touched from one place:
-//! manifest changes (inotify on the directory), interface changes (rtnetlink notifications),
-//! and a periodic resync that repairs anything missed. Every pass is a diff: an unchanged
+//! object changes (inotify on the manifests directory, or the API reflectors' change
+//! notifications), interface changes (rtnetlink notifications), and a periodic resync that
+//! repairs anything missed. Every pass is a diff: an unchanged
 //! input writes nothing to the kernel.
 
 use std::{
@@ -21,7 +23,9 @@ use tokio::sync::mpsc;
 use crate::{
     datapath::Datapath,
     health::{self, ProxyHealth, ServiceHealthServers},
-    interfaces, manifests,
+    interfaces,
+    kube_source::{self, ApiSource},
+    manifests,
     node::{self, NodeContext, NodeOptions},
     state::DesiredState,
     translate,
@@ -33,9 +37,18 @@ const MANIFEST_DEBOUNCE: Duration = Duration::from_millis(50);
 /// How long programming may keep failing before `/healthz` turns 503.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Where the agent's Kubernetes objects come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory of manifests, watched with inotify (`--manifests`).
+    Manifests(PathBuf),
+    /// The API server: list/watch reflectors (the default).
+    Api(kube_source::ApiOptions),
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: Source,
     pub node: NodeOptions,
     pub pin_path: PathBuf,
     pub resync_interval: Duration,
@@ -62,14 +75,32 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         }
         None => None,
     };
+    tokio::pin!(shutdown);
     let (manifest_tx, mut manifest_rx) = mpsc::channel::<()>(1);
-    let _watcher = watch_manifests(&config.manifests, manifest_tx)?;
+    let objects = match &config.source {
+        Source::Manifests(dir) => ObjectSource::Manifests {
+            dir,
+            _watcher: watch_manifests(dir, manifest_tx)?,
+        },
+        Source::Api(options) => {
+            let client = kube_source::client(options).await?;
+            let api = ApiSource::start(client, manifest_tx);
+            // Nothing is programmed from a partial view of the cluster.
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                () = api.wait_synced() => {}
+            }
+            tracing::info!("initial lists synced from the API server");
+            ObjectSource::Api(api)
+        }
+    };
     let (iface_tx, mut iface_rx) = mpsc::channel::<()>(1);
     interfaces::watch(iface_tx)?;
     let netlink = interfaces::connect()?;
 
     let mut agent = Agent {
         config: &config,
+        objects: &objects,
         datapath: &mut datapath,
         context: NodeContext::default(),
         last_problems: Vec::new(),
@@ -81,7 +112,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     agent.reload_manifests().await;
     agent.rescan_interfaces(&netlink).await;
     tracing::info!(
-        manifests = %config.manifests.display(),
+        source = %objects,
         pin_path = %config.pin_path.display(),
         "sluice agent ready"
     );
@@ -89,7 +120,6 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let mut resync = tokio::time::interval(config.resync_interval);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is immediate; we just synced
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -113,8 +143,37 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     Ok(())
 }
 
+/// The started source of objects.
+enum ObjectSource<'a> {
+    Manifests {
+        dir: &'a Path,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Api(ApiSource),
+}
+
+impl ObjectSource<'_> {
+    /// The objects as the source has them now, and the problems of files that did not parse.
+    fn load(&self) -> anyhow::Result<(manifests::Objects, Vec<manifests::ManifestError>)> {
+        match self {
+            ObjectSource::Manifests { dir, .. } => manifests::load_dir(dir),
+            ObjectSource::Api(api) => Ok((api.objects(), Vec::new())),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectSource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ObjectSource::Manifests { dir, .. } => write!(f, "manifests {}", dir.display()),
+            ObjectSource::Api(_) => write!(f, "API server"),
+        }
+    }
+}
+
 struct Agent<'a> {
     config: &'a AgentConfig,
+    objects: &'a ObjectSource<'a>,
     datapath: &'a mut Datapath,
     /// This node as the last reload resolved it.
     context: NodeContext,
@@ -129,11 +188,11 @@ struct Agent<'a> {
 }
 
 impl Agent<'_> {
-    /// Reads the manifests, translates them and syncs the difference into the maps and the
-    /// health servers. Bad files and objects are reported and skipped; what is valid is still
+    /// Reads the objects (manifests or API stores), translates them and syncs the difference
+    /// into the maps and the health servers. Bad files and objects are reported and skipped; what is valid is still
     /// programmed.
     async fn reload_manifests(&mut self) {
-        let (objects, manifest_errors) = match manifests::load_dir(&self.config.manifests) {
+        let (objects, manifest_errors) = match self.objects.load() {
             Ok(loaded) => loaded,
             Err(e) => {
                 // Keep what is programmed: a vanished directory must not empty the datapath.

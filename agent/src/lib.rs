@@ -1,6 +1,7 @@
 //! Sluice's node agent as a library: the binary (`main.rs`) is a thin CLI over these modules.
 //!
-//! * [`manifests`] reads Kubernetes objects from files (I/O at the edge);
+//! * [`manifests`] reads Kubernetes objects from files, [`kube_source`] from the API server
+//!   (I/O at the edge);
 //! * [`node`] resolves this node's context (name, addresses, cluster CIDRs, options);
 //! * [`translate`] turns objects into [`state::DesiredState`] (pure, unit-tested);
 //! * [`datapath`] is everything that talks to the kernel: load, attach, map sync;
@@ -9,11 +10,13 @@
 //! * [`daemon`] ties them together for `sluice agent`;
 //! * [`trace`] and [`inspect`] are the debugging commands `sluice trace` and `sluice state`.
 
+pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod health;
 pub mod inspect;
 pub mod interfaces;
+pub mod kube_source;
 pub mod manifests;
 pub mod node;
 pub mod packet;

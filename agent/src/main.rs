@@ -4,7 +4,9 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use sluice::{
-    daemon::{self, AgentConfig},
+    config::{AgentSettings, KubeProxyConfig},
+    daemon::{self, AgentConfig, Source},
+    kube_source::ApiOptions,
     node::NodeOptions,
 };
 
@@ -20,9 +22,17 @@ enum Command {
     /// Run the node agent: program the datapath from Kubernetes objects and keep it in sync.
     Agent {
         /// Directory of manifests (*.yaml, *.yml, *.json) holding Services and EndpointSlices;
-        /// watched for changes.
+        /// watched for changes. Without it the agent lists and watches the API server.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// kubeconfig of the API server; without it, KUBECONFIG or ~/.kube/config, then the
+        /// pod's service account (in-cluster).
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
+        /// A kube-proxy configuration file (KubeProxyConfiguration,
+        /// kubeproxy.config.k8s.io/v1alpha1); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Where maps and program links are pinned (on bpffs).
         #[arg(long, default_value = sluice_common::DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
@@ -33,9 +43,9 @@ enum Command {
         #[command(flatten)]
         node: NodeOptions,
         /// Address of the /healthz and /livez server (kube-proxy's healthzBindAddress);
-        /// "off" disables it.
-        #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind_address)]
-        healthz_bind_address: BindAddress,
+        /// "off" disables it. Default 0.0.0.0:10256.
+        #[arg(long, value_parser = parse_bind_address)]
+        healthz_bind_address: Option<BindAddress>,
         /// Address healthCheckNodePort servers listen on.
         #[arg(long, default_value = "0.0.0.0")]
         health_check_bind_ip: std::net::IpAddr,
@@ -66,18 +76,33 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent {
             manifests,
+            kubeconfig,
+            config,
             pin_path,
             resync_interval,
             node,
             healthz_bind_address,
             health_check_bind_ip,
-        } => run_agent(AgentConfig {
+        } => agent_config(
             manifests,
-            node,
-            healthz_bind_address: healthz_bind_address.0,
-            health_check_bind_ip,
-            pin_path,
-            resync_interval: Duration::from_secs(resync_interval.max(1)),
+            config,
+            AgentSettings {
+                node,
+                healthz_bind_address: healthz_bind_address.map(|a| a.0),
+                kubeconfig,
+            },
+        )
+        .and_then(|(source, settings)| {
+            run_agent(AgentConfig {
+                source,
+                node: settings.node,
+                healthz_bind_address: settings
+                    .healthz_bind_address
+                    .unwrap_or(Some(DEFAULT_HEALTHZ_BIND_ADDRESS)),
+                health_check_bind_ip,
+                pin_path,
+                resync_interval: Duration::from_secs(resync_interval.max(1)),
+            })
         }),
         Command::Trace(args) => return sluice::trace::run(args),
         Command::State(args) => return sluice::inspect::run(args),
@@ -90,6 +115,60 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// kube-proxy's default healthzBindAddress.
+const DEFAULT_HEALTHZ_BIND_ADDRESS: std::net::SocketAddr = std::net::SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    sluice::config::DEFAULT_HEALTHZ_PORT,
+);
+
+/// The object source and the settings of `sluice agent`: flags, then the configuration file
+/// for what the flags leave unset, then (API mode) the hostname as the node name, as
+/// kube-proxy does without hostnameOverride.
+fn agent_config(
+    manifests: Option<PathBuf>,
+    config_file: Option<PathBuf>,
+    mut settings: AgentSettings,
+) -> anyhow::Result<(Source, AgentSettings)> {
+    if let Some(path) = &config_file {
+        let file = KubeProxyConfig::load(path)?;
+        for warning in &file.warnings {
+            tracing::warn!(file = %path.display(), "{warning}");
+        }
+        let conntrack = &file.conntrack;
+        if *conntrack != Default::default() {
+            tracing::warn!(
+                file = %path.display(),
+                ?conntrack,
+                "conntrack timeouts are parsed but not yet applied: the datapath's conntrack \
+                 timeouts are fixed in this build"
+            );
+        }
+        file.fill(&mut settings);
+    }
+    let source = match manifests {
+        Some(dir) => Source::Manifests(dir),
+        None => {
+            if settings.node.node_name.is_none() {
+                settings.node.node_name = Some(hostname()?);
+            }
+            Source::Api(ApiOptions {
+                kubeconfig: settings.kubeconfig.clone(),
+            })
+        }
+    };
+    Ok((source, settings))
+}
+
+/// This machine's hostname, lowercased (kube-proxy's default node name).
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(|e| {
+        anyhow::anyhow!(
+            "no --node-name, NODE_NAME or hostnameOverride, and the hostname is unreadable: {e}"
+        )
+    })?;
+    Ok(name.trim().to_lowercase())
 }
 
 /// A socket address, or none ("off").

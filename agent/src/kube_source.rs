@@ -1,0 +1,380 @@
+//! Kubernetes objects from the API server (`sluice agent` without `--manifests`).
+//!
+//! One reflector per watched resource ([`WATCHED_RESOURCES`]): a kube-rs watcher (list, then
+//! watch from the list's resourceVersion, resumed from the last seen version when a
+//! connection ends, relisted from scratch on 410 Gone, with kube-rs' default backoff after
+//! errors) feeding a reflector store. The agent reads the stores into an [`Objects`] (the
+//! same struct the manifests produce, so the pure translation does not know where its input
+//! came from).
+//!
+//! The edges the agent relies on:
+//! * [`ApiSource::wait_synced`] returns once every initial list is in its store: nothing is
+//!   programmed from a partial view (a missing EndpointSlice would blackhole a Service);
+//! * a store keeps its content while the API is unreachable, and a relist replaces it only
+//!   once the new list is complete, so the programmed state stays through disconnects;
+//! * every change that lands in a store (an object applied or deleted, a relist done) sends a
+//!   `()` on the agent's change channel at once: no periodic resync is needed to see it.
+
+use std::{fmt::Debug, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    runtime::{
+        reflector::store::{Store, Writer},
+        watcher::{self, DefaultBackoff},
+        WatchStreamExt as _,
+    },
+    Api, Client, ResourceExt as _,
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::manifests::{ObjectRef, Objects};
+
+/// A resource the agent lists and watches, as RBAC names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WatchedResource {
+    /// API group ("" for the core group).
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    /// The plural resource name (RBAC's `resources`).
+    pub plural: &'static str,
+}
+
+impl WatchedResource {
+    const fn of<K: k8s_openapi::Resource>() -> WatchedResource {
+        WatchedResource {
+            group: K::GROUP,
+            version: K::VERSION,
+            kind: K::KIND,
+            plural: K::URL_PATH_SEGMENT,
+        }
+    }
+}
+
+/// Every resource the agent watches, cluster-wide. The reflectors are started from exactly
+/// this list ([`ApiSource::start`] checks it), and the deploy/ ClusterRole is tested against
+/// it. Pods are watched in every namespace, not only this node's: NetworkPolicy peers select
+/// pods anywhere in the cluster.
+pub const WATCHED_RESOURCES: [WatchedResource; 6] = [
+    WatchedResource::of::<Service>(),
+    WatchedResource::of::<EndpointSlice>(),
+    WatchedResource::of::<Node>(),
+    WatchedResource::of::<Pod>(),
+    WatchedResource::of::<Namespace>(),
+    WatchedResource::of::<NetworkPolicy>(),
+];
+
+/// The verbs the agent uses on every watched resource (it never writes to the API).
+pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
+
+/// How often [`ApiSource::wait_synced`] says which initial lists it is still waiting for.
+const SYNC_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Where the API server and credentials come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiOptions {
+    /// A kubeconfig file; without one, `KUBECONFIG` / `~/.kube/config`, then the in-cluster
+    /// service account (kube-rs' inference order).
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// A client for the API server `options` point at. Nothing is sent yet.
+pub async fn client(options: &ApiOptions) -> anyhow::Result<Client> {
+    let config = match &options.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no API server configuration: no --kubeconfig, no KUBECONFIG or ~/.kube/config, \
+             and not running in a pod (KUBERNETES_SERVICE_HOST unset)",
+        )?,
+    };
+    Client::try_from(config).context("creating the API client")
+}
+
+/// The reflector stores of every watched resource, filled by background tasks that stop when
+/// this is dropped.
+pub struct ApiSource {
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    network_policies: Store<NetworkPolicy>,
+    /// The resources the reflectors were started for, in start order.
+    started: Vec<WatchedResource>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ApiSource {
+    /// Starts one reflector per watched resource. Each change that lands in a store sends a
+    /// `()` on `changed` (coalesced: a full channel already means "something changed").
+    pub fn start(client: Client, changed: mpsc::Sender<()>) -> ApiSource {
+        let mut started = Vec::new();
+        let mut tasks = Vec::new();
+        macro_rules! reflect {
+            ($kind:ty) => {{
+                let (store, task) =
+                    spawn_reflector::<$kind>(Api::all(client.clone()), changed.clone());
+                started.push(WatchedResource::of::<$kind>());
+                tasks.push(task);
+                store
+            }};
+        }
+        let source = ApiSource {
+            services: reflect!(Service),
+            endpoint_slices: reflect!(EndpointSlice),
+            nodes: reflect!(Node),
+            pods: reflect!(Pod),
+            namespaces: reflect!(Namespace),
+            network_policies: reflect!(NetworkPolicy),
+            started,
+            tasks,
+        };
+        assert_eq!(
+            source.started, WATCHED_RESOURCES,
+            "the reflectors must watch exactly WATCHED_RESOURCES (the ClusterRole is built from it)"
+        );
+        source
+    }
+
+    /// The resources the reflectors watch.
+    pub fn watched(&self) -> &[WatchedResource] {
+        &self.started
+    }
+
+    /// Waits until every store holds its complete initial list, saying every
+    /// [`SYNC_PROGRESS_INTERVAL`] which lists are still missing (e.g. the API server is
+    /// unreachable or RBAC forbids a list).
+    pub async fn wait_synced(&self) {
+        let all = async {
+            // A store is ready after its first complete list; the writers live as long as
+            // their tasks, which only end when this source is dropped.
+            let _ = futures::join!(
+                self.services.wait_until_ready(),
+                self.endpoint_slices.wait_until_ready(),
+                self.nodes.wait_until_ready(),
+                self.pods.wait_until_ready(),
+                self.namespaces.wait_until_ready(),
+                self.network_policies.wait_until_ready(),
+            );
+        };
+        tokio::pin!(all);
+        loop {
+            match tokio::time::timeout(SYNC_PROGRESS_INTERVAL, &mut all).await {
+                Ok(()) => return,
+                Err(_) => tracing::warn!(
+                    waiting_for = ?self.unsynced(),
+                    "initial lists not complete yet; nothing is programmed until they are"
+                ),
+            }
+        }
+    }
+
+    /// The watched resources whose initial list is not in its store yet.
+    fn unsynced(&self) -> Vec<&'static str> {
+        let ready = [
+            is_ready(&self.services),
+            is_ready(&self.endpoint_slices),
+            is_ready(&self.nodes),
+            is_ready(&self.pods),
+            is_ready(&self.namespaces),
+            is_ready(&self.network_policies),
+        ];
+        WATCHED_RESOURCES
+            .iter()
+            .zip(ready)
+            .filter(|(_, ready)| !ready)
+            .map(|(resource, _)| resource.plural)
+            .collect()
+    }
+
+    /// A snapshot of the stores, in the form the translation takes.
+    pub fn objects(&self) -> Objects {
+        Objects {
+            services: namespaced(&self.services),
+            endpoint_slices: namespaced(&self.endpoint_slices),
+            nodes: cluster_scoped(&self.nodes),
+            pods: namespaced(&self.pods),
+            namespaces: cluster_scoped(&self.namespaces),
+            network_policies: namespaced(&self.network_policies),
+        }
+    }
+}
+
+impl Drop for ApiSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Whether the store holds its first complete list.
+fn is_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
+fn namespaced<K>(store: &Store<K>) -> std::collections::BTreeMap<ObjectRef, K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .state()
+        .into_iter()
+        .map(|object| {
+            let key = ObjectRef {
+                namespace: object.namespace().unwrap_or_else(|| "default".into()),
+                name: object.name_any(),
+            };
+            (key, K::clone(&object))
+        })
+        .collect()
+}
+
+fn cluster_scoped<K>(store: &Store<K>) -> std::collections::BTreeMap<String, K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .state()
+        .into_iter()
+        .map(|object| (object.name_any(), K::clone(&object)))
+        .collect()
+}
+
+/// Lists and watches `K` into a store until aborted. Errors are logged and retried with
+/// kube-rs' default backoff (0.8 s doubling to 30 s, jittered). A watch the server refuses
+/// to start with HTTP 410 Gone (the resourceVersion is too old; a Gone *event* in the stream
+/// is already handled by the watcher) restarts the watcher, which relists: kube-rs alone would
+/// retry the same resourceVersion forever.
+fn spawn_reflector<K>(api: Api<K>, changed: mpsc::Sender<()>) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let mut writer = Writer::<K>::default();
+    let store = writer.as_reader();
+    let resource = <K as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    let task = tokio::spawn(async move {
+        let mut restart_backoff = DefaultBackoff::default();
+        loop {
+            let mut events = watcher(api.clone(), watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(event) => {
+                        // Nothing reads managedFields; they are often most of an object.
+                        let event = event.modify(|object| object.managed_fields_mut().clear());
+                        writer.apply_watcher_event(&event);
+                        match &event {
+                            watcher::Event::Init => {
+                                tracing::debug!(resource, "listing");
+                            }
+                            watcher::Event::InitApply(_) => {}
+                            watcher::Event::InitDone => {
+                                tracing::debug!(resource, "list complete");
+                                let _ = changed.try_send(());
+                            }
+                            watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
+                                tracing::debug!(
+                                    resource,
+                                    object = %object_name(object),
+                                    event = if matches!(event, watcher::Event::Apply(_)) { "applied" } else { "deleted" },
+                                    "API change"
+                                );
+                                let _ = changed.try_send(());
+                            }
+                        }
+                    }
+                    Err(watcher::Error::WatchStartFailed(kube::Error::Api(status)))
+                        if status.code == 410 =>
+                    {
+                        tracing::warn!(
+                            resource,
+                            "watch refused with 410 Gone ({}); relisting",
+                            status.message
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(resource, "{e}; retrying with backoff");
+                    }
+                }
+            }
+            let delay = restart_backoff.next().unwrap_or(Duration::from_secs(30));
+            tokio::time::sleep(delay).await;
+        }
+    });
+    (store, task)
+}
+
+fn watcher<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    kube::runtime::watcher(api, config)
+}
+
+fn object_name<K: kube::Resource>(object: &K) -> String {
+    match object.namespace() {
+        Some(namespace) => format!("{namespace}/{}", object.name_any()),
+        None => object.name_any(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_reflectors_watch_exactly_the_watched_resources() {
+        // A client for an address nothing listens on: starting reflectors sends nothing that
+        // must succeed, and the tasks are aborted on drop.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let (changed, _rx) = mpsc::channel(1);
+        let source = ApiSource::start(client, changed);
+        assert_eq!(source.watched(), WATCHED_RESOURCES);
+        let plurals: Vec<&str> = source.watched().iter().map(|r| r.plural).collect();
+        assert_eq!(
+            plurals,
+            [
+                "services",
+                "endpointslices",
+                "nodes",
+                "pods",
+                "namespaces",
+                "networkpolicies"
+            ]
+        );
+        // Nothing is synced from an unreachable server.
+        assert_eq!(source.unsynced().len(), 6);
+        assert!(source.objects().services.is_empty());
+    }
+}
