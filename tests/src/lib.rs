@@ -95,7 +95,9 @@
 //! routes gets an ICMP network unreachable from the last node. The external host
 //! ([`Cluster::external`], [`Host`]) runs clients and servers like a pod.
 //! [`Cluster::node_manifests`] renders the v1 Node objects (zone label, pod CIDRs, InternalIP
-//! addresses); [`sluice::SluiceCluster`] runs an agent per node against them.
+//! addresses); [`sluice::SluiceCluster`] runs an agent per node against them, from a manifests
+//! directory or from a test API server ([`apiserver::ApiServer`], listening on loopback inside
+//! each node netns).
 //!
 //! # Running code and processes inside
 //!
@@ -151,6 +153,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod apiserver;
 pub mod client;
 pub mod cluster;
 mod cmd;

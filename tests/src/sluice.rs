@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{unique_name, Cluster, ClusterOptions, Node, NodeProcess};
+use crate::{apiserver::ApiServer, unique_name, Cluster, ClusterOptions, Node, NodeProcess};
 
 /// How long an agent gets to load, sync and attach before a test gives up on it.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -182,11 +182,17 @@ impl SluiceNode {
 /// cluster's Node objects from the start, as `nodes.yaml`) and one [`PinDir`] per node.
 ///
 /// Agent `i` (1-based, like the nodes) runs in node `i`'s netns with
-/// `--manifests <dir> --pin-path <pins[i-1]> --node-name node-<i>`, then [`Self::agent_args`]
+/// `--manifests <dir> --pin-path <pins[i-1]> --node-name node-<i>` (`--kubeconfig <node i's>`
+/// instead of `--manifests` with [`Self::with_api_server`]), then [`Self::agent_args`]
 /// (by default `--cluster-cidr` with the cluster's pod CIDRs), then the extra arguments of
 /// [`Self::start_agent`].
 pub struct SluiceCluster {
     agents: Vec<Option<NodeProcess>>,
+    /// With [`SluiceCluster::with_api_server`]: the API server the agents watch (instead of
+    /// the manifests directory), listening in every node netns.
+    pub api: Option<ApiServer>,
+    /// One kubeconfig per node (in the manifests directory) when there is an API server.
+    kubeconfigs: Vec<PathBuf>,
     /// One pin directory per node, node 1 first.
     pub pins: Vec<PinDir>,
     pub cluster: Cluster,
@@ -221,11 +227,43 @@ impl SluiceCluster {
             .collect();
         Ok(SluiceCluster {
             agents: (0..nodes).map(|_| None).collect(),
+            api: None,
+            kubeconfigs: Vec::new(),
             pins,
             cluster,
             manifests,
             agent_args: vec!["--cluster-cidr".to_string(), cidrs.join(",")],
         })
+    }
+
+    /// Like [`SluiceCluster::new`], but the agents list and watch a test [`ApiServer`]
+    /// (`--kubeconfig`, no `--manifests`) that already holds the cluster's Node objects.
+    /// Each node netns gets its own listener on 127.0.0.1, and each agent a kubeconfig for it.
+    pub fn with_api_server(hint: &str, nodes: usize) -> Result<SluiceCluster> {
+        let mut cluster = Self::new(hint, nodes)?;
+        let mut api = ApiServer::new();
+        for i in 1..=nodes {
+            let port = api
+                .listen_in(cluster.cluster.node(i).netns_path())
+                .with_context(|| format!("API server listener in node-{i}"))?;
+            let path = cluster
+                .manifests
+                .path()
+                .join(format!("kubeconfig-node-{i}"));
+            std::fs::write(&path, ApiServer::kubeconfig(port))
+                .with_context(|| format!("writing {}", path.display()))?;
+            cluster.kubeconfigs.push(path);
+        }
+        api.apply(&cluster.cluster.node_manifests())?;
+        cluster.api = Some(api);
+        Ok(cluster)
+    }
+
+    /// The API server of [`SluiceCluster::with_api_server`].
+    pub fn api(&self) -> &ApiServer {
+        self.api
+            .as_ref()
+            .expect("a SluiceCluster made with_api_server")
     }
 
     /// Node `i` (1-based).
@@ -245,10 +283,12 @@ impl SluiceCluster {
 
     fn agent_command(&self, i: usize, extra_args: &[&str]) -> Command {
         let mut cmd = Command::new(sluice_bin());
-        cmd.arg("agent")
-            .arg("--manifests")
-            .arg(self.manifests.path())
-            .arg("--pin-path")
+        cmd.arg("agent");
+        match self.kubeconfigs.get(i - 1) {
+            Some(kubeconfig) => cmd.arg("--kubeconfig").arg(kubeconfig),
+            None => cmd.arg("--manifests").arg(self.manifests.path()),
+        };
+        cmd.arg("--pin-path")
             .arg(self.pins[i - 1].path())
             .arg("--node-name")
             .arg(self.cluster.node(i).name())
@@ -273,6 +313,19 @@ impl SluiceCluster {
         agent
             .wait_for_log(AGENT_READY_LINE, AGENT_READY_TIMEOUT)
             .with_context(|| format!("agent on node-{i}"))?;
+        Ok(self.agents[i - 1].insert(agent))
+    }
+
+    /// Starts agent `i` with `extra_args` without waiting for it to be ready (to watch what it
+    /// does before); an agent already running there is stopped first.
+    pub fn spawn_agent(&mut self, i: usize, extra_args: &[&str]) -> Result<&mut NodeProcess> {
+        self.check(i)?;
+        if let Some(mut old) = self.agents[i - 1].take() {
+            old.terminate()
+                .with_context(|| format!("stopping the agent on node-{i}"))?;
+        }
+        let mut cmd = self.agent_command(i, extra_args);
+        let agent = self.cluster.node(i).spawn(&mut cmd)?;
         Ok(self.agents[i - 1].insert(agent))
     }
 
