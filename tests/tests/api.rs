@@ -2,8 +2,8 @@
 //! protocol, listening inside each node netns), with real traffic: the agent programs nothing
 //! before every initial list is in, sees an EndpointSlice change at once (no periodic resync:
 //! the agents run with a one-hour `--resync-interval`), keeps the datapath through API
-//! disconnects and restarts and catches up afterwards, relists on 410 Gone (both forms), and
-//! stops translating a deleted Service.
+//! disconnects and restarts and catches up afterwards, relists on 410 Gone (both forms),
+//! stops translating a deleted Service, and takes kube-proxy's configuration file.
 //!
 //! Layout of every test: a two-node cluster, a client pod on node 1 (whose agent is the one
 //! that matters: DNAT and reverse NAT happen at the client's veth), `web` backends on node 2.
@@ -315,4 +315,75 @@ fn gone_as_a_watch_event_relists_and_picks_up_changes_made_meanwhile() {
 #[test]
 fn gone_as_http_410_relists_and_picks_up_changes_made_meanwhile() {
     gone_relists("api-gone-http", Gone::Http);
+}
+
+/// An HTTP/1.0 GET from `pod`; the status code.
+fn http_status(pod: &Pod, addr: SocketAddrV4, path: &str) -> anyhow::Result<u16> {
+    use std::io::{Read as _, Write as _};
+    let path = path.to_string();
+    pod.run(move || -> anyhow::Result<u16> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr.into(), TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: node\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response.split(' ').nth(1).unwrap_or_default();
+        status
+            .parse()
+            .map_err(|_| anyhow::anyhow!("no status in {response:?}"))
+    })?
+}
+
+#[test]
+fn a_kube_proxy_configuration_file_configures_the_agent() {
+    let mut s = setup("api-config");
+    s.cluster.api().apply(SERVICE).unwrap();
+    s.cluster
+        .api()
+        .apply(&slice(&[&s.web_a, &s.web_b]))
+        .unwrap();
+    s.cluster
+        .manifests
+        .write(
+            "kube-proxy.conf",
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n\
+             healthzBindAddress: 0.0.0.0:10299\n\
+             metricsBindAddress: 127.0.0.1:10249\n\
+             mode: iptables\n\
+             iptables: {masqueradeAll: true, syncPeriod: 30s}\n\
+             conntrack: {udpTimeout: 30s}\n",
+        )
+        .unwrap();
+    let config = s.cluster.manifests.path().join("kube-proxy.conf");
+    let mut args = NO_RESYNC.to_vec();
+    args.extend(["--config", config.to_str().unwrap()]);
+    s.cluster.start_agent(1, &args).unwrap();
+
+    // masqueradeAll: the backends see node 1, not the client pod.
+    assert_eq!(
+        answered_by(&s.client, 40).unwrap(),
+        names(&[&s.web_a, &s.web_b])
+    );
+    let node_1 = s.cluster.node(1).node_ip().unwrap();
+    for pod in [&s.web_a, &s.web_b] {
+        let sources: BTreeSet<_> = pod.seen().iter().map(|seen| seen.source.ip()).collect();
+        assert_eq!(sources, BTreeSet::from([std::net::IpAddr::V4(node_1)]));
+    }
+    // healthzBindAddress moved /healthz to 10299.
+    assert_eq!(
+        http_status(&s.client, SocketAddrV4::new(node_1, 10299), "/healthz").unwrap(),
+        200
+    );
+    assert!(http_status(&s.client, SocketAddrV4::new(node_1, 10256), "/healthz").is_err());
+    // What does not apply was said.
+    let log = s.cluster.agent_mut(1).unwrap().log();
+    for warning in [
+        "metricsBindAddress \"127.0.0.1:10249\": Sluice serves no metrics endpoint yet",
+        "mode \"iptables\"",
+        "iptables.syncPeriod: applies to the iptables proxy mode only",
+        "conntrack timeouts are parsed but not yet applied",
+    ] {
+        assert!(log.contains(warning), "no warning {warning:?} in:\n{log}");
+    }
 }
