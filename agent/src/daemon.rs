@@ -32,7 +32,8 @@ use crate::{
 };
 
 /// How long a burst of file events is given to settle before the manifests are read again
-/// (an editor or `kubectl`-like tool writes a file in several steps).
+/// (an editor or `kubectl`-like tool writes a file in several steps); API changes get the same
+/// (a rollout updates a Service's EndpointSlices in a quick series).
 const MANIFEST_DEBOUNCE: Duration = Duration::from_millis(50);
 /// How long programming may keep failing before `/healthz` turns 503.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);

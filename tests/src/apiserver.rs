@@ -152,6 +152,7 @@ struct State {
     /// Resource paths whose requests are answered 403 Forbidden (as without RBAC).
     forbidden: Vec<String>,
     requests: Vec<RequestRecord>,
+    bookmarks_sent: usize,
 }
 
 struct Inner {
@@ -383,6 +384,11 @@ current-context: sluice-test
             .iter()
             .filter(|r| r.path == path && !r.watch && r.status == 200)
             .count()
+    }
+
+    /// How many BOOKMARK events the watches have sent.
+    pub fn bookmarks_sent(&self) -> usize {
+        self.inner.lock().bookmarks_sent
     }
 
     /// Waits until `predicate` holds for the request log, up to `timeout`.
@@ -728,6 +734,7 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
                 sent_up_to = sent_up_to.max(current);
                 last_sent = Instant::now();
                 state = inner.lock();
+                state.bookmarks_sent += 1;
                 continue;
             }
         }

@@ -14,7 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_testbed::{apiserver::Gone, retry_until, sluice::SluiceCluster, tally, Pod};
+use sluice_testbed::{
+    apiserver::{Gone, BOOKMARK_INTERVAL},
+    retry_until,
+    sluice::SluiceCluster,
+    tally, Pod,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 60, 10);
@@ -234,6 +239,20 @@ fn an_endpoint_slice_change_reaches_the_datapath_at_once_and_a_deleted_service_s
     wait_answered_by(&s.client, &[&s.web_a], PROPAGATION);
     // Through the watch: no relist happened.
     assert_eq!(s.cluster.api().lists_of(SLICES), lists_before);
+    // Quiet watches get bookmarks; they move the agent's resourceVersion and nothing else.
+    let bookmarks = s.cluster.api().bookmarks_sent();
+    std::thread::sleep(BOOKMARK_INTERVAL * 2);
+    assert!(s.cluster.api().bookmarks_sent() > bookmarks);
+    s.cluster
+        .api()
+        .apply(&slice(&[&s.web_a, &s.web_b]))
+        .unwrap();
+    wait_answered_by(&s.client, &[&s.web_a, &s.web_b], PROPAGATION);
+    let log = s.cluster.agent_mut(1).unwrap().log();
+    assert!(
+        !log.contains(" WARN "),
+        "warnings with a healthy API server:\n{log}"
+    );
 
     s.cluster
         .api()
@@ -386,4 +405,151 @@ fn a_kube_proxy_configuration_file_configures_the_agent() {
     ] {
         assert!(log.contains(warning), "no warning {warning:?} in:\n{log}");
     }
+}
+
+/// A raw HTTP client connection to the test API server, opened inside `node`'s netns.
+struct RawWatch {
+    reader: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl RawWatch {
+    /// Sends `GET target` and reads the status line and headers; returns the status code.
+    fn get(node: &sluice_testbed::Node, port: u16, target: &str) -> (u16, RawWatch) {
+        use std::io::{BufRead as _, Write as _};
+        let mut stream = sluice_testbed::in_netns(node.netns_path(), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+        })
+        .unwrap()
+        .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        write!(stream, "GET {target} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).unwrap();
+        let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header).unwrap();
+            if header.trim().is_empty() {
+                break;
+            }
+        }
+        (status, RawWatch { reader })
+    }
+
+    /// The next chunk as JSON; `None` on a timeout, the end of the stream or a closed
+    /// connection.
+    fn next(&mut self) -> Option<serde_json::Value> {
+        use std::io::{BufRead as _, Read as _};
+        let mut size = String::new();
+        self.reader.read_line(&mut size).ok()?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            return None;
+        }
+        let mut chunk = vec![0; size + 2];
+        self.reader.read_exact(&mut chunk).ok()?;
+        serde_json::from_slice(&chunk[..size]).ok()
+    }
+
+    /// The rest of a Content-Length body as JSON.
+    fn body(&mut self) -> serde_json::Value {
+        serde_json::Deserializer::from_reader(&mut self.reader)
+            .into_iter::<serde_json::Value>()
+            .next()
+            .unwrap()
+            .unwrap()
+    }
+}
+
+#[test]
+fn the_test_api_server_speaks_list_and_watch() {
+    use sluice_testbed::apiserver::ApiServer;
+    let node = sluice_testbed::Node::new("api-proto").unwrap();
+    let mut api = ApiServer::new();
+    let port = api.listen_in(node.netns_path()).unwrap();
+    api.apply(SERVICE).unwrap();
+
+    // A list: the store's version, items without apiVersion and kind.
+    let (status, mut list) = RawWatch::get(&node, port, "/api/v1/services?limit=500");
+    assert_eq!(status, 200);
+    let list = list.body();
+    assert_eq!(list["kind"], "ServiceList");
+    let version = api.resource_version();
+    assert_eq!(list["metadata"]["resourceVersion"], version.to_string());
+    assert_eq!(list["items"][0]["metadata"]["name"], "web");
+    assert!(list["items"][0].get("kind").is_none());
+
+    // A watch from the list's version gets every later change, in order, and no bookmark
+    // unless asked for.
+    let target = format!("/api/v1/services?watch=true&resourceVersion={version}");
+    let (status, mut watch) = RawWatch::get(&node, port, &target);
+    assert_eq!(status, 200);
+    api.apply(&SERVICE.replace("10.96.60.10", "10.96.60.11"))
+        .unwrap();
+    api.delete("v1", "Service", "shop", "web").unwrap();
+    api.apply(SERVICE).unwrap();
+    let mut versions = Vec::new();
+    for expected in ["MODIFIED", "DELETED", "ADDED"] {
+        let event = watch.next().expect("an event");
+        assert_eq!(event["type"], expected, "{event}");
+        assert_eq!(event["object"]["kind"], "Service");
+        versions.push(
+            event["object"]["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap(),
+        );
+    }
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    assert_eq!(*versions.last().unwrap(), api.resource_version());
+    assert!(watch.next().is_none(), "a bookmark nobody asked for");
+
+    // With allowWatchBookmarks, a quiet watch gets the current version.
+    let current = api.resource_version();
+    let target =
+        format!("/api/v1/services?watch=true&resourceVersion={current}&allowWatchBookmarks=true");
+    let (_, mut bookmarked) = RawWatch::get(&node, port, &target);
+    let bookmark = bookmarked.next().expect("a bookmark");
+    assert_eq!(bookmark["type"], "BOOKMARK");
+    assert_eq!(
+        bookmark["object"]["metadata"]["resourceVersion"],
+        current.to_string()
+    );
+
+    // Gone: an ERROR event with a 410 Status on the open watch, then HTTP 410 for the old
+    // version.
+    api.expire(Gone::Event);
+    let error = bookmarked.next().expect("an ERROR event");
+    assert_eq!(error["type"], "ERROR");
+    assert_eq!(error["object"]["code"], 410);
+    let target = format!("/api/v1/services?watch=true&resourceVersion={version}");
+    let (status, mut refused) = RawWatch::get(&node, port, &target);
+    assert_eq!(status, 410);
+    assert_eq!(refused.body()["code"], 410);
+
+    // Dropped connections end open watches.
+    let (_, mut open) = RawWatch::get(
+        &node,
+        port,
+        &format!("/api/v1/services?watch=true&resourceVersion={current}"),
+    );
+    api.drop_connections();
+    assert!(open.next().is_none());
+    // Unknown paths are 404.
+    assert_eq!(RawWatch::get(&node, port, "/api/v1/secrets").0, 404);
+    // Stopped, the port refuses connections; started again, it serves the same store.
+    api.stop();
+    let refused = sluice_testbed::in_netns(node.netns_path(), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+    })
+    .unwrap();
+    assert!(refused.is_err());
+    api.start().unwrap();
+    let (status, mut list) = RawWatch::get(&node, port, "/api/v1/services");
+    assert_eq!(status, 200);
+    assert_eq!(list.body()["items"][0]["metadata"]["name"], "web");
 }
