@@ -4,8 +4,8 @@
 //! Three event sources drive one loop, so the datapath is only ever touched from one place:
 //! object changes (inotify on the manifests directory, or the API reflectors' change
 //! notifications), interface changes (rtnetlink notifications), and a periodic resync that
-//! repairs anything missed. Every pass is a diff: an unchanged
-//! input writes nothing to the kernel.
+//! repairs anything missed. Every pass is a diff: an unchanged input writes nothing to the
+//! kernel.
 
 use std::{
     collections::BTreeSet,
@@ -190,8 +190,8 @@ struct Agent<'a> {
 
 impl Agent<'_> {
     /// Reads the objects (manifests or API stores), translates them and syncs the difference
-    /// into the maps and the health servers. Bad files and objects are reported and skipped; what is valid is still
-    /// programmed.
+    /// into the maps and the health servers. Bad files and objects are reported and skipped;
+    /// what is valid is still programmed.
     async fn reload_manifests(&mut self) {
         let (objects, manifest_errors) = match self.objects.load() {
             Ok(loaded) => loaded,
