@@ -3,7 +3,8 @@
 //! before every initial list is in, sees an EndpointSlice change at once (no periodic resync:
 //! the agents run with a one-hour `--resync-interval`), keeps the datapath through API
 //! disconnects and restarts and catches up afterwards, relists on 410 Gone (both forms),
-//! stops translating a deleted Service, and takes kube-proxy's configuration file.
+//! stops translating a deleted Service, keeps the pinned datapath when an agent restarts
+//! while the API is down, and takes kube-proxy's configuration file.
 //!
 //! Layout of every test: a two-node cluster, a client pod on node 1 (whose agent is the one
 //! that matters: DNAT and reverse NAT happen at the client's veth), `web` backends on node 2.
@@ -552,4 +553,30 @@ fn the_test_api_server_speaks_list_and_watch() {
     let (status, mut list) = RawWatch::get(&node, port, "/api/v1/services");
     assert_eq!(status, 200);
     assert_eq!(list.body()["items"][0]["metadata"]["name"], "web");
+}
+
+#[test]
+fn an_agent_restarted_while_the_api_server_is_down_keeps_the_pinned_datapath() {
+    let mut s = serving("api-agent-restart");
+    s.cluster.api.as_mut().unwrap().stop();
+    // A new agent (a DaemonSet rollout) cannot list: it programs nothing, and what the old one
+    // pinned keeps serving.
+    s.cluster.spawn_agent(1, NO_RESYNC).unwrap();
+    assert_stays_answered_by(&s.client, &[&s.web_a, &s.web_b], Duration::from_secs(3));
+    let log = s.cluster.agent_mut(1).unwrap().log();
+    for premature in ["sluice agent ready", "datapath synced"] {
+        assert!(
+            !log.contains(premature),
+            "{premature:?} without the API:\n{log}"
+        );
+    }
+    // Back: it syncs, finds the maps already right, and follows changes again.
+    s.cluster.api().apply(&slice(&[&s.web_b])).unwrap();
+    s.cluster.api.as_mut().unwrap().start().unwrap();
+    s.cluster
+        .agent_mut(1)
+        .unwrap()
+        .wait_for_log("sluice agent ready", Duration::from_secs(40))
+        .unwrap();
+    wait_answered_by(&s.client, &[&s.web_b], PROPAGATION);
 }
