@@ -151,6 +151,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cgroup;
 pub mod client;
 pub mod cluster;
 mod cmd;

@@ -1,0 +1,380 @@
+//! Host traffic: the cgroup `sock_addr` programs (ebpf/src/sock.rs) that balance the sockets
+//! of the node's own network namespace, attached to the cgroup v2 `sluice agent
+//! --cgroup-root` names.
+//!
+//! ```text
+//! <pin>/cgroup-links/<program>    the cgroup link running <program> (sock_connect4, ...)
+//! <pin>/sock_config               the node's network namespace cookie (sluice-common)
+//! <pin>/sock_revnat, sock_revnat6 the translated sockets, for their replies
+//! ```
+//!
+//! As with the tc links, the pins keep the programs running while no agent runs, and a
+//! restarted agent swaps its freshly loaded programs into the pinned links atomically
+//! (`BPF_LINK_UPDATE`: no connect() is ever missed). A pinned link attached to another cgroup
+//! than the one asked for (the flag changed) or to a cgroup that is gone is replaced. The
+//! programs are loaded into the kernel only when first attached, so `sluice trace` and the
+//! `BPF_PROG_RUN` tests (which cannot run them) do not pay for their verification.
+//!
+//! aya 0.14 has no `attach_to_link` for cgroup programs and does not show a link's cgroup, so
+//! the three bpf(2) commands that needs are issued here directly.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::{Array, HashMap, MapData},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr},
+};
+use sluice_common::{
+    SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, MAP_SOCK_CONFIG,
+    MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6,
+};
+use tracing::{debug, info};
+
+use super::Datapath;
+
+/// Subdirectory of the pin directory holding the cgroup links.
+const CGROUP_LINKS_DIR: &str = "cgroup-links";
+
+/// The socket programs, in the order they are attached.
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_getpeername4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_getpeername6",
+];
+
+/// The socket programs' maps that only they use. Kept open for as long as the programs may
+/// still be loaded: the object's instructions refer to the maps by these file descriptors.
+pub struct SockMaps {
+    pub(super) config: Array<MapData, SockConfig>,
+    pub(super) revnat: HashMap<MapData, SockRevKey, SockRevValue>,
+    pub(super) revnat6: HashMap<MapData, SockRevKey6, SockRevValue6>,
+}
+
+/// Where and how the socket programs are attached ([`Datapath::attach_cgroup`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupAttachment {
+    /// The cgroup v2 directory.
+    pub cgroup: PathBuf,
+    /// The network namespace cookie written to `sock_config`.
+    pub netns_cookie: u64,
+    /// Pinned links whose program was swapped in place (the rest were created).
+    pub replaced: usize,
+}
+
+impl Datapath {
+    /// Runs the socket programs for every process of the cgroup v2 `cgroup` (and its
+    /// descendants) whose sockets live in this process's network namespace: writes this
+    /// namespace's cookie to `sock_config`, then attaches each program with a link pinned at
+    /// `<pin>/cgroup-links/<program>`, or swaps it into the link an earlier agent pinned there.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<CgroupAttachment> {
+        let Some(pin_path) = self.pin_path.clone() else {
+            bail!(
+                "cannot attach to cgroup {}: this datapath has private maps (load_unpinned)",
+                cgroup.display()
+            );
+        };
+        let cgroup_id = cgroup_id(cgroup)?;
+        let netns_cookie = own_netns_cookie()?;
+        self.sock
+            .config
+            .set(0, SockConfig { netns_cookie }, 0)
+            .with_context(|| format!("writing the {MAP_SOCK_CONFIG} map"))?;
+
+        let links_dir = pin_path.join(CGROUP_LINKS_DIR);
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating {}", links_dir.display()))?;
+        let mut replaced = 0;
+        for name in SOCK_PROGRAMS {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no program `{name}`"))?
+                .try_into()
+                .with_context(|| format!("program `{name}` is not a cgroup sock_addr program"))?;
+            if program.fd().is_err() {
+                program
+                    .load()
+                    .with_context(|| format!("loading program `{name}` into the kernel"))?;
+            }
+            let link_pin = links_dir.join(name);
+            let swapped = attach_one(program, cgroup, cgroup_id, &link_pin).with_context(|| {
+                format!(
+                    "attaching `{name}` to cgroup {}, link pinned at {}",
+                    cgroup.display(),
+                    link_pin.display()
+                )
+            })?;
+            replaced += usize::from(swapped);
+        }
+        info!(
+            cgroup = %cgroup.display(),
+            netns_cookie,
+            replaced,
+            "socket programs attached: host traffic is balanced at connect()"
+        );
+        Ok(CgroupAttachment {
+            cgroup: cgroup.to_owned(),
+            netns_cookie,
+            replaced,
+        })
+    }
+
+    /// Detaches the socket programs (unpins their links); succeeds when none is attached. The
+    /// agent calls it when started without `--cgroup-root`, so an earlier agent's links do not
+    /// outlive the flag.
+    pub fn detach_cgroup(&mut self) -> anyhow::Result<usize> {
+        let Some(pin_path) = &self.pin_path else {
+            return Ok(0);
+        };
+        remove_cgroup_links(pin_path)
+    }
+
+    /// The translated sockets the socket programs remember: (socket cookie, backend) ->
+    /// frontend, both families as socket addresses.
+    pub fn sock_revnat_entries(
+        &self,
+    ) -> anyhow::Result<Vec<(u64, std::net::SocketAddr, std::net::SocketAddr)>> {
+        use std::net::{Ipv4Addr, SocketAddr};
+        let mut entries = Vec::new();
+        for entry in self.sock.revnat.iter() {
+            let (key, value) = entry.with_context(|| format!("reading {MAP_SOCK_REVNAT}"))?;
+            entries.push((
+                key.cookie,
+                SocketAddr::from((
+                    Ipv4Addr::from(u32::from_be(key.addr)),
+                    u16::from_be(key.port),
+                )),
+                SocketAddr::from((
+                    Ipv4Addr::from(u32::from_be(value.addr)),
+                    u16::from_be(value.port),
+                )),
+            ));
+        }
+        for entry in self.sock.revnat6.iter() {
+            let (key, value) = entry.with_context(|| format!("reading {MAP_SOCK_REVNAT6}"))?;
+            entries.push((
+                key.cookie,
+                SocketAddr::from((
+                    super::sync6::addr6_from_map(key.addr),
+                    u16::from_be(key.port),
+                )),
+                SocketAddr::from((
+                    super::sync6::addr6_from_map(value.addr),
+                    u16::from_be(value.port),
+                )),
+            ));
+        }
+        Ok(entries)
+    }
+
+    /// The cgroups (by id) the pinned socket program links are attached to, by program name;
+    /// for tests and `sluice state`.
+    pub fn cgroup_links(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let Some(pin_path) = &self.pin_path else {
+            return Ok(Vec::new());
+        };
+        let mut links = Vec::new();
+        for name in SOCK_PROGRAMS {
+            let path = pin_path.join(CGROUP_LINKS_DIR).join(name);
+            match obj_get(&path) {
+                Ok(fd) => links.push((name.to_owned(), link_cgroup_id(fd.as_fd())?)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+            }
+        }
+        Ok(links)
+    }
+}
+
+/// Attaches `program` to the cgroup, or swaps it into the link pinned at `link_pin` when that
+/// link runs on the same cgroup. Returns whether it swapped.
+fn attach_one(
+    program: &mut CgroupSockAddr,
+    cgroup: &Path,
+    cgroup_id: u64,
+    link_pin: &Path,
+) -> anyhow::Result<bool> {
+    match obj_get(link_pin) {
+        Ok(link) => {
+            let pinned_cgroup = link_cgroup_id(link.as_fd())?;
+            if pinned_cgroup == cgroup_id {
+                let prog_fd = program.fd()?;
+                match link_update(link.as_fd(), prog_fd.as_fd()) {
+                    Ok(()) => return Ok(true),
+                    // The cgroup was removed (its id cannot come back): the link is defunct.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
+                    Err(e) => return Err(e).context("BPF_LINK_UPDATE of the pinned link"),
+                }
+            } else {
+                debug!(
+                    pinned_cgroup,
+                    cgroup_id, "pinned link runs on another cgroup: replacing it"
+                );
+            }
+            // Unpinning the last reference detaches the old link.
+            fs::remove_file(link_pin)
+                .with_context(|| format!("unpinning {}", link_pin.display()))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("opening {}", link_pin.display())),
+    }
+    let dir = fs::File::open(cgroup)
+        .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+    // Cgroup links are always attached in multi mode, with no flags.
+    let link_id = program
+        .attach(dir, CgroupAttachMode::Single)
+        .context("bpf_link_create")?;
+    let link: FdLink = program.take_link(link_id)?.try_into()?;
+    // Should pinning fail, `link` is dropped and the program detached again.
+    link.pin(link_pin)?;
+    Ok(false)
+}
+
+/// Unpins every cgroup link under `pin_path` (and the directory); returns how many.
+pub(super) fn remove_cgroup_links(pin_path: &Path) -> anyhow::Result<usize> {
+    let links_dir = pin_path.join(CGROUP_LINKS_DIR);
+    let entries = match fs::read_dir(&links_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", links_dir.display())),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("listing {}", links_dir.display()))?
+            .path();
+        fs::remove_file(&path).with_context(|| format!("unpinning link {}", path.display()))?;
+        removed += 1;
+    }
+    fs::remove_dir(&links_dir).with_context(|| format!("removing {}", links_dir.display()))?;
+    if removed > 0 {
+        info!(removed, "socket programs detached");
+    }
+    Ok(removed)
+}
+
+/// A cgroup v2 directory's id (the kernel's cgroup id is the directory's inode number on
+/// cgroup2fs), checking it is one.
+fn cgroup_id(cgroup: &Path) -> anyhow::Result<u64> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let c_path = CString::new(cgroup.as_os_str().as_encoded_bytes())
+        .with_context(|| format!("bad path {}", cgroup.display()))?;
+    // SAFETY: statfs is plain data; zeroed is a valid value.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is NUL-terminated, stat is a valid out pointer.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("cgroup {}", cgroup.display()));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between libcs
+    if stat.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "{} is not a cgroup v2 directory (not on a cgroup2 filesystem)",
+            cgroup.display()
+        );
+    }
+    Ok(fs::metadata(cgroup)
+        .with_context(|| format!("cgroup {}", cgroup.display()))?
+        .ino())
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, kernel >= 5.14), as the
+/// programs' `bpf_get_netns_cookie` sees it.
+pub fn own_netns_cookie() -> anyhow::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .context("opening a socket to read the network namespace cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the out pointers are valid for the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .context("getsockopt(SO_NETNS_COOKIE) (kernel 5.14 or later needed)");
+    }
+    Ok(cookie)
+}
+
+// The bpf(2) commands aya does not offer for cgroup links (uapi/linux/bpf.h).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `union bpf_attr` is larger; the kernel wants the bytes it does not know zeroed.
+const ATTR_SIZE: usize = 64;
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a valid, initialised buffer of the size passed.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), ATTR_SIZE) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+fn put_u32(attr: &mut [u8; ATTR_SIZE], offset: usize, value: u32) {
+    attr[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+}
+
+fn put_u64(attr: &mut [u8; ATTR_SIZE], offset: usize, value: u64) {
+    attr[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
+}
+
+/// Opens a pinned object (`BPF_OBJ_GET`: pathname u64, bpf_fd u32, file_flags u32).
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u64(&mut attr, 0, c_path.as_ptr() as u64);
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The cgroup id a cgroup link is attached to (`struct bpf_link_info`: type, id, prog_id,
+/// then at 16 `cgroup.cgroup_id`).
+fn link_cgroup_id(link: BorrowedFd<'_>) -> anyhow::Result<u64> {
+    const BPF_LINK_TYPE_CGROUP: u32 = 3;
+    let mut info = [0u8; 64];
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, link.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, info.len() as u32);
+    put_u64(&mut attr, 8, info.as_mut_ptr() as u64);
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD on a link")?;
+    let link_type = u32::from_ne_bytes(info[0..4].try_into().expect("4 bytes"));
+    if link_type != BPF_LINK_TYPE_CGROUP {
+        bail!("the pinned link is not a cgroup link (type {link_type})");
+    }
+    Ok(u64::from_ne_bytes(
+        info[16..24].try_into().expect("8 bytes"),
+    ))
+}
+
+/// Swaps `prog` into the link (`BPF_LINK_UPDATE`: link_fd u32, new_prog_fd u32, flags u32).
+fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, link.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
