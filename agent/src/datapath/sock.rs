@@ -181,9 +181,9 @@ impl Datapath {
         Ok(entries)
     }
 
-    /// The cgroups (by id) the pinned socket program links are attached to, by program name;
-    /// for tests and `sluice state`.
-    pub fn cgroup_links(&self) -> anyhow::Result<Vec<(String, u64)>> {
+    /// The pinned socket program links: (program, link id, id of the cgroup it runs on), as
+    /// the kernel reports them; for tests and diagnostics.
+    pub fn cgroup_links(&self) -> anyhow::Result<Vec<(String, u32, u64)>> {
         let Some(pin_path) = &self.pin_path else {
             return Ok(Vec::new());
         };
@@ -191,7 +191,10 @@ impl Datapath {
         for name in SOCK_PROGRAMS {
             let path = pin_path.join(CGROUP_LINKS_DIR).join(name);
             match obj_get(&path) {
-                Ok(fd) => links.push((name.to_owned(), link_cgroup_id(fd.as_fd())?)),
+                Ok(fd) => {
+                    let (link_id, cgroup_id) = link_info(fd.as_fd())?;
+                    links.push((name.to_owned(), link_id, cgroup_id));
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
             }
@@ -210,7 +213,7 @@ fn attach_one(
 ) -> anyhow::Result<bool> {
     match obj_get(link_pin) {
         Ok(link) => {
-            let pinned_cgroup = link_cgroup_id(link.as_fd())?;
+            let (_, pinned_cgroup) = link_info(link.as_fd())?;
             if pinned_cgroup == cgroup_id {
                 let prog_fd = program.fd()?;
                 match link_update(link.as_fd(), prog_fd.as_fd()) {
@@ -352,9 +355,9 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The cgroup id a cgroup link is attached to (`struct bpf_link_info`: type, id, prog_id,
-/// then at 16 `cgroup.cgroup_id`).
-fn link_cgroup_id(link: BorrowedFd<'_>) -> anyhow::Result<u64> {
+/// A cgroup link's id and the id of the cgroup it is attached to (`struct bpf_link_info`:
+/// type, id, prog_id, then at 16 `cgroup.cgroup_id`).
+fn link_info(link: BorrowedFd<'_>) -> anyhow::Result<(u32, u64)> {
     const BPF_LINK_TYPE_CGROUP: u32 = 3;
     let mut info = [0u8; 64];
     let mut attr = [0u8; ATTR_SIZE];
@@ -366,8 +369,9 @@ fn link_cgroup_id(link: BorrowedFd<'_>) -> anyhow::Result<u64> {
     if link_type != BPF_LINK_TYPE_CGROUP {
         bail!("the pinned link is not a cgroup link (type {link_type})");
     }
-    Ok(u64::from_ne_bytes(
-        info[16..24].try_into().expect("8 bytes"),
+    Ok((
+        u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes")),
+        u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")),
     ))
 }
 
