@@ -382,3 +382,131 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
     put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
+
+/// What the socket programs do with a `connect()` or `sendmsg()` of the node to a
+/// destination, worked out from the maps the way ebpf/src/sock.rs reads them. `sluice trace
+/// --from host` reports it: `BPF_PROG_RUN` cannot run cgroup `sock_addr` programs, so this is
+/// the same lookups, not a run of the programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketDecision {
+    /// Not a frontend: the socket keeps the address it was given.
+    Untranslated,
+    /// The call fails with `errno` (`ECONNREFUSED`: no endpoints; `EPERM`: none this node may
+    /// use, or a source outside loadBalancerSourceRanges).
+    Refused { errno: i32 },
+    /// The socket gets one of `backends` (TCP: at random; UDP: by socket cookie), or the
+    /// node's affinity backend with sessionAffinity.
+    Translated {
+        backends: Vec<std::net::SocketAddr>,
+        /// The frontend's pods' entry (`SCOPE_POD`) was used.
+        pod_scope: bool,
+        affinity: bool,
+    },
+}
+
+impl Datapath {
+    /// [`SocketDecision`] for the node reaching `dst:dport` over `proto` (IPv4 from the kernel
+    /// maps; IPv6 from what the sync programmed into `services6`).
+    pub fn socket_decision(
+        &self,
+        dst: std::net::IpAddr,
+        dport: u16,
+        proto: u8,
+    ) -> anyhow::Result<SocketDecision> {
+        use sluice_common::{
+            ServiceKey, SCOPE_ALL, SCOPE_POD, SVC_F_AFFINITY, SVC_F_DROP_WHEN_EMPTY,
+            SVC_F_SOURCE_RANGES,
+        };
+        use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+        if proto != sluice_common::PROTO_TCP && proto != sluice_common::PROTO_UDP {
+            return Ok(SocketDecision::Untranslated);
+        }
+        let ip = match dst {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(ip) => {
+                let Some((_, _, _, _, backends)) = self
+                    .programmed_services6()
+                    .into_iter()
+                    .find(|(a, p, pr, _, _)| (*a, *p, *pr) == (ip, dport, proto))
+                else {
+                    return Ok(SocketDecision::Untranslated);
+                };
+                if backends.is_empty() {
+                    return Ok(SocketDecision::Refused {
+                        errno: libc::ECONNREFUSED,
+                    });
+                }
+                return Ok(SocketDecision::Translated {
+                    backends: backends
+                        .iter()
+                        .map(|b| SocketAddr::new(b.ip, b.port))
+                        .collect(),
+                    pod_scope: false,
+                    affinity: false,
+                });
+            }
+        };
+        let maps = self.services.maps();
+        let mut key = ServiceKey {
+            addr: u32::from_ne_bytes(ip.octets()),
+            port: dport.to_be(),
+            proto,
+            scope: SCOPE_POD,
+        };
+        let lookup = |key: &ServiceKey| match maps.services.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if super::sync::is_not_found(&e) => Ok(None),
+            Err(e) => Err(e).context("reading the services map"),
+        };
+        let (service, pod_scope) = match lookup(&key)? {
+            Some(value) => (value, true),
+            None => {
+                key.scope = SCOPE_ALL;
+                match lookup(&key)? {
+                    Some(value) => (value, false),
+                    None => return Ok(SocketDecision::Untranslated),
+                }
+            }
+        };
+        if service.flags & SVC_F_SOURCE_RANGES != 0 {
+            let node_ip = self.node_config.node_ip;
+            let range = super::sync::SourceRange::new(
+                service.id,
+                &ipnet::Ipv4Net::new(Ipv4Addr::from(node_ip.to_ne_bytes()), 32).expect("a /32"),
+            );
+            if maps.source_ranges.get(&range.key(), 0).is_err() {
+                return Ok(SocketDecision::Refused { errno: libc::EPERM });
+            }
+        }
+        if service.backend_count == 0 {
+            let errno = if service.flags & SVC_F_DROP_WHEN_EMPTY != 0 {
+                libc::EPERM
+            } else {
+                libc::ECONNREFUSED
+            };
+            return Ok(SocketDecision::Refused { errno });
+        }
+        let mut backends = Vec::new();
+        for slot in 0..service.backend_count {
+            let backend_key = sluice_common::BackendKey {
+                service_id: service.id,
+                slot,
+            };
+            let backend = maps
+                .backends
+                .get(&backend_key, 0)
+                .with_context(|| format!("reading slot {slot} of service {}", service.id))?;
+            backends.push(SocketAddr::from((
+                Ipv4Addr::from(backend.addr.to_ne_bytes()),
+                u16::from_be(backend.port),
+            )));
+        }
+        backends.sort();
+        backends.dedup();
+        Ok(SocketDecision::Translated {
+            backends,
+            pod_scope,
+            affinity: service.flags & SVC_F_AFFINITY != 0,
+        })
+    }
+}
