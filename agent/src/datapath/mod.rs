@@ -421,8 +421,8 @@ impl Datapath {
             Array::try_from(config6?).with_context(|| stale(MAP_CONFIG6))?;
         let sock = sock::SockMaps {
             config: Array::try_from(sock_config?).with_context(|| stale(MAP_SOCK_CONFIG))?,
-            revnat: HashMap::try_from(sock_revnat?).with_context(|| stale(MAP_SOCK_REVNAT))?,
-            revnat6: HashMap::try_from(sock_revnat6?).with_context(|| stale(MAP_SOCK_REVNAT6))?,
+            _revnat: HashMap::try_from(sock_revnat?).with_context(|| stale(MAP_SOCK_REVNAT))?,
+            _revnat6: HashMap::try_from(sock_revnat6?).with_context(|| stale(MAP_SOCK_REVNAT6))?,
         };
         let node_config6 = config6
             .get(&0, 0)

@@ -35,7 +35,6 @@ use aya::{
 };
 use sluice_common::{
     SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, MAP_SOCK_CONFIG,
-    MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6,
 };
 use tracing::{debug, info};
 
@@ -60,8 +59,8 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
 /// still be loaded: the object's instructions refer to the maps by these file descriptors.
 pub struct SockMaps {
     pub(super) config: Array<MapData, SockConfig>,
-    pub(super) revnat: HashMap<MapData, SockRevKey, SockRevValue>,
-    pub(super) revnat6: HashMap<MapData, SockRevKey6, SockRevValue6>,
+    pub(super) _revnat: HashMap<MapData, SockRevKey, SockRevValue>,
+    pub(super) _revnat6: HashMap<MapData, SockRevKey6, SockRevValue6>,
 }
 
 /// Where and how the socket programs are attached ([`Datapath::attach_cgroup`]).
@@ -141,44 +140,6 @@ impl Datapath {
             return Ok(0);
         };
         remove_cgroup_links(pin_path)
-    }
-
-    /// The translated sockets the socket programs remember: (socket cookie, backend) ->
-    /// frontend, both families as socket addresses.
-    pub fn sock_revnat_entries(
-        &self,
-    ) -> anyhow::Result<Vec<(u64, std::net::SocketAddr, std::net::SocketAddr)>> {
-        use std::net::{Ipv4Addr, SocketAddr};
-        let mut entries = Vec::new();
-        for entry in self.sock.revnat.iter() {
-            let (key, value) = entry.with_context(|| format!("reading {MAP_SOCK_REVNAT}"))?;
-            entries.push((
-                key.cookie,
-                SocketAddr::from((
-                    Ipv4Addr::from(u32::from_be(key.addr)),
-                    u16::from_be(key.port),
-                )),
-                SocketAddr::from((
-                    Ipv4Addr::from(u32::from_be(value.addr)),
-                    u16::from_be(value.port),
-                )),
-            ));
-        }
-        for entry in self.sock.revnat6.iter() {
-            let (key, value) = entry.with_context(|| format!("reading {MAP_SOCK_REVNAT6}"))?;
-            entries.push((
-                key.cookie,
-                SocketAddr::from((
-                    super::sync6::addr6_from_map(key.addr),
-                    u16::from_be(key.port),
-                )),
-                SocketAddr::from((
-                    super::sync6::addr6_from_map(value.addr),
-                    u16::from_be(value.port),
-                )),
-            ));
-        }
-        Ok(entries)
     }
 
     /// The pinned socket program links: (program, link id, id of the cgroup it runs on), as
