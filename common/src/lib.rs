@@ -110,7 +110,9 @@
 //!   socket and `getpeername()` rewrite the backend back to the frontend with it, so the
 //!   application only ever sees the address it used. An entry whose frontend is gone from
 //!   `services` is ignored; LRU eviction removes entries of closed sockets.
-//! * `sock_revnat6`: the same for IPv6 ([`SockRevKey6`] -> [`SockRevValue6`]).
+//! * `sock_revnat6`: the same for IPv6 ([`SockRevKey6`] -> [`SockRevValue6`]). An IPv6 socket
+//!   reaching an IPv4 frontend by its IPv4-mapped address (`::ffff:a.b.c.d`) is balanced on the
+//!   IPv4 maps and remembered in `sock_revnat`.
 #![no_std]
 
 pub mod crc32c;

@@ -65,7 +65,8 @@
 //!  sock_connect4/6, sock_sendmsg4/6 (connect(), unconnected UDP sendmsg())
 //!  1. sock::host_socket         TCP/UDP sockets of the node's namespace (`sock_config`);
 //!                               pods' sockets in the same cgroup keep the tc path
-//!  2. sock::service4/6          the frontend, its pods' entry (SCOPE_POD) first
+//!  2. sock::service4/6          the frontend, its pods' entry (SCOPE_POD) first; an IPv4-mapped
+//!                               address on an IPv6 socket uses the IPv4 maps (balance4)
 //!  3. source ranges, no backends the call fails: EPERM (kube-proxy drops), ECONNREFUSED
 //!                               (no endpoints: kube-proxy rejects)
 //!  4. lb::select_with           sessionAffinity (client: the node IP), else a random backend

@@ -27,8 +27,11 @@
 //! * TCP connections pick a backend at random; a UDP socket picks by its cookie, so all its
 //!   datagrams go to one backend as a conntrack entry would keep them.
 //!
-//! Not covered: SCTP sockets, IPv4-mapped IPv6 addresses (an AF_INET6 socket reaching an IPv4
-//! frontend), connected UDP sockets whose backend goes away (they keep it until reconnected).
+//! An AF_INET6 socket reaching an IPv4 frontend through its IPv4-mapped address
+//! (`::ffff:a.b.c.d`, as dual-stack runtimes do) is balanced like an IPv4 one.
+//!
+//! Not covered: SCTP sockets, connected UDP sockets whose backend goes away (they keep it until
+//! reconnected).
 
 use aya_ebpf::{
     helpers::{
@@ -189,8 +192,28 @@ fn forward4(ctx: &SockAddrContext) -> Result<(), i32> {
     let sa = ctx.sock_addr;
     // SAFETY: reading the program's own context (4-byte loads, as the verifier wants).
     let (addr, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    if let Some((backend_addr, backend_port)) = balance4(ctx, proto, addr, port)? {
+        // SAFETY: writing the program's own context (4-byte stores).
+        unsafe {
+            (*sa).user_ip4 = backend_addr;
+            (*sa).user_port = backend_port as u32;
+        }
+    }
+    Ok(())
+}
+
+/// The backend (address, port) an IPv4 frontend's socket gets, remembered in `sock_revnat`;
+/// `None` when `addr:port` is not a frontend. Shared by the IPv4 programs and the IPv6 ones
+/// for IPv4-mapped addresses (`::ffff:a.b.c.d`, an AF_INET6 socket reaching an IPv4 service).
+#[inline(always)]
+fn balance4(
+    ctx: &SockAddrContext,
+    proto: u8,
+    addr: u32,
+    port: u16,
+) -> Result<Option<(u32, u16)>, i32> {
     let Some(service) = service4(addr, port, proto) else {
-        return Ok(());
+        return Ok(None);
     };
     // The node's packets leave with its address: kube-proxy's source for ranges and affinity.
     let node_ip = masq::config().map_or(0, |c| c.node_ip);
@@ -204,7 +227,7 @@ fn forward4(ctx: &SockAddrContext) -> Result<(), i32> {
     let Some((backend, _slot)) = lb::select_with(&service, node_ip, now, pick(proto, cookie))
     else {
         // The service lost its backends between the two reads: as if it had none yet.
-        return Ok(());
+        return Ok(None);
     };
     let key = SockRevKey {
         cookie,
@@ -221,12 +244,7 @@ fn forward4(ctx: &SockAddrContext) -> Result<(), i32> {
     // An LRU map evicts rather than fails; a lost entry only shows the application the
     // backend's address.
     let _ = SOCK_REVNAT.insert(key, frontend, 0);
-    // SAFETY: writing the program's own context (4-byte stores).
-    unsafe {
-        (*sa).user_ip4 = backend.addr;
-        (*sa).user_port = backend.port as u32;
-    }
-    Ok(())
+    Ok(Some((backend.addr, backend.port)))
 }
 
 /// The backend a translated socket talks to, back to the frontend it asked for.
@@ -238,6 +256,18 @@ fn reverse4(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: reading the program's own context.
     let (addr, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    if let Some((frontend_addr, frontend_port)) = frontend4(ctx, addr, port) {
+        // SAFETY: writing the program's own context.
+        unsafe {
+            (*sa).user_ip4 = frontend_addr;
+            (*sa).user_port = frontend_port as u32;
+        }
+    }
+}
+
+/// The frontend whose backend `addr:port` the socket was given, if it still exists.
+#[inline(always)]
+fn frontend4(ctx: &SockAddrContext, addr: u32, port: u16) -> Option<(u32, u16)> {
     let key = SockRevKey {
         cookie: socket_cookie(ctx),
         addr,
@@ -245,18 +275,22 @@ fn reverse4(ctx: &SockAddrContext) {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    let Some(frontend) = (unsafe { SOCK_REVNAT.get(key).copied() }) else {
-        return;
-    };
+    let frontend = unsafe { SOCK_REVNAT.get(key).copied() }?;
     // A frontend that went away no longer stands for the backend.
-    if service4(frontend.addr, frontend.port, frontend.proto).is_none() {
-        return;
-    }
-    // SAFETY: writing the program's own context.
-    unsafe {
-        (*sa).user_ip4 = frontend.addr;
-        (*sa).user_port = frontend.port as u32;
-    }
+    service4(frontend.addr, frontend.port, frontend.proto)?;
+    Some((frontend.addr, frontend.port))
+}
+
+/// The IPv4 address in an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn v4_mapped(addr: &[u32; 4]) -> Option<u32> {
+    (addr[0] == 0 && addr[1] == 0 && u32::from_be(addr[2]) == 0xffff).then_some(addr[3])
+}
+
+/// `::ffff:<addr>`.
+#[inline(always)]
+fn map_v4(addr: u32) -> [u32; 4] {
+    [0, 0, 0xffffu32.to_be(), addr]
 }
 
 /// The socket's IPv6 address (`user_ip6`, read word by word as the verifier wants).
@@ -328,6 +362,12 @@ fn forward6(ctx: &SockAddrContext) -> Result<(), i32> {
     let addr = user_ip6(ctx);
     // SAFETY: reading the program's own context.
     let port = unsafe { (*ctx.sock_addr).user_port } as u16;
+    if let Some(addr4) = v4_mapped(&addr) {
+        if let Some((backend_addr, backend_port)) = balance4(ctx, proto, addr4, port)? {
+            set_user6(ctx, &map_v4(backend_addr), backend_port);
+        }
+        return Ok(());
+    }
     let Some(service) = service6(addr, port, proto) else {
         return Ok(());
     };
@@ -360,9 +400,16 @@ fn reverse6(ctx: &SockAddrContext) {
     }
     // SAFETY: reading the program's own context.
     let port = unsafe { (*ctx.sock_addr).user_port } as u16;
+    let addr = user_ip6(ctx);
+    if let Some(addr4) = v4_mapped(&addr) {
+        if let Some((frontend_addr, frontend_port)) = frontend4(ctx, addr4, port) {
+            set_user6(ctx, &map_v4(frontend_addr), frontend_port);
+        }
+        return;
+    }
     let key = SockRevKey6 {
         cookie: socket_cookie(ctx),
-        addr: user_ip6(ctx),
+        addr,
         port,
         _pad: [0; 3],
     };

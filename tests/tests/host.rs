@@ -278,6 +278,19 @@ fn node_reaches_a_cluster_ip_over_tcp_and_udp_with_local_and_remote_backends() {
         );
     }
 
+    // An IPv6 socket reaching the ClusterIP through its IPv4-mapped address (as dual-stack
+    // runtimes do) is balanced the same way, and sees the mapped ClusterIP as its peer.
+    let mapped = SocketAddr::from((VIP.to_ipv6_mapped(), 80));
+    for mode in [ProbeMode::Tcp, ProbeMode::Udp, ProbeMode::UdpConnected] {
+        let probed = probe_from_node(&cluster, &cgroup, 1, mode, mapped, 30);
+        let counts = answers(&probed, mapped);
+        assert_eq!(
+            counts.keys().cloned().collect::<BTreeSet<_>>(),
+            names(&[&local, &remote]),
+            "{mode:?} to {mapped}: {counts:?}"
+        );
+    }
+
     // The servers saw the node's own addresses (no source NAT): its node IP for the remote
     // pod, one of its addresses (the pod-facing gateway or the node IP) for the local one.
     let node1 = cluster.node(1);
