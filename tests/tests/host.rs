@@ -547,3 +547,46 @@ fn restarts_swap_the_programs_in_place_and_cleanup_removes_them() {
         "still translated after cleanup: {probed:?}"
     );
 }
+
+#[test]
+fn load_balancer_source_ranges_apply_to_the_node_itself() {
+    let (cluster, cgroup) = cluster("host-ranges", false);
+    let web = web_pod(&cluster, 2, 20);
+    let netns = cluster.node(1).netns_path();
+    let lb = SocketAddr::from((LB_IP, 80));
+
+    // Ranges without the node's address: kube-proxy drops the node's packets to the load
+    // balancer IP; the call fails at once with EPERM. The ClusterIP has no ranges.
+    write_web(
+        &cluster,
+        &[(&web, 2)],
+        "  loadBalancerSourceRanges: [192.0.2.0/24]\n",
+    );
+    wait_until_answered(&cgroup, netns, ProbeMode::Tcp, vip(80));
+    for mode in [ProbeMode::Tcp, ProbeMode::Udp] {
+        let probed = probe_from_node(&cluster, &cgroup, 1, mode, lb, 2);
+        for p in &probed {
+            assert!(
+                matches!(p, Probed::Err { errno, .. } if *errno == libc::EPERM),
+                "{mode:?} to {lb} from outside its source ranges: {p:?}"
+            );
+        }
+    }
+
+    // The node's address in the ranges: balanced.
+    let node_ip = cluster.node(1).node_ip().unwrap();
+    write_web(
+        &cluster,
+        &[(&web, 2)],
+        &format!("  loadBalancerSourceRanges: [\"{node_ip}/32\"]\n"),
+    );
+    wait_until_answered(&cgroup, netns, ProbeMode::Tcp, lb);
+    let probed = probe_from_node(&cluster, &cgroup, 1, ProbeMode::Tcp, lb, 5);
+    assert_eq!(
+        answers(&probed, lb)
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+        names(&[&web])
+    );
+}

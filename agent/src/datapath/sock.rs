@@ -105,8 +105,7 @@ impl Datapath {
                 .try_into()
                 .with_context(|| format!("program `{name}` is not a cgroup sock_addr program"))?;
             if program.fd().is_err() {
-                program
-                    .load()
+                load_retrying(program)
                     .with_context(|| format!("loading program `{name}` into the kernel"))?;
             }
             let link_pin = links_dir.join(name);
@@ -161,6 +160,24 @@ impl Datapath {
             }
         }
         Ok(links)
+    }
+}
+
+/// Loads `program`, again when the kernel says EAGAIN: the verifier gives up with EAGAIN when
+/// the loading thread has a signal pending (also a freezer's), so libbpf retries it, up to 5
+/// times; so does this.
+fn load_retrying(program: &mut CgroupSockAddr) -> Result<(), aya::programs::ProgramError> {
+    let mut attempts = 5;
+    loop {
+        match program.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts > 1 =>
+            {
+                attempts -= 1;
+                debug!("program load interrupted (EAGAIN), retrying");
+            }
+            result => return result,
+        }
     }
 }
 
