@@ -58,6 +58,9 @@ pub struct AgentConfig {
     pub healthz_bind_address: Option<SocketAddr>,
     /// Where healthCheckNodePort servers listen (kube-proxy binds them on all addresses).
     pub health_check_bind_ip: IpAddr,
+    /// The cgroup v2 whose processes of this network namespace get the socket programs
+    /// (host traffic, `datapath::sock`); `None`: none attached (and an earlier agent's removed).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// Runs the agent until `shutdown` completes. The pinned datapath stays in place afterwards.
@@ -68,6 +71,21 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             config.pin_path.display()
         )
     })?;
+    match &config.cgroup_root {
+        Some(cgroup) => {
+            datapath.attach_cgroup(cgroup).with_context(|| {
+                format!(
+                    "attaching the socket programs (host traffic) to cgroup {}",
+                    cgroup.display()
+                )
+            })?;
+        }
+        None => {
+            datapath
+                .detach_cgroup()
+                .context("detaching an earlier agent's socket programs")?;
+        }
+    }
 
     let proxy_health = Arc::new(ProxyHealth::new(HEALTH_TIMEOUT));
     let _healthz = match config.healthz_bind_address {

@@ -49,6 +49,12 @@ enum Command {
         /// Address healthCheckNodePort servers listen on.
         #[arg(long, default_value = "0.0.0.0")]
         health_check_bind_ip: std::net::IpAddr,
+        /// A cgroup v2 directory (usually the host's root, /sys/fs/cgroup): its processes in
+        /// the agent's network namespace (the kubelet, hostNetwork pods) have their connect()
+        /// and UDP sendmsg() to services balanced by socket programs. Without it, traffic the
+        /// node itself sends to a service is not translated.
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
     },
     /// Push a synthetic packet through the real programs (BPF_PROG_RUN) with maps filled from
     /// manifests, and show what the datapath does with it. Never touches a running agent.
@@ -83,6 +89,7 @@ fn main() -> ExitCode {
             node,
             healthz_bind_address,
             health_check_bind_ip,
+            cgroup_root,
         } => agent_config(
             manifests,
             config,
@@ -100,6 +107,7 @@ fn main() -> ExitCode {
                     .healthz_bind_address
                     .unwrap_or(Some(DEFAULT_HEALTHZ_BIND_ADDRESS)),
                 health_check_bind_ip,
+                cgroup_root,
                 pin_path,
                 resync_interval: Duration::from_secs(resync_interval.max(1)),
             })

@@ -19,6 +19,9 @@
 //! | `backends6`       | hash             | [`BackendKey`]       | [`Backend6`]     | agent      |
 //! | `conntrack6`      | LRU hash         | [`CtKey6`]           | [`CtValue6`]     | programs   |
 //! | `config6`         | array, 1 entry   | `u32` 0              | [`NodeConfig6`]  | agent      |
+//! | `sock_config`     | array, 1 entry   | `u32` 0              | [`SockConfig`]   | agent      |
+//! | `sock_revnat`     | LRU hash         | [`SockRevKey`]       | [`SockRevValue`] | socket programs |
+//! | `sock_revnat6`    | LRU hash         | [`SockRevKey6`]      | [`SockRevValue6`]| socket programs |
 //!
 //! ## services and backends
 //!
@@ -87,6 +90,29 @@
 //! [`HAIRPIN6_SNAT_ADDR`]; no other source NAT (masqueradeAll, off-cluster sources), affinity,
 //! source ranges or ICMPv6 error translation. The agent programs only the
 //! IPv6 frontends that subset serves correctly (see `agent/src/datapath/sync6.rs`).
+//!
+//! ## host traffic (socket programs)
+//!
+//! Processes in the node's own network namespace (the kubelet, hostNetwork pods) are balanced
+//! when they address a socket, by cgroup `sock_addr` programs (ebpf/src/sock.rs), not per
+//! packet: `connect()` and an unconnected UDP `sendmsg()` to a frontend get the backend's
+//! address instead, so the packets leave already addressed to the backend and need no
+//! conntrack entry. They use the same `services`/`backends`/`affinity` entries as the tc
+//! programs (the [`SCOPE_POD`] entry first, as kube-proxy sends the node's own traffic to an
+//! externalTrafficPolicy Local frontend's cluster-wide endpoints) and `services6`/`backends6`.
+//!
+//! * `sock_config` ([`SockConfig`]) holds the cookie of the node's network namespace. The
+//!   programs run for every process of the cgroup they are attached to, pods included, whose
+//!   sockets live in other namespaces and must keep the tc path: a socket whose namespace
+//!   cookie differs is left alone. 0 (not written yet): nothing is translated.
+//! * `sock_revnat` ([`SockRevKey`] -> [`SockRevValue`]): (socket cookie, backend address, port)
+//!   -> the frontend the socket asked for, written at each translation. `recvmsg()` of a UDP
+//!   socket and `getpeername()` rewrite the backend back to the frontend with it, so the
+//!   application only ever sees the address it used. An entry whose frontend is gone from
+//!   `services` is ignored; LRU eviction removes entries of closed sockets.
+//! * `sock_revnat6`: the same for IPv6 ([`SockRevKey6`] -> [`SockRevValue6`]). An IPv6 socket
+//!   reaching an IPv4 frontend by its IPv4-mapped address (`::ffff:a.b.c.d`) is balanced on the
+//!   IPv4 maps and remembered in `sock_revnat`.
 #![no_std]
 
 pub mod crc32c;
@@ -106,12 +132,17 @@ pub const MAP_SERVICES6: &str = "services6";
 pub const MAP_BACKENDS6: &str = "backends6";
 pub const MAP_CONNTRACK6: &str = "conntrack6";
 pub const MAP_CONFIG6: &str = "config6";
+pub const MAP_SOCK_CONFIG: &str = "sock_config";
+pub const MAP_SOCK_REVNAT: &str = "sock_revnat";
+pub const MAP_SOCK_REVNAT6: &str = "sock_revnat6";
 
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
+/// Translated host sockets remembered for their replies (`sock_revnat`, `sock_revnat6`).
+pub const MAX_SOCK_REVNAT: u32 = 65_536;
 /// Cluster CIDRs [`NodeConfig`] holds; the programs check them all, unrolled.
 pub const MAX_CLUSTER_CIDRS: usize = 8;
 
@@ -365,6 +396,61 @@ pub struct NodeConfig6 {
     pub node_ip: [u32; 4],
 }
 
+/// The socket programs' context (`sock_config` map, entry 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockConfig {
+    /// Cookie of the node's network namespace (`SO_NETNS_COOKIE`, as
+    /// `bpf_get_netns_cookie` returns it): only sockets of that namespace are translated. 0:
+    /// unknown, nothing is.
+    pub netns_cookie: u64,
+}
+
+/// A translated socket and the backend it was sent to (`sock_revnat`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie`: unique per socket for the life of the system.
+    pub cookie: u64,
+    /// The backend's address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The frontend a socket addressed (`sock_revnat` value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevValue {
+    /// The frontend's address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    /// The protocol, to find the frontend in `services` again.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// [`SockRevKey`]'s IPv6 twin (`sock_revnat6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey6 {
+    pub cookie: u64,
+    /// The backend's address (as in the packet) and port (network byte order).
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// [`SockRevValue`]'s IPv6 twin.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevValue6 {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
 /// Prefix length of a `source_ranges` entry for a range of `bits` bits.
 pub const fn source_range_prefix_len(bits: u32) -> u32 {
     32 + bits
@@ -452,6 +538,11 @@ mod pod {
     unsafe impl aya::Pod for CtKey6 {}
     unsafe impl aya::Pod for CtValue6 {}
     unsafe impl aya::Pod for NodeConfig6 {}
+    unsafe impl aya::Pod for SockConfig {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for SockRevKey6 {}
+    unsafe impl aya::Pod for SockRevValue6 {}
 }
 
 #[cfg(test)]
@@ -478,6 +569,11 @@ mod tests {
         assert_eq!(size_of::<CtKey6>(), 40);
         assert_eq!(size_of::<CtValue6>(), 56);
         assert_eq!(size_of::<NodeConfig6>(), 16);
+        assert_eq!(size_of::<SockConfig>(), 8);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockRevValue>(), 8);
+        assert_eq!(size_of::<SockRevKey6>(), 32);
+        assert_eq!(size_of::<SockRevValue6>(), 20);
     }
 
     #[test]

@@ -60,8 +60,22 @@ pub fn source_allowed(service_id: u32, saddr: u32) -> bool {
 /// affinity). `None` only when the service lost its backends meanwhile.
 #[inline(always)]
 pub fn select(service: &ServiceValue, client: u32, now: u64) -> Option<(Backend, u32)> {
+    // SAFETY: a helper call without arguments.
+    select_with(service, client, now, unsafe { bpf_get_prandom_u32() })
+}
+
+/// [`select`], with `pick` choosing the slot (`pick % backend_count`) instead of a random
+/// number: the socket programs pick by socket cookie so every datagram of a UDP socket goes
+/// to the same backend.
+#[inline(always)]
+pub fn select_with(
+    service: &ServiceValue,
+    client: u32,
+    now: u64,
+    pick: u32,
+) -> Option<(Backend, u32)> {
     if service.flags & SVC_F_AFFINITY == 0 {
-        return random_backend(service);
+        return random_backend(service, pick);
     }
     let key = AffinityKey {
         service_id: service.id,
@@ -69,7 +83,7 @@ pub fn select(service: &ServiceValue, client: u32, now: u64) -> Option<(Backend,
     };
     let (backend, slot) = match affinity_backend(service, &key, now) {
         Some(backend) => (backend, CT_SLOT_UNKNOWN),
-        None => random_backend(service)?,
+        None => random_backend(service, pick)?,
     };
     let value = AffinityValue {
         backend,
@@ -143,14 +157,14 @@ fn still_in_slot(service: &ServiceValue, entry: &CtValue) -> bool {
     }
 }
 
-/// One of the service's slots, uniformly at random, with its slot.
+/// The service's slot `pick % backend_count` (`pick` random: uniformly at random), with its
+/// slot.
 #[inline(always)]
-fn random_backend(service: &ServiceValue) -> Option<(Backend, u32)> {
+fn random_backend(service: &ServiceValue, pick: u32) -> Option<(Backend, u32)> {
     if service.backend_count == 0 {
         return None;
     }
-    // SAFETY: a helper call without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
+    let slot = pick % service.backend_count;
     let mut bkey = BackendKey {
         service_id: service.id,
         slot,

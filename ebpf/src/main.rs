@@ -57,6 +57,27 @@
 //!     nat::reverse              routing: source back to the frontend (and the client)
 //! ```
 //!
+//! Host traffic (processes in the node's own network namespace: the kubelet, hostNetwork
+//! pods) meets no tc program on its way out; cgroup `sock_addr` programs (sock.rs, attached to
+//! the cgroup the agent is given) balance it when a socket is addressed, before any packet:
+//!
+//! ```text
+//!  sock_connect4/6, sock_sendmsg4/6 (connect(), unconnected UDP sendmsg())
+//!  1. sock::host_socket         TCP/UDP sockets of the node's namespace (`sock_config`);
+//!                               pods' sockets in the same cgroup keep the tc path
+//!  2. sock::service4/6          the frontend, its pods' entry (SCOPE_POD) first; an IPv4-mapped
+//!                               address on an IPv6 socket uses the IPv4 maps (balance4)
+//!  3. source ranges, no backends the call fails: EPERM (kube-proxy drops), ECONNREFUSED
+//!                               (no endpoints: kube-proxy rejects)
+//!  4. lb::select_with           sessionAffinity (client: the node IP), else a random backend
+//!                               (TCP) or the socket cookie's (UDP: one backend per socket)
+//!  5. sock_revnat(6)            (socket cookie, backend) -> frontend, for the way back
+//!  6. rewrite                   the socket's address becomes the backend's
+//!
+//!  sock_recvmsg4/6 (UDP), sock_getpeername4/6
+//!  1. sock::host_socket, sock_revnat(6) lookup: the backend's address back to the frontend's
+//! ```
+//!
 //! Drops and the programs' own answers are counted by reason in `drops` (`stats::record`).
 //! The maps and their layout are described in `sluice-common` (common/src/lib.rs).
 #![no_std]
@@ -71,6 +92,7 @@ mod nat;
 mod parse;
 mod reject;
 mod route;
+mod sock;
 mod stats;
 mod v6;
 

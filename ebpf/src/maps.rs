@@ -12,8 +12,9 @@ use aya_ebpf::{
 };
 use sluice_common::{
     AffinityKey, AffinityValue, Backend, Backend6, BackendKey, CtKey, CtKey6, CtValue, CtValue6,
-    NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES, REASON_COUNT,
+    NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceValue, SockConfig, SockRevKey,
+    SockRevKey6, SockRevValue, SockRevValue6, SourceRangeKey, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, REASON_COUNT,
 };
 
 #[map(name = "services")]
@@ -52,3 +53,14 @@ pub static CONNTRACK6: LruHashMap<CtKey6, CtValue6> =
 
 #[map(name = "config6")]
 pub static CONFIG6: Array<NodeConfig6> = Array::with_max_entries(1, 0);
+
+#[map(name = "sock_config")]
+pub static SOCK_CONFIG: Array<SockConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "sock_revnat")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(MAX_SOCK_REVNAT, 0);
+
+#[map(name = "sock_revnat6")]
+pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, SockRevValue6> =
+    LruHashMap::with_max_entries(MAX_SOCK_REVNAT, 0);

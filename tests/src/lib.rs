@@ -154,6 +154,7 @@
 //! ```
 
 pub mod apiserver;
+pub mod cgroup;
 pub mod client;
 pub mod cluster;
 mod cmd;

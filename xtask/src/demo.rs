@@ -4,8 +4,9 @@
 //! own network) run the platform's pods with the guide's IPs; one `sluice agent` per node
 //! reads `examples/ecommerce/`, and the demo sends requests the way the guide's traffic flows
 //! (ingress -> frontend -> backend -> redis, postgres through its headless service), then from
-//! outside through the guide's NodePort and LoadBalancer examples, printing which pod answered
-//! and which client address it saw. Then it scales the backend up, and the new pod starts
+//! outside through the guide's NodePort and LoadBalancer examples and from node 1 itself (its
+//! own sockets, balanced by the socket programs), printing which pod answered and which client
+//! address it saw. Then it scales the backend up, and the new pod starts
 //! receiving without a restart.
 
 use std::{
@@ -18,9 +19,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use sluice_testbed::{
+    cgroup::{ProbeMode, Probed, TestCgroup},
     client::{ReplyAny, RequestError},
     retry_until,
-    sluice::SluiceCluster,
+    sluice::{sluice_bin, SluiceCluster},
     tally, Pod,
 };
 
@@ -39,11 +41,18 @@ const PODS: &[(&str, usize, [u8; 4], u16)] = &[
 ];
 
 pub fn run(root: &Path) -> Result<()> {
-    crate::run(
-        Command::new("cargo")
-            .current_dir(root)
-            .args(["build", "--quiet", "-p", "sluice"]),
-    )?;
+    crate::run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--quiet",
+        "-p",
+        "sluice",
+        "-p",
+        "sluice-testbed",
+        "--bin",
+        "sluice",
+        "--bin",
+        "sluice-probe",
+    ]))?;
     // SluiceCluster runs the binary next to this one (target/debug/sluice), built just above.
     let mut cluster = SluiceCluster::new("demo", 2)?;
     let ingress = cluster
@@ -86,7 +95,12 @@ pub fn run(root: &Path) -> Result<()> {
             names.join(", ")
         );
     }
-    cluster.start_agents()?;
+    // Node 1's agent also balances the node's own sockets (a test cgroup stands for the host's
+    // root cgroup); node 2's does not.
+    let host_cgroup = TestCgroup::new()?;
+    let cgroup_arg = host_cgroup.path().to_string_lossy().into_owned();
+    cluster.start_agent(1, &["--cgroup-root", &cgroup_arg])?;
+    cluster.start_agent(2, &[])?;
 
     println!();
     println!("{:<58} {:>5}  answered by", "request", "count");
@@ -154,6 +168,46 @@ pub fn run(root: &Path) -> Result<()> {
     }
     println!("  (externalTrafficPolicy: Cluster keeps the client address for a backend on the");
     println!("   node the request arrived at, and masquerades to that node's IP for the other)");
+
+    println!();
+    println!(
+        "From node-1 itself (a host-network process such as the kubelet, balanced at connect()):"
+    );
+    let probe = sluice_bin().with_file_name("sluice-probe");
+    let backend_service = svc([10, 96, 0, 1], 8080);
+    let probed = host_cgroup.probe(
+        &probe,
+        cluster.node(1).netns_path(),
+        ProbeMode::Tcp,
+        backend_service,
+        60,
+        TIMEOUT,
+    )?;
+    let mut spread: BTreeMap<String, usize> = BTreeMap::new();
+    let mut wrong_peer = false;
+    for p in &probed {
+        match p {
+            Probed::Ok { peer, text } => {
+                wrong_peer |= *peer != backend_service;
+                *spread.entry(text.clone()).or_default() += 1;
+            }
+            Probed::Err { message, .. } => {
+                *spread.entry(format!("error: {message}")).or_default() += 1
+            }
+        }
+    }
+    let spread: Vec<String> = spread.iter().map(|(p, n)| format!("{p} x{n}")).collect();
+    println!(
+        "{:<58} {:>5}  {}{}",
+        format!("node-1 -> backend-service {backend_service}"),
+        probed.len(),
+        spread.join(", "),
+        if wrong_peer {
+            "  (getpeername() NOT the service address!)"
+        } else {
+            ""
+        }
+    );
 
     println!();
     println!(

@@ -13,6 +13,8 @@
 //! <pin>/links/<ifindex>-world-ingress               tcx link running `from_world` on an
 //!                                                   external interface
 //! <pin>/links/<ifindex>-world-egress                tcx link running `to_world`
+//! <pin>/sock_config, sock_revnat, sock_revnat6,     host traffic: the socket programs' maps
+//! <pin>/cgroup-links/<program>                      and cgroup links (sock.rs)
 //! ```
 //!
 //! Pins keep the datapath running while no agent runs: dropping a [`Datapath`] detaches nothing,
@@ -25,6 +27,7 @@
 //! `sluice trace`): it never touches a running agent's maps or bpffs at all.
 
 pub mod purge;
+pub mod sock;
 pub mod sync;
 pub mod sync6;
 pub mod wire;
@@ -52,8 +55,8 @@ use sluice_common::{
     AffinityKey, AffinityValue, CtKey, CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, Reason,
     CB_REASON_MAGIC, CB_REASON_MASK, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG,
     MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_SERVICES, MAP_SERVICES6,
-    MAP_SOURCE_RANGES, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES,
-    REASON_COUNT,
+    MAP_SOCK_CONFIG, MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, REASON_COUNT,
 };
 use tracing::{debug, info, warn};
 
@@ -154,7 +157,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-const MAPS: [MapSpec; 11] = [
+const MAPS: [MapSpec; 14] = [
     MapSpec {
         name: MAP_SERVICES,
         map_type: MapType::Hash,
@@ -210,6 +213,21 @@ const MAPS: [MapSpec; 11] = [
         map_type: MapType::Array,
         max_entries: 1,
     },
+    MapSpec {
+        name: MAP_SOCK_CONFIG,
+        map_type: MapType::Array,
+        max_entries: 1,
+    },
+    MapSpec {
+        name: MAP_SOCK_REVNAT,
+        map_type: MapType::LruHash,
+        max_entries: MAX_SOCK_REVNAT,
+    },
+    MapSpec {
+        name: MAP_SOCK_REVNAT6,
+        map_type: MapType::LruHash,
+        max_entries: MAX_SOCK_REVNAT,
+    },
 ];
 
 /// The eBPF object built by `build.rs`.
@@ -239,6 +257,8 @@ pub struct Datapath {
     node_config: NodeConfig,
     config6: Array<MapData, NodeConfig6>,
     node_config6: NodeConfig6,
+    /// The socket programs' own maps (host traffic, sock.rs).
+    sock: sock::SockMaps,
     /// `None` for a datapath with private maps.
     pin_path: Option<PathBuf>,
     attached: BTreeMap<u32, (Role, Attachment)>,
@@ -376,7 +396,7 @@ impl Datapath {
             }
             Ok(map)
         });
-        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6] =
+        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6] =
             maps;
         let stale = |name| {
             format!(
@@ -399,6 +419,11 @@ impl Datapath {
         let conntrack6 = HashMap::try_from(conntrack6?).with_context(|| stale(MAP_CONNTRACK6))?;
         let config6: Array<MapData, NodeConfig6> =
             Array::try_from(config6?).with_context(|| stale(MAP_CONFIG6))?;
+        let sock = sock::SockMaps {
+            config: Array::try_from(sock_config?).with_context(|| stale(MAP_SOCK_CONFIG))?,
+            _revnat: HashMap::try_from(sock_revnat?).with_context(|| stale(MAP_SOCK_REVNAT))?,
+            _revnat6: HashMap::try_from(sock_revnat6?).with_context(|| stale(MAP_SOCK_REVNAT6))?,
+        };
         let node_config6 = config6
             .get(&0, 0)
             .with_context(|| format!("reading {}", describe(MAP_CONFIG6)))?;
@@ -449,6 +474,7 @@ impl Datapath {
             config,
             drops,
             node_config,
+            sock,
             pin_path,
             attached: BTreeMap::new(),
         })
@@ -876,6 +902,7 @@ impl Datapath {
             fs::remove_dir(&links_dir)
                 .with_context(|| format!("removing {}", links_dir.display()))?;
         }
+        sock::remove_cgroup_links(pin_path)?;
         for spec in &MAPS {
             let path = pin_path.join(spec.name);
             match fs::remove_file(&path) {

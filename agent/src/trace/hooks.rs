@@ -122,6 +122,11 @@ const FROM_BACKEND_NODE: Hop = Hop {
     at: "tc ingress of the node's external interface, from the backend's node",
 };
 
+/// Why a trace runs no program on a packet the host sends.
+pub const HOST_UNHOOKED: &str = "sent by the host: its sockets are translated at connect() and \
+    sendmsg() by the socket programs (cgroup sock_addr, with `sluice agent --cgroup-root`), \
+    which BPF_PROG_RUN cannot run; their decision is read from the same maps";
+
 /// The table. A packet a pod sends meets `from_pod` as it leaves the pod; a packet from outside
 /// the node meets `from_world` on the external interface it arrives on. (A forwarded packet also
 /// crosses `to_pod` of a local backend's veth or `to_world` on its way out; those translate
@@ -134,10 +139,7 @@ pub fn path(entry: EntryPoint) -> PacketPath {
         },
         EntryPoint::Host => PacketPath {
             forward: &[],
-            unhooked: Some(
-                "no Sluice hook handles packets sent by the host (its own sockets reach services \
-                 untranslated); the packet leaves untranslated",
-            ),
+            unhooked: Some(HOST_UNHOOKED),
         },
         EntryPoint::External => PacketPath {
             forward: &[FROM_WORLD],

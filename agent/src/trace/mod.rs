@@ -18,6 +18,7 @@
 
 pub mod engine;
 pub mod hooks;
+pub mod host;
 pub mod report;
 pub mod spec;
 pub mod verdict;
@@ -170,7 +171,14 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
             .collect(),
     };
     let trace = engine::trace(&mut runner, entry, flow, options).map_err(failed)?;
-    let report = Report::new(&trace, &desired);
+    let mut report = Report::new(&trace, &desired);
+    if entry == EntryPoint::Host {
+        let decision = datapath
+            .socket_decision(flow.dst, flow.dport, flow.proto)
+            .context("reading the socket programs' decision from the private maps")
+            .map_err(failed)?;
+        host::apply(&mut report, &flow, &decision);
+    }
     Ok(if args.json {
         let mut json = serde_json::to_string_pretty(&report).expect("a report serialises");
         json.push('\n');

@@ -34,6 +34,15 @@
 //!              "seen_as": answer as the sender gets it (null if not delivered),
 //!              "from_original_destination": bool, "reason": string or null}
 //! warnings    odd things the programs did (broken checksums, --all surprises); usually []
+//! socket      with --from host, what the socket programs (cgroup sock_addr, which balance the
+//!             node's own sockets) decide, read from the same maps: BPF_PROG_RUN cannot run
+//!             them, so `programs` stays empty and verdict, backend(s), packet and reason say
+//!             this decision: DNAT (backends: those one is picked from; backend and packet only
+//!             when there is one), REJECT or DROP (the call fails: no packet), PASS (not a
+//!             frontend). Else null. (host.rs)
+//!             {"programs": [...], "outcome": "translated" | "refused" | "untranslated",
+//!              "errno": "ECONNREFUSED" | "EPERM" | null, "backends": ["IP:PORT", ...],
+//!              "scope": "pod" | "all" | null, "affinity": bool}
 //! ```
 
 use std::{fmt::Write as _, net::IpAddr};
@@ -106,6 +115,7 @@ pub struct Report {
     pub service: Option<ServiceReport>,
     pub reply: Option<ReplyReport>,
     pub warnings: Vec<String>,
+    pub socket: Option<super::host::SocketReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -212,6 +222,7 @@ impl Report {
             },
             reply: trace.reply.as_ref().map(reply_report),
             warnings,
+            socket: None,
         }
     }
 
@@ -234,6 +245,20 @@ impl Report {
             )
         };
         line("from", &format!("{}: {hooks}", self.from));
+        if let Some(socket) = &self.socket {
+            let decision = match (socket.outcome, socket.errno) {
+                (_, Some(errno)) => format!("the call fails with {errno}"),
+                ("translated", _) => format!("the socket gets {}", socket.backends.join(" or ")),
+                _ => "the socket keeps its address".to_string(),
+            };
+            line(
+                "socket",
+                &format!(
+                    "{}: {decision} (read from the maps, not run)",
+                    socket.programs.join(", ")
+                ),
+            );
+        }
         line(
             "service",
             &match &self.service {
@@ -687,7 +712,78 @@ mod tests {
         let report = Report::new(&trace, &state());
         assert_eq!(report.verdict, Verdict::Pass);
         assert!(report.programs.is_empty());
-        assert!(report.reason.unwrap().starts_with("no Sluice hook handles"));
+        assert_eq!(report.reason.as_deref(), Some(hooks::HOST_UNHOOKED));
+    }
+
+    #[test]
+    fn trace_report_from_the_host_is_the_socket_programs_decision() {
+        use crate::datapath::sock::SocketDecision;
+        use crate::trace::host;
+        let input = flow("10.96.0.1", 80, PROTO_TCP);
+        let mut trace = trace_of(input, untouched(input));
+        trace.entry = EntryPoint::Host;
+        trace.path = hooks::path(EntryPoint::Host);
+        let with = |decision: SocketDecision| {
+            let mut report = Report::new(&trace, &state());
+            host::apply(&mut report, &input, &decision);
+            report
+        };
+        let b1: std::net::SocketAddr = "10.244.1.5:8080".parse().unwrap();
+        let b2: std::net::SocketAddr = "10.244.2.5:8080".parse().unwrap();
+
+        let one = with(SocketDecision::Translated {
+            backends: vec![b1],
+            pod_scope: false,
+            affinity: false,
+        });
+        assert_eq!(one.verdict, Verdict::Dnat);
+        assert!(one.programs.is_empty(), "no program ran");
+        assert_eq!(one.backend.as_deref(), Some("10.244.1.5:8080"));
+        assert_eq!(
+            one.packet.as_deref(),
+            Some("tcp 10.244.0.5:40000 -> 10.244.1.5:8080")
+        );
+        let socket = one.socket.as_ref().unwrap();
+        assert_eq!(socket.programs, ["sock_connect4", "sock_getpeername4"]);
+        assert_eq!((socket.outcome, socket.scope), ("translated", Some("all")));
+
+        let two = with(SocketDecision::Translated {
+            backends: vec![b1, b2],
+            pod_scope: true,
+            affinity: true,
+        });
+        assert_eq!((two.verdict, two.backend.as_deref()), (Verdict::Dnat, None));
+        assert_eq!(
+            two.packet, None,
+            "which backend is the programs' pick at connect()"
+        );
+        assert_eq!(two.backends, Some(vec![b1.to_string(), b2.to_string()]));
+        assert!(two.reason.as_ref().unwrap().contains("sessionAffinity"));
+        assert!(two
+            .human(&trace)
+            .contains("the socket gets 10.244.1.5:8080 or 10.244.2.5:8080"));
+
+        let refused = with(SocketDecision::Refused {
+            errno: libc::ECONNREFUSED,
+        });
+        assert_eq!(
+            (refused.verdict, refused.packet.as_deref()),
+            (Verdict::Reject, None)
+        );
+        assert!(refused
+            .reason
+            .unwrap()
+            .ends_with("connect() fails at once with ECONNREFUSED (the service has no endpoints)"));
+        let dropped = with(SocketDecision::Refused { errno: libc::EPERM });
+        assert_eq!(dropped.verdict, Verdict::Drop);
+        assert_eq!(dropped.socket.unwrap().errno, Some("EPERM"));
+
+        let untranslated = with(SocketDecision::Untranslated);
+        assert_eq!(untranslated.verdict, Verdict::Pass);
+        assert!(untranslated
+            .reason
+            .unwrap()
+            .ends_with("not a frontend, the socket keeps its address"));
     }
 
     #[test]

@@ -15,4 +15,5 @@ mod clusterip;
 mod ipv6;
 mod pinning;
 mod services;
+mod sock;
 mod traffic;
