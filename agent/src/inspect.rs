@@ -884,6 +884,7 @@ mod tests {
             kind: 0,
             _pad: 0,
             affinity_timeout: 0,
+            affinity_id: 0,
         }
     }
 

@@ -64,7 +64,7 @@ pub fn select(service: &ServiceValue, client: u32, now: u64) -> Option<(Backend,
         return random_backend(service);
     }
     let key = AffinityKey {
-        service_id: service.id,
+        affinity_id: service.affinity_id,
         client,
     };
     let (backend, slot) = match affinity_backend(service, &key, now) {
@@ -107,7 +107,7 @@ pub fn keep_on_syn(service: &ServiceValue, entry: &CtValue, client: u32, now: u6
         return false;
     }
     let key = AffinityKey {
-        service_id: service.id,
+        affinity_id: service.affinity_id,
         client,
     };
     match affinity_backend(service, &key, now) {

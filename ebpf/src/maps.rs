@@ -11,10 +11,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use sluice_common::{
-    AffinityKey, AffinityValue, Backend, Backend6, BackendKey, CtKey, CtKey6, CtValue, CtValue6,
-    NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES, REASON_COUNT,
+    AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, Backend, Backend6, BackendKey, CtKey,
+    CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceValue,
+    SourceRangeKey, SourceRangeKey6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+    MAX_SOURCE_RANGES, REASON_COUNT,
 };
+
+use crate::v6::Scratch6;
 
 #[map(name = "services")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -52,3 +55,15 @@ pub static CONNTRACK6: LruHashMap<CtKey6, CtValue6> =
 
 #[map(name = "config6")]
 pub static CONFIG6: Array<NodeConfig6> = Array::with_max_entries(1, 0);
+
+#[map(name = "affinity6")]
+pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue6> =
+    LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+
+#[map(name = "source_ranges6")]
+pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u8> =
+    LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
+
+/// The IPv6 path's working space (v6/mod.rs), one per CPU; never pinned.
+#[map(name = "scratch6")]
+pub static SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);
