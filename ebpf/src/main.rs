@@ -14,10 +14,10 @@
 //! the external interfaces: packets from outside the node) run the same steps:
 //!
 //! ```text
+//!  0. v6::is_ipv6              an IPv6 frame goes to v6::ingress: the same steps on the
+//!                               IPv6 maps (listed in v6/mod.rs), in a stack frame of its own
 //!  1. parse::parse              IPv4 TCP/UDP/SCTP, or an ICMP error quoting such a packet;
-//!                               IPv6 TCP/UDP/SCTP goes to v6::ingress (the same steps on the
-//!                               IPv6 maps, a subset: see v6.rs); everything else passes
-//!                               untouched
+//!                               everything else passes untouched
 //!  2. icmp::ingress             an ICMP error about a translated flow is translated like the
 //!                               flow's packets (its reply, or its client's packet)
 //!  3. conntrack::lookup (reply) a reply of a flow that skips the host's routing
@@ -51,7 +51,8 @@
 //! interfaces): packets leaving the node's routing
 //!
 //! ```text
-//!  1. parse::parse              (IPv6: v6::egress)
+//!  0. v6::is_ipv6              (IPv6: v6::egress)
+//!  1. parse::parse
 //!  2. icmp::egress              an ICMP error about a flow, toward its client
 //!  3. conntrack::lookup (reply) a reply of a translated flow that went through the host's
 //!     nat::reverse              routing: source back to the frontend (and the client)

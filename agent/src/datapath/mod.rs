@@ -733,6 +733,16 @@ impl Datapath {
         self.services6.programmed()
     }
 
+    /// How many backends the IPv6 `frontend`'s entry of `scope` (`SCOPE_ALL`, `SCOPE_POD`)
+    /// has, if it is programmed.
+    pub fn backend_count6(&self, frontend: &Frontend, scope: u8) -> Option<usize> {
+        let key = sluice_common::ServiceKey6 {
+            scope,
+            ..sync6::service_key6(frontend)?
+        };
+        self.services6.backend_count(&key)
+    }
+
     /// Deletes the `conntrack6` entries of UDP and SCTP flows to removed backends.
     fn purge_removed_conntrack6(
         &mut self,

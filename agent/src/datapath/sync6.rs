@@ -476,6 +476,11 @@ impl Ipv6Sync {
         Ok(())
     }
 
+    /// How many backends the entry `key` of `services6` has, if it is programmed.
+    pub fn backend_count(&self, key: &ServiceKey6) -> Option<usize> {
+        self.mirror.get(key).map(|p| p.backends.len())
+    }
+
     /// The IPv6 frontends the maps hold with their backends, for `sluice state` and tests.
     pub fn programmed(&self) -> Vec<(Ipv6Addr, u16, u8, u32, Vec<BackendAddr>)> {
         self.mirror
