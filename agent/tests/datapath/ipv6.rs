@@ -206,9 +206,10 @@ fn ipv6_hairpin_is_masqueraded_to_the_service_loopback_and_sent_back() {
         dst: pod,
         dport: 8080,
     };
+    // Sent back without the kernel's forwarding: the program decremented the hop limit.
     assert_eq!(
         out[ETH_HLEN..],
-        tcp6_packet(&hairpinned, TCP_SYN, &[])[ETH_HLEN..]
+        with_hop_limit(&tcp6_packet(&hairpinned, TCP_SYN, &[]), 63)[ETH_HLEN..]
     );
 
     let answer = tcp6_packet(&hairpinned.reversed(), TCP_SYN | TCP_ACK, &[]);
@@ -216,7 +217,7 @@ fn ipv6_hairpin_is_masqueraded_to_the_service_loopback_and_sent_back() {
     assert_bounced(&answer, &out);
     assert_eq!(
         out[ETH_HLEN..],
-        tcp6_packet(&flow.reversed(), TCP_SYN | TCP_ACK, &[])[ETH_HLEN..]
+        with_hop_limit(&tcp6_packet(&flow.reversed(), TCP_SYN | TCP_ACK, &[]), 63)[ETH_HLEN..]
     );
 }
 
@@ -747,7 +748,7 @@ fn ipv6_icmp_errors_about_translated_flows_are_translated_back() {
         CLIENT6,
         1,
         4,
-        &error_body(0, &with_l4_csum(&query, &dnated)),
+        &error_body(0, &as_quoted(&query, &dnated)),
     );
     assert_eq!(
         out[ETH_HLEN..],
@@ -781,12 +782,15 @@ fn ipv6_icmp_errors_about_translated_flows_are_translated_back() {
         // Time exceeded on the way to the backend: back to the client, about its own SYN.
         let exceeded = icmp6_packet(ROUTER6, NODE6, 3, 0, &error_body(0, &masqueraded));
         let out = expect6(datapath.from_world(), &exceeded, Some(ext), TC_ACT_REDIRECT);
-        let expected = icmp6_packet(
-            ROUTER6,
-            OUTSIDER6,
-            3,
-            0,
-            &error_body(0, &with_l4_csum(&syn, &masqueraded)),
+        let expected = with_hop_limit(
+            &icmp6_packet(
+                ROUTER6,
+                OUTSIDER6,
+                3,
+                0,
+                &error_body(0, &as_quoted(&syn, &masqueraded)),
+            ),
+            63,
         );
         assert_eq!(out[ETH_HLEN..], expected[ETH_HLEN..], "the time exceeded");
 
@@ -807,12 +811,15 @@ fn ipv6_icmp_errors_about_translated_flows_are_translated_back() {
         assert_eq!(ipv6_dst(&got), (OUTSIDER6, 40_000));
         let too_big = icmp6_packet(ROUTER6, NODE6, 2, 0, &error_body(1280, &got));
         let out = expect6(datapath.from_world(), &too_big, Some(ext), TC_ACT_REDIRECT);
-        let expected = icmp6_packet(
-            ROUTER6,
-            REMOTE_POD6,
-            2,
-            0,
-            &error_body(1280, &with_l4_csum(&sent, &got)),
+        let expected = with_hop_limit(
+            &icmp6_packet(
+                ROUTER6,
+                REMOTE_POD6,
+                2,
+                0,
+                &error_body(1280, &as_quoted(&sent, &got)),
+            ),
+            63,
         );
         assert_eq!(out[ETH_HLEN..], expected[ETH_HLEN..], "the packet too big");
 
@@ -878,6 +885,17 @@ fn ipv6_cluster_ip_traffic_from_outside_the_cluster_cidrs_and_masquerade_all_is_
         assert_eq!(
             (ipv6_src(&out), ipv6_dst(&out)),
             ((VIP6, 80), (OUTSIDER6, 40_000))
+        );
+        // Both ways the packets skip the kernel's forwarding: the program decrements their
+        // hop limit, and one that would reach 0 goes to the stack (translated), whose
+        // forwarding discards it with a time exceeded.
+        assert_eq!(hop_limit(&out), 63);
+        let last_hop = with_hop_limit(&syn_from(OUTSIDER6, 40_003), 1);
+        let out = expect6(datapath.from_world(), &last_hop, Some(ext), TC_ACT_OK);
+        assert_eq!(
+            (ipv6_dst(&out), hop_limit(&out)),
+            ((REMOTE_POD6, 8080), 1),
+            "translated, handed to the stack"
         );
         // A pod inside the cluster CIDRs keeps its address (through the host's routing).
         let out = expect6(
@@ -1008,17 +1026,28 @@ fn error_body(mtu: u32, about: &[u8]) -> Vec<u8> {
     body
 }
 
-/// `packet` with the L4 checksum of `other` (the same protocol): what a translated quote
-/// holds, its L4 checksum being left as it was.
-fn with_l4_csum(packet: &[u8], other: &[u8]) -> Vec<u8> {
+/// `packet` with the hop limit and the L4 checksum of `other` (the same protocol): what a
+/// translated quote of `other` holds, both being left as they were.
+fn as_quoted(packet: &[u8], other: &[u8]) -> Vec<u8> {
     let at = ETH_HLEN
         + 40
         + match packet[ETH_HLEN + 6] {
             PROTO_TCP => 16,
             _ => 6,
         };
-    let mut packet = packet.to_vec();
+    let mut packet = with_hop_limit(packet, hop_limit(other));
     packet[at..at + 2].copy_from_slice(&other[at..at + 2]);
+    packet
+}
+
+fn hop_limit(packet: &[u8]) -> u8 {
+    packet[ETH_HLEN + 7]
+}
+
+/// `packet` with another hop limit (no IPv6 or L4 checksum covers it).
+fn with_hop_limit(packet: &[u8], hop_limit: u8) -> Vec<u8> {
+    let mut packet = packet.to_vec();
+    packet[ETH_HLEN + 7] = hop_limit;
     packet
 }
 

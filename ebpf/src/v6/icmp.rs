@@ -53,12 +53,12 @@ pub fn ingress(ctx: &TcContext, s: &mut Scratch6, err: &Icmp6Error) -> Result<i3
         }
         let (saddr, daddr) = toward_client(ctx, s, err).map_err(failed)?;
         let flags = s.entry.flags;
-        return nat::send(ctx, s, flags, saddr, daddr);
+        return nat::send(ctx, s, flags, err.hop_limit, saddr, daddr);
     }
     if lookup(s, err, CT_DIR_FORWARD) {
         let (saddr, daddr) = toward_backend(ctx, s, err).map_err(failed)?;
         let flags = s.entry.flags;
-        return nat::send(ctx, s, flags, saddr, daddr);
+        return nat::send(ctx, s, flags, err.hop_limit, saddr, daddr);
     }
     Ok(TC_ACT_OK)
 }

@@ -34,7 +34,10 @@
 //!                               by bpf_l4_csum_replace with BPF_F_PSEUDO_HDR, SCTP's CRC32c
 //! 12. nat::send                 masqueraded flows: redirected per the FIB
 //!                               (bpf_fib_lookup + bpf_redirect_neigh); hairpin: back out the
-//!                               pod's veth; the rest: through the host's routing
+//!                               pod's veth; the rest: through the host's routing. A
+//!                               redirected packet skips the kernel's forwarding, so its hop
+//!                               limit is decremented here; at 1 it goes to the stack instead,
+//!                               which discards it with the time exceeded a router sends
 //!
 //!  to_pod / to_world  (egress): parse; icmp::egress (an error toward the client of a flow);
 //!  a reply (conntrack6 reply entry) gets the frontend back as its source (and, masqueraded,
@@ -88,6 +91,7 @@ pub const IPV6_HLEN: usize = 40;
 /// Offsets inside the IPv6 header.
 pub const IPV6_SADDR_OFF: usize = 8;
 pub const IPV6_DADDR_OFF: usize = 24;
+const IPV6_HOP_LIMIT_OFF: usize = 7;
 /// ICMPv6 error types (RFC 4443) whose body quotes the packet they are about.
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
@@ -108,18 +112,22 @@ pub struct Ipv6Header {
 }
 
 /// What the programs need of an IPv6 TCP, UDP or SCTP packet, in network byte order.
+/// Without implicit padding: it is copied whole into and out of [`Scratch6`], and the
+/// verifier rejects reading stack bytes never written.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Ipv6Packet {
     l4_off: usize,
-    /// The IPv6 payload length, host order (the L4 packet: no extension headers here).
-    payload_len: u16,
     saddr: [u32; 4],
     daddr: [u32; 4],
     sport: u16,
     dport: u16,
+    /// The IPv6 payload length, host order (the L4 packet: no extension headers here).
+    payload_len: u16,
     proto: u8,
     tcp_flags: u8,
+    hop_limit: u8,
+    _pad: [u8; 7],
 }
 
 impl Ipv6Packet {
@@ -144,7 +152,7 @@ fn l4_csum_field(proto: u8) -> usize {
 }
 
 /// An ICMPv6 error quoting an IPv6 TCP, UDP or SCTP packet: the outer addresses and the
-/// quoted ("inner") tuple, in network byte order.
+/// quoted ("inner") tuple, in network byte order (no implicit padding, as [`Ipv6Packet`]).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Icmp6Error {
@@ -155,6 +163,8 @@ pub struct Icmp6Error {
     inner_sport: u16,
     inner_dport: u16,
     inner_proto: u8,
+    hop_limit: u8,
+    _pad: u16,
 }
 
 /// Offsets of an ICMPv6 error's parts (fixed: no extension headers on either level).
@@ -332,6 +342,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet6> {
         // The quote must hold the ports and the L4 checksum fields this code may rewrite.
         let (inner_sport, inner_dport) = ports(ctx, INNER_L4_OFF)?;
         return Some(Packet6::IcmpError(Icmp6Error {
+            hop_limit: ip.hop_limit,
             saddr: ip.saddr,
             daddr: ip.daddr,
             inner_saddr: inner.saddr,
@@ -339,6 +350,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet6> {
             inner_sport,
             inner_dport,
             inner_proto,
+            _pad: 0,
         }));
     }
     if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
@@ -368,12 +380,14 @@ pub fn parse(ctx: &TcContext) -> Option<Packet6> {
     Some(Packet6::Flow(Ipv6Packet {
         l4_off,
         payload_len: u16::from_be(ip.payload_len),
+        hop_limit: ip.hop_limit,
         saddr: ip.saddr,
         daddr: ip.daddr,
         sport: ports[0],
         dport: ports[1],
         proto,
         tcp_flags,
+        _pad: [0; 7],
     }))
 }
 
@@ -428,7 +442,7 @@ fn ingress_steps(
         nat::reverse(ctx, pkt, &s.entry).map_err(|()| REASON_DROP_REWRITE_FAILED)?;
         let (saddr, daddr) = nat::reversed_addrs(pkt, &s.entry);
         let flags = s.entry.flags;
-        return nat::send(ctx, s, flags, saddr, daddr);
+        return nat::send(ctx, s, flags, pkt.hop_limit, saddr, daddr);
     }
     s.key.dir = CT_DIR_FORWARD;
     let known = ct_lookup(s);
@@ -450,5 +464,5 @@ fn ingress_steps(
     nat::forward(ctx, pkt, &s.entry).map_err(|()| REASON_DROP_REWRITE_FAILED)?;
     let (saddr, daddr) = nat::forwarded_addrs(pkt, &s.entry);
     let flags = s.entry.flags;
-    nat::send(ctx, s, flags, saddr, daddr)
+    nat::send(ctx, s, flags, pkt.hop_limit, saddr, daddr)
 }

@@ -16,7 +16,7 @@ use sluice_common::{
     REASON_DROP_REWRITE_FAILED,
 };
 
-use super::{Ipv6Packet, Scratch6, IPV6_DADDR_OFF, IPV6_SADDR_OFF};
+use super::{Ipv6Packet, Scratch6, IPV6_DADDR_OFF, IPV6_HOP_LIMIT_OFF, IPV6_SADDR_OFF};
 use crate::{parse::ETH_HLEN, route};
 
 const AF_INET6: u8 = 10;
@@ -92,24 +92,34 @@ pub fn reversed_addrs(pkt: &Ipv6Packet, entry: &CtValue6) -> ([u32; 4], [u32; 4]
     (entry.nat_addr, daddr)
 }
 
-/// Where a translated packet of a flow with conntrack flags `flags` (now `saddr -> daddr`)
-/// goes: back out its interface (hairpin), per the FIB (flows that skip the host's routing),
-/// or to the stack.
+/// Where a translated packet of a flow with conntrack flags `flags` (now `saddr -> daddr`,
+/// hop limit `hop_limit`) goes: back out its interface (hairpin), per the FIB (flows that
+/// skip the host's routing), or to the stack.
+///
+/// A redirected packet skips the kernel's forwarding, which would decrement its hop limit:
+/// it is decremented here. A packet that arrived with a hop limit of 1 (or 0) goes to the
+/// stack instead, translated: the kernel forwards it like any routed packet, so it discards it
+/// and sends the time exceeded. (That error reaches the client, and is translated back on its
+/// way out, when the client's address was kept; about a masqueraded packet it goes to the
+/// node's own address and ends there.)
 #[inline(always)]
 pub fn send(
     ctx: &TcContext,
     s: &mut Scratch6,
     flags: u16,
+    hop_limit: u8,
     saddr: [u32; 4],
     daddr: [u32; 4],
 ) -> Result<i32, Reason> {
+    if flags & (CT_F_HAIRPIN | CT_F_REDIRECT) == 0 || hop_limit <= 1 {
+        return Ok(TC_ACT_OK);
+    }
+    ctx.store(ETH_HLEN + IPV6_HOP_LIMIT_OFF, &(hop_limit - 1), 0)
+        .map_err(|_| REASON_DROP_REWRITE_FAILED)?;
     if flags & CT_F_HAIRPIN != 0 {
         return route::bounce(ctx).map_err(|()| REASON_DROP_REWRITE_FAILED);
     }
-    if flags & CT_F_REDIRECT != 0 {
-        return Ok(via_fib(ctx, &mut s.fib, saddr, daddr));
-    }
-    Ok(TC_ACT_OK)
+    Ok(via_fib(ctx, &mut s.fib, saddr, daddr))
 }
 
 /// Redirects the packet to the egress interface and next hop the FIB has for `daddr`
