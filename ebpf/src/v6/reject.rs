@@ -13,10 +13,7 @@ use aya_ebpf::{
 use sluice_common::{Reason, PROTO_TCP, REASON_DROP_REJECT_FAILED, REASON_REJECT_NO_ENDPOINTS};
 
 use super::{Ipv6Header, Ipv6Packet, Scratch6, ICMPV6_DEST_UNREACH, IPV6_HLEN, PROTO_ICMPV6};
-use crate::{
-    parse::{ETH_HLEN, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN},
-    reject, route, stats, verdict,
-};
+use crate::{parse::ETH_HLEN, reject, route, stats, verdict};
 
 /// kube-proxy's REJECT for a frontend without endpoints: TCP RST, ICMPv6 port unreachable,
 /// sent back out the interface the packet came in on. Its own frame (`#[inline(never)]`): the
@@ -58,23 +55,9 @@ struct PseudoHeader {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct TcpHeader {
-    sport: u16,
-    dport: u16,
-    seq: u32,
-    ack: u32,
-    data_off: u8,
-    flags: u8,
-    window: u16,
-    csum: u16,
-    urg: u16,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
 struct TcpChecksummed {
     pseudo: PseudoHeader,
-    tcp: TcpHeader,
+    tcp: reject::TcpHeader,
 }
 
 #[repr(C)]
@@ -116,43 +99,17 @@ fn pseudo_header(len: usize, next_header: u8, pkt: &Ipv6Packet) -> PseudoHeader 
     }
 }
 
-/// Turns a TCP segment into the RST answering it (as `tcp_v6_send_reset`: for a segment with
-/// ACK `seq = its ack`, else RST|ACK acking what it consumed); `Ok(false)`: it is a RST itself.
+/// Turns a TCP segment into the RST answering it (reject::rst_header); `Ok(false)`: it is a
+/// RST itself.
 #[inline(always)]
 fn tcp_reset(ctx: &TcContext, pkt: &Ipv6Packet) -> Result<bool, ()> {
-    let seq: u32 = ctx.load(pkt.l4_off + 4).map_err(|_| ())?;
-    let ack: u32 = ctx.load(pkt.l4_off + 8).map_err(|_| ())?;
-    let off_flags: [u8; 2] = ctx.load(pkt.l4_off + 12).map_err(|_| ())?;
-    let flags = off_flags[1];
-    if flags & TCP_FLAG_RST != 0 {
+    let segment_len = pkt.payload_len as u32;
+    let Some(rst) = reject::rst_header(ctx, pkt.l4_off, segment_len, pkt.sport, pkt.dport)? else {
         return Ok(false);
-    }
-    let (rst_seq, rst_ack, rst_flags) = if flags & TCP_FLAG_ACK != 0 {
-        (ack, 0, TCP_FLAG_RST)
-    } else {
-        let data_off = ((off_flags[0] >> 4) as u32) * 4;
-        let payload = (pkt.payload_len as u32).saturating_sub(data_off);
-        let consumed =
-            payload + (flags & TCP_FLAG_SYN != 0) as u32 + (flags & TCP_FLAG_FIN != 0) as u32;
-        (
-            0,
-            u32::from_be(seq).wrapping_add(consumed).to_be(),
-            TCP_FLAG_RST | TCP_FLAG_ACK,
-        )
     };
     let mut answer = TcpChecksummed {
         pseudo: pseudo_header(TCP_HLEN, PROTO_TCP, pkt),
-        tcp: TcpHeader {
-            sport: pkt.dport,
-            dport: pkt.sport,
-            seq: rst_seq,
-            ack: rst_ack,
-            data_off: ((TCP_HLEN / 4) as u8) << 4,
-            flags: rst_flags,
-            window: 0,
-            csum: 0,
-            urg: 0,
-        },
+        tcp: rst,
     };
     answer.tcp.csum = reject::checksum(reject::sum(
         &answer as *const TcpChecksummed as *const u8,
