@@ -569,24 +569,22 @@ fn ipv6_session_affinity_is_shared_by_a_service_ports_frontends_and_expires() {
         e.affinity_timeout = Some(timeout);
         e
     };
-    let datapath = node_datapath(
-        vec![
-            (
-                cluster_ip,
-                sticky(FrontendKind::ClusterIp, 10_800, "default/web:http"),
-            ),
-            (
-                node_port,
-                sticky(FrontendKind::NodePort, 10_800, "default/web:http"),
-            ),
-            (
-                short,
-                sticky(FrontendKind::ClusterIp, 1, "default/web:short"),
-            ),
-        ],
-        &node_context6(false),
-    );
-    let backend_of = |to: Frontend, sport: u16| {
+    let services = vec![
+        (
+            cluster_ip,
+            sticky(FrontendKind::ClusterIp, 10_800, "default/web:http"),
+        ),
+        (
+            node_port,
+            sticky(FrontendKind::NodePort, 10_800, "default/web:http"),
+        ),
+        (
+            short,
+            sticky(FrontendKind::ClusterIp, 1, "default/web:short"),
+        ),
+    ];
+    let mut datapath = node_datapath(services.clone(), &node_context6(false));
+    let backend_of = |datapath: &Datapath, to: Frontend, sport: u16| {
         let flow = Flow6 {
             proto: PROTO_TCP,
             src: CLIENT6,
@@ -605,14 +603,18 @@ fn ipv6_session_affinity_is_shared_by_a_service_ports_frontends_and_expires() {
 
     // 30 new connections through either frontend: all to the first one's backend (a random
     // choice would differ with probability 1 - 8^-29).
-    let first = backend_of(cluster_ip, 20_000);
+    let first = backend_of(&datapath, cluster_ip, 20_000);
     for sport in 20_001..20_030 {
         let through = if sport % 2 == 0 {
             cluster_ip
         } else {
             node_port
         };
-        assert_eq!(backend_of(through, sport), first, "through {through}");
+        assert_eq!(
+            backend_of(&datapath, through, sport),
+            first,
+            "through {through}"
+        );
     }
     let entries = datapath.affinity6_entries().unwrap();
     assert_eq!(
@@ -626,9 +628,9 @@ fn ipv6_session_affinity_is_shared_by_a_service_ports_frontends_and_expires() {
     // again (over 5 expiries, 8 backends: the same backend every time with probability 8^-5).
     let mut seen = BTreeSet::new();
     for round in 0..5u16 {
-        let b = backend_of(short, 30_000 + 10 * round);
+        let b = backend_of(&datapath, short, 30_000 + 10 * round);
         assert_eq!(
-            backend_of(short, 30_001 + 10 * round),
+            backend_of(&datapath, short, 30_001 + 10 * round),
             b,
             "within the timeout"
         );
@@ -640,6 +642,16 @@ fn ipv6_session_affinity_is_shared_by_a_service_ports_frontends_and_expires() {
         "expired affinity is balanced again: {seen:?}"
     );
     assert_eq!(datapath.affinity6_entries().unwrap().len(), 2);
+
+    // The NodePort goes: the ClusterIP shares its affinity id, so the client keeps its
+    // backend. The short service goes: its entry goes with its (retired) id.
+    resync(&mut datapath, services[..1].to_vec());
+    assert_eq!(backend_of(&datapath, cluster_ip, 20_100), first);
+    let entries = datapath.affinity6_entries().unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    // The last frontend of the id goes: so do its entries.
+    resync(&mut datapath, vec![]);
+    assert!(datapath.affinity6_entries().unwrap().is_empty());
 }
 
 /// loadBalancerSourceRanges on an IPv6 load balancer IP: sources in a range are balanced,
