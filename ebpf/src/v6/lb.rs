@@ -265,6 +265,13 @@ const SNAT_ATTEMPTS: u32 = 5;
 const SNAT_PORT_MIN: u32 = 61_000;
 const SNAT_PORT_SPAN: u32 = 65_536 - SNAT_PORT_MIN;
 
+// create() writes the conntrack key and values field by field into the scratch (whole struct
+// literals there made LLVM emit code the verifier rejects, "R5 !read_ok"): a field added to
+// CtKey6 or CtValue6 must be written there too, or it keeps an earlier packet's value. These
+// sizes make such a change fail to build until create() is looked at.
+const _: () = assert!(core::mem::size_of::<sluice_common::CtKey6>() == 40);
+const _: () = assert!(core::mem::size_of::<sluice_common::CtValue6>() == 56);
+
 /// Records the new flow (forward entry in `s.entry`, with the forward key in `s.key`), as
 /// conntrack::create: a masqueraded flow claims a source port that makes its reply tuple
 /// unique (BPF_NOEXIST; a reply entry of this very tuple and frontend is its own to
