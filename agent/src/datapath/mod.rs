@@ -635,8 +635,9 @@ impl Datapath {
     }
 
     /// Writes this node's context to the `config` map: the first IPv4 node IP (the address
-    /// masqueraded traffic gets), the IPv4 cluster CIDRs, masqueradeAll. Writes only when it
-    /// changed; returns whether it wrote. Until it is called the programs masquerade nothing
+    /// masqueraded traffic gets), the IPv4 cluster CIDRs, masqueradeAll; and to `config6` the
+    /// IPv6 ones (`sync6::node_config6`). Writes only when it changed; returns whether it
+    /// wrote. Until it is called the programs masquerade nothing
     /// but hairpin traffic.
     pub fn set_node_config(&mut self, node: &NodeContext) -> anyhow::Result<bool> {
         let config6 = sync6::node_config6(node)?;

@@ -44,7 +44,7 @@ pub fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
     }
 }
 
-/// The `services` key of an IPv4 frontend; `None` for an IPv6 one (no IPv6 maps yet).
+/// The `services` key of an IPv4 frontend; `None` for an IPv6 one (`services6`, sync6.rs).
 pub fn service_key(frontend: &Frontend) -> Option<ServiceKey> {
     Some(ServiceKey {
         addr: addr_to_map(ipv4(frontend.ip)?),
