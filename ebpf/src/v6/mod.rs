@@ -47,13 +47,16 @@
 //! Stack: eBPF gives a call chain 512 bytes of stack. The IPv6 path holds 40-byte keys,
 //! 56-byte conntrack values, a 64-byte `bpf_fib_lookup`, affinity and LPM keys; kept on the
 //! stack they filled one frame up to the limit before affinity, source ranges and ICMPv6 were
-//! added. So the path runs in a function of its own (`#[inline(never)]` [`ingress`] and
-//! [`egress`], main.rs: a packet never pays for both families' frames), and its big keys and
-//! values live in [`Scratch6`], one entry of the per-CPU array `scratch6`: a program runs on
-//! one CPU without preemption by another tc program of that CPU, so the entry is the packet's
-//! own until the program returns. Nothing is kept in it between packets. (A tail call would
-//! also give a fresh stack, at the price of a program array for the loader, `sluice trace`
-//! and the tests to fill; per-CPU scratch keeps the object self-contained.)
+//! added. So the path runs in functions of its own (`#[inline(never)]`, BPF-to-BPF calls):
+//! [`ingress`] and [`egress`] (main.rs: a packet never pays for both families' frames), and
+//! below them the parser, the flow steps, the ICMPv6 steps and the REJECT answer, each its own
+//! frame, called one after the other (the deepest chain is about 330 of the 512 bytes). The
+//! big keys and values live in [`Scratch6`], one entry of the per-CPU array `scratch6` (as
+//! Cilium's per-CPU scratch buffers): a tc program runs to its end on its CPU before another
+//! one runs there (the redirects it asks for happen after it returns), so the entry is the
+//! packet's own until the program returns; nothing is kept in it between packets. (A tail
+//! call would also give a fresh stack, at the price of a program array for the loader,
+//! `sluice trace` and the tests to fill; per-CPU scratch keeps the object self-contained.)
 //!
 //! Headers are read with `bpf_skb_load_bytes` (`ctx.load`); the IPv4 fast path's direct
 //! packet access is not duplicated here.
