@@ -286,7 +286,6 @@ impl Agent<'_> {
                         removed = stats.removed,
                         map_writes = stats.map_writes,
                         ipv6 = stats.ipv6_programmed,
-                        ipv6_skipped = stats.skipped_ipv6,
                         "datapath synced"
                     );
                 }

@@ -394,7 +394,7 @@ pub fn services6_view(
                 sync6::addr6_from_map(key.addr).into(),
                 key.port,
                 key.proto,
-                false,
+                key.scope == sluice_common::SCOPE_POD,
             )
         },
         sync6::backend6_addr,
@@ -884,6 +884,7 @@ mod tests {
             kind: 0,
             _pad: 0,
             affinity_timeout: 0,
+            affinity_id: 0,
         }
     }
 

@@ -18,10 +18,16 @@
 //! | `services6`       | hash             | [`ServiceKey6`]      | [`ServiceValue`] | agent      |
 //! | `backends6`       | hash             | [`BackendKey`]       | [`Backend6`]     | agent      |
 //! | `conntrack6`      | LRU hash         | [`CtKey6`]           | [`CtValue6`]     | programs   |
+//! | `affinity6`       | LRU hash         | [`AffinityKey6`]     | [`AffinityValue6`]| programs (agent purges) |
+//! | `source_ranges6`  | LPM trie         | [`SourceRangeKey6`] with a prefix length | `u8` (1) | agent |
 //! | `config6`         | array, 1 entry   | `u32` 0              | [`NodeConfig6`]  | agent      |
 //! | `sock_config`     | array, 1 entry   | `u32` 0              | [`SockConfig`]   | agent      |
 //! | `sock_revnat`     | LRU hash         | [`SockRevKey`]       | [`SockRevValue`] | socket programs |
 //! | `sock_revnat6`    | LRU hash         | [`SockRevKey6`]      | [`SockRevValue6`]| socket programs |
+//!
+//! The programs also have a private per-CPU array, `scratch6` (not pinned, no state between
+//! packets): the IPv6 path's working copies of keys and values, which do not fit in the eBPF
+//! stack next to the rest (ebpf/src/v6/mod.rs).
 //!
 //! ## services and backends
 //!
@@ -43,8 +49,8 @@
 //! (flags without [`SVC_F_EXTERNAL_LOCAL`] and [`SVC_F_DROP_WHEN_EMPTY`]). `from_pod` looks up
 //! that entry first and falls back to the [`SCOPE_ALL`] one; `from_world` only uses the
 //! latter. Each entry is a frontend of its own for the agent's sync (ordering rules included),
-//! so neither depends on the other being present. IPv4 only: IPv6 pods get the local
-//! endpoints.
+//! so neither depends on the other being present. IPv6 frontends have the same pair in
+//! `services6`.
 //!
 //! ## conntrack
 //!
@@ -61,11 +67,23 @@
 //!
 //! ## affinity
 //!
-//! sessionAffinity ClientIP: (service id, client address) -> the backend last chosen for that
+//! sessionAffinity ClientIP: (affinity id, client address) -> the backend last chosen for that
 //! client and when. A new flow of a service with [`SVC_F_AFFINITY`] reuses it while
 //! `now - last_used_ns` is below the service's timeout, and refreshes `last_used_ns`.
 //!
+//! The affinity id ([`ServiceValue::affinity_id`]) is not the frontend's service id: as with
+//! kube-proxy (which keeps a client's affinity in the service port's KUBE-SVC chain), a client
+//! keeps its backend whether it comes through the ClusterIP, a NodePort, an external IP or a
+//! load balancer IP of the same service port. The agent gives one affinity id to the
+//! frontends of a service port (and family) that balance over the same backends; a frontend
+//! with a different set (a Local traffic policy's node-local endpoints) has its own, so an
+//! affinity backend is always one of the frontend's backends. `affinity6` is the IPv6 twin,
+//! with its own ids.
+//!
 //! ## source_ranges
+//!
+//! (`source_ranges6`: the same for IPv6 frontends, [`SourceRangeKey6`], prefix length
+//! `32 + n` for a range `/n` of up to 128 bits.)
 //!
 //! loadBalancerSourceRanges of the services with [`SVC_F_SOURCE_RANGES`]: an LPM trie keyed by
 //! (service id, source address); a range `a.b.c.d/n` of service `id` is stored with prefix
@@ -82,14 +100,12 @@
 //!
 //! ## IPv6
 //!
-//! `services6`, `backends6` and `conntrack6` are the IPv6 `services`, `backends` and
-//! `conntrack`, with 128-bit addresses (`[u32; 4]`, the 16 bytes as in the packet) and their own
-//! service ids. The IPv6 datapath is a subset of the IPv4 one: destination NAT of TCP, UDP and
-//! SCTP to a random backend and its reverse NAT, REJECT and DROP, masquerade to the node's IPv6
-//! address of external traffic to a backend on another node ([`NodeConfig6`]), hairpin to
-//! [`HAIRPIN6_SNAT_ADDR`]; no other source NAT (masqueradeAll, off-cluster sources), affinity,
-//! source ranges or ICMPv6 error translation. The agent programs only the
-//! IPv6 frontends that subset serves correctly (see `agent/src/datapath/sync6.rs`).
+//! `services6`, `backends6`, `conntrack6`, `affinity6`, `source_ranges6` and `config6` are
+//! the IPv6 `services`, `backends`, `conntrack`, `affinity`, `source_ranges` and `config`,
+//! with 128-bit addresses (`[u32; 4]`, the 16 bytes as in the packet) and their own service
+//! and affinity ids. The IPv6 datapath has the IPv4 one's behaviours (ebpf/src/v6/mod.rs),
+//! with [`HAIRPIN6_SNAT_ADDR`] as its hairpin address; [`ServiceKey6::scope`] is
+//! [`ServiceKey::scope`]'s twin.
 //!
 //! ## host traffic (socket programs)
 //!
@@ -135,6 +151,8 @@ pub const MAP_CONFIG6: &str = "config6";
 pub const MAP_SOCK_CONFIG: &str = "sock_config";
 pub const MAP_SOCK_REVNAT: &str = "sock_revnat";
 pub const MAP_SOCK_REVNAT6: &str = "sock_revnat6";
+pub const MAP_AFFINITY6: &str = "affinity6";
+pub const MAP_SOURCE_RANGES6: &str = "source_ranges6";
 
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
@@ -224,6 +242,10 @@ pub struct ServiceValue {
     pub _pad: u8,
     /// sessionAffinity timeout in seconds, with [`SVC_F_AFFINITY`]; 0 otherwise.
     pub affinity_timeout: u32,
+    /// With [`SVC_F_AFFINITY`]: the first half of this frontend's [`AffinityKey`]s (or
+    /// [`AffinityKey6`]s), shared by the frontends of its service port with the same backends
+    /// (see "affinity"); 0 otherwise.
+    pub affinity_id: u32,
 }
 
 #[repr(C)]
@@ -309,7 +331,8 @@ pub const CT_SLOT_UNKNOWN: u32 = u32::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
-    pub service_id: u32,
+    /// [`ServiceValue::affinity_id`] of the frontend.
+    pub affinity_id: u32,
     /// The client's address, network byte order.
     pub client: u32,
 }
@@ -342,7 +365,38 @@ pub struct ServiceKey6 {
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// [`SCOPE_ALL`] or [`SCOPE_POD`], as [`ServiceKey::scope`].
+    pub scope: u8,
+}
+
+/// sessionAffinity of an IPv6 client ([`AffinityKey`]'s twin, `affinity6` map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey6 {
+    /// [`ServiceValue::affinity_id`] of the IPv6 frontend.
+    pub affinity_id: u32,
+    /// The client's address, as in the packet.
+    pub client: [u32; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue6 {
+    /// The backend the client's flows go to.
+    pub backend: Backend6,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() of the client's last new flow.
+    pub last_used_ns: u64,
+}
+
+/// The data part of a `source_ranges6` key ([`SourceRangeKey`]'s twin); prefix length
+/// `32 + bits` of the range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey6 {
+    pub service_id: u32,
+    /// The range's network address (or, in a lookup, the source), as in the packet.
+    pub addr: [u32; 4],
 }
 
 /// An IPv6 pod endpoint: address (as in the packet) and port (network byte order).
@@ -377,7 +431,7 @@ pub struct CtKey6 {
 pub struct CtValue6 {
     pub nat_addr: [u32; 4],
     pub nat_port: u16,
-    /// `CT_F_*` ([`CT_F_SNAT`], [`CT_F_REDIRECT`]; no hairpin in IPv6 yet).
+    /// `CT_F_*`.
     pub flags: u16,
     pub snat_addr: [u32; 4],
     pub snat_port: u16,
@@ -387,13 +441,27 @@ pub struct CtValue6 {
     pub created_ns: u64,
 }
 
-/// This node for the IPv6 datapath (`config6` map, entry 0).
+/// An IPv6 CIDR as `(addr & mask) == net`, word by word, as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Cidr6 {
+    pub net: [u32; 4],
+    pub mask: [u32; 4],
+}
+
+/// This node for the IPv6 datapath (`config6` map, entry 0), [`NodeConfig`]'s twin.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NodeConfig6 {
     /// The node's IPv6 address masqueraded traffic gets as source (as in the packet); all
     /// zeroes: none known, nothing is masqueraded (such flows are not translated).
     pub node_ip: [u32; 4],
+    /// `CONFIG_F_*`.
+    pub flags: u32,
+    /// Entries of `cluster_cidrs` in use (the IPv6 cluster CIDRs); 0: every source counts as
+    /// a pod.
+    pub cidr_count: u32,
+    pub cluster_cidrs: [Cidr6; MAX_CLUSTER_CIDRS],
 }
 
 /// The socket programs' context (`sock_config` map, entry 0).
@@ -543,6 +611,10 @@ mod pod {
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for SockRevKey6 {}
     unsafe impl aya::Pod for SockRevValue6 {}
+    unsafe impl aya::Pod for Cidr6 {}
+    unsafe impl aya::Pod for AffinityKey6 {}
+    unsafe impl aya::Pod for AffinityValue6 {}
+    unsafe impl aya::Pod for SourceRangeKey6 {}
 }
 
 #[cfg(test)]
@@ -555,7 +627,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<ServiceValue>(), 20);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
@@ -568,12 +640,15 @@ mod tests {
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(size_of::<CtKey6>(), 40);
         assert_eq!(size_of::<CtValue6>(), 56);
-        assert_eq!(size_of::<NodeConfig6>(), 16);
         assert_eq!(size_of::<SockConfig>(), 8);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 8);
         assert_eq!(size_of::<SockRevKey6>(), 32);
         assert_eq!(size_of::<SockRevValue6>(), 20);
+        assert_eq!(size_of::<NodeConfig6>(), 24 + 32 * MAX_CLUSTER_CIDRS);
+        assert_eq!(size_of::<AffinityKey6>(), 20);
+        assert_eq!(size_of::<AffinityValue6>(), 32);
+        assert_eq!(size_of::<SourceRangeKey6>(), 20);
     }
 
     #[test]

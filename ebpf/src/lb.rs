@@ -78,7 +78,7 @@ pub fn select_with(
         return random_backend(service, pick);
     }
     let key = AffinityKey {
-        service_id: service.id,
+        affinity_id: service.affinity_id,
         client,
     };
     let (backend, slot) = match affinity_backend(service, &key, now) {
@@ -121,7 +121,7 @@ pub fn keep_on_syn(service: &ServiceValue, entry: &CtValue, client: u32, now: u6
         return false;
     }
     let key = AffinityKey {
-        service_id: service.id,
+        affinity_id: service.affinity_id,
         client,
     };
     match affinity_backend(service, &key, now) {

@@ -14,10 +14,10 @@
 //! the external interfaces: packets from outside the node) run the same steps:
 //!
 //! ```text
+//!  0. v6::is_ipv6              an IPv6 frame goes to v6::ingress: the same steps on the
+//!                               IPv6 maps (listed in v6/mod.rs), in a stack frame of its own
 //!  1. parse::parse              IPv4 TCP/UDP/SCTP, or an ICMP error quoting such a packet;
-//!                               IPv6 TCP/UDP/SCTP goes to v6::ingress (the same steps on the
-//!                               IPv6 maps, a subset: see v6.rs); everything else passes
-//!                               untouched
+//!                               everything else passes untouched
 //!  2. icmp::ingress             an ICMP error about a translated flow is translated like the
 //!                               flow's packets (its reply, or its client's packet)
 //!  3. conntrack::lookup (reply) a reply of a flow that skips the host's routing
@@ -51,7 +51,8 @@
 //! interfaces): packets leaving the node's routing
 //!
 //! ```text
-//!  1. parse::parse              (IPv6: v6::egress)
+//!  0. v6::is_ipv6              (IPv6: v6::egress)
+//!  1. parse::parse
 //!  2. icmp::egress              an ICMP error about a flow, toward its client
 //!  3. conntrack::lookup (reply) a reply of a translated flow that went through the host's
 //!     nat::reverse              routing: source back to the frontend (and the client)
@@ -119,31 +120,57 @@ pub enum Hook {
     World,
 }
 
+// Each family's steps run in a function of their own (`#[inline(never)]`, a BPF-to-BPF call):
+// the eBPF stack is 512 bytes for the whole call chain, and inlined into one frame the two
+// paths' locals would add up (they did: 496 bytes before IPv6 had affinity). Apart, a packet
+// pays for its own family's frame only. See v6/mod.rs for the IPv6 path's scratch space.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    verdict(&ctx, ingress(&ctx, Hook::Pod))
+    if v6::is_ipv6(&ctx) {
+        return v6::ingress(&ctx, Hook::Pod);
+    }
+    ingress4(&ctx, Hook::Pod)
 }
 
 #[classifier]
 pub fn from_world(ctx: TcContext) -> i32 {
-    verdict(&ctx, ingress(&ctx, Hook::World))
+    if v6::is_ipv6(&ctx) {
+        return v6::ingress(&ctx, Hook::World);
+    }
+    ingress4(&ctx, Hook::World)
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    verdict(&ctx, egress(&ctx))
+    if v6::is_ipv6(&ctx) {
+        return v6::egress(&ctx);
+    }
+    egress4(&ctx)
 }
 
 #[classifier]
 pub fn to_world(ctx: TcContext) -> i32 {
-    verdict(&ctx, egress(&ctx))
+    if v6::is_ipv6(&ctx) {
+        return v6::egress(&ctx);
+    }
+    egress4(&ctx)
+}
+
+#[inline(never)]
+fn ingress4(ctx: &TcContext, hook: Hook) -> i32 {
+    verdict(ctx, ingress(ctx, hook))
+}
+
+#[inline(never)]
+fn egress4(ctx: &TcContext) -> i32 {
+    verdict(ctx, egress(ctx))
 }
 
 /// A packet a program could not handle is dropped (and counted): one the helpers could not
 /// rewrite would reach its destination with a wrong address or checksum; dropping it lets the
 /// sender retransmit.
 #[inline(always)]
-fn verdict(ctx: &TcContext, result: Result<i32, Reason>) -> i32 {
+pub fn verdict(ctx: &TcContext, result: Result<i32, Reason>) -> i32 {
     match result {
         Ok(action) => action,
         Err(reason) => {
@@ -162,12 +189,7 @@ fn rewrite_failed(_: ()) -> Reason {
 #[inline(always)]
 fn ingress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
     let pkt = match parse::parse(ctx) {
-        None => {
-            return match v6::parse(ctx) {
-                Some(pkt) => v6::ingress(ctx, &pkt, hook),
-                None => Ok(TC_ACT_OK),
-            }
-        }
+        None => return Ok(TC_ACT_OK),
         Some(Packet::IcmpError(err)) => return icmp::ingress(ctx, &err).map_err(rewrite_failed),
         Some(Packet::Flow(pkt)) => pkt,
     };
@@ -256,12 +278,7 @@ fn new_flow(
 #[inline(always)]
 fn egress(ctx: &TcContext) -> Result<i32, Reason> {
     let pkt = match parse::parse(ctx) {
-        None => {
-            return match v6::parse(ctx) {
-                Some(pkt) => v6::egress(ctx, &pkt),
-                None => Ok(TC_ACT_OK),
-            }
-        }
+        None => return Ok(TC_ACT_OK),
         Some(Packet::IcmpError(err)) => return icmp::egress(ctx, &err).map_err(rewrite_failed),
         Some(Packet::Flow(pkt)) => pkt,
     };

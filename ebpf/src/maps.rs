@@ -11,11 +11,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use sluice_common::{
-    AffinityKey, AffinityValue, Backend, Backend6, BackendKey, CtKey, CtKey6, CtValue, CtValue6,
-    NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceValue, SockConfig, SockRevKey,
-    SockRevKey6, SockRevValue, SockRevValue6, SourceRangeKey, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, REASON_COUNT,
+    AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, Backend, Backend6, BackendKey, CtKey,
+    CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceValue,
+    SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeKey,
+    SourceRangeKey6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_REVNAT,
+    MAX_SOURCE_RANGES, REASON_COUNT,
 };
+
+use crate::v6::Scratch6;
 
 #[map(name = "services")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -64,3 +67,15 @@ pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
 #[map(name = "sock_revnat6")]
 pub static SOCK_REVNAT6: LruHashMap<SockRevKey6, SockRevValue6> =
     LruHashMap::with_max_entries(MAX_SOCK_REVNAT, 0);
+
+#[map(name = "affinity6")]
+pub static AFFINITY6: LruHashMap<AffinityKey6, AffinityValue6> =
+    LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+
+#[map(name = "source_ranges6")]
+pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u8> =
+    LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
+
+/// The IPv6 path's working space (v6/mod.rs), one per CPU; never pinned.
+#[map(name = "scratch6")]
+pub static SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);

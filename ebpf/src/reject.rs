@@ -55,18 +55,19 @@ struct Ipv4Header {
     daddr: u32,
 }
 
+/// A TCP header without options, as on the wire (both families' RSTs).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct TcpHeader {
-    sport: u16,
-    dport: u16,
-    seq: u32,
-    ack: u32,
-    data_off: u8,
-    flags: u8,
-    window: u16,
-    csum: u16,
-    urg: u16,
+pub struct TcpHeader {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub data_off: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub csum: u16,
+    pub urg: u16,
 }
 
 /// The TCP pseudo header followed by the header: what the RST's checksum covers.
@@ -98,6 +99,51 @@ pub fn build(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Answer, ()> {
     } else {
         icmp_port_unreachable(ctx, pkt).map(|()| Answer::Built)
     }
+}
+
+/// The header (checksum 0) of the RST answering the TCP segment at `l4_off` of `segment_len`
+/// bytes from `sport` to `dport`, as Linux's `tcp_v4_send_reset` and `tcp_v6_send_reset` build
+/// it: for a segment with ACK `seq = its ack`; otherwise RST|ACK with
+/// `ack = seq + SYN + FIN + payload`. `None`: the segment is a RST itself (never answered).
+#[inline(always)]
+pub fn rst_header(
+    ctx: &TcContext,
+    l4_off: usize,
+    segment_len: u32,
+    sport: u16,
+    dport: u16,
+) -> Result<Option<TcpHeader>, ()> {
+    let seq: u32 = ctx.load(l4_off + 4).map_err(|_| ())?;
+    let ack: u32 = ctx.load(l4_off + 8).map_err(|_| ())?;
+    let off_flags: [u8; 2] = ctx.load(l4_off + 12).map_err(|_| ())?;
+    let flags = off_flags[1];
+    if flags & TCP_FLAG_RST != 0 {
+        return Ok(None);
+    }
+    let (rst_seq, rst_ack, rst_flags) = if flags & TCP_FLAG_ACK != 0 {
+        (ack, 0, TCP_FLAG_RST)
+    } else {
+        let data_off = ((off_flags[0] >> 4) as u32) * 4;
+        let payload = segment_len.saturating_sub(data_off);
+        let consumed =
+            payload + (flags & TCP_FLAG_SYN != 0) as u32 + (flags & TCP_FLAG_FIN != 0) as u32;
+        (
+            0,
+            u32::from_be(seq).wrapping_add(consumed).to_be(),
+            TCP_FLAG_RST | TCP_FLAG_ACK,
+        )
+    };
+    Ok(Some(TcpHeader {
+        sport: dport,
+        dport: sport,
+        seq: rst_seq,
+        ack: rst_ack,
+        data_off: ((TCP_HLEN / 4) as u8) << 4,
+        flags: rst_flags,
+        window: 0,
+        csum: 0,
+        urg: 0,
+    }))
 }
 
 /// The ones' complement sum of `len` bytes at `data` (a multiple of 4), added to `seed`.
@@ -143,44 +189,17 @@ fn ip_header(tot_len: usize, tos: u8, proto: u8, saddr: u32, daddr: u32) -> Resu
 
 #[inline(always)]
 fn tcp_reset(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Answer, ()> {
-    let seq: u32 = ctx.load(pkt.l4_off + 4).map_err(|_| ())?;
-    let ack: u32 = ctx.load(pkt.l4_off + 8).map_err(|_| ())?;
-    let off_flags: [u8; 2] = ctx.load(pkt.l4_off + 12).map_err(|_| ())?;
-    let flags = off_flags[1];
-    if flags & TCP_FLAG_RST != 0 {
+    let segment_len = (pkt.tot_len as u32).saturating_sub(pkt.ihl as u32);
+    let Some(rst) = rst_header(ctx, pkt.l4_off, segment_len, pkt.sport, pkt.dport)? else {
         return Ok(Answer::Nothing);
-    }
-    let (rst_seq, rst_ack, rst_flags) = if flags & TCP_FLAG_ACK != 0 {
-        (ack, 0, TCP_FLAG_RST)
-    } else {
-        let data_off = ((off_flags[0] >> 4) as u32) * 4;
-        let payload = (pkt.tot_len as u32).saturating_sub(pkt.ihl as u32 + data_off);
-        let consumed =
-            payload + (flags & TCP_FLAG_SYN != 0) as u32 + (flags & TCP_FLAG_FIN != 0) as u32;
-        (
-            0,
-            u32::from_be(seq).wrapping_add(consumed).to_be(),
-            TCP_FLAG_RST | TCP_FLAG_ACK,
-        )
     };
-
     let mut tcp = TcpChecksummed {
         saddr: pkt.daddr,
         daddr: pkt.saddr,
         zero: 0,
         proto: PROTO_TCP,
         len: (TCP_HLEN as u16).to_be(),
-        tcp: TcpHeader {
-            sport: pkt.dport,
-            dport: pkt.sport,
-            seq: rst_seq,
-            ack: rst_ack,
-            data_off: ((TCP_HLEN / 4) as u8) << 4,
-            flags: rst_flags,
-            window: 0,
-            csum: 0,
-            urg: 0,
-        },
+        tcp: rst,
     };
     tcp.tcp.csum = checksum(sum(
         &tcp as *const TcpChecksummed as *const u8,

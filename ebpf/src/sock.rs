@@ -33,6 +33,7 @@
 //! Not covered: SCTP sockets, connected UDP sockets whose backend goes away (they keep it until
 //! reconnected).
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
@@ -43,14 +44,17 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use sluice_common::{
-    Backend6, BackendKey, ServiceKey, ServiceKey6, ServiceValue, SockRevKey, SockRevKey6,
-    SockRevValue, SockRevValue6, PROTO_TCP, PROTO_UDP, SCOPE_ALL, SCOPE_POD, SVC_F_DROP_WHEN_EMPTY,
-    SVC_F_SOURCE_RANGES,
+    source_range_prefix_len, Backend6, BackendKey, ServiceKey, ServiceKey6, ServiceValue,
+    SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeKey6, PROTO_TCP, PROTO_UDP,
+    SCOPE_ALL, SCOPE_POD, SVC_F_DROP_WHEN_EMPTY, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     lb,
-    maps::{BACKENDS6, SERVICES, SERVICES6, SOCK_CONFIG, SOCK_REVNAT, SOCK_REVNAT6},
+    maps::{
+        BACKENDS6, CONFIG6, SERVICES, SERVICES6, SOCK_CONFIG, SOCK_REVNAT, SOCK_REVNAT6,
+        SOURCE_RANGES6,
+    },
     masq,
 };
 
@@ -321,16 +325,37 @@ fn set_user6(ctx: &SockAddrContext, addr: &[u32; 4], port: u16) {
     }
 }
 
+/// The IPv6 frontend: its pods' entry first (the node's own traffic uses an
+/// externalTrafficPolicy Local frontend's endpoints on every node, as [`service4`]).
 #[inline(always)]
 fn service6(addr: [u32; 4], port: u16, proto: u8) -> Option<ServiceValue> {
-    let key = ServiceKey6 {
+    let mut key = ServiceKey6 {
         addr,
         port,
         proto,
-        _pad: 0,
+        scope: SCOPE_POD,
     };
-    // SAFETY: the value is copied out at once.
+    // SAFETY: the values are copied out at once.
+    if let Some(service) = unsafe { SERVICES6.get(key).copied() } {
+        return Some(service);
+    }
+    key.scope = SCOPE_ALL;
+    // SAFETY: as above.
     unsafe { SERVICES6.get(key).copied() }
+}
+
+/// loadBalancerSourceRanges for the node's own IPv6 address (its packets' source).
+#[inline(always)]
+fn source_allowed6(service: &ServiceValue) -> bool {
+    let node_ip = CONFIG6.get(0).map_or([0; 4], |c| c.node_ip);
+    let key = Key::new(
+        source_range_prefix_len(128),
+        SourceRangeKey6 {
+            service_id: service.id,
+            addr: node_ip,
+        },
+    );
+    SOURCE_RANGES6.get(&key).is_some()
 }
 
 /// The IPv6 service's slot `pick % backend_count` (slot 0 if a shrink removed it meanwhile).
@@ -352,8 +377,8 @@ fn backend6(service: &ServiceValue, pick: u32) -> Option<Backend6> {
     unsafe { BACKENDS6.get(key).copied() }
 }
 
-/// [`forward4`] for IPv6: the IPv6 maps have no affinity, source ranges or pods' entries
-/// (the agent does not program such IPv6 frontends).
+/// [`forward4`] for IPv6: the pods' entry first and loadBalancerSourceRanges as for IPv4;
+/// session affinity is not kept for the node's IPv6 sockets (each connection is balanced).
 #[inline(always)]
 fn forward6(ctx: &SockAddrContext) -> Result<(), i32> {
     let Some(proto) = host_socket(ctx) else {
@@ -371,6 +396,9 @@ fn forward6(ctx: &SockAddrContext) -> Result<(), i32> {
     let Some(service) = service6(addr, port, proto) else {
         return Ok(());
     };
+    if service.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed6(&service) {
+        return Err(EPERM);
+    }
     no_backend(&service)?;
     let cookie = socket_cookie(ctx);
     let Some(backend) = backend6(&service, pick(proto, cookie)) else {

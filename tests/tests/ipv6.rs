@@ -1,14 +1,15 @@
 //! IPv6 and dual stack with real traffic on a dual-stack two-node cluster plus an outside client
 //! (`ext`), one `sluice agent` per node.
 //!
-//! The IPv6 datapath is a subset of the IPv4 one (ebpf/src/v6.rs): destination NAT and its
-//! reverse, REJECT/DROP, masquerade of external traffic to remote backends, hairpin; no
-//! affinity or source ranges yet (the agent leaves such frontends out, sync6.rs). Here: IPv6
-//! ClusterIPs across nodes, a dual-stack service on both families with each family's
-//! endpoints, NodePort over IPv6 from outside (local backend: the client's address kept;
-//! remote backend: node 1's IPv6 address), hairpin, REJECT (TCP refused, UDP port
-//! unreachable), and IPv6 traffic that is not for a service (with its neighbour discovery)
-//! crossing every hook untouched.
+//! The IPv6 datapath (ebpf/src/v6/) has the IPv4 one's behaviours. Here: IPv6 ClusterIPs
+//! across nodes, a dual-stack service on both families with each family's endpoints, NodePort
+//! over IPv6 from outside (local backend: the client's address kept; remote backend: node 1's
+//! IPv6 address), hairpin, REJECT (TCP refused, UDP port unreachable), sessionAffinity shared by
+//! a service port's ClusterIP and NodePort, loadBalancerSourceRanges, a backend's ICMPv6 port
+//! unreachable translated back to the client, masquerade of ClusterIP traffic from outside the
+//! cluster CIDRs and --masquerade-all, pods reaching an externalTrafficPolicy Local NodePort
+//! through every endpoint, and IPv6 traffic that is not for a service (with its neighbour
+//! discovery) crossing every hook untouched.
 
 use std::{
     collections::BTreeSet,
@@ -391,5 +392,287 @@ fn an_ipv6_frontend_without_endpoints_rejects_at_once() {
         started.elapsed() < TIMEOUT,
         "rejections took {:?}: something waited for a timeout",
         started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6 services with sessionAffinity, source ranges, masquerade, externalTrafficPolicy Local,
+// and ICMPv6 errors about translated flows.
+
+/// An IPv6-only service `name` (`type`, ClusterIP `vip`, TCP and UDP port 80 -> 8080 with
+/// node ports `NODE_PORT + 10/11`, `extra` spec lines) with an IPv6 slice of `pods`.
+fn write_service6(
+    cluster: &SluiceCluster,
+    name: &str,
+    kind: &str,
+    vip: &str,
+    extra: &str,
+    pods: &[(&Pod, usize)],
+) {
+    let service = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  type: {kind}
+  ipFamilies: [IPv6]
+  clusterIP: "{vip}"
+  clusterIPs: ["{vip}"]
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {}}}
+  - {{name: dns, port: 80, protocol: UDP, targetPort: 8080, nodePort: {}}}
+  - {{name: closed, port: 81, protocol: UDP, targetPort: 9999, nodePort: {}}}
+{extra}"#,
+        NODE_PORT + 10,
+        NODE_PORT + 11,
+        NODE_PORT + 12,
+    );
+    let endpoints: String = pods
+        .iter()
+        .map(|(pod, node)| {
+            format!(
+                "- {{addresses: [\"{}\"], nodeName: node-{node}, conditions: {{ready: true}}}}\n",
+                pod.ipv6().unwrap()
+            )
+        })
+        .collect();
+    let slice = format!(
+        r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-v6
+  namespace: shop
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv6
+endpoints:
+{endpoints}ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 8080, protocol: UDP}}
+- {{name: closed, port: 9999, protocol: UDP}}
+"#
+    );
+    cluster
+        .manifests
+        .write(&format!("{name}.yaml"), &format!("{service}---\n{slice}"))
+        .unwrap();
+}
+
+const VIP6_B: &str = "fd00:10:96::60:20";
+
+#[test]
+fn ipv6_session_affinity_keeps_a_client_on_one_backend_through_the_cluster_ip_and_the_node_port() {
+    let mut cluster = dual_stack_cluster("v6-affinity");
+    let client = client_pod(&cluster, 1);
+    let web = [
+        web_pod(&cluster, 1, 21),
+        web_pod(&cluster, 1, 22),
+        web_pod(&cluster, 2, 21),
+    ];
+    write_service6(
+        &cluster,
+        "sticky",
+        "NodePort",
+        VIP6_B,
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+        &[(&web[0], 1), (&web[1], 1), (&web[2], 2)],
+    );
+    cluster.start_agents().unwrap();
+
+    // One client, 30 connections through the ClusterIP and 30 through node 1's NodePort:
+    // one backend for all (kube-proxy keeps affinity per service port, not per address).
+    let cluster_ip = SocketAddr::new(VIP6_B.parse::<Ipv6Addr>().unwrap().into(), 80);
+    let node_port = SocketAddr::new(cluster.node(1).node_ipv6().unwrap().into(), NODE_PORT + 10);
+    let mut replies = client.tcp_requests_any(cluster_ip, 30, TIMEOUT).unwrap();
+    replies.extend(client.tcp_requests_any(node_port, 30, TIMEOUT).unwrap());
+    let counts = tally(&replies);
+    assert_eq!(
+        counts.len(),
+        1,
+        "60 connections of one client went to {counts:?}"
+    );
+    assert!(!counts.contains_key("ERROR"), "{counts:?}");
+
+    // Another client is balanced on its own (it may land anywhere, but it is answered).
+    let ext = cluster.cluster.external();
+    let from_outside = SocketAddr::new(cluster.node(1).node_ipv6().unwrap().into(), NODE_PORT + 10);
+    let replies = ext.tcp_requests_any(from_outside, 20, TIMEOUT).unwrap();
+    let counts = tally(&replies);
+    assert_eq!(
+        counts.len(),
+        1,
+        "20 connections from outside went to {counts:?}"
+    );
+    assert!(!counts.contains_key("ERROR"), "{counts:?}");
+}
+
+#[test]
+fn ipv6_load_balancer_source_ranges_drop_other_sources() {
+    let mut cluster = dual_stack_cluster("v6-lb-ranges");
+    let web = web_pod(&cluster, 1, 21);
+    let lb_ip: Ipv6Addr = "2001:db8:ffff::50".parse().unwrap();
+    let ext = cluster.cluster.external();
+    let ext_ip = ext.ipv6().unwrap();
+    ext.add_route(
+        &format!("{lb_ip}/128"),
+        cluster.node(1).node_ipv6().unwrap(),
+    )
+    .unwrap();
+    let write = |cluster: &SluiceCluster, ranges: &str| {
+        write_service6(
+            cluster,
+            "lb",
+            "LoadBalancer",
+            VIP6_B,
+            &format!(
+                "  loadBalancerSourceRanges: [{ranges}]\nstatus:\n  loadBalancer: {{ingress: [{{ip: \"{lb_ip}\"}}]}}\n"
+            ),
+            &[(&web, 1)],
+        )
+    };
+    write(&cluster, &format!("\"{ext_ip}/128\", 192.0.2.0/24"));
+    cluster.start_agents().unwrap();
+    let ext = cluster.cluster.external();
+
+    let dst = SocketAddr::new(lb_ip.into(), 80);
+    let replies = ext.tcp_requests_any(dst, 20, TIMEOUT).unwrap();
+    assert_all_from(&replies, dst, &web);
+    assert_eq!(sources(&web), BTreeSet::from([IpAddr::V6(ext_ip)]));
+
+    // ext outside the ranges: dropped (a timeout, not a refusal).
+    write(&cluster, "\"2001:db8:1::/48\"");
+    sluice_testbed::retry_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || match ext.tcp_request_any(dst, Duration::from_millis(300)) {
+            Err(RequestError::Timeout) => Ok(()),
+            other => {
+                anyhow::bail!("the LB IP still answers a source outside the ranges: {other:?}")
+            }
+        },
+    )
+    .unwrap();
+    let udp = ext.udp_request_any(dst, Duration::from_millis(500));
+    assert!(matches!(udp, Err(RequestError::Timeout)), "UDP: {udp:?}");
+}
+
+#[test]
+fn a_backends_icmpv6_port_unreachable_reaches_the_client_from_the_cluster_ip() {
+    let mut cluster = dual_stack_cluster("v6-icmp");
+    let client = client_pod(&cluster, 1);
+    // One backend on the other node, serving 8080 only: port 81 -> 9999 is closed there.
+    let web = web_pod(&cluster, 2, 21);
+    write_service6(&cluster, "closed", "NodePort", VIP6_B, "", &[(&web, 2)]);
+    cluster.start_agents().unwrap();
+
+    // The backend's kernel answers with an ICMPv6 port unreachable about
+    // client -> backend:9999; the client's connected socket only takes it (ECONNREFUSED, with
+    // the sender) when it is about client -> ClusterIP:81, from the ClusterIP.
+    let vip = VIP6_B.parse::<Ipv6Addr>().unwrap();
+    let started = std::time::Instant::now();
+    let udp = client.udp_request_any(SocketAddr::new(vip.into(), 81), TIMEOUT);
+    let unreachable = udp
+        .as_ref()
+        .err()
+        .and_then(RequestError::unreachable)
+        .unwrap_or_else(|| panic!("expected a port unreachable: {udp:?}"));
+    assert!(
+        udp.as_ref().is_err_and(RequestError::is_port_unreachable),
+        "{udp:?}"
+    );
+    assert_eq!(
+        unreachable.from,
+        Some(IpAddr::V6(vip)),
+        "the error's sender"
+    );
+    assert!(started.elapsed() < TIMEOUT, "took {:?}", started.elapsed());
+
+    // From outside through node 1's NodePort (masqueraded to the remote backend): the error
+    // comes back through node 1 to the client, from the NodePort address.
+    let ext = cluster.cluster.external();
+    let node_1 = cluster.node(1).node_ipv6().unwrap();
+    let udp = ext.udp_request_any(SocketAddr::new(node_1.into(), NODE_PORT + 12), TIMEOUT);
+    assert!(
+        udp.as_ref().is_err_and(RequestError::is_port_unreachable),
+        "NodePort: {udp:?}"
+    );
+    assert_eq!(
+        udp.as_ref()
+            .err()
+            .and_then(RequestError::unreachable)
+            .and_then(|u| u.from),
+        Some(IpAddr::V6(node_1))
+    );
+}
+
+#[test]
+fn ipv6_cluster_ip_traffic_from_outside_and_with_masquerade_all_is_masqueraded() {
+    let mut cluster = dual_stack_cluster("v6-masq");
+    let client = client_pod(&cluster, 1);
+    let web = web_pod(&cluster, 2, 21);
+    write_service6(&cluster, "web6", "ClusterIP", VIP6_B, "", &[(&web, 2)]);
+    cluster.start_agents().unwrap();
+    let node_1 = cluster.node(1).node_ipv6().unwrap();
+    let dst = SocketAddr::new(VIP6_B.parse::<Ipv6Addr>().unwrap().into(), 80);
+
+    // ext routes the ClusterIP through node 1: outside the cluster CIDRs, so masqueraded to
+    // node 1's IPv6 address (the backend on node 2 answers node 1, which restores the reply).
+    let ext = cluster.cluster.external();
+    ext.add_route(&format!("{VIP6_B}/128"), node_1).unwrap();
+    let replies = ext.tcp_requests_any(dst, 20, TIMEOUT).unwrap();
+    assert_all_from(&replies, dst, &web);
+    let replies = ext.udp_requests_any(dst, 20, TIMEOUT).unwrap();
+    assert_all_from(&replies, dst, &web);
+    assert_eq!(sources(&web), BTreeSet::from([IpAddr::V6(node_1)]));
+
+    // A pod keeps its address...
+    web.clear_seen();
+    let replies = client.tcp_requests_any(dst, 10, TIMEOUT).unwrap();
+    assert_all_from(&replies, dst, &web);
+    assert_eq!(
+        sources(&web),
+        BTreeSet::from([IpAddr::V6(client.ipv6().unwrap())])
+    );
+    // ... unless the agent masquerades everything.
+    cluster.start_agent(1, &["--masquerade-all"]).unwrap();
+    web.clear_seen();
+    let replies = client.tcp_requests_any(dst, 20, TIMEOUT).unwrap();
+    assert_all_from(&replies, dst, &web);
+    let replies = client.udp_requests_any(dst, 20, TIMEOUT).unwrap();
+    assert_all_from(&replies, dst, &web);
+    assert_eq!(sources(&web), BTreeSet::from([IpAddr::V6(node_1)]));
+}
+
+#[test]
+fn pods_reach_an_ipv6_external_traffic_policy_local_node_port_through_every_endpoint() {
+    let mut cluster = dual_stack_cluster("v6-etp-local");
+    let client = client_pod(&cluster, 1);
+    let local = web_pod(&cluster, 1, 21);
+    let remote = web_pod(&cluster, 2, 21);
+    write_service6(
+        &cluster,
+        "edge",
+        "NodePort",
+        VIP6_B,
+        "  externalTrafficPolicy: Local\n",
+        &[(&local, 1), (&remote, 2)],
+    );
+    cluster.start_agents().unwrap();
+    let dst = SocketAddr::new(cluster.node(1).node_ipv6().unwrap().into(), NODE_PORT + 10);
+
+    // From a pod: every endpoint, the pod's address kept.
+    let replies = client.tcp_requests_any(dst, 60, TIMEOUT).unwrap();
+    assert_spread(&replies, dst, &[&local, &remote], 10);
+    let client_ip = BTreeSet::from([IpAddr::V6(client.ipv6().unwrap())]);
+    assert_eq!(sources(&local), client_ip);
+    assert_eq!(sources(&remote), client_ip);
+
+    // From outside: the local endpoint only, the client's address kept.
+    local.clear_seen();
+    let ext = cluster.cluster.external();
+    let replies = ext.tcp_requests_any(dst, 20, TIMEOUT).unwrap();
+    assert_all_from(&replies, dst, &local);
+    assert_eq!(
+        sources(&local),
+        BTreeSet::from([IpAddr::V6(ext.ipv6().unwrap())])
     );
 }

@@ -7,7 +7,8 @@
 //! ```text
 //! <pin>/services, backends, conntrack, affinity,    the maps (sluice-common documents them)
 //!       source_ranges, config, drops,
-//!       services6, backends6, conntrack6, config6   (IPv6: sync6.rs)
+//!       services6, backends6, conntrack6, config6,  (IPv6: sync6.rs)
+//!       affinity6, source_ranges6
 //! <pin>/links/<ifindex>-ingress                     tcx link running `from_pod` on a pod veth
 //! <pin>/links/<ifindex>-egress                      tcx link running `to_pod`
 //! <pin>/links/<ifindex>-world-ingress               tcx link running `from_world` on an
@@ -26,6 +27,7 @@
 //! [`Datapath::load_unpinned`] loads the same object with private maps for `BPF_PROG_RUN` (tests,
 //! `sluice trace`): it never touches a running agent's maps or bpffs at all.
 
+pub mod affinity;
 pub mod purge;
 pub mod sock;
 pub mod sync;
@@ -52,11 +54,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use sluice_common::{
-    AffinityKey, AffinityValue, CtKey, CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, Reason,
-    CB_REASON_MAGIC, CB_REASON_MASK, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG,
-    MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_SERVICES, MAP_SERVICES6,
-    MAP_SOCK_CONFIG, MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, REASON_COUNT,
+    AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, CtKey, CtKey6, CtValue, CtValue6,
+    NodeConfig, NodeConfig6, Reason, CB_REASON_MAGIC, CB_REASON_MASK, MAP_AFFINITY, MAP_AFFINITY6,
+    MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG, MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS,
+    MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_CONFIG, MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6,
+    MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
+    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, REASON_COUNT,
 };
 use tracing::{debug, info, warn};
 
@@ -157,7 +160,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-const MAPS: [MapSpec; 14] = [
+const MAPS: [MapSpec; 16] = [
     MapSpec {
         name: MAP_SERVICES,
         map_type: MapType::Hash,
@@ -228,6 +231,16 @@ const MAPS: [MapSpec; 14] = [
         map_type: MapType::LruHash,
         max_entries: MAX_SOCK_REVNAT,
     },
+    MapSpec {
+        name: MAP_AFFINITY6,
+        map_type: MapType::LruHash,
+        max_entries: MAX_AFFINITY,
+    },
+    MapSpec {
+        name: MAP_SOURCE_RANGES6,
+        map_type: MapType::LpmTrie,
+        max_entries: MAX_SOURCE_RANGES,
+    },
 ];
 
 /// The eBPF object built by `build.rs`.
@@ -251,6 +264,7 @@ pub struct Datapath {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     conntrack6: HashMap<MapData, CtKey6, CtValue6>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    affinity6: HashMap<MapData, AffinityKey6, AffinityValue6>,
     config: Array<MapData, NodeConfig>,
     drops: PerCpuArray<MapData, u64>,
     /// What `config` holds (read back at load, then as last written).
@@ -396,7 +410,7 @@ impl Datapath {
             }
             Ok(map)
         });
-        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6] =
+        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6, affinity6, source_ranges6] =
             maps;
         let stale = |name| {
             format!(
@@ -424,6 +438,9 @@ impl Datapath {
             _revnat: HashMap::try_from(sock_revnat?).with_context(|| stale(MAP_SOCK_REVNAT))?,
             _revnat6: HashMap::try_from(sock_revnat6?).with_context(|| stale(MAP_SOCK_REVNAT6))?,
         };
+        let affinity6 = HashMap::try_from(affinity6?).with_context(|| stale(MAP_AFFINITY6))?;
+        let source_ranges6 =
+            LpmTrie::try_from(source_ranges6?).with_context(|| stale(MAP_SOURCE_RANGES6))?;
         let node_config6 = config6
             .get(&0, 0)
             .with_context(|| format!("reading {}", describe(MAP_CONFIG6)))?;
@@ -455,13 +472,15 @@ impl Datapath {
                 describe(MAP_SOURCE_RANGES)
             )
         })?;
-        let services6 = sync6::Ipv6Sync::read_back(services6, backends6).with_context(|| {
-            format!(
-                "reading back {} and {}",
-                describe(MAP_SERVICES6),
-                describe(MAP_BACKENDS6)
-            )
-        })?;
+        let services6 = sync6::Ipv6Sync::read_back(services6, backends6, source_ranges6)
+            .with_context(|| {
+                format!(
+                    "reading back {}, {} and {}",
+                    describe(MAP_SERVICES6),
+                    describe(MAP_BACKENDS6),
+                    describe(MAP_SOURCE_RANGES6)
+                )
+            })?;
         Ok(Datapath {
             ebpf,
             services,
@@ -471,6 +490,7 @@ impl Datapath {
             config6,
             node_config6,
             affinity,
+            affinity6,
             config,
             drops,
             node_config,
@@ -619,39 +639,35 @@ impl Datapath {
             .sync(desired)
             .context("programming the IPv6 maps")?;
         stats.ipv6_programmed = ipv6.programmed;
-        stats.skipped_ipv6 = ipv6.skipped.len();
-        for (frontend, reason) in &ipv6.skipped {
-            debug!(%frontend, reason, "IPv6 frontend not programmed");
-        }
         stats.map_writes += ipv6.map_writes;
         if !ipv6.removed_backends.is_empty() {
             stats.purged += self
                 .purge_removed_conntrack6(&ipv6.removed_backends)
                 .context("purging the IPv6 flows of removed backends")?;
         }
-        if !stats.removed_backends.is_empty() {
-            stats.purged = self
-                .purge_removed_backends(&stats.removed_backends)
+        if !ipv6.removed_affinity.is_empty() || !ipv6.retired_affinity_ids.is_empty() {
+            stats.purged += self
+                .purge_affinity6(|key, value| sync6::affinity_purged(&ipv6, key, value))
+                .context("purging the IPv6 affinity of removed backends")?;
+        }
+        if !stats.removed_backends.is_empty() || !stats.retired_affinity_ids.is_empty() {
+            stats.purged += self
+                .purge_removed_backends_and_affinity(
+                    &stats.removed_backends,
+                    &stats.retired_affinity_ids.clone(),
+                )
                 .context("purging the flows of removed backends")?;
         }
         Ok(stats)
     }
 
     /// Writes this node's context to the `config` map: the first IPv4 node IP (the address
-    /// masqueraded traffic gets), the IPv4 cluster CIDRs, masqueradeAll. Writes only when it
-    /// changed; returns whether it wrote. Until it is called the programs masquerade nothing
+    /// masqueraded traffic gets), the IPv4 cluster CIDRs, masqueradeAll; and to `config6` the
+    /// IPv6 ones (`sync6::node_config6`). Writes only when it changed; returns whether it
+    /// wrote. Until it is called the programs masquerade nothing
     /// but hairpin traffic.
     pub fn set_node_config(&mut self, node: &NodeContext) -> anyhow::Result<bool> {
-        let config6 = NodeConfig6 {
-            node_ip: node
-                .node_ips
-                .iter()
-                .find_map(|ip| match ip {
-                    std::net::IpAddr::V6(v6) => Some(sync6::addr6_to_map(*v6)),
-                    std::net::IpAddr::V4(_) => None,
-                })
-                .unwrap_or_default(),
-        };
+        let config6 = sync6::node_config6(node)?;
         let mut wrote = false;
         if config6 != self.node_config6 {
             self.config6
@@ -681,7 +697,17 @@ impl Datapath {
     /// packets are balanced over the live backends (kube-proxy's conntrack cleanup; TCP flows
     /// drain). [`Datapath::sync`] calls it with what it removed. Returns how many entries went.
     pub fn purge_removed_backends(&mut self, removed: &[RemovedBackends]) -> anyhow::Result<usize> {
-        let selection = purge::Selection::new(removed);
+        self.purge_removed_backends_and_affinity(removed, &BTreeSet::new())
+    }
+
+    /// [`Datapath::purge_removed_backends`], and every affinity entry of the `retired`
+    /// affinity ids.
+    fn purge_removed_backends_and_affinity(
+        &mut self,
+        removed: &[RemovedBackends],
+        retired: &BTreeSet<u32>,
+    ) -> anyhow::Result<usize> {
+        let selection = purge::Selection::new(removed).with_retired_affinity(retired);
         if selection.is_empty() {
             return Ok(0);
         }
@@ -717,6 +743,11 @@ impl Datapath {
         self.services.service_id(frontend)
     }
 
+    /// The affinity id the maps hold for the IPv4 `frontend` (0: no sessionAffinity).
+    pub fn affinity_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.services.affinity_id(frontend)
+    }
+
     /// The IPv6 frontends the maps hold: (address, port, protocol number, id, backends).
     pub fn programmed_services6(
         &self,
@@ -728,6 +759,16 @@ impl Datapath {
         Vec<crate::state::BackendAddr>,
     )> {
         self.services6.programmed()
+    }
+
+    /// How many backends the IPv6 `frontend`'s entry of `scope` (`SCOPE_ALL`, `SCOPE_POD`)
+    /// has, if it is programmed.
+    pub fn backend_count6(&self, frontend: &Frontend, scope: u8) -> Option<usize> {
+        let key = sluice_common::ServiceKey6 {
+            scope,
+            ..sync6::service_key6(frontend)?
+        };
+        self.services6.backend_count(&key)
     }
 
     /// Deletes the `conntrack6` entries of UDP and SCTP flows to removed backends.
@@ -807,7 +848,8 @@ impl Datapath {
         Ok(doomed.len())
     }
 
-    /// Deletes every affinity entry (`sluice trace` forgets its private clients with it).
+    /// Deletes every affinity entry of both families (`sluice trace` forgets its private
+    /// clients with it).
     pub fn clear_affinity(&mut self) -> anyhow::Result<usize> {
         let keys: Vec<AffinityKey> = self
             .affinity_entries()?
@@ -821,7 +863,36 @@ impl Datapath {
                 Err(e) => return Err(e).context("deleting an affinity entry"),
             }
         }
-        Ok(keys.len())
+        Ok(keys.len() + self.purge_affinity6(|_, _| true)?)
+    }
+
+    /// Every IPv6 sessionAffinity entry.
+    pub fn affinity6_entries(&self) -> anyhow::Result<Vec<(AffinityKey6, AffinityValue6)>> {
+        self.affinity6
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the affinity6 map")
+    }
+
+    /// Deletes the IPv6 affinity entries `remove` picks; returns how many.
+    fn purge_affinity6(
+        &mut self,
+        mut remove: impl FnMut(&AffinityKey6, &AffinityValue6) -> bool,
+    ) -> anyhow::Result<usize> {
+        let doomed: Vec<AffinityKey6> = self
+            .affinity6_entries()?
+            .into_iter()
+            .filter(|(key, value)| remove(key, value))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            match self.affinity6.remove(key) {
+                Ok(()) => {}
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting an IPv6 affinity entry"),
+            }
+        }
+        Ok(doomed.len())
     }
 
     /// Packets dropped or answered by the programs, by reason, summed over the CPUs; reasons

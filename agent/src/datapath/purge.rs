@@ -24,6 +24,11 @@ use crate::state::BackendAddr;
 pub struct Selection {
     /// (service id, backend) pairs that went away.
     removed: BTreeSet<(u32, BackendAddr)>,
+    /// (affinity id, backend) pairs that went away (`affinity.rs`: a frontend's affinity
+    /// entries are keyed by its affinity id).
+    removed_affinity: BTreeSet<(u32, BackendAddr)>,
+    /// Affinity ids no frontend uses any more: all their entries go.
+    retired_affinity: BTreeSet<u32>,
 }
 
 impl Selection {
@@ -33,19 +38,27 @@ impl Selection {
                 .iter()
                 .flat_map(|r| r.backends.iter().map(|b| (r.service_id, *b)))
                 .collect(),
+            removed_affinity: removed
+                .iter()
+                .filter(|r| r.affinity_id != 0)
+                .flat_map(|r| r.affinity_backends.iter().map(|b| (r.affinity_id, *b)))
+                .collect(),
+            retired_affinity: BTreeSet::new(),
         }
     }
 
+    /// Also every affinity entry of the `retired` ids.
+    pub fn with_retired_affinity(mut self, retired: &BTreeSet<u32>) -> Selection {
+        self.retired_affinity.extend(retired);
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.removed.is_empty()
+        self.removed.is_empty() && self.retired_affinity.is_empty()
     }
 
     fn is_removed(&self, service_id: u32, addr: u32, port: u16) -> bool {
-        let backend = BackendAddr {
-            ip: wire::addr_from_map(addr).into(),
-            port: wire::port_from_map(port),
-        };
-        self.removed.contains(&(service_id, backend))
+        self.removed.contains(&(service_id, backend(addr, port)))
     }
 
     /// A UDP or SCTP flow's entry whose backend was removed: the forward entry (the backend is
@@ -61,9 +74,20 @@ impl Selection {
         }
     }
 
-    /// An affinity entry pointing to a removed backend.
+    /// An affinity entry pointing to a removed backend, or of a retired affinity id.
     pub fn affinity(&self, key: &AffinityKey, value: &AffinityValue) -> bool {
-        self.is_removed(key.service_id, value.backend.addr, value.backend.port)
+        self.retired_affinity.contains(&key.affinity_id)
+            || self.removed_affinity.contains(&(
+                key.affinity_id,
+                backend(value.backend.addr, value.backend.port),
+            ))
+    }
+}
+
+fn backend(addr: u32, port: u16) -> BackendAddr {
+    BackendAddr {
+        ip: wire::addr_from_map(addr).into(),
+        port: wire::port_from_map(port),
     }
 }
 
@@ -141,6 +165,8 @@ mod tests {
         Selection::new(&[RemovedBackends {
             frontend: None,
             service_id: 7,
+            affinity_id: 3,
+            affinity_backends: [GONE].into(),
             backends: [GONE].into(),
         }])
     }
@@ -179,7 +205,7 @@ mod tests {
         let entry = |id, backend: BackendAddr| {
             (
                 AffinityKey {
-                    service_id: id,
+                    affinity_id: id,
                     client: a(CLIENT),
                 },
                 AffinityValue {
@@ -193,11 +219,16 @@ mod tests {
                 },
             )
         };
-        let (key, value) = entry(7, GONE);
+        // Affinity entries are keyed by the frontend's affinity id (3), not its service id.
+        let (key, value) = entry(3, GONE);
         assert!(selection.affinity(&key, &value));
-        let (key, value) = entry(7, LIVE);
+        let (key, value) = entry(3, LIVE);
         assert!(!selection.affinity(&key, &value));
-        let (key, value) = entry(8, GONE);
+        let (key, value) = entry(7, GONE);
         assert!(!selection.affinity(&key, &value));
+        // A retired id loses every entry.
+        let selection = selection.with_retired_affinity(&BTreeSet::from([9]));
+        let (key, value) = entry(9, LIVE);
+        assert!(selection.affinity(&key, &value));
     }
 }

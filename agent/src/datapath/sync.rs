@@ -50,7 +50,10 @@ use sluice_common::{
 };
 use tracing::{debug, warn};
 
-use super::wire::{self, ServiceSettings};
+use super::{
+    affinity::{self, AffinityGroup},
+    wire::{self, ServiceSettings},
+};
 use crate::state::{BackendAddr, DesiredState, Frontend};
 
 /// One loadBalancerSourceRange of a service, as `source_ranges` holds it.
@@ -237,6 +240,12 @@ pub struct RemovedBackends {
     /// `None` for a `services` key with a protocol the agent does not write.
     pub frontend: Option<Frontend>,
     pub service_id: u32,
+    /// The frontend's affinity id before the sync (0: none).
+    pub affinity_id: u32,
+    /// The backends of `backends` whose affinity entries under `affinity_id` go: those no
+    /// frontend with that id reaches after the sync (a ClusterIP keeps the affinity it shares
+    /// with a removed NodePort).
+    pub affinity_backends: BTreeSet<BackendAddr>,
     pub backends: BTreeSet<BackendAddr>,
 }
 
@@ -267,9 +276,9 @@ pub struct SyncStats {
     pub purged: usize,
     /// IPv6 frontends in the IPv6 maps after the sync ([`super::Datapath::sync`] fills it).
     pub ipv6_programmed: usize,
-    /// IPv6 frontends of the desired state the IPv6 datapath cannot serve yet, left out
-    /// ([`super::sync6::unsupported`]; [`super::Datapath::sync`] fills it).
-    pub skipped_ipv6: usize,
+    /// Affinity ids no frontend uses after this sync: their `affinity` entries are purged
+    /// whole ([`super::affinity::retired`]).
+    pub retired_affinity_ids: BTreeSet<u32>,
 }
 
 impl SyncStats {
@@ -385,6 +394,8 @@ impl Mirror {
 /// One frontend as the maps should hold it.
 struct DesiredFrontend {
     frontend: Frontend,
+    /// With sessionAffinity: the frontends it shares its affinity id with.
+    affinity_group: Option<AffinityGroup>,
     settings: ServiceSettings,
     backends: BTreeSet<Backend>,
     /// Source ranges, without service id yet: (bits, addr).
@@ -416,6 +427,8 @@ pub struct ServiceSync<M> {
     /// that was just freed is not given to another frontend at once (conntrack entries and
     /// `sluice state` output still name it for a while).
     next_id: u32,
+    /// Where the search for a new affinity id starts (round-robin too, `affinity.rs`).
+    next_affinity_id: u32,
 }
 
 impl<M: ServiceMaps> ServiceSync<M> {
@@ -448,10 +461,19 @@ impl<M: ServiceMaps> ServiceSync<M> {
             .max()
             .copied()
             .unwrap_or(0);
+        let next_affinity_id = mirror
+            .services
+            .values()
+            .map(|v| v.affinity_id)
+            .max()
+            .unwrap_or(0)
+            .wrapping_add(1)
+            .max(1);
         Ok(ServiceSync {
             maps,
             mirror,
             next_id: highest.wrapping_add(1).max(1),
+            next_affinity_id,
         })
     }
 
@@ -469,6 +491,14 @@ impl<M: ServiceMaps> ServiceSync<M> {
             .services
             .get(&wire::service_key(frontend)?)
             .map(|v| v.id)
+    }
+
+    /// The affinity id the maps hold for `frontend` (0: no sessionAffinity).
+    pub fn affinity_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.mirror
+            .services
+            .get(&wire::service_key(frontend)?)
+            .map(|v| v.affinity_id)
     }
 
     /// Every frontend in the maps with the backends a packet can reach.
@@ -493,6 +523,7 @@ impl<M: ServiceMaps> ServiceSync<M> {
                         flags: value.flags,
                         kind: value.kind,
                         affinity_timeout: value.affinity_timeout,
+                        affinity_id: value.affinity_id,
                     },
                     source_ranges: self
                         .mirror
@@ -542,6 +573,7 @@ impl<M: ServiceMaps> ServiceSync<M> {
                     pod_key,
                     DesiredFrontend {
                         frontend: *frontend,
+                        affinity_group: affinity_group(entry, frontend, cluster),
                         settings: wire::pod_service_settings(entry),
                         backends: backend_values(cluster),
                         ranges: ranges.clone(),
@@ -552,13 +584,30 @@ impl<M: ServiceMaps> ServiceSync<M> {
                 key,
                 DesiredFrontend {
                     frontend: *frontend,
+                    affinity_group: affinity_group(entry, frontend, &entry.backends),
                     settings: wire::service_settings(entry),
                     backends: backend_values(&entry.backends),
                     ranges,
                 },
             );
         }
+        let members: Vec<(ServiceKey, AffinityGroup)> = wanted
+            .iter()
+            .filter_map(|(key, want)| Some((*key, want.affinity_group.clone()?)))
+            .collect();
+        let current: BTreeMap<ServiceKey, u32> = self
+            .mirror
+            .services
+            .iter()
+            .map(|(key, value)| (*key, value.affinity_id))
+            .collect();
+        for (key, id) in affinity::assign(&members, &current, &mut self.next_affinity_id) {
+            if let Some(want) = wanted.get_mut(&key) {
+                want.settings.affinity_id = id;
+            }
+        }
         let desired = wanted;
+        let ids_before: Vec<u32> = current.values().copied().collect();
 
         // Removals first: they free room in the maps for what is added next.
         self.remove_leftovers(&mut stats);
@@ -595,6 +644,8 @@ impl<M: ServiceMaps> ServiceSync<M> {
                         stats.removed_backends.push(RemovedBackends {
                             frontend: Some(want.frontend),
                             service_id: value.id,
+                            affinity_id: value.affinity_id,
+                            affinity_backends: BTreeSet::new(), // below
                             backends: removed,
                         });
                     }
@@ -628,6 +679,32 @@ impl<M: ServiceMaps> ServiceSync<M> {
                 }
             }
         }
+        let live: BTreeSet<(u32, BackendAddr)> = self
+            .mirror
+            .services
+            .values()
+            .filter(|v| v.affinity_id != 0)
+            .flat_map(|v| {
+                self.mirror
+                    .reachable(v)
+                    .into_iter()
+                    .map(move |b| (v.affinity_id, b))
+            })
+            .collect();
+        for removed in &mut stats.removed_backends {
+            if removed.affinity_id != 0 {
+                removed.affinity_backends = removed
+                    .backends
+                    .iter()
+                    .filter(|b| !live.contains(&(removed.affinity_id, **b)))
+                    .copied()
+                    .collect();
+            }
+        }
+        stats.retired_affinity_ids = affinity::retired(
+            ids_before.into_iter(),
+            self.mirror.services.values().map(|v| v.affinity_id),
+        );
         debug!(?stats, "map sync done");
         stats
     }
@@ -691,6 +768,8 @@ impl<M: ServiceMaps> ServiceSync<M> {
                 stats.removed_backends.push(RemovedBackends {
                     frontend: wire::frontend(&key),
                     service_id: value.id,
+                    affinity_id: value.affinity_id,
+                    affinity_backends: BTreeSet::new(), // below
                     backends: before,
                 });
             }
@@ -727,6 +806,25 @@ impl<M: ServiceMaps> ServiceSync<M> {
             }
         }
     }
+}
+
+/// The affinity group of a frontend of `entry` balancing over `backends` (`None` without
+/// sessionAffinity).
+pub(super) fn affinity_group(
+    entry: &crate::state::ServiceEntry,
+    frontend: &Frontend,
+    backends: &[BackendAddr],
+) -> Option<AffinityGroup> {
+    entry.affinity_timeout?;
+    let mut backends = backends.to_vec();
+    backends.sort();
+    backends.dedup();
+    Some(AffinityGroup {
+        service_port: entry.name.clone(),
+        proto: frontend.proto.number(),
+        timeout: entry.affinity_timeout.unwrap_or(0),
+        backends,
+    })
 }
 
 fn fail(stats: &mut SyncStats, frontend: Frontend, error: anyhow::Error) {
@@ -794,6 +892,7 @@ fn plan_frontend(
         kind: desired.settings.kind,
         _pad: 0,
         affinity_timeout: desired.settings.affinity_timeout,
+        affinity_id: desired.settings.affinity_id,
     };
     if current != Some(value) {
         ops.push(MapOp::PutService(key, value));
@@ -839,6 +938,7 @@ mod tests {
             kind: 0,
             _pad: 0,
             affinity_timeout: 0,
+            affinity_id: 0,
         }
     }
 

@@ -1,17 +1,16 @@
-//! Programming the IPv6 maps (`services6`, `backends6`) with the IPv6 frontends of a
-//! [`DesiredState`].
+//! Programming the IPv6 maps (`services6`, `backends6`, `source_ranges6`) with the IPv6
+//! frontends of a [`DesiredState`], and `config6` with the node's IPv6 context.
 //!
-//! The IPv6 datapath (ebpf/src/v6.rs) is a subset of the IPv4 one: destination NAT to a
-//! random backend and reverse NAT, REJECT and DROP, masquerade of external traffic to remote
-//! backends only; no affinity or source ranges. A frontend
-//! is programmed only when that subset serves it as kube-proxy would ([`unsupported`]); the
-//! others are left out (their traffic passes the programs untouched) and reported in
-//! [`SyncStats::skipped_ipv6`](super::SyncStats::skipped_ipv6).
+//! Every IPv6 frontend is programmed like an IPv4 one (ebpf/src/v6/mod.rs has the IPv4
+//! behaviours): an externalTrafficPolicy Local frontend gets its pods' entry ([`SCOPE_POD`],
+//! cluster-wide backends), sessionAffinity an affinity id (`affinity.rs`), and
+//! loadBalancerSourceRanges their `source_ranges6` entries.
 //!
-//! A frontend's writes keep the IPv4 sync's ordering rules: slots are written before the count
-//! that makes them visible, the count is lowered before slots above it are deleted, a removed
-//! frontend loses its `services6` entry before its slots. Unlike the IPv4 sync a changed
-//! frontend has all its slots rewritten.
+//! A frontend's writes keep the IPv4 sync's ordering rules: slots and new source ranges are
+//! written before the `services6` entry that makes them used, the count is lowered before
+//! slots above it are deleted and old ranges are deleted after it, a removed frontend loses its
+//! `services6` entry before its slots and ranges. Unlike the IPv4 sync a changed frontend has
+//! all its slots rewritten.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,14 +18,27 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    HashMap, MapData, MapError,
+};
+use ipnet::{IpNet, Ipv6Net};
 use sluice_common::{
-    Backend6, BackendKey, CtKey6, CtValue6, ServiceKey6, ServiceValue, BACKEND_F_LOCAL,
-    CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_SCTP, PROTO_UDP,
+    source_range_prefix_len, AffinityKey6, AffinityValue6, Backend6, BackendKey, Cidr6, CtKey6,
+    CtValue6, NodeConfig6, ServiceKey6, ServiceValue, SourceRangeKey6, BACKEND_F_LOCAL,
+    CONFIG_F_MASQUERADE_ALL, CT_DIR_FORWARD, CT_DIR_REPLY, MAX_CLUSTER_CIDRS, PROTO_SCTP,
+    PROTO_UDP, SCOPE_ALL, SCOPE_POD,
 };
 
-use super::wire;
-use crate::state::{BackendAddr, DesiredState, Frontend, ServiceEntry};
+use super::{
+    affinity::{self, AffinityGroup},
+    sync::affinity_group,
+    wire,
+};
+use crate::{
+    node::NodeContext,
+    state::{BackendAddr, DesiredState, Frontend},
+};
 
 /// An IPv6 address as the maps (and the packet) hold it.
 pub fn addr6_to_map(ip: Ipv6Addr) -> [u32; 4] {
@@ -57,8 +69,73 @@ pub fn service_key6(frontend: &Frontend) -> Option<ServiceKey6> {
         addr: addr6_to_map(ipv6(frontend.ip)?),
         port: wire::port_to_map(frontend.port),
         proto: frontend.proto.number(),
-        _pad: 0,
+        scope: SCOPE_ALL,
     })
+}
+
+/// The `services6` key of an IPv6 frontend's pods' entry ([`SCOPE_POD`]).
+pub fn pod_service_key6(frontend: &Frontend) -> Option<ServiceKey6> {
+    Some(ServiceKey6 {
+        scope: SCOPE_POD,
+        ..service_key6(frontend)?
+    })
+}
+
+/// One loadBalancerSourceRange as `source_ranges6` holds it: (bits, network address).
+pub type SourceRange6 = (u32, [u32; 4]);
+
+fn source_range6(net: &Ipv6Net) -> SourceRange6 {
+    let net = net.trunc();
+    (u32::from(net.prefix_len()), addr6_to_map(net.network()))
+}
+
+fn range_key(service_id: u32, (bits, addr): SourceRange6) -> LpmKey<SourceRangeKey6> {
+    LpmKey::new(
+        source_range_prefix_len(bits),
+        SourceRangeKey6 { service_id, addr },
+    )
+}
+
+/// The node's IPv6 context as `config6` holds it: the first IPv6 node IP (the masquerade
+/// address), the IPv6 cluster CIDRs (at most [`MAX_CLUSTER_CIDRS`]), masqueradeAll.
+pub fn node_config6(node: &NodeContext) -> anyhow::Result<NodeConfig6> {
+    let node_ip = node
+        .node_ips
+        .iter()
+        .find_map(|ip| ipv6(*ip))
+        .map(addr6_to_map)
+        .unwrap_or_default();
+    let cidrs: Vec<Ipv6Net> = node
+        .cluster_cidrs
+        .iter()
+        .filter_map(|net| match net {
+            IpNet::V6(v6) => Some(v6.trunc()),
+            IpNet::V4(_) => None,
+        })
+        .collect();
+    if cidrs.len() > MAX_CLUSTER_CIDRS {
+        anyhow::bail!(
+            "{} IPv6 cluster CIDRs given, the datapath checks at most {MAX_CLUSTER_CIDRS}",
+            cidrs.len()
+        );
+    }
+    let mut config = NodeConfig6 {
+        node_ip,
+        flags: if node.masquerade_all {
+            CONFIG_F_MASQUERADE_ALL
+        } else {
+            0
+        },
+        cidr_count: cidrs.len() as u32,
+        ..Default::default()
+    };
+    for (slot, cidr) in config.cluster_cidrs.iter_mut().zip(&cidrs) {
+        *slot = Cidr6 {
+            net: addr6_to_map(cidr.network()),
+            mask: addr6_to_map(cidr.netmask()),
+        };
+    }
+    Ok(config)
 }
 
 pub fn backend6_value(backend: &BackendAddr, local: bool) -> Option<Backend6> {
@@ -77,42 +154,48 @@ pub fn backend6_addr(backend: &Backend6) -> BackendAddr {
     }
 }
 
-/// Why the IPv6 datapath cannot serve `entry` yet; `None`: it can.
-pub fn unsupported(entry: &ServiceEntry) -> Option<&'static str> {
-    if entry.affinity_timeout.is_some() {
-        return Some("sessionAffinity is IPv4 only");
-    }
-    if !entry.source_ranges.is_empty() {
-        return Some("loadBalancerSourceRanges are IPv4 only");
-    }
-    None
-}
-
 /// One programmed IPv6 frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
     value: ServiceValue,
     backends: Vec<Backend6>,
+    ranges: BTreeSet<SourceRange6>,
 }
 
 /// The IPv6 maps and what they hold.
 pub struct Ipv6Sync {
     services: HashMap<MapData, ServiceKey6, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend6>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey6, u8>,
     mirror: BTreeMap<ServiceKey6, Programmed>,
+    next_affinity_id: u32,
 }
 
 /// What an IPv6 sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ipv6SyncStats {
-    /// IPv6 frontends in the maps after the sync.
+    /// IPv6 frontends in the maps after the sync (pods' entries included).
     pub programmed: usize,
-    /// IPv6 frontends left out, with the reason.
-    pub skipped: Vec<(Frontend, &'static str)>,
     pub map_writes: usize,
     /// (service id, backend address, port) that were reachable before the sync and are not
     /// any more: their UDP and SCTP flows are purged from `conntrack6` ([`purged`]).
     pub removed_backends: BTreeSet<(u32, [u32; 4], u16)>,
+    /// The same backends under the frontend's affinity id before the sync: their `affinity6`
+    /// entries are purged ([`affinity_purged`]).
+    pub removed_affinity: BTreeSet<(u32, [u32; 4], u16)>,
+    /// Affinity ids no IPv6 frontend uses any more: their entries go whole.
+    pub retired_affinity_ids: BTreeSet<u32>,
+}
+
+/// Whether an `affinity6` entry goes after a sync (its backend was removed under its
+/// affinity id, or its id is retired).
+pub fn affinity_purged(stats: &Ipv6SyncStats, key: &AffinityKey6, value: &AffinityValue6) -> bool {
+    stats.retired_affinity_ids.contains(&key.affinity_id)
+        || stats.removed_affinity.contains(&(
+            key.affinity_id,
+            value.backend.addr,
+            value.backend.port,
+        ))
 }
 
 /// Whether a `conntrack6` entry belongs to a UDP or SCTP flow to a removed backend (as the
@@ -141,6 +224,7 @@ impl Ipv6Sync {
     pub fn read_back(
         services: HashMap<MapData, ServiceKey6, ServiceValue>,
         backends: HashMap<MapData, BackendKey, Backend6>,
+        source_ranges: LpmTrie<MapData, SourceRangeKey6, u8>,
     ) -> anyhow::Result<Ipv6Sync> {
         let mut slots: BTreeMap<u32, BTreeMap<u32, Backend6>> = BTreeMap::new();
         for entry in backends.iter() {
@@ -150,6 +234,17 @@ impl Ipv6Sync {
                 .or_default()
                 .insert(key.slot, backend);
         }
+        let mut ranges: BTreeMap<u32, BTreeSet<SourceRange6>> = BTreeMap::new();
+        for key in source_ranges.keys() {
+            let key = key.context("reading the source_ranges6 map")?;
+            if let Some(bits) = key.prefix_len().checked_sub(32).filter(|b| *b <= 128) {
+                let data = key.data();
+                ranges
+                    .entry(data.service_id)
+                    .or_default()
+                    .insert((bits, data.addr));
+            }
+        }
         let mut mirror = BTreeMap::new();
         for entry in services.iter() {
             let (key, value) = entry.context("reading the services6 map")?;
@@ -157,42 +252,90 @@ impl Ipv6Sync {
             let backends = (0..value.backend_count)
                 .filter_map(|slot| of_id.and_then(|s| s.get(&slot)).copied())
                 .collect();
-            mirror.insert(key, Programmed { value, backends });
+            let ranges = ranges.remove(&value.id).unwrap_or_default();
+            mirror.insert(
+                key,
+                Programmed {
+                    value,
+                    backends,
+                    ranges,
+                },
+            );
         }
+        let next_affinity_id = mirror
+            .values()
+            .map(|p: &Programmed| p.value.affinity_id)
+            .max()
+            .unwrap_or(0)
+            .wrapping_add(1)
+            .max(1);
         Ok(Ipv6Sync {
             services,
             backends,
+            source_ranges,
             mirror,
+            next_affinity_id,
         })
     }
 
-    /// Programs the supported IPv6 frontends of `desired` and removes the others.
+    /// Programs the IPv6 frontends of `desired` and removes the others.
     pub fn sync(&mut self, desired: &DesiredState) -> anyhow::Result<Ipv6SyncStats> {
         let mut stats = Ipv6SyncStats::default();
-        let mut want: BTreeMap<ServiceKey6, (ServiceValue, Vec<Backend6>)> = BTreeMap::new();
+        let mut want: BTreeMap<ServiceKey6, (ServiceValue, Vec<Backend6>, BTreeSet<SourceRange6>)> =
+            BTreeMap::new();
+        let mut members: Vec<(ServiceKey6, AffinityGroup)> = Vec::new();
         for (frontend, entry) in &desired.services {
-            let Some(key) = service_key6(frontend) else {
+            let (Some(key), Some(pod_key)) = (service_key6(frontend), pod_service_key6(frontend))
+            else {
                 continue;
             };
-            if let Some(reason) = unsupported(entry) {
-                stats.skipped.push((*frontend, reason));
-                continue;
-            }
-            let backends: Vec<Backend6> = entry
-                .backends
+            let backend_values = |backends: &[BackendAddr]| -> Vec<Backend6> {
+                backends
+                    .iter()
+                    .filter_map(|b| backend6_value(b, entry.local_backends.contains(b)))
+                    .collect()
+            };
+            let ranges: BTreeSet<SourceRange6> = entry
+                .source_ranges
                 .iter()
-                .filter_map(|b| backend6_value(b, entry.local_backends.contains(b)))
+                .filter_map(|net| match net {
+                    IpNet::V6(v6) => Some(source_range6(v6)),
+                    IpNet::V4(_) => None,
+                })
                 .collect();
-            let settings = wire::service_settings(entry);
-            let value = ServiceValue {
+            let value = |settings: wire::ServiceSettings, count: usize| ServiceValue {
                 id: 0, // assigned below
-                backend_count: backends.len() as u32,
+                backend_count: count as u32,
                 flags: settings.flags,
                 kind: settings.kind,
                 _pad: 0,
-                affinity_timeout: 0,
+                affinity_timeout: settings.affinity_timeout,
+                affinity_id: 0, // assigned below
             };
-            want.insert(key, (value, backends));
+            // An externalTrafficPolicy Local frontend's cluster-wide backends for pods.
+            if let Some(cluster) = &entry.cluster_backends {
+                let backends = backend_values(cluster);
+                let settings = wire::pod_service_settings(entry);
+                want.insert(
+                    pod_key,
+                    (value(settings, backends.len()), backends, ranges.clone()),
+                );
+                members.extend(affinity_group(entry, frontend, cluster).map(|g| (pod_key, g)));
+            }
+            let backends = backend_values(&entry.backends);
+            let settings = wire::service_settings(entry);
+            want.insert(key, (value(settings, backends.len()), backends, ranges));
+            members.extend(affinity_group(entry, frontend, &entry.backends).map(|g| (key, g)));
+        }
+        let current: BTreeMap<ServiceKey6, u32> = self
+            .mirror
+            .iter()
+            .map(|(key, p)| (*key, p.value.affinity_id))
+            .collect();
+        for (key, id) in affinity::assign(&members, &current, &mut self.next_affinity_id) {
+            if let Some(w) = want.get_mut(&key) {
+                w.0.affinity_id = id;
+            }
         }
 
         // Removals first.
@@ -208,22 +351,32 @@ impl Ipv6Sync {
                 stats
                     .removed_backends
                     .insert((old.value.id, b.addr, b.port));
+                if old.value.affinity_id != 0 {
+                    stats
+                        .removed_affinity
+                        .insert((old.value.affinity_id, b.addr, b.port));
+                }
             }
             ignore_missing(self.services.remove(&key)).context("deleting from services6")?;
             stats.map_writes += 1;
             self.mirror.remove(&key);
             self.delete_slots(old.value.id, 0, old.backends.len() as u32, &mut stats)?;
+            self.delete_ranges(old.value.id, &old.ranges, &mut stats)?;
         }
 
         let mut used: BTreeSet<u32> = self.mirror.values().map(|p| p.value.id).collect();
-        for (key, (mut value, backends)) in want {
+        for (key, (mut value, backends, ranges)) in want {
             let old = self.mirror.get(&key).cloned();
             value.id = match &old {
                 Some(old) => old.value.id,
                 None => (1..).find(|id| !used.contains(id)).expect("a free id"),
             };
             used.insert(value.id);
-            let new = Programmed { value, backends };
+            let new = Programmed {
+                value,
+                backends,
+                ranges,
+            };
             if old.as_ref() == Some(&new) {
                 continue;
             }
@@ -235,6 +388,13 @@ impl Ipv6Sync {
                 self.backends
                     .insert(slot_key, backend, 0)
                     .context("writing backends6")?;
+                stats.map_writes += 1;
+            }
+            let old_ranges = old.as_ref().map(|o| o.ranges.clone()).unwrap_or_default();
+            for range in new.ranges.difference(&old_ranges) {
+                self.source_ranges
+                    .insert(&range_key(value.id, *range), 1, 0)
+                    .context("writing source_ranges6")?;
                 stats.map_writes += 1;
             }
             self.services
@@ -249,15 +409,53 @@ impl Ipv6Sync {
                         .any(|n| (n.addr, n.port) == (b.addr, b.port))
                     {
                         stats.removed_backends.insert((value.id, b.addr, b.port));
+                        if old.value.affinity_id != 0 {
+                            stats
+                                .removed_affinity
+                                .insert((old.value.affinity_id, b.addr, b.port));
+                        }
                     }
                 }
             }
-            let old_count = old.map_or(0, |o| o.backends.len() as u32);
+            let old_count = old.as_ref().map_or(0, |o| o.backends.len() as u32);
+            let stale_ranges: BTreeSet<SourceRange6> =
+                old_ranges.difference(&new.ranges).copied().collect();
             self.mirror.insert(key, new);
             self.delete_slots(value.id, value.backend_count, old_count, &mut stats)?;
+            self.delete_ranges(value.id, &stale_ranges, &mut stats)?;
         }
+        // A backend another frontend with the same affinity id still has keeps its entries.
+        let live: BTreeSet<(u32, [u32; 4], u16)> = self
+            .mirror
+            .values()
+            .filter(|p| p.value.affinity_id != 0)
+            .flat_map(|p| {
+                p.backends
+                    .iter()
+                    .map(move |b| (p.value.affinity_id, b.addr, b.port))
+            })
+            .collect();
+        stats.removed_affinity.retain(|r| !live.contains(r));
+        stats.retired_affinity_ids = affinity::retired(
+            current.values().copied(),
+            self.mirror.values().map(|p| p.value.affinity_id),
+        );
         stats.programmed = self.mirror.len();
         Ok(stats)
+    }
+
+    fn delete_ranges(
+        &mut self,
+        id: u32,
+        ranges: &BTreeSet<SourceRange6>,
+        stats: &mut Ipv6SyncStats,
+    ) -> anyhow::Result<()> {
+        for range in ranges {
+            ignore_missing(self.source_ranges.remove(&range_key(id, *range)))
+                .context("deleting from source_ranges6")?;
+            stats.map_writes += 1;
+        }
+        Ok(())
     }
 
     fn delete_slots(
@@ -276,6 +474,11 @@ impl Ipv6Sync {
             stats.map_writes += 1;
         }
         Ok(())
+    }
+
+    /// How many backends the entry `key` of `services6` has, if it is programmed.
+    pub fn backend_count(&self, key: &ServiceKey6) -> Option<usize> {
+        self.mirror.get(key).map(|p| p.backends.len())
     }
 
     /// The IPv6 frontends the maps hold with their backends, for `sluice state` and tests.
@@ -298,7 +501,7 @@ impl Ipv6Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{FrontendKind, Protocol};
+    use crate::state::Protocol;
 
     #[test]
     fn addresses_are_stored_as_on_the_wire() {
@@ -364,30 +567,39 @@ mod tests {
     }
 
     #[test]
-    fn only_what_the_ipv6_datapath_serves_is_programmed() {
-        let local = BackendAddr {
-            ip: "fd00:10:244:1::5".parse().unwrap(),
-            port: 8080,
+    fn the_node_config6_holds_the_ipv6_address_cidrs_and_masquerade_all() {
+        let node = NodeContext {
+            node_ips: vec!["172.18.0.3".parse().unwrap(), "fc00::3".parse().unwrap()],
+            cluster_cidrs: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:244::7/56".parse().unwrap(),
+            ],
+            masquerade_all: true,
+            ..Default::default()
         };
-        let remote = BackendAddr {
-            ip: "fd00:10:244:2::5".parse().unwrap(),
-            port: 8080,
+        let config = node_config6(&node).unwrap();
+        assert_eq!(
+            addr6_from_map(config.node_ip),
+            "fc00::3".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(config.flags, CONFIG_F_MASQUERADE_ALL);
+        assert_eq!(config.cidr_count, 1);
+        let cidr = config.cluster_cidrs[0];
+        assert_eq!(
+            addr6_from_map(cidr.net),
+            "fd00:10:244::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            addr6_from_map(cidr.mask),
+            "ffff:ffff:ffff:ff00::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(config.cluster_cidrs[1], Cidr6::default());
+        let too_many = NodeContext {
+            cluster_cidrs: (0..9)
+                .map(|i| format!("fd00:{i}::/64").parse().unwrap())
+                .collect(),
+            ..Default::default()
         };
-        let mut e = ServiceEntry::cluster_ip("ns/s", vec![local, remote]);
-        e.local_backends = [local].into();
-        assert_eq!(unsupported(&e), None);
-        // External traffic to a remote backend is masqueraded.
-        let mut ext = e.clone();
-        ext.kind = FrontendKind::NodePort;
-        assert_eq!(unsupported(&ext), None);
-        let mut aff = e.clone();
-        aff.affinity_timeout = Some(10);
-        assert!(unsupported(&aff).is_some());
-        let mut ranges = e.clone();
-        ranges.source_ranges = vec!["2001:db8::/32".parse().unwrap()];
-        assert!(unsupported(&ranges).is_some());
-        // REJECT and DROP are served.
-        let empty = ServiceEntry::cluster_ip("ns/s", vec![]);
-        assert_eq!(unsupported(&empty), None);
+        assert!(node_config6(&too_many).is_err());
     }
 }

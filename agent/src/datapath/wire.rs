@@ -44,7 +44,7 @@ pub fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
     }
 }
 
-/// The `services` key of an IPv4 frontend; `None` for an IPv6 one (no IPv6 maps yet).
+/// The `services` key of an IPv4 frontend; `None` for an IPv6 one (`services6`, sync6.rs).
 pub fn service_key(frontend: &Frontend) -> Option<ServiceKey> {
     Some(ServiceKey {
         addr: addr_to_map(ipv4(frontend.ip)?),
@@ -87,12 +87,14 @@ pub fn backend_value_with(backend: &BackendAddr, local: bool) -> Option<Backend>
 }
 
 /// What a [`sluice_common::ServiceValue`] says about a frontend besides its id and backend
-/// count: the `SVC_F_*` flags, the `KIND_*` and the affinity timeout.
+/// count: the `SVC_F_*` flags, the `KIND_*`, the affinity timeout and affinity id.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceSettings {
     pub flags: u16,
     pub kind: u8,
     pub affinity_timeout: u32,
+    /// Given by the sync (`affinity.rs`); [`service_settings`] leaves it 0.
+    pub affinity_id: u32,
 }
 
 pub fn kind_to_map(kind: FrontendKind) -> u8 {
@@ -136,6 +138,7 @@ pub fn service_settings(entry: &ServiceEntry) -> ServiceSettings {
         flags,
         kind: kind_to_map(entry.kind),
         affinity_timeout: entry.affinity_timeout.unwrap_or(0),
+        affinity_id: 0,
     }
 }
 

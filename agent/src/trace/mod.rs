@@ -235,20 +235,18 @@ fn desired_state(args: &TraceArgs) -> Result<(DesiredState, NodeContext), Failur
 /// is one, for a packet entering at `entry` (a pod's packet uses the frontend's pods' entry
 /// when it has one, `sluice_common::SCOPE_POD`).
 fn frontend_backend_count(datapath: &Datapath, flow: &IpFlow, entry: EntryPoint) -> Option<usize> {
-    if let Some(flow) = flow.v6() {
-        return datapath
-            .programmed_services6()
-            .into_iter()
-            .find(|(ip, port, proto, _, _)| {
-                (*ip, *port, *proto) == (flow.dst, flow.dport, flow.proto)
-            })
-            .map(|(_, _, _, _, backends)| backends.len());
-    }
     let frontend = Frontend {
         ip: flow.dst,
         port: flow.dport,
         proto: Protocol::from_number(flow.proto)?,
     };
+    if flow.v6().is_some() {
+        let pods = match entry {
+            EntryPoint::Pod => datapath.backend_count6(&frontend, sluice_common::SCOPE_POD),
+            _ => None,
+        };
+        return pods.or_else(|| datapath.backend_count6(&frontend, sluice_common::SCOPE_ALL));
+    }
     let matching: Vec<_> = datapath
         .programmed_services()
         .into_iter()

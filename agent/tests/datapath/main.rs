@@ -11,6 +11,7 @@
 
 mod support;
 
+mod affinity;
 mod clusterip;
 mod ipv6;
 mod pinning;

@@ -608,13 +608,13 @@ fn session_affinity_keeps_a_client_on_its_backend() {
     };
     let last_used = |client: Ipv4Addr, port: u16| {
         let id = datapath
-            .service_id(&frontend(VIP, port, Protocol::Tcp))
+            .affinity_id(&frontend(VIP, port, Protocol::Tcp))
             .unwrap();
         datapath
             .affinity_entries()
             .unwrap()
             .into_iter()
-            .find(|(k, _)| k.service_id == id && k.client == u32::from_ne_bytes(client.octets()))
+            .find(|(k, _)| k.affinity_id == id && k.client == u32::from_ne_bytes(client.octets()))
             .map(|(_, v)| v.last_used_ns)
             .expect("an affinity entry")
     };
