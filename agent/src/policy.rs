@@ -36,6 +36,11 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
+use sluice_common::{
+    policy_prefix_len, PolicyKey, PolicyPortRange, PolicyValue, ISOLATED_EGRESS, ISOLATED_INGRESS,
+    MAX_POLICY_PORT_RANGES, WAY_EGRESS, WAY_INGRESS,
+};
+
 use crate::{
     manifests::{ObjectRef, Objects},
     node::NodeContext,
@@ -747,6 +752,156 @@ impl CompiledPolicy {
             })
             .max_by_key(|(k, _)| k.peer.prefix_len());
         longest.is_some_and(|(_, ranges)| ranges.iter().any(|(a, b)| (*a..=*b).contains(&port)))
+    }
+}
+
+/// The compiled policy as the `isolated` and `policy` maps hold it (see `sluice-common`,
+/// "NetworkPolicy"): addresses in network byte order, ports in host order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WirePolicy {
+    /// Pod address (as the maps hold it) -> `ISOLATED_*` bits; pods open both ways are left out.
+    pub isolated: BTreeMap<u32, u8>,
+    /// (key data, peer prefix bits) -> the allowed port ranges.
+    pub entries: BTreeMap<(PolicyKey, u32), PolicyValue>,
+}
+
+impl WirePolicy {
+    /// The LPM trie key of an entry.
+    pub fn lpm_key(key: &PolicyKey, bits: u32) -> aya::maps::lpm_trie::Key<PolicyKey> {
+        aya::maps::lpm_trie::Key::new(policy_prefix_len(bits), *key)
+    }
+}
+
+fn way_number(way: Way) -> u8 {
+    match way {
+        Way::Ingress => WAY_INGRESS,
+        Way::Egress => WAY_EGRESS,
+    }
+}
+
+/// The maps' form of the compiled policy. An entry with more than [`MAX_POLICY_PORT_RANGES`]
+/// ranges keeps the first ones (it allows less, never more) and is reported by pod and
+/// policies, so the agent's log says which policy to simplify.
+pub fn to_wire(
+    state: &PolicyState,
+    compiled: &CompiledPolicy,
+) -> (WirePolicy, Vec<TranslateError>) {
+    let mut wire = WirePolicy::default();
+    let mut errors = Vec::new();
+    for (pod, way) in &compiled.isolated {
+        let bit = match way {
+            Way::Ingress => ISOLATED_INGRESS,
+            Way::Egress => ISOLATED_EGRESS,
+        };
+        *wire
+            .isolated
+            .entry(u32::from_ne_bytes(pod.octets()))
+            .or_default() |= bit;
+    }
+    for (key, ranges) in &compiled.entries {
+        let mut value = PolicyValue::default();
+        for (slot, (first, last)) in value.ranges.iter_mut().zip(ranges) {
+            *slot = PolicyPortRange {
+                first: *first,
+                last: *last,
+            };
+        }
+        value.count = ranges.len().min(MAX_POLICY_PORT_RANGES) as u32;
+        if ranges.len() > MAX_POLICY_PORT_RANGES {
+            let policies = state.pods.get(&key.pod).map(|p| match key.way {
+                Way::Ingress => &p.ingress,
+                Way::Egress => &p.egress,
+            });
+            let names = match policies {
+                Some(Direction::Isolated { policies, .. }) => {
+                    policies.iter().cloned().collect::<Vec<_>>().join(", ")
+                }
+                _ => String::new(),
+            };
+            let pod = state.pods.get(&key.pod).map_or_else(
+                || key.pod.to_string(),
+                |p| format!("{} ({})", p.pod, key.pod),
+            );
+            errors.push(TranslateError {
+                object: format!("Pod {pod}"),
+                message: format!(
+                    "{:?} {} from {}: the policies {names} allow {} separate port ranges, the \
+                     datapath holds {MAX_POLICY_PORT_RANGES} per peer: only the first \
+                     {MAX_POLICY_PORT_RANGES} are allowed (fails closed)",
+                    key.way,
+                    key.proto,
+                    key.peer,
+                    ranges.len()
+                ),
+            });
+        }
+        let data = PolicyKey {
+            pod: u32::from_ne_bytes(key.pod.octets()),
+            way: way_number(key.way),
+            proto: key.proto.number(),
+            _pad: 0,
+            peer: u32::from_ne_bytes(key.peer.network().octets()),
+        };
+        wire.entries
+            .insert((data, u32::from(key.peer.prefix_len())), value);
+    }
+    (wire, errors)
+}
+
+/// Everything the agent programs for NetworkPolicy from the objects: resolved, compiled and in
+/// the maps' form, with the problems found on the way (by object).
+pub fn program(objects: &Objects, node: &NodeContext) -> (WirePolicy, Vec<TranslateError>) {
+    let (state, mut errors) = resolve(objects, node);
+    let (wire, overflows) = to_wire(&state, &compile(&state));
+    errors.extend(overflows);
+    (wire, errors)
+}
+
+/// The policy verdict for one new connection as `sluice trace` explains it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    /// The pod of this node whose policy applies, `namespace/name`.
+    pub pod: String,
+    pub way: Way,
+    pub verdict: Explained,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Explained {
+    /// No policy selects the pod for this direction.
+    Open,
+    /// Allowed by this policy's rule.
+    AllowedBy(String),
+    /// Isolated by these policies, and no rule of theirs allows the connection.
+    Denied(Vec<String>),
+}
+
+impl PolicyState {
+    /// How `way` policy of the pod at `pod` (if this node enforces it) judges a new connection
+    /// with `peer` to `port`.
+    pub fn explain(
+        &self,
+        pod: Ipv4Addr,
+        way: Way,
+        peer: Ipv4Addr,
+        proto: Protocol,
+        port: u16,
+    ) -> Option<Explanation> {
+        let policy = self.pods.get(&pod)?;
+        let direction = match way {
+            Way::Ingress => &policy.ingress,
+            Way::Egress => &policy.egress,
+        };
+        let verdict = match direction.allows(peer, proto, port) {
+            Verdict::Open => Explained::Open,
+            Verdict::AllowedBy(name) => Explained::AllowedBy(name.to_string()),
+            Verdict::Denied(names) => Explained::Denied(names.iter().cloned().collect()),
+        };
+        Some(Explanation {
+            pod: policy.pod.to_string(),
+            way,
+            verdict,
+        })
     }
 }
 

@@ -8,12 +8,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sluice_common::{
     AffinityKey, AffinityValue, Backend, Backend6, BackendKey, CtKey, CtKey6, CtValue, CtValue6,
-    NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceValue, SourceRangeKey, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES, REASON_COUNT,
+    NodeConfig, NodeConfig6, PolicyFlowKey, PolicyKey, PolicyValue, ServiceKey, ServiceKey6,
+    ServiceValue, SourceRangeKey, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_POLICY_ENTRIES,
+    MAX_POLICY_FLOWS, MAX_POLICY_PODS, MAX_SERVICES, MAX_SOURCE_RANGES, POLICY_EVENTS_BYTES,
+    REASON_COUNT,
 };
 
 #[map(name = "services")]
@@ -52,3 +54,17 @@ pub static CONNTRACK6: LruHashMap<CtKey6, CtValue6> =
 
 #[map(name = "config6")]
 pub static CONFIG6: Array<NodeConfig6> = Array::with_max_entries(1, 0);
+
+#[map(name = "policy")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
+
+#[map(name = "isolated")]
+pub static ISOLATED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_POLICY_PODS, 0);
+
+#[map(name = "policy_flows")]
+pub static POLICY_FLOWS: LruHashMap<PolicyFlowKey, u64> =
+    LruHashMap::with_max_entries(MAX_POLICY_FLOWS, 0);
+
+#[map(name = "policy_events")]
+pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(POLICY_EVENTS_BYTES, 0);

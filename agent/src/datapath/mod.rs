@@ -8,6 +8,8 @@
 //! <pin>/services, backends, conntrack, affinity,    the maps (sluice-common documents them)
 //!       source_ranges, config, drops,
 //!       services6, backends6, conntrack6, config6   (IPv6: sync6.rs)
+//!       policy, isolated, policy_flows,             (NetworkPolicy: policy_sync.rs)
+//!       policy_events
 //! <pin>/links/<ifindex>-ingress                     tcx link running `from_pod` on a pod veth
 //! <pin>/links/<ifindex>-egress                      tcx link running `to_pod`
 //! <pin>/links/<ifindex>-world-ingress               tcx link running `from_world` on an
@@ -24,6 +26,7 @@
 //! [`Datapath::load_unpinned`] loads the same object with private maps for `BPF_PROG_RUN` (tests,
 //! `sluice trace`): it never touches a running agent's maps or bpffs at all.
 
+pub mod policy_sync;
 pub mod purge;
 pub mod sync;
 pub mod sync6;
@@ -38,7 +41,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, MapType, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
@@ -49,19 +52,23 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use sluice_common::{
-    AffinityKey, AffinityValue, CtKey, CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, Reason,
-    CB_REASON_MAGIC, CB_REASON_MASK, MAP_AFFINITY, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG,
-    MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_SERVICES, MAP_SERVICES6,
-    MAP_SOURCE_RANGES, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOURCE_RANGES,
+    AffinityKey, AffinityValue, CtKey, CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6,
+    PolicyFlowKey, Reason, CB_REASON_MAGIC, CB_REASON_MASK, MAP_AFFINITY, MAP_BACKENDS,
+    MAP_BACKENDS6, MAP_CONFIG, MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_ISOLATED,
+    MAP_POLICY, MAP_POLICY_EVENTS, MAP_POLICY_FLOWS, MAP_SERVICES, MAP_SERVICES6,
+    MAP_SOURCE_RANGES, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_POLICY_ENTRIES,
+    MAX_POLICY_FLOWS, MAX_POLICY_PODS, MAX_SERVICES, MAX_SOURCE_RANGES, POLICY_EVENTS_BYTES,
     REASON_COUNT,
 };
 use tracing::{debug, info, warn};
 
+pub use policy_sync::PolicySyncStats;
 use sync::{KernelServiceMaps, ServiceSync};
 pub use sync::{ProgrammedService, RemovedBackends, SyncStats};
 
 use crate::{
     node::NodeContext,
+    policy::WirePolicy,
     state::{DesiredState, Frontend},
 };
 
@@ -154,7 +161,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-const MAPS: [MapSpec; 11] = [
+const MAPS: [MapSpec; 15] = [
     MapSpec {
         name: MAP_SERVICES,
         map_type: MapType::Hash,
@@ -210,6 +217,26 @@ const MAPS: [MapSpec; 11] = [
         map_type: MapType::Array,
         max_entries: 1,
     },
+    MapSpec {
+        name: MAP_POLICY,
+        map_type: MapType::LpmTrie,
+        max_entries: MAX_POLICY_ENTRIES,
+    },
+    MapSpec {
+        name: MAP_ISOLATED,
+        map_type: MapType::Hash,
+        max_entries: MAX_POLICY_PODS,
+    },
+    MapSpec {
+        name: MAP_POLICY_FLOWS,
+        map_type: MapType::LruHash,
+        max_entries: MAX_POLICY_FLOWS,
+    },
+    MapSpec {
+        name: MAP_POLICY_EVENTS,
+        map_type: MapType::RingBuf,
+        max_entries: POLICY_EVENTS_BYTES,
+    },
 ];
 
 /// The eBPF object built by `build.rs`.
@@ -239,6 +266,10 @@ pub struct Datapath {
     node_config: NodeConfig,
     config6: Array<MapData, NodeConfig6>,
     node_config6: NodeConfig6,
+    policy: policy_sync::PolicySync,
+    policy_flows: HashMap<MapData, PolicyFlowKey, u64>,
+    /// Taken by [`Datapath::take_policy_events`] (tests; `sluice monitor` opens the pin).
+    policy_events: Option<RingBuf<MapData>>,
     /// `None` for a datapath with private maps.
     pin_path: Option<PathBuf>,
     attached: BTreeMap<u32, (Role, Attachment)>,
@@ -376,7 +407,7 @@ impl Datapath {
             }
             Ok(map)
         });
-        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6] =
+        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, policy, isolated, policy_flows, policy_events] =
             maps;
         let stale = |name| {
             format!(
@@ -399,6 +430,21 @@ impl Datapath {
         let conntrack6 = HashMap::try_from(conntrack6?).with_context(|| stale(MAP_CONNTRACK6))?;
         let config6: Array<MapData, NodeConfig6> =
             Array::try_from(config6?).with_context(|| stale(MAP_CONFIG6))?;
+        let policy = policy_sync::PolicySync::read_back(
+            LpmTrie::try_from(policy?).with_context(|| stale(MAP_POLICY))?,
+            HashMap::try_from(isolated?).with_context(|| stale(MAP_ISOLATED))?,
+        )
+        .with_context(|| {
+            format!(
+                "reading back {} and {}",
+                describe(MAP_POLICY),
+                describe(MAP_ISOLATED)
+            )
+        })?;
+        let policy_flows =
+            HashMap::try_from(policy_flows?).with_context(|| stale(MAP_POLICY_FLOWS))?;
+        let policy_events =
+            RingBuf::try_from(policy_events?).with_context(|| stale(MAP_POLICY_EVENTS))?;
         let node_config6 = config6
             .get(&0, 0)
             .with_context(|| format!("reading {}", describe(MAP_CONFIG6)))?;
@@ -449,6 +495,9 @@ impl Datapath {
             config,
             drops,
             node_config,
+            policy,
+            policy_flows,
+            policy_events: Some(policy_events),
             pin_path,
             attached: BTreeMap::new(),
         })
@@ -643,6 +692,44 @@ impl Datapath {
             .context("writing the config map")?;
         self.node_config = config;
         Ok(true)
+    }
+
+    /// Programs the `policy` and `isolated` maps with `desired`, writing only what differs
+    /// (see policy_sync.rs): a policy change applies without reloading programs and without
+    /// touching admitted flows.
+    pub fn sync_policy(&mut self, desired: &WirePolicy) -> PolicySyncStats {
+        self.policy.sync(desired)
+    }
+
+    /// What the `policy` and `isolated` maps hold.
+    pub fn programmed_policy(&self) -> &WirePolicy {
+        self.policy.programmed()
+    }
+
+    /// Every flow `policy_flows` remembers, with its creation time.
+    pub fn policy_flows(&self) -> anyhow::Result<Vec<(PolicyFlowKey, u64)>> {
+        self.policy_flows
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the policy_flows map")
+    }
+
+    /// Forgets every admitted flow (`sluice trace` between its runs).
+    pub fn clear_policy_flows(&mut self) -> anyhow::Result<usize> {
+        let keys: Vec<PolicyFlowKey> = self.policy_flows()?.into_iter().map(|(k, _)| k).collect();
+        for key in &keys {
+            match self.policy_flows.remove(key) {
+                Ok(()) => {}
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting a policy_flows entry"),
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// The `policy_events` ring buffer, once (the reader consumes what it reads).
+    pub fn take_policy_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.policy_events.take()
     }
 
     /// What the `config` map holds.
@@ -917,7 +1004,8 @@ fn map_info(map: &aya::maps::Map) -> anyhow::Result<(MapType, u32)> {
         | aya::maps::Map::LruHashMap(data)
         | aya::maps::Map::LpmTrie(data)
         | aya::maps::Map::Array(data)
-        | aya::maps::Map::PerCpuArray(data) => data,
+        | aya::maps::Map::PerCpuArray(data)
+        | aya::maps::Map::RingBuf(data) => data,
         other => bail!("unexpected map kind {other:?}"),
     };
     let info = data.info()?;

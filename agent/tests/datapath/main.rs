@@ -14,5 +14,6 @@ mod support;
 mod clusterip;
 mod ipv6;
 mod pinning;
+mod policy;
 mod services;
 mod traffic;
