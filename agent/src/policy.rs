@@ -17,6 +17,9 @@
 //!   ingress, each peer pod for egress (a named port cannot match an ipBlock peer).
 //! * Pods without an IP yet and host-network pods are neither selected nor peers: policies do
 //!   not apply to host-network pods.
+//! * Connections from the pod's own node (its IPv4 node addresses: the kubelet's probes,
+//!   host-network pods, and flows this node masqueraded) are always allowed in, as the
+//!   Kubernetes documentation has it for an ingress-isolated pod.
 //!
 //! Replies of allowed connections are not policy's business here: the datapath lets them
 //! through its conntrack.
@@ -147,6 +150,8 @@ pub struct PodPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyState {
     pub pods: BTreeMap<Ipv4Addr, PodPolicy>,
+    /// This node's IPv4 addresses: connections from them to its pods are always allowed.
+    pub node_addresses: BTreeSet<Ipv4Addr>,
 }
 
 /// A pod as policy sees it.
@@ -219,7 +224,17 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
         labels
     };
 
-    let mut state = PolicyState::default();
+    let mut state = PolicyState {
+        node_addresses: node
+            .node_ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect(),
+        ..PolicyState::default()
+    };
     for pod in &pods {
         let local = match &node.name {
             Some(name) => {
@@ -689,6 +704,17 @@ pub fn compile(state: &PolicyState) -> CompiledPolicy {
                         };
                         (!ranges.is_empty() && !prefixes.is_empty()).then_some((prefixes, ranges))
                     })
+                    .chain(
+                        // The pod's own node may always connect in.
+                        (way == Way::Ingress && !state.node_addresses.is_empty()).then(|| {
+                            let node: Vec<Ipv4Net> = state
+                                .node_addresses
+                                .iter()
+                                .map(|a| Ipv4Net::from(*a))
+                                .collect();
+                            (node, vec![(0, u16::MAX)])
+                        }),
+                    )
                     .collect();
                 let listed: BTreeSet<Ipv4Net> =
                     rules.iter().flat_map(|(p, _)| p.iter().copied()).collect();
@@ -857,6 +883,9 @@ pub fn program(objects: &Objects, node: &NodeContext) -> (WirePolicy, Vec<Transl
     (wire, errors)
 }
 
+/// What [`Explained::AllowedBy`] names for a connection from the pod's own node.
+pub const NODE_ALLOWED: &str = "the pod's own node (always allowed in)";
+
 /// The policy verdict for one new connection as `sluice trace` explains it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Explanation {
@@ -892,8 +921,10 @@ impl PolicyState {
             Way::Ingress => &policy.ingress,
             Way::Egress => &policy.egress,
         };
+        let from_node = way == Way::Ingress && self.node_addresses.contains(&peer);
         let verdict = match direction.allows(peer, proto, port) {
             Verdict::Open => Explained::Open,
+            Verdict::Denied(_) if from_node => Explained::AllowedBy(NODE_ALLOWED.to_string()),
             Verdict::AllowedBy(name) => Explained::AllowedBy(name.to_string()),
             Verdict::Denied(names) => Explained::Denied(names.iter().cloned().collect()),
         };
@@ -1384,4 +1415,77 @@ spec:
             vec![(1, 9), (20, 30)]
         );
     }
+
+    #[test]
+    fn connections_from_the_pods_own_node_are_always_allowed_in() {
+        let node = NodeContext {
+            node_ips: vec!["172.18.0.2".parse().unwrap()],
+            ..Default::default()
+        };
+        let (state, errors) = resolve(
+            &model(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}\n",
+            ),
+            &node,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let compiled = compile(&state);
+        let node_ip: Ipv4Addr = "172.18.0.2".parse().unwrap();
+        for proto in PROTOCOLS {
+            assert!(compiled.allows(ip(1, 1), Way::Ingress, node_ip, proto, 9));
+            assert!(!compiled.allows(ip(1, 1), Way::Ingress, ip(2, 1), proto, 9));
+            // Only in: the pod's egress to its node stays denied.
+            assert!(!compiled.allows(ip(1, 1), Way::Egress, node_ip, proto, 9));
+        }
+        let explained = state
+            .explain(ip(1, 1), Way::Ingress, node_ip, Protocol::Tcp, 80)
+            .unwrap();
+        assert_eq!(explained.verdict, Explained::AllowedBy(NODE_ALLOWED.into()));
+        assert_eq!(explained.pod, "x/a");
+        // An open pod of y needs no entry for it.
+        assert!(!compiled.isolated.contains(&(ip(2, 1), Way::Ingress)));
+    }
+
+    #[test]
+    fn more_port_ranges_than_an_entry_holds_fail_closed_naming_the_pod_and_policies() {
+        let ports: Vec<String> = (1..=20).map(|n| format!("{{port: {}}}", n * 10)).collect();
+        let state = resolved(&format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: many, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress: [{{ports: [{}]}}]\n",
+            ports.join(", ")
+        ));
+        let (wire, errors) = to_wire(&state, &compile(&state));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let message = errors[0].to_string();
+        assert!(
+            message.contains("Pod x/a (10.244.1.1)")
+                && message.contains("x/many")
+                && message.contains("20 separate port ranges"),
+            "{message}"
+        );
+        let pod = u32::from_ne_bytes(ip(1, 1).octets());
+        let (_, value) = wire
+            .entries
+            .iter()
+            .find(|((key, _), _)| key.pod == pod && key.proto == PROTO_TCP_NUMBER)
+            .expect("the TCP entry");
+        // The first 16 ranges (10..160) are kept: 170 and above are denied, not allowed.
+        assert_eq!(value.count as usize, MAX_POLICY_PORT_RANGES);
+        assert_eq!(
+            value.ranges[0],
+            PolicyPortRange {
+                first: 10,
+                last: 10
+            }
+        );
+        assert_eq!(
+            value.ranges[MAX_POLICY_PORT_RANGES - 1],
+            PolicyPortRange {
+                first: 160,
+                last: 160
+            }
+        );
+        assert_eq!(wire.isolated.get(&pod), Some(&ISOLATED_INGRESS));
+    }
+
+    const PROTO_TCP_NUMBER: u8 = sluice_common::PROTO_TCP;
 }

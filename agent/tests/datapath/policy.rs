@@ -393,6 +393,9 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
     );
 }
 
+/// Another node of the cluster.
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 4);
+
 #[test]
 fn a_masqueraded_client_is_seen_as_the_node_address() {
     let svc = frontend(VIP, 8080, Protocol::Tcp);
@@ -402,9 +405,18 @@ fn a_masqueraded_client_is_seen_as_the_node_address() {
             entry(FrontendKind::ClusterIp, &[be(XA, 80)], &[be(XA, 80)]),
         )]
     };
-    // masqueradeAll: x/b's flow to the service reaches x/a from the node's address, which a
-    // pod selector for x/b does not match...
-    let datapath = policy_datapath(services(), true, ALLOW_B_TO_A_80);
+    // masqueradeAll: x/b's flow to the service reaches x/a from this node's address, not from
+    // x/b; connections from the pod's own node are always allowed in.
+    let datapath = policy_datapath(
+        services(),
+        true,
+        r#"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-in, namespace: x}
+spec: {podSelector: {matchLabels: {pod: a}}}
+"#,
+    );
     let client = flow(PROTO_TCP, XB, 40_000, VIP, 8080);
     let ran = run_at(datapath.from_pod(), &tcp_packet(&client, TCP_SYN), None);
     assert_ne!(ran.return_value, TC_ACT_SHOT, "{:?}", ran.reason);
@@ -413,25 +425,36 @@ fn a_masqueraded_client_is_seen_as_the_node_address() {
         (masqueraded.src, masqueraded.dst, masqueraded.dport),
         (NODE_IP, XA, 80)
     );
-    denied(datapath.to_pod(), &ran.packet, REASON_DROP_POLICY_INGRESS);
-
-    // ... and an ipBlock of the node's address does.
-    let datapath = policy_datapath(
-        services(),
-        true,
+    passes(datapath.to_pod(), &ran.packet);
+    // A flow another node masqueraded arrives from that node's address: x/a denies it...
+    let from_other_node = tcp_packet(&flow(PROTO_TCP, OTHER_NODE, 61_000, XA, 80), TCP_SYN);
+    denied(
+        datapath.to_pod(),
+        &from_other_node,
+        REASON_DROP_POLICY_INGRESS,
+    );
+    // ... x/b's own address would be allowed by a pod selector, the node's is not ...
+    let mut datapath = datapath;
+    program_policy(&mut datapath, ALLOW_B_TO_A_80);
+    denied(
+        datapath.to_pod(),
+        &from_other_node,
+        REASON_DROP_POLICY_INGRESS,
+    );
+    // ... and an ipBlock of that node's address admits it.
+    program_policy(
+        &mut datapath,
         r#"---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
-metadata: {name: allow-node, namespace: x}
+metadata: {name: allow-node-2, namespace: x}
 spec:
   podSelector: {matchLabels: {pod: a}}
   ingress:
-  - from: [{ipBlock: {cidr: 172.18.0.3/32}}]
+  - from: [{ipBlock: {cidr: 172.18.0.4/32}}]
 "#,
     );
-    let ran = run_at(datapath.from_pod(), &tcp_packet(&client, TCP_SYN), None);
-    assert_ne!(ran.return_value, TC_ACT_SHOT, "{:?}", ran.reason);
-    passes(datapath.to_pod(), &ran.packet);
+    passes(datapath.to_pod(), &from_other_node);
 }
 
 #[test]
