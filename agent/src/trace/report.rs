@@ -361,7 +361,11 @@ impl Report {
         }
         if let Some(policy) = &self.policy {
             for direction in policy.egress.iter().chain(&policy.ingress) {
-                line("policy", &direction.sentence());
+                let sentence = direction.sentence();
+                // A policy drop's reason already says it.
+                if !self.reason.as_ref().is_some_and(|r| r.ends_with(&sentence)) {
+                    line("policy", &sentence);
+                }
             }
         }
         for warning in &self.warnings {
