@@ -1525,6 +1525,59 @@ UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     fo
     }
 
     #[test]
+    fn policy_rows_and_drops() {
+        use sluice_common::PolicyPortRange;
+        let addr = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let mut value = PolicyValue {
+            count: 2,
+            ..Default::default()
+        };
+        value.ranges[0] = PolicyPortRange {
+            first: 80,
+            last: 80,
+        };
+        value.ranges[1] = PolicyPortRange {
+            first: 8000,
+            last: 8100,
+        };
+        let key = PolicyKey {
+            pod: addr([10, 244, 1, 5]),
+            way: WAY_INGRESS,
+            proto: PROTO_TCP,
+            _pad: 0,
+            peer: addr([10, 244, 0, 0]),
+        };
+        let snapshot = Snapshot {
+            policy: vec![((key, 16), value)],
+            isolated: vec![(addr([10, 244, 1, 5]), ISOLATED_INGRESS | ISOLATED_EGRESS)],
+            drops: BTreeMap::from([(1, 0), (7, 3), (8, 2)]),
+            ..Default::default()
+        };
+        let rows = policy_view(&snapshot);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[0].direction, "egress");
+        assert_eq!(rows[0].peer, None, "isolated for egress, nothing allowed");
+        assert_eq!(rows[1].ports, ["80", "8000-8100"]);
+        let table = render_policy(&rows);
+        assert!(table.contains("10.244.1.5"), "{table}");
+        assert!(table.contains("(nothing allowed)"), "{table}");
+        assert!(table.contains("10.244.0.0/16"), "{table}");
+        assert!(table.contains("80,8000-8100"), "{table}");
+        assert!(table.ends_with("1 isolated pod\n"), "{table}");
+        let drops = render_drops(&snapshot.drops);
+        assert!(drops.contains("drop-policy-egress-denied"), "{drops}");
+        assert!(
+            drops.ends_with("5 packets dropped or answered\n"),
+            "{drops}"
+        );
+        let mut json = to_json(None, None);
+        add_policy_json(&mut json, Some(&snapshot.drops), Some(&rows));
+        assert_eq!(json["drops"]["drop-policy-ingress-denied"], 2);
+        assert_eq!(json["policy"][1]["peer"], "10.244.0.0/16");
+        assert_eq!(json["policy"][0]["peer"], Value::Null);
+    }
+
+    #[test]
     fn unknown_protocols_are_named_by_number() {
         assert_eq!(proto_name(PROTO_TCP), "TCP");
         assert_eq!(proto_name(1), "proto-1");

@@ -529,3 +529,31 @@ fn policy_drops_are_streamed_with_pod_peer_port_and_direction() {
     assert!(events.next().is_none(), "one drop, one event");
     assert_ne!(WAY_INGRESS, WAY_EGRESS);
 }
+
+#[test]
+fn a_restarted_agent_finds_the_policy_and_the_admitted_flows_and_resyncs_without_writes() {
+    let bpffs = PrivateBpffs::new();
+    let pin_path = bpffs.pin_path();
+    let admitted = flow(PROTO_TCP, XB, 40_000, XA, 80);
+    {
+        let mut datapath = Datapath::load(&pin_path).expect("load pinned");
+        assert!(program_policy(&mut datapath, ALLOW_B_TO_A_80).map_writes > 0);
+        for map in ["policy", "isolated", "policy_flows", "policy_events"] {
+            assert!(pin_path.join(map).exists(), "{map} is not pinned");
+        }
+        passes(datapath.to_pod(), &tcp_packet(&admitted, TCP_SYN));
+    }
+    let mut datapath = Datapath::load(&pin_path).expect("reload pinned");
+    assert!(!datapath.programmed_policy().entries.is_empty());
+    assert_eq!(datapath.policy_flows().unwrap().len(), 1);
+    assert_eq!(program_policy(&mut datapath, ALLOW_B_TO_A_80).map_writes, 0);
+    passes(datapath.to_pod(), &tcp_packet(&admitted, TCP_PSH_ACK));
+    denied(
+        datapath.to_pod(),
+        &tcp_packet(&flow(PROTO_TCP, YA, 40_001, XA, 80), TCP_SYN),
+        REASON_DROP_POLICY_INGRESS,
+    );
+    drop(datapath);
+    Datapath::cleanup(&pin_path).expect("cleanup");
+    assert!(!pin_path.exists());
+}
