@@ -458,8 +458,7 @@ impl Datapath {
                 .with_context(|| format!("the eBPF object has no program `{}`", hook.program))?
                 .try_into()
                 .with_context(|| format!("program `{}` is not a classifier", hook.program))?;
-            program
-                .load()
+            load_program(program)
                 .with_context(|| format!("loading program `{}` into the kernel", hook.program))?;
         }
 
@@ -981,6 +980,26 @@ impl Datapath {
         })?;
         info!(pin_path = %pin_path.display(), "datapath removed");
         Ok(())
+    }
+}
+
+/// How many times a program load interrupted by a signal is tried.
+const LOAD_ATTEMPTS: usize = 5;
+
+/// Loads a program, again when the verifier was interrupted by a signal (`EAGAIN`, as libbpf
+/// retries it): a busy machine makes the larger programs' verification long enough to meet one.
+fn load_program(program: &mut SchedClassifier) -> Result<(), ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match program.load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                debug!(attempt, "program load interrupted (EAGAIN), trying again");
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
