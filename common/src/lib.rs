@@ -21,7 +21,7 @@
 //! | `config6`         | array, 1 entry   | `u32` 0              | [`NodeConfig6`]  | agent      |
 //! | `policy`          | LPM trie         | [`PolicyKey`] with a prefix length | [`PolicyValue`] | agent |
 //! | `isolated`        | hash             | `u32` pod IPv4       | `u8` `ISOLATED_*`| agent      |
-//! | `policy_flows`    | LRU hash         | [`PolicyFlowKey`]    | `u64` created ns | programs   |
+//! | `policy_flows`    | LRU hash         | [`PolicyFlowKey`]    | `u64` last seen ns | programs |
 //! | `policy_events`   | ring buffer      | -                    | [`PolicyEvent`]  | programs (`sluice monitor` reads) |
 //!
 //! ## services and backends
@@ -114,7 +114,10 @@
 //!   tuple recorded the other way (replies) passes without a check, whether or not the pod is
 //!   isolated: flows of open pods are recorded too, so a policy that isolates a pod later does
 //!   not break its established connections. A reply whose flow was already reverse-translated
-//!   (a redirected service flow) is recognised by the client's forward `conntrack` entry.
+//!   (a redirected service flow) is recognised by the client's forward `conntrack` entry. The
+//!   value is when the flow was last seen (bpf_ktime_get_ns, refreshed at most once a second);
+//!   a UDP or SCTP flow idle for 120 s is new again (nf_conntrack's UDP timeout), a TCP flow
+//!   does not expire (a new TCP connection is a SYN, which is always checked).
 //! * Drops: [`REASON_DROP_POLICY_EGRESS`], [`REASON_DROP_POLICY_INGRESS`] in `drops`, and a
 //!   [`PolicyEvent`] in `policy_events` (`sluice monitor` streams them; an event is lost when
 //!   the ring is full, the drop is counted either way).

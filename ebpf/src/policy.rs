@@ -6,8 +6,8 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use sluice_common::{
     policy_prefix_len, PolicyEvent, PolicyFlowKey, PolicyKey, Reason, CT_DIR_FORWARD,
-    ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_POLICY_PORT_RANGES, REASON_DROP_POLICY_EGRESS,
-    REASON_DROP_POLICY_INGRESS, WAY_EGRESS, WAY_INGRESS,
+    ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_POLICY_PORT_RANGES, PROTO_TCP,
+    REASON_DROP_POLICY_EGRESS, REASON_DROP_POLICY_INGRESS, WAY_EGRESS, WAY_INGRESS,
 };
 
 use crate::{
@@ -70,29 +70,50 @@ fn flow_key(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, way: u8) 
     }
 }
 
+/// UDP and SCTP flows idle this long are new again (nf_conntrack's UDP stream timeout): a
+/// client reusing the tuple later is checked against the policy of the day. TCP flows do not
+/// expire (a new connection is a SYN, always checked).
+const IDLE_FLOW_NS: u64 = 120_000_000_000;
+/// A flow's last-seen time is refreshed at most this often (a store per packet otherwise).
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// Whether `key` was admitted and, but for TCP, seen within [`IDLE_FLOW_NS`]; refreshes it.
 #[inline(always)]
-fn known(key: &PolicyFlowKey) -> bool {
-    // SAFETY: only the presence is read.
-    unsafe { POLICY_FLOWS.get(key).is_some() }
+fn known(key: &PolicyFlowKey, now: u64) -> bool {
+    let Some(seen) = POLICY_FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer; a racing store of another CPU is a time as good.
+    let last = unsafe { *seen };
+    let idle = now.saturating_sub(last);
+    if key.proto != PROTO_TCP && idle > IDLE_FLOW_NS {
+        return false;
+    }
+    if idle > REFRESH_NS {
+        // SAFETY: as above.
+        unsafe { *seen = now };
+    }
+    true
 }
 
 /// Whether the packet belongs to a flow already admitted: recorded in `way` under its own
 /// tuple (a later packet of the flow; a TCP SYN opens a new connection and is checked again),
 /// or in the other direction under the reversed tuple (a reply).
 #[inline(always)]
-fn admitted(pkt: &Ipv4Packet, way: u8) -> bool {
+fn admitted(pkt: &Ipv4Packet, way: u8, now: u64) -> bool {
     let other = if way == WAY_INGRESS {
         WAY_EGRESS
     } else {
         WAY_INGRESS
     };
     let own = flow_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, way);
-    if !pkt.is_tcp_syn() && known(&own) {
+    if !pkt.is_tcp_syn() && known(&own, now) {
         return true;
     }
-    known(&flow_key(
-        pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, pkt.proto, other,
-    ))
+    known(
+        &flow_key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, pkt.proto, other),
+        now,
+    )
 }
 
 /// Remembers an admitted flow. An LRU map evicts instead of failing; a failed write only
@@ -145,7 +166,9 @@ pub fn egress_to_backend(pkt: &Ipv4Packet, backend: u32, port: u16) -> Result<()
 /// admitted, else it opens one, checked against the pod's egress policy and recorded.
 #[inline(always)]
 pub fn from_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
-    if admitted(pkt, WAY_EGRESS) {
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if admitted(pkt, WAY_EGRESS, now) {
         return Ok(());
     }
     if !allowed(pkt.saddr, WAY_EGRESS, pkt.proto, pkt.daddr, pkt.dport) {
@@ -160,8 +183,7 @@ pub fn from_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
         );
         return Err(REASON_DROP_POLICY_EGRESS);
     }
-    // SAFETY: a helper call without arguments.
-    record(pkt, WAY_EGRESS, unsafe { bpf_ktime_get_ns() });
+    record(pkt, WAY_EGRESS, now);
     Ok(())
 }
 
@@ -171,7 +193,9 @@ pub fn from_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
 /// entry), else it opens a flow, checked against the pod's ingress policy and recorded.
 #[inline(always)]
 pub fn to_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
-    if admitted(pkt, WAY_INGRESS) {
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if admitted(pkt, WAY_INGRESS, now) {
         return Ok(());
     }
     let mut answered = conntrack::key(pkt, CT_DIR_FORWARD);
@@ -194,7 +218,6 @@ pub fn to_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
         );
         return Err(REASON_DROP_POLICY_INGRESS);
     }
-    // SAFETY: a helper call without arguments.
-    record(pkt, WAY_INGRESS, unsafe { bpf_ktime_get_ns() });
+    record(pkt, WAY_INGRESS, now);
     Ok(())
 }

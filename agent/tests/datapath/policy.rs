@@ -557,3 +557,54 @@ fn a_restarted_agent_finds_the_policy_and_the_admitted_flows_and_resyncs_without
     Datapath::cleanup(&pin_path).expect("cleanup");
     assert!(!pin_path.exists());
 }
+
+#[test]
+fn an_idle_udp_flow_is_checked_again_an_idle_tcp_connection_is_not() {
+    let bpffs = PrivateBpffs::new();
+    let pin_path = bpffs.pin_path();
+    let mut datapath = Datapath::load(&pin_path).expect("load pinned");
+    program_policy(&mut datapath, ALLOW_B_TO_A_80);
+    let udp = flow(PROTO_UDP, XA, 50_000, YC, 53);
+    let tcp = flow(PROTO_TCP, XB, 40_000, XA, 80);
+    passes(datapath.from_pod(), &udp_packet(&udp, true));
+    passes(datapath.to_pod(), &tcp_packet(&tcp, TCP_SYN));
+    program_policy(
+        &mut datapath,
+        r#"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
+"#,
+    );
+    // Both still flow while recent.
+    passes(datapath.from_pod(), &udp_packet(&udp, true));
+    passes(datapath.to_pod(), &tcp_packet(&tcp, TCP_PSH_ACK));
+
+    // Make every admitted flow look idle for 121 s, through the pinned map.
+    let path = pin_path.join("policy_flows");
+    let data = aya::maps::MapData::from_pin(&path).expect("the pinned policy_flows");
+    let mut flows: aya::maps::HashMap<_, sluice_common::PolicyFlowKey, u64> =
+        aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap();
+    let entries: Vec<_> = flows.iter().map(Result::unwrap).collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    for (key, seen) in entries {
+        flows
+            .insert(key, seen.saturating_sub(121_000_000_000), 0)
+            .unwrap();
+    }
+    // The UDP flow is new again, and denied now; the TCP connection goes on.
+    denied(
+        datapath.from_pod(),
+        &udp_packet(&udp, true),
+        REASON_DROP_POLICY_EGRESS,
+    );
+    passes(datapath.to_pod(), &tcp_packet(&tcp, TCP_PSH_ACK));
+    passes(
+        datapath.from_pod(),
+        &tcp_packet(&tcp.reversed(), TCP_PSH_ACK),
+    );
+    drop(flows);
+    drop(datapath);
+    Datapath::cleanup(&pin_path).expect("cleanup");
+}
