@@ -85,6 +85,8 @@ pub enum Peers {
 pub struct Allow {
     /// `namespace/name` of the policy, so a trace can say which policy allowed a packet.
     pub policy: String,
+    /// Which rule of the policy's `ingress` or `egress` list, counted from 1.
+    pub rule: usize,
     pub peers: Peers,
     /// `None`: every port of every protocol.
     pub ports: Option<BTreeSet<PortRange>>,
@@ -107,10 +109,21 @@ impl Direction {
     /// Whether a connection with `peer` to `port` (of the pod for ingress, of the peer for
     /// egress) is allowed; the policy that allows it when isolated.
     pub fn allows(&self, peer: Ipv4Addr, proto: Protocol, port: u16) -> Verdict<'_> {
-        let Direction::Isolated { policies, allows } = self else {
+        let Direction::Isolated { policies, .. } = self else {
             return Verdict::Open;
         };
-        let allow = allows.iter().find(|a| {
+        match self.allowing(peer, proto, port) {
+            Some(allow) => Verdict::AllowedBy(&allow.policy),
+            None => Verdict::Denied(policies),
+        }
+    }
+
+    /// The first rule that allows the connection, when the direction is isolated.
+    pub fn allowing(&self, peer: Ipv4Addr, proto: Protocol, port: u16) -> Option<&Allow> {
+        let Direction::Isolated { allows, .. } = self else {
+            return None;
+        };
+        allows.iter().find(|a| {
             let peer_ok = match &a.peers {
                 Peers::Any => true,
                 Peers::Prefixes(prefixes) => prefixes.iter().any(|p| p.contains(&peer)),
@@ -121,11 +134,7 @@ impl Direction {
                     .any(|r| r.proto == proto && (r.first..=r.last).contains(&port))
             });
             peer_ok && port_ok
-        });
-        match allow {
-            Some(allow) => Verdict::AllowedBy(&allow.policy),
-            None => Verdict::Denied(policies),
-        }
+        })
     }
 }
 
@@ -307,19 +316,21 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
                 .expect("selected pods are enforced");
             if ingress_type {
                 let mut allows = Vec::new();
-                for rule in spec.ingress.iter().flatten() {
+                for (index, rule) in spec.ingress.iter().flatten().enumerate() {
                     let peers = peer_sets(rule.from.as_deref(), &mut report);
                     let ports = rule.ports.as_deref();
-                    allows.extend(rule_allows(&name, peers, ports, Some(pod), &mut report));
+                    let rule = (name.as_str(), index + 1);
+                    allows.extend(rule_allows(rule, peers, ports, Some(pod), &mut report));
                 }
                 isolate(&mut entry.ingress, &name, allows);
             }
             if egress_type {
                 let mut allows = Vec::new();
-                for rule in spec.egress.iter().flatten() {
+                for (index, rule) in spec.egress.iter().flatten().enumerate() {
                     let peers = peer_sets(rule.to.as_deref(), &mut report);
                     let ports = rule.ports.as_deref();
-                    allows.extend(rule_allows(&name, peers, ports, None, &mut report));
+                    let rule = (name.as_str(), index + 1);
+                    allows.extend(rule_allows(rule, peers, ports, None, &mut report));
                 }
                 isolate(&mut entry.egress, &name, allows);
             }
@@ -410,11 +421,11 @@ fn resolve_peer<'a>(
     set
 }
 
-/// The allows of one rule. `ingress_pod` is the selected pod for ingress rules (named ports
-/// resolve against it); for egress rules named ports resolve per peer pod, so such a rule
-/// becomes one allow per peer.
+/// The allows of one rule (`(policy, rule number)`). `ingress_pod` is the selected pod for
+/// ingress rules (named ports resolve against it); for egress rules named ports resolve per
+/// peer pod, so such a rule becomes one allow per peer.
 fn rule_allows(
-    policy: &str,
+    (policy, rule): (&str, usize),
     peers: Option<Vec<PeerSet>>,
     ports: Option<&[NetworkPolicyPort]>,
     ingress_pod: Option<&PolicyPod>,
@@ -424,6 +435,7 @@ fn rule_allows(
     let Some(ports) = ports else {
         return vec![Allow {
             policy: policy.to_string(),
+            rule,
             peers: peers_of(peers.as_deref()),
             ports: None,
         }];
@@ -481,6 +493,7 @@ fn rule_allows(
     if !numeric.is_empty() {
         allows.push(Allow {
             policy: policy.to_string(),
+            rule,
             peers: peers_of(peers.as_deref()),
             ports: Some(numeric),
         });
@@ -506,6 +519,7 @@ fn rule_allows(
             if !ranges.is_empty() {
                 allows.push(Allow {
                     policy: policy.to_string(),
+                    rule,
                     peers: Peers::Prefixes(BTreeSet::from([Ipv4Net::from(pod.ip)])),
                     ports: Some(ranges),
                 });
@@ -899,7 +913,7 @@ pub struct Explanation {
 pub enum Explained {
     /// No policy selects the pod for this direction.
     Open,
-    /// Allowed by this policy's rule.
+    /// Allowed by this rule: `namespace/policy (ingress rule N)`, or [`NODE_ALLOWED`].
     AllowedBy(String),
     /// Isolated by these policies, and no rule of theirs allows the connection.
     Denied(Vec<String>),
@@ -922,11 +936,19 @@ impl PolicyState {
             Way::Egress => &policy.egress,
         };
         let from_node = way == Way::Ingress && self.node_addresses.contains(&peer);
-        let verdict = match direction.allows(peer, proto, port) {
-            Verdict::Open => Explained::Open,
-            Verdict::Denied(_) if from_node => Explained::AllowedBy(NODE_ALLOWED.to_string()),
-            Verdict::AllowedBy(name) => Explained::AllowedBy(name.to_string()),
-            Verdict::Denied(names) => Explained::Denied(names.iter().cloned().collect()),
+        let side = match way {
+            Way::Ingress => "ingress",
+            Way::Egress => "egress",
+        };
+        let verdict = match (direction, direction.allowing(peer, proto, port)) {
+            (Direction::Open, _) => Explained::Open,
+            (_, Some(allow)) => {
+                Explained::AllowedBy(format!("{} ({side} rule {})", allow.policy, allow.rule))
+            }
+            (_, None) if from_node => Explained::AllowedBy(NODE_ALLOWED.to_string()),
+            (Direction::Isolated { policies, .. }, None) => {
+                Explained::Denied(policies.iter().cloned().collect())
+            }
         };
         Some(Explanation {
             pod: policy.pod.to_string(),
@@ -1339,6 +1361,14 @@ spec:
         assert_eq!(
             state.pods[&frontend].ingress.allows(ingress, tcp, 3000),
             Verdict::AllowedBy("ecommerce/frontend-policy")
+        );
+        // The explanation names the rule: DNS is the frontend's second egress rule.
+        let dns = state
+            .explain(frontend, Way::Egress, ingress, Protocol::Udp, 53)
+            .unwrap();
+        assert_eq!(
+            dns.verdict,
+            Explained::AllowedBy("ecommerce/frontend-policy (egress rule 2)".into())
         );
         match state.pods[&postgres].ingress.allows(backend, tcp, 5432) {
             Verdict::Denied(policies) => assert_eq!(

@@ -10,7 +10,8 @@
 //!          {"egress": DIRECTION or null, "ingress": DIRECTION or null}
 //! DIRECTION {"pod": "namespace/name", "pod_ip": "IP", "peer": "IP:PORT", "port": PORT,
 //!            "verdict": "open" | "allowed" | "denied",
-//!            "allowed_by": "namespace/policy" or null,
+//!            "allowed_by": "namespace/policy (ingress|egress rule N)" (N counts from 1), or
+//!                          "the pod's own node (always allowed in)", or null,
 //!            "isolated_by": ["namespace/policy", ...]}
 //! ```
 //!
