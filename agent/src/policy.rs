@@ -18,8 +18,9 @@
 //! * Pods without an IP yet and host-network pods are neither selected nor peers: policies do
 //!   not apply to host-network pods.
 //! * Connections from the pod's own node (its IPv4 node addresses: the kubelet's probes,
-//!   host-network pods, and flows this node masqueraded) are always allowed in, as the
-//!   Kubernetes documentation has it for an ingress-isolated pod.
+//!   host-network pods, and flows this node masqueraded, hairpin traffic from the service
+//!   loopback address included) are always allowed in, as the Kubernetes documentation has it
+//!   for an ingress-isolated pod.
 //!
 //! Replies of allowed connections are not policy's business here: the datapath lets them
 //! through its conntrack.
@@ -234,6 +235,8 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
     };
 
     let mut state = PolicyState {
+        // The node's addresses, and the one hairpin traffic is masqueraded to (a pod reaching
+        // itself through its service arrives from it).
         node_addresses: node
             .node_ips
             .iter()
@@ -241,6 +244,7 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,
             })
+            .chain([Ipv4Addr::from(sluice_common::HAIRPIN_SNAT_ADDR)])
             .collect(),
         ..PolicyState::default()
     };

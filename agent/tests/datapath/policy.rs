@@ -608,3 +608,45 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
     drop(datapath);
     Datapath::cleanup(&pin_path).expect("cleanup");
 }
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_node_traffic_to_its_ingress() {
+    let node = FibNode::new();
+    node.run(|ifs| {
+        let itself = be(XA, 80);
+        let vip = frontend(VIP, 8080, Protocol::Tcp);
+        let datapath = policy_datapath(
+            vec![(vip, entry(FrontendKind::ClusterIp, &[itself], &[itself]))],
+            false,
+            r#"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-in, namespace: x}
+spec: {podSelector: {}}
+"#,
+        );
+        // Hairpin: masqueraded to the service loopback address, a masquerade of this node's.
+        let client = flow(PROTO_TCP, XA, 40_000, VIP, 8080);
+        let out = expect(
+            datapath.from_pod(),
+            &tcp_packet(&client, TCP_SYN),
+            Some(ifs.pod),
+            TC_ACT_REDIRECT,
+        );
+        assert_eq!(
+            tuple_of(&out),
+            flow(PROTO_TCP, HAIRPIN_ADDR, 40_000, XA, 80)
+        );
+        passes(datapath.to_pod(), &out);
+        let answer = tcp_packet(&tuple_of(&out).reversed(), TCP_SYN | TCP_ACK);
+        let back = expect(datapath.from_pod(), &answer, Some(ifs.pod), TC_ACT_REDIRECT);
+        assert_eq!(tuple_of(&back), client.reversed());
+        passes(datapath.to_pod(), &back);
+        // x/b is no node: denied.
+        denied(
+            datapath.to_pod(),
+            &tcp_packet(&flow(PROTO_TCP, XB, 40_001, XA, 80), TCP_SYN),
+            REASON_DROP_POLICY_INGRESS,
+        );
+    });
+}
