@@ -305,7 +305,7 @@ fn policies(
             if reached == expected {
                 ""
             } else {
-                "  (NOT as the guide says!)"
+                "  (NOT what the seed's policies say!)"
             }
         );
     }
