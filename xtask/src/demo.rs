@@ -198,7 +198,7 @@ pub fn run(root: &Path) -> Result<()> {
 }
 
 /// The guide's NetworkPolicies (default-deny-all, frontend-policy, backend-policy) with the
-/// platform's Pods: each of the guide's flows, reachable or not, as the guide describes.
+/// platform's Pods: each of the guide's flows, reached or denied as those policies decide.
 fn policies(
     cluster: &SluiceCluster,
     examples: &Path,
