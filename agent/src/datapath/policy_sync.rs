@@ -9,8 +9,9 @@
 //! 3. the entries no longer wanted are deleted (a pod that stopped being isolated no longer
 //!    looks them up).
 //!
-//! A change never reloads programs; connections admitted before it stay admitted
-//! (`policy_flows`, `conntrack`).
+//! [`plan`] (pure, unit-tested) lists the writes; [`PolicySync::sync`] applies them. A change
+//! never reloads programs; connections admitted before it stay admitted (`policy_flows`,
+//! `conntrack`).
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, LpmTrie, MapData};
@@ -74,90 +75,211 @@ impl PolicySync {
         &self.programmed
     }
 
-    /// Makes the maps hold `desired`, in the order the module describes.
+    /// Makes the maps hold `desired`, in the order the module describes ([`plan`]).
     pub fn sync(&mut self, desired: &WirePolicy) -> PolicySyncStats {
         let mut stats = PolicySyncStats::default();
-        let pod_of = |key: &PolicyKey| wire::addr_from_map(key.pod);
-
-        for (entry, value) in &desired.entries {
-            if self.programmed.entries.get(entry) == Some(value) {
-                continue;
-            }
-            let (key, bits) = entry;
-            match self
-                .policy
-                .insert(&WirePolicy::lpm_key(key, *bits), value, 0)
-            {
-                Ok(()) => {
-                    stats.map_writes += 1;
-                    self.programmed.entries.insert(*entry, *value);
+        for op in plan(&self.programmed, desired) {
+            let result = match &op {
+                PolicyOp::PutEntry(key, bits, value) => {
+                    self.policy
+                        .insert(&WirePolicy::lpm_key(key, *bits), value, 0)
                 }
-                Err(e) => stats.failed.push(format!(
-                    "pod {}: writing a policy entry for peer {}/{bits}: {:#}",
-                    pod_of(key),
-                    wire::addr_from_map(key.peer),
-                    anyhow::Error::new(e)
-                )),
-            }
-        }
-
-        let mut pods: Vec<u32> = desired.isolated.keys().copied().collect();
-        pods.extend(self.programmed.isolated.keys().copied());
-        pods.sort_unstable();
-        pods.dedup();
-        for pod in pods {
-            let want = desired.isolated.get(&pod).copied().unwrap_or(0);
-            let have = self.programmed.isolated.get(&pod).copied().unwrap_or(0);
-            if want == have {
-                continue;
-            }
-            let result = if want == 0 {
-                match self.isolated.remove(&pod) {
+                PolicyOp::DeleteEntry(key, bits) => {
+                    match self.policy.remove(&WirePolicy::lpm_key(key, *bits)) {
+                        Err(e) if is_not_found(&e) => Ok(()),
+                        other => other,
+                    }
+                }
+                PolicyOp::SetIsolated(pod, bits) => self.isolated.insert(pod, bits, 0),
+                PolicyOp::ClearIsolated(pod) => match self.isolated.remove(pod) {
                     Err(e) if is_not_found(&e) => Ok(()),
                     other => other,
-                }
-            } else {
-                self.isolated.insert(pod, want, 0)
+                },
             };
             match result {
                 Ok(()) => {
                     stats.map_writes += 1;
-                    if want == 0 {
-                        self.programmed.isolated.remove(&pod);
-                    } else {
-                        self.programmed.isolated.insert(pod, want);
-                    }
+                    op.record(&mut self.programmed);
                 }
-                Err(e) => stats.failed.push(format!(
-                    "pod {}: setting its isolation: {:#}",
-                    wire::addr_from_map(pod),
-                    anyhow::Error::new(e)
-                )),
-            }
-        }
-
-        let stale: Vec<(PolicyKey, u32)> = self
-            .programmed
-            .entries
-            .keys()
-            .filter(|entry| !desired.entries.contains_key(entry))
-            .copied()
-            .collect();
-        for entry in stale {
-            let (key, bits) = entry;
-            match self.policy.remove(&WirePolicy::lpm_key(&key, bits)) {
-                Err(e) if !is_not_found(&e) => stats.failed.push(format!(
-                    "pod {}: deleting the policy entry for peer {}/{bits}: {:#}",
-                    pod_of(&key),
-                    wire::addr_from_map(key.peer),
-                    anyhow::Error::new(e)
-                )),
-                _ => {
-                    stats.map_writes += 1;
-                    self.programmed.entries.remove(&entry);
-                }
+                Err(e) => stats
+                    .failed
+                    .push(format!("{op}: {:#}", anyhow::Error::new(e))),
             }
         }
         stats
+    }
+}
+
+/// One write to the `policy` or `isolated` map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyOp {
+    /// An entry (key, peer prefix bits) and its ports.
+    PutEntry(PolicyKey, u32, PolicyValue),
+    DeleteEntry(PolicyKey, u32),
+    SetIsolated(u32, u8),
+    ClearIsolated(u32),
+}
+
+impl PolicyOp {
+    /// Notes a successful write in what the maps hold.
+    fn record(&self, programmed: &mut WirePolicy) {
+        match *self {
+            PolicyOp::PutEntry(key, bits, value) => {
+                programmed.entries.insert((key, bits), value);
+            }
+            PolicyOp::DeleteEntry(key, bits) => {
+                programmed.entries.remove(&(key, bits));
+            }
+            PolicyOp::SetIsolated(pod, bits) => {
+                programmed.isolated.insert(pod, bits);
+            }
+            PolicyOp::ClearIsolated(pod) => {
+                programmed.isolated.remove(&pod);
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pod = |addr: u32| wire::addr_from_map(addr);
+        match self {
+            PolicyOp::PutEntry(key, bits, _) => write!(
+                f,
+                "pod {}: writing the policy entry for peer {}/{bits}",
+                pod(key.pod),
+                pod(key.peer)
+            ),
+            PolicyOp::DeleteEntry(key, bits) => write!(
+                f,
+                "pod {}: deleting the policy entry for peer {}/{bits}",
+                pod(key.pod),
+                pod(key.peer)
+            ),
+            PolicyOp::SetIsolated(addr, bits) => {
+                write!(
+                    f,
+                    "pod {}: setting its isolation to {bits:#04b}",
+                    pod(*addr)
+                )
+            }
+            PolicyOp::ClearIsolated(addr) => {
+                write!(f, "pod {}: clearing its isolation", pod(*addr))
+            }
+        }
+    }
+}
+
+/// The writes that turn `programmed` into `desired`, only the differences, in the order the
+/// module describes: new and changed entries, then isolation bits, then stale entries.
+pub fn plan(programmed: &WirePolicy, desired: &WirePolicy) -> Vec<PolicyOp> {
+    let mut ops: Vec<PolicyOp> = desired
+        .entries
+        .iter()
+        .filter(|(entry, value)| programmed.entries.get(entry) != Some(value))
+        .map(|((key, bits), value)| PolicyOp::PutEntry(*key, *bits, *value))
+        .collect();
+    let pods: std::collections::BTreeSet<u32> = desired
+        .isolated
+        .keys()
+        .chain(programmed.isolated.keys())
+        .copied()
+        .collect();
+    for pod in pods {
+        let want = desired.isolated.get(&pod).copied().unwrap_or(0);
+        let have = programmed.isolated.get(&pod).copied().unwrap_or(0);
+        if want == have {
+            continue;
+        }
+        ops.push(if want == 0 {
+            PolicyOp::ClearIsolated(pod)
+        } else {
+            PolicyOp::SetIsolated(pod, want)
+        });
+    }
+    ops.extend(
+        programmed
+            .entries
+            .keys()
+            .filter(|entry| !desired.entries.contains_key(entry))
+            .map(|(key, bits)| PolicyOp::DeleteEntry(*key, *bits)),
+    );
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_common::{
+        PolicyPortRange, ISOLATED_EGRESS, ISOLATED_INGRESS, PROTO_TCP, WAY_INGRESS,
+    };
+
+    use super::*;
+
+    fn key(pod: u8, peer: u8) -> PolicyKey {
+        PolicyKey {
+            pod: u32::from_ne_bytes([10, 244, 0, pod]),
+            way: WAY_INGRESS,
+            proto: PROTO_TCP,
+            _pad: 0,
+            peer: u32::from_ne_bytes([10, 244, 1, peer]),
+        }
+    }
+
+    fn ports(first: u16, last: u16) -> PolicyValue {
+        let mut value = PolicyValue {
+            count: 1,
+            ..Default::default()
+        };
+        value.ranges[0] = PolicyPortRange { first, last };
+        value
+    }
+
+    fn policy(entries: &[(PolicyKey, PolicyValue)], isolated: &[(u8, u8)]) -> WirePolicy {
+        WirePolicy {
+            entries: entries.iter().map(|(k, v)| ((*k, 32), *v)).collect(),
+            isolated: isolated
+                .iter()
+                .map(|(pod, bits)| (u32::from_ne_bytes([10, 244, 0, *pod]), *bits))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn policy_sync_writes_allows_before_isolating_and_deletes_after_opening() {
+        let old = policy(&[(key(1, 1), ports(80, 80))], &[(1, ISOLATED_INGRESS)]);
+        // Pod 1 opens, pod 2 becomes isolated with one entry, pod 3 changes its bits.
+        let new = policy(
+            &[(key(2, 1), ports(80, 81))],
+            &[(2, ISOLATED_INGRESS), (3, ISOLATED_EGRESS)],
+        );
+        let ops = plan(&old, &new);
+        let pod = |n: u8| u32::from_ne_bytes([10, 244, 0, n]);
+        assert_eq!(
+            ops,
+            vec![
+                PolicyOp::PutEntry(key(2, 1), 32, ports(80, 81)),
+                PolicyOp::ClearIsolated(pod(1)),
+                PolicyOp::SetIsolated(pod(2), ISOLATED_INGRESS),
+                PolicyOp::SetIsolated(pod(3), ISOLATED_EGRESS),
+                PolicyOp::DeleteEntry(key(1, 1), 32),
+            ]
+        );
+        // Applied in order, they give the new policy; planning it again gives nothing.
+        let mut applied = old.clone();
+        for op in &ops {
+            op.record(&mut applied);
+        }
+        assert_eq!(applied, new);
+        assert!(plan(&new, &new).is_empty());
+        // A changed entry is one overwrite, in place.
+        let widened = policy(
+            &[(key(2, 1), ports(80, 90))],
+            &[(2, ISOLATED_INGRESS), (3, ISOLATED_EGRESS)],
+        );
+        assert_eq!(
+            plan(&new, &widened),
+            vec![PolicyOp::PutEntry(key(2, 1), 32, ports(80, 90))]
+        );
+        assert!(ops[0].to_string().contains("pod 10.244.0.2"), "{}", ops[0]);
     }
 }
