@@ -121,7 +121,8 @@
 //! * Drops: [`REASON_DROP_POLICY_EGRESS`], [`REASON_DROP_POLICY_INGRESS`] in `drops`, and a
 //!   [`PolicyEvent`] in `policy_events` (`sluice monitor` streams them; an event is lost when
 //!   the ring is full, the drop is counted either way).
-//! * IPv4 only: IPv6 pods are neither isolated nor peers yet (the IPv6 path's stack limit).
+//! * IPv4 only: the IPv6 path (`v6.rs`) checks nothing yet, so a dual-stack pod's IPv6
+//!   traffic is not filtered (the IPv6 path is at the eBPF stack limit).
 //!
 //! ## IPv6
 //!
