@@ -27,6 +27,7 @@ use crate::{
     kube_source::{self, ApiSource},
     manifests,
     node::{self, NodeContext, NodeOptions},
+    policy,
     state::DesiredState,
     translate,
 };
@@ -243,13 +244,15 @@ impl Agent<'_> {
         }
         let (desired, translate_errors) = translate::translate(&objects, &self.context);
         problems.extend(translate_errors.iter().map(ToString::to_string));
+        let (wire_policy, policy_errors) = policy::program(&objects, &self.context);
+        problems.extend(policy_errors.iter().map(ToString::to_string));
         if problems != self.last_problems {
             for problem in &problems {
                 tracing::warn!("skipped: {problem}");
             }
             self.last_problems = problems;
         }
-        let programmed = self.sync(&desired);
+        let programmed = self.sync(&desired) & self.sync_policy(&wire_policy);
         for (port, error) in self.health_checks.sync(&desired.health_checks).await {
             tracing::warn!(port, "{error}");
         }
@@ -296,6 +299,23 @@ impl Agent<'_> {
                 false
             }
         }
+    }
+
+    /// Programs the compiled NetworkPolicy; false when part of it could not be written.
+    fn sync_policy(&mut self, wire: &policy::WirePolicy) -> bool {
+        let stats = self.datapath.sync_policy(wire);
+        for failure in &stats.failed {
+            tracing::error!("policy not fully programmed: {failure}");
+        }
+        if stats.map_writes > 0 {
+            tracing::info!(
+                isolated_pods = wire.isolated.len(),
+                entries = wire.entries.len(),
+                map_writes = stats.map_writes,
+                "network policy synced"
+            );
+        }
+        stats.failed.is_empty()
     }
 
     /// Attaches the programs to new pod interfaces and forgets vanished ones. An interface

@@ -22,14 +22,16 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray},
     Pod,
 };
 use serde_json::{json, Value};
 use sluice_common::{
-    Backend, Backend6, BackendKey, CtKey, CtKey6, CtValue, CtValue6, ServiceKey, ServiceKey6,
-    ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, DEFAULT_PIN_PATH, MAP_BACKENDS,
-    MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_SERVICES, MAP_SERVICES6,
+    policy_prefix_len, reason_name, Backend, Backend6, BackendKey, CtKey, CtKey6, CtValue,
+    CtValue6, PolicyKey, PolicyValue, Reason, ServiceKey, ServiceKey6, ServiceValue,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, DEFAULT_PIN_PATH, ISOLATED_EGRESS, ISOLATED_INGRESS,
+    MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_ISOLATED,
+    MAP_POLICY, MAP_SERVICES, MAP_SERVICES6, REASON_COUNT, WAY_INGRESS,
 };
 
 use crate::{
@@ -58,6 +60,10 @@ pub enum Table {
     Services,
     /// Translated flows (`conntrack` map).
     Conntrack,
+    /// Packets the programs dropped or answered themselves, by reason (`drops` map).
+    Drops,
+    /// NetworkPolicy: isolated pods and what their entries allow (`isolated`, `policy`).
+    Policy,
 }
 
 pub fn run(args: StateArgs) -> ExitCode {
@@ -73,10 +79,12 @@ pub fn run(args: StateArgs) -> ExitCode {
             flows.extend(conntrack6_view(&snapshot.conntrack6, snapshot.now_ns));
             flows
         });
+        let drops = wants(args.table, Table::Drops).then_some(&snapshot.drops);
+        let policy = wants(args.table, Table::Policy).then(|| policy_view(&snapshot));
         if args.json {
-            let mut text =
-                serde_json::to_string_pretty(&to_json(services.as_deref(), flows.as_deref()))
-                    .expect("a JSON value serialises");
+            let mut json = to_json(services.as_deref(), flows.as_deref());
+            add_policy_json(&mut json, drops, policy.as_deref());
+            let mut text = serde_json::to_string_pretty(&json).expect("a JSON value serialises");
             text.push('\n');
             text
         } else {
@@ -89,6 +97,18 @@ pub fn run(args: StateArgs) -> ExitCode {
                     text.push('\n');
                 }
                 text.push_str(&render_conntrack(flows));
+            }
+            if let Some(drops) = drops {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&render_drops(drops));
+            }
+            if let Some(policy) = &policy {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&render_policy(policy));
             }
             text
         }
@@ -128,6 +148,12 @@ pub struct Snapshot {
     pub services6: Vec<(ServiceKey6, ServiceValue)>,
     pub backends6: Vec<(BackendKey, Backend6)>,
     pub conntrack6: Vec<(CtKey6, CtValue6)>,
+    /// Packets by drop reason, summed over the CPUs (every reason, zeroes included).
+    pub drops: BTreeMap<Reason, u64>,
+    /// `isolated`: pod (as the maps hold it) -> `ISOLATED_*` bits.
+    pub isolated: Vec<(u32, u8)>,
+    /// `policy`: (key, peer prefix bits) -> allowed ports.
+    pub policy: Vec<((PolicyKey, u32), PolicyValue)>,
     /// `CLOCK_MONOTONIC` (the clock of `bpf_ktime_get_ns`) when the maps were read.
     pub now_ns: u64,
 }
@@ -175,6 +201,40 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
             snapshot.conntrack6 = read_all(&conntrack6, pin_path, MAP_CONNTRACK6)?;
         }
     }
+    // The drops and NetworkPolicy maps, when pinned (an agent from before policy has none).
+    if wants(only, Table::Drops) && pin_path.join(MAP_DROPS).exists() {
+        let drops: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(open_map_read_only(pin_path, MAP_DROPS)?).with_context(|| {
+                format!(
+                    "{}: not Sluice's drops map",
+                    pin_path.join(MAP_DROPS).display()
+                )
+            })?;
+        for reason in 1..REASON_COUNT {
+            let per_cpu = drops
+                .get(&reason, 0)
+                .with_context(|| format!("reading {}", pin_path.join(MAP_DROPS).display()))?;
+            snapshot.drops.insert(reason, per_cpu.iter().sum());
+        }
+    }
+    if wants(only, Table::Policy) && pin_path.join(MAP_POLICY).exists() {
+        let isolated: HashMap<MapData, u32, u8> = open_read_only(pin_path, MAP_ISOLATED)?;
+        snapshot.isolated = read_all(&isolated, pin_path, MAP_ISOLATED)?;
+        let policy: LpmTrie<MapData, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(open_map_read_only(pin_path, MAP_POLICY)?).with_context(|| {
+                format!(
+                    "{}: not Sluice's policy map",
+                    pin_path.join(MAP_POLICY).display()
+                )
+            })?;
+        for item in policy.iter() {
+            let (key, value) =
+                item.with_context(|| format!("reading {}", pin_path.join(MAP_POLICY).display()))?;
+            if let Some(bits) = key.prefix_len().checked_sub(policy_prefix_len(0)) {
+                snapshot.policy.push(((key.data(), bits), value));
+            }
+        }
+    }
     // After reading: an entry created meanwhile does not get a negative age.
     snapshot.now_ns = monotonic_now_ns()?;
     Ok(snapshot)
@@ -215,6 +275,22 @@ fn open_read_only<K: Pod, V: Pod>(
     name: &str,
 ) -> anyhow::Result<HashMap<MapData, K, V>> {
     let path = pin_path.join(name);
+    let map = open_map_read_only(pin_path, name)?;
+    if !matches!(map, Map::HashMap(_) | Map::LruHashMap(_)) {
+        bail!("{} is not a hash map: not a Sluice map", path.display());
+    }
+    HashMap::try_from(map).with_context(|| {
+        format!(
+            "{}: its key or value size is not the one this Sluice version expects (pinned by \
+             another version?)",
+            path.display()
+        )
+    })
+}
+
+/// Opens the map pinned at `<pin_path>/<name>` read-only, whatever its type.
+fn open_map_read_only(pin_path: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = pin_path.join(name);
     let fd = match bpf_obj_get_read_only(&path) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -234,17 +310,7 @@ fn open_read_only<K: Pod, V: Pod>(
         }
     };
     let data = MapData::from_fd(fd).with_context(|| format!("inspecting {}", path.display()))?;
-    let map = Map::from_map_data(data).with_context(|| format!("inspecting {}", path.display()))?;
-    if !matches!(map, Map::HashMap(_) | Map::LruHashMap(_)) {
-        bail!("{} is not a hash map: not a Sluice map", path.display());
-    }
-    HashMap::try_from(map).with_context(|| {
-        format!(
-            "{}: its key or value size is not the one this Sluice version expects (pinned by \
-             another version?)",
-            path.display()
-        )
-    })
+    Map::from_map_data(data).with_context(|| format!("inspecting {}", path.display()))
 }
 
 /// `BPF_OBJ_GET` with `BPF_F_RDONLY`: a file descriptor that can look up and walk the map but
@@ -803,6 +869,149 @@ fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
     }
 }
 
+/// One row of the policy table: a pod's direction and one peer prefix it allows (`peer`
+/// `None`: the pod is isolated in that direction and allows nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyRow {
+    pub pod: std::net::Ipv4Addr,
+    pub direction: &'static str,
+    pub proto: u8,
+    pub peer: Option<ipnet::Ipv4Net>,
+    pub ports: Vec<String>,
+}
+
+/// The `isolated` and `policy` entries as rows, sorted by pod, direction, peer.
+pub fn policy_view(snapshot: &Snapshot) -> Vec<PolicyRow> {
+    let mut rows = Vec::new();
+    let way_name = |way: u8| {
+        if way == WAY_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
+    };
+    for ((key, bits), value) in &snapshot.policy {
+        let peer = ipnet::Ipv4Net::new(wire::addr_from_map(key.peer), (*bits).min(32) as u8)
+            .expect("a prefix length of at most 32");
+        let count = (value.count as usize).min(value.ranges.len());
+        let ports = value.ranges[..count]
+            .iter()
+            .map(|r| match (r.first, r.last) {
+                (0, u16::MAX) => "*".to_string(),
+                (a, b) if a == b => a.to_string(),
+                (a, b) => format!("{a}-{b}"),
+            })
+            .collect();
+        rows.push(PolicyRow {
+            pod: wire::addr_from_map(key.pod),
+            direction: way_name(key.way),
+            proto: key.proto,
+            peer: Some(peer),
+            ports,
+        });
+    }
+    for (pod, bits) in &snapshot.isolated {
+        let pod = wire::addr_from_map(*pod);
+        for (bit, direction) in [(ISOLATED_INGRESS, "ingress"), (ISOLATED_EGRESS, "egress")] {
+            if bits & bit != 0
+                && !rows
+                    .iter()
+                    .any(|r| r.pod == pod && r.direction == direction)
+            {
+                rows.push(PolicyRow {
+                    pod,
+                    direction,
+                    proto: 0,
+                    peer: None,
+                    ports: Vec::new(),
+                });
+            }
+        }
+    }
+    rows.sort_by_key(|r| (r.pod, r.direction, r.peer, r.proto));
+    rows
+}
+
+/// The drops table: every reason and its packets.
+pub fn render_drops(drops: &BTreeMap<Reason, u64>) -> String {
+    let rows: Vec<Vec<String>> = drops
+        .iter()
+        .map(|(reason, n)| vec![reason_name(*reason).to_string(), n.to_string()])
+        .collect();
+    let total: u64 = drops.values().sum();
+    let mut text = render_table(&["DROP REASON", "PACKETS"], &rows);
+    text.push_str(&format!(
+        "{total} {} dropped or answered\n",
+        plural(total as usize, "packet", "packets")
+    ));
+    text
+}
+
+/// The policy table: one row per allowed peer prefix of each isolated pod and direction.
+pub fn render_policy(rows: &[PolicyRow]) -> String {
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.pod.to_string(),
+                r.direction.to_string(),
+                r.peer
+                    .map_or("(nothing allowed)".to_string(), |p| p.to_string()),
+                if r.peer.is_some() {
+                    proto_name(r.proto)
+                } else {
+                    String::new()
+                },
+                r.ports.join(","),
+            ]
+        })
+        .collect();
+    let pods: std::collections::BTreeSet<_> = rows.iter().map(|r| r.pod).collect();
+    let mut text = render_table(
+        &["POLICY POD", "DIRECTION", "ALLOWED PEER", "PROTO", "PORTS"],
+        &table,
+    );
+    text.push_str(&format!(
+        "{} isolated {}\n",
+        pods.len(),
+        plural(pods.len(), "pod", "pods")
+    ));
+    text
+}
+
+/// Adds `"drops": {reason: packets}` and `"policy": [...]` to the JSON, when given.
+pub fn add_policy_json(
+    json: &mut Value,
+    drops: Option<&BTreeMap<Reason, u64>>,
+    policy: Option<&[PolicyRow]>,
+) {
+    let Some(out) = json.as_object_mut() else {
+        return;
+    };
+    if let Some(drops) = drops {
+        let drops: serde_json::Map<String, Value> = drops
+            .iter()
+            .map(|(reason, n)| (reason_name(*reason).to_string(), json!(n)))
+            .collect();
+        out.insert("drops".into(), Value::Object(drops));
+    }
+    if let Some(rows) = policy {
+        let rows: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "pod": r.pod.to_string(),
+                    "direction": r.direction,
+                    "peer": r.peer.map(|p| p.to_string()),
+                    "protocol": r.peer.map(|_| proto_name(r.proto)),
+                    "ports": r.ports,
+                })
+            })
+            .collect();
+        out.insert("policy".into(), Value::Array(rows));
+    }
+}
+
 /// `{"services": [...], "conntrack": [...]}`, each key only when its table is given.
 pub fn to_json(services: Option<&[ServiceView]>, flows: Option<&[FlowView]>) -> Value {
     let mut out = serde_json::Map::new();
@@ -1314,6 +1523,59 @@ UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     fo
         let only_services = to_json(Some(&services), None);
         assert!(only_services.get("conntrack").is_none());
         assert_eq!(only_services["services"].as_array().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn policy_rows_and_drops() {
+        use sluice_common::PolicyPortRange;
+        let addr = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let mut value = PolicyValue {
+            count: 2,
+            ..Default::default()
+        };
+        value.ranges[0] = PolicyPortRange {
+            first: 80,
+            last: 80,
+        };
+        value.ranges[1] = PolicyPortRange {
+            first: 8000,
+            last: 8100,
+        };
+        let key = PolicyKey {
+            pod: addr([10, 244, 1, 5]),
+            way: WAY_INGRESS,
+            proto: PROTO_TCP,
+            _pad: 0,
+            peer: addr([10, 244, 0, 0]),
+        };
+        let snapshot = Snapshot {
+            policy: vec![((key, 16), value)],
+            isolated: vec![(addr([10, 244, 1, 5]), ISOLATED_INGRESS | ISOLATED_EGRESS)],
+            drops: BTreeMap::from([(1, 0), (7, 3), (8, 2)]),
+            ..Default::default()
+        };
+        let rows = policy_view(&snapshot);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[0].direction, "egress");
+        assert_eq!(rows[0].peer, None, "isolated for egress, nothing allowed");
+        assert_eq!(rows[1].ports, ["80", "8000-8100"]);
+        let table = render_policy(&rows);
+        assert!(table.contains("10.244.1.5"), "{table}");
+        assert!(table.contains("(nothing allowed)"), "{table}");
+        assert!(table.contains("10.244.0.0/16"), "{table}");
+        assert!(table.contains("80,8000-8100"), "{table}");
+        assert!(table.ends_with("1 isolated pod\n"), "{table}");
+        let drops = render_drops(&snapshot.drops);
+        assert!(drops.contains("drop-policy-egress-denied"), "{drops}");
+        assert!(
+            drops.ends_with("5 packets dropped or answered\n"),
+            "{drops}"
+        );
+        let mut json = to_json(None, None);
+        add_policy_json(&mut json, Some(&snapshot.drops), Some(&rows));
+        assert_eq!(json["drops"]["drop-policy-ingress-denied"], 2);
+        assert_eq!(json["policy"][1]["peer"], "10.244.0.0/16");
+        assert_eq!(json["policy"][0]["peer"], Value::Null);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! * [`interfaces`] finds pod veths with rtnetlink;
 //! * [`packet`] builds and decodes the packets `BPF_PROG_RUN` feeds the programs (pure);
 //! * [`daemon`] ties them together for `sluice agent`;
-//! * [`trace`] and [`inspect`] are the debugging commands `sluice trace` and `sluice state`.
+//! * [`policy`] resolves and compiles NetworkPolicy (pure);
+//! * [`trace`], [`inspect`] and [`monitor`] are the debugging commands `sluice trace`,
+//!   `sluice state` and `sluice monitor`.
 
 pub mod config;
 pub mod daemon;
@@ -18,6 +20,7 @@ pub mod inspect;
 pub mod interfaces;
 pub mod kube_source;
 pub mod manifests;
+pub mod monitor;
 pub mod node;
 pub mod packet;
 pub mod policy;

@@ -59,8 +59,11 @@ enum Command {
     /// Push a synthetic packet through the real programs (BPF_PROG_RUN) with maps filled from
     /// manifests, and show what the datapath does with it. Never touches a running agent.
     Trace(sluice::trace::TraceArgs),
-    /// Show the running agent's services, backends and conntrack entries.
+    /// Show the running agent's services, backends, conntrack entries, drop counters and
+    /// NetworkPolicy entries.
     State(sluice::inspect::StateArgs),
+    /// Stream the packets NetworkPolicy drops (pod, peer, port, direction, reason).
+    Monitor(sluice::monitor::MonitorArgs),
     /// Remove the pinned datapath (detaches the programs from every pod interface).
     Cleanup {
         #[arg(long, default_value = sluice_common::DEFAULT_PIN_PATH)]
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
         }),
         Command::Trace(args) => return sluice::trace::run(args),
         Command::State(args) => return sluice::inspect::run(args),
+        Command::Monitor(args) => return sluice::monitor::run(args),
         Command::Cleanup { pin_path } => sluice::datapath::Datapath::cleanup(&pin_path),
     };
     match result {

@@ -17,6 +17,10 @@
 //!   ingress, each peer pod for egress (a named port cannot match an ipBlock peer).
 //! * Pods without an IP yet and host-network pods are neither selected nor peers: policies do
 //!   not apply to host-network pods.
+//! * Connections from the pod's own node (its IPv4 node addresses: the kubelet's probes,
+//!   host-network pods, and flows this node masqueraded, hairpin traffic from the service
+//!   loopback address included) are always allowed in, as the Kubernetes documentation has it
+//!   for an ingress-isolated pod.
 //!
 //! Replies of allowed connections are not policy's business here: the datapath lets them
 //! through its conntrack.
@@ -34,6 +38,11 @@ use k8s_openapi::{
         networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+};
+
+use sluice_common::{
+    policy_prefix_len, PolicyKey, PolicyPortRange, PolicyValue, ISOLATED_EGRESS, ISOLATED_INGRESS,
+    MAX_POLICY_PORT_RANGES, WAY_EGRESS, WAY_INGRESS,
 };
 
 use crate::{
@@ -77,6 +86,8 @@ pub enum Peers {
 pub struct Allow {
     /// `namespace/name` of the policy, so a trace can say which policy allowed a packet.
     pub policy: String,
+    /// Which rule of the policy's `ingress` or `egress` list, counted from 1.
+    pub rule: usize,
     pub peers: Peers,
     /// `None`: every port of every protocol.
     pub ports: Option<BTreeSet<PortRange>>,
@@ -99,10 +110,21 @@ impl Direction {
     /// Whether a connection with `peer` to `port` (of the pod for ingress, of the peer for
     /// egress) is allowed; the policy that allows it when isolated.
     pub fn allows(&self, peer: Ipv4Addr, proto: Protocol, port: u16) -> Verdict<'_> {
-        let Direction::Isolated { policies, allows } = self else {
+        let Direction::Isolated { policies, .. } = self else {
             return Verdict::Open;
         };
-        let allow = allows.iter().find(|a| {
+        match self.allowing(peer, proto, port) {
+            Some(allow) => Verdict::AllowedBy(&allow.policy),
+            None => Verdict::Denied(policies),
+        }
+    }
+
+    /// The first rule that allows the connection, when the direction is isolated.
+    pub fn allowing(&self, peer: Ipv4Addr, proto: Protocol, port: u16) -> Option<&Allow> {
+        let Direction::Isolated { allows, .. } = self else {
+            return None;
+        };
+        allows.iter().find(|a| {
             let peer_ok = match &a.peers {
                 Peers::Any => true,
                 Peers::Prefixes(prefixes) => prefixes.iter().any(|p| p.contains(&peer)),
@@ -113,11 +135,7 @@ impl Direction {
                     .any(|r| r.proto == proto && (r.first..=r.last).contains(&port))
             });
             peer_ok && port_ok
-        });
-        match allow {
-            Some(allow) => Verdict::AllowedBy(&allow.policy),
-            None => Verdict::Denied(policies),
-        }
+        })
     }
 }
 
@@ -142,6 +160,8 @@ pub struct PodPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyState {
     pub pods: BTreeMap<Ipv4Addr, PodPolicy>,
+    /// This node's IPv4 addresses: connections from them to its pods are always allowed.
+    pub node_addresses: BTreeSet<Ipv4Addr>,
 }
 
 /// A pod as policy sees it.
@@ -214,7 +234,20 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
         labels
     };
 
-    let mut state = PolicyState::default();
+    let mut state = PolicyState {
+        // The node's addresses, and the one hairpin traffic is masqueraded to (a pod reaching
+        // itself through its service arrives from it).
+        node_addresses: node
+            .node_ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .chain([Ipv4Addr::from(sluice_common::HAIRPIN_SNAT_ADDR)])
+            .collect(),
+        ..PolicyState::default()
+    };
     for pod in &pods {
         let local = match &node.name {
             Some(name) => {
@@ -287,19 +320,21 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
                 .expect("selected pods are enforced");
             if ingress_type {
                 let mut allows = Vec::new();
-                for rule in spec.ingress.iter().flatten() {
+                for (index, rule) in spec.ingress.iter().flatten().enumerate() {
                     let peers = peer_sets(rule.from.as_deref(), &mut report);
                     let ports = rule.ports.as_deref();
-                    allows.extend(rule_allows(&name, peers, ports, Some(pod), &mut report));
+                    let rule = (name.as_str(), index + 1);
+                    allows.extend(rule_allows(rule, peers, ports, Some(pod), &mut report));
                 }
                 isolate(&mut entry.ingress, &name, allows);
             }
             if egress_type {
                 let mut allows = Vec::new();
-                for rule in spec.egress.iter().flatten() {
+                for (index, rule) in spec.egress.iter().flatten().enumerate() {
                     let peers = peer_sets(rule.to.as_deref(), &mut report);
                     let ports = rule.ports.as_deref();
-                    allows.extend(rule_allows(&name, peers, ports, None, &mut report));
+                    let rule = (name.as_str(), index + 1);
+                    allows.extend(rule_allows(rule, peers, ports, None, &mut report));
                 }
                 isolate(&mut entry.egress, &name, allows);
             }
@@ -390,11 +425,11 @@ fn resolve_peer<'a>(
     set
 }
 
-/// The allows of one rule. `ingress_pod` is the selected pod for ingress rules (named ports
-/// resolve against it); for egress rules named ports resolve per peer pod, so such a rule
-/// becomes one allow per peer.
+/// The allows of one rule (`(policy, rule number)`). `ingress_pod` is the selected pod for
+/// ingress rules (named ports resolve against it); for egress rules named ports resolve per
+/// peer pod, so such a rule becomes one allow per peer.
 fn rule_allows(
-    policy: &str,
+    (policy, rule): (&str, usize),
     peers: Option<Vec<PeerSet>>,
     ports: Option<&[NetworkPolicyPort]>,
     ingress_pod: Option<&PolicyPod>,
@@ -404,6 +439,7 @@ fn rule_allows(
     let Some(ports) = ports else {
         return vec![Allow {
             policy: policy.to_string(),
+            rule,
             peers: peers_of(peers.as_deref()),
             ports: None,
         }];
@@ -461,6 +497,7 @@ fn rule_allows(
     if !numeric.is_empty() {
         allows.push(Allow {
             policy: policy.to_string(),
+            rule,
             peers: peers_of(peers.as_deref()),
             ports: Some(numeric),
         });
@@ -486,6 +523,7 @@ fn rule_allows(
             if !ranges.is_empty() {
                 allows.push(Allow {
                     policy: policy.to_string(),
+                    rule,
                     peers: Peers::Prefixes(BTreeSet::from([Ipv4Net::from(pod.ip)])),
                     ports: Some(ranges),
                 });
@@ -684,6 +722,17 @@ pub fn compile(state: &PolicyState) -> CompiledPolicy {
                         };
                         (!ranges.is_empty() && !prefixes.is_empty()).then_some((prefixes, ranges))
                     })
+                    .chain(
+                        // The pod's own node may always connect in.
+                        (way == Way::Ingress && !state.node_addresses.is_empty()).then(|| {
+                            let node: Vec<Ipv4Net> = state
+                                .node_addresses
+                                .iter()
+                                .map(|a| Ipv4Net::from(*a))
+                                .collect();
+                            (node, vec![(0, u16::MAX)])
+                        }),
+                    )
                     .collect();
                 let listed: BTreeSet<Ipv4Net> =
                     rules.iter().flat_map(|(p, _)| p.iter().copied()).collect();
@@ -747,6 +796,169 @@ impl CompiledPolicy {
             })
             .max_by_key(|(k, _)| k.peer.prefix_len());
         longest.is_some_and(|(_, ranges)| ranges.iter().any(|(a, b)| (*a..=*b).contains(&port)))
+    }
+}
+
+/// The compiled policy as the `isolated` and `policy` maps hold it (see `sluice-common`,
+/// "NetworkPolicy"): addresses in network byte order, ports in host order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WirePolicy {
+    /// Pod address (as the maps hold it) -> `ISOLATED_*` bits; pods open both ways are left out.
+    pub isolated: BTreeMap<u32, u8>,
+    /// (key data, peer prefix bits) -> the allowed port ranges.
+    pub entries: BTreeMap<(PolicyKey, u32), PolicyValue>,
+}
+
+impl WirePolicy {
+    /// The LPM trie key of an entry.
+    pub fn lpm_key(key: &PolicyKey, bits: u32) -> aya::maps::lpm_trie::Key<PolicyKey> {
+        aya::maps::lpm_trie::Key::new(policy_prefix_len(bits), *key)
+    }
+}
+
+fn way_number(way: Way) -> u8 {
+    match way {
+        Way::Ingress => WAY_INGRESS,
+        Way::Egress => WAY_EGRESS,
+    }
+}
+
+/// The maps' form of the compiled policy. An entry with more than [`MAX_POLICY_PORT_RANGES`]
+/// ranges keeps the first ones (it allows less, never more) and is reported by pod and
+/// policies, so the agent's log says which policy to simplify.
+pub fn to_wire(
+    state: &PolicyState,
+    compiled: &CompiledPolicy,
+) -> (WirePolicy, Vec<TranslateError>) {
+    let mut wire = WirePolicy::default();
+    let mut errors = Vec::new();
+    for (pod, way) in &compiled.isolated {
+        let bit = match way {
+            Way::Ingress => ISOLATED_INGRESS,
+            Way::Egress => ISOLATED_EGRESS,
+        };
+        *wire
+            .isolated
+            .entry(u32::from_ne_bytes(pod.octets()))
+            .or_default() |= bit;
+    }
+    for (key, ranges) in &compiled.entries {
+        let mut value = PolicyValue::default();
+        for (slot, (first, last)) in value.ranges.iter_mut().zip(ranges) {
+            *slot = PolicyPortRange {
+                first: *first,
+                last: *last,
+            };
+        }
+        value.count = ranges.len().min(MAX_POLICY_PORT_RANGES) as u32;
+        if ranges.len() > MAX_POLICY_PORT_RANGES {
+            let policies = state.pods.get(&key.pod).map(|p| match key.way {
+                Way::Ingress => &p.ingress,
+                Way::Egress => &p.egress,
+            });
+            let names = match policies {
+                Some(Direction::Isolated { policies, .. }) => {
+                    policies.iter().cloned().collect::<Vec<_>>().join(", ")
+                }
+                _ => String::new(),
+            };
+            let pod = state.pods.get(&key.pod).map_or_else(
+                || key.pod.to_string(),
+                |p| format!("{} ({})", p.pod, key.pod),
+            );
+            errors.push(TranslateError {
+                object: format!("Pod {pod}"),
+                message: format!(
+                    "{:?} {} from {}: the policies {names} allow {} separate port ranges, the \
+                     datapath holds {MAX_POLICY_PORT_RANGES} per peer: only the first \
+                     {MAX_POLICY_PORT_RANGES} are allowed (fails closed)",
+                    key.way,
+                    key.proto,
+                    key.peer,
+                    ranges.len()
+                ),
+            });
+        }
+        let data = PolicyKey {
+            pod: u32::from_ne_bytes(key.pod.octets()),
+            way: way_number(key.way),
+            proto: key.proto.number(),
+            _pad: 0,
+            peer: u32::from_ne_bytes(key.peer.network().octets()),
+        };
+        wire.entries
+            .insert((data, u32::from(key.peer.prefix_len())), value);
+    }
+    (wire, errors)
+}
+
+/// Everything the agent programs for NetworkPolicy from the objects: resolved, compiled and in
+/// the maps' form, with the problems found on the way (by object).
+pub fn program(objects: &Objects, node: &NodeContext) -> (WirePolicy, Vec<TranslateError>) {
+    let (state, mut errors) = resolve(objects, node);
+    let (wire, overflows) = to_wire(&state, &compile(&state));
+    errors.extend(overflows);
+    (wire, errors)
+}
+
+/// What [`Explained::AllowedBy`] names for a connection from the pod's own node.
+pub const NODE_ALLOWED: &str = "the pod's own node (always allowed in)";
+
+/// The policy verdict for one new connection as `sluice trace` explains it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    /// The pod of this node whose policy applies, `namespace/name`.
+    pub pod: String,
+    pub way: Way,
+    pub verdict: Explained,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Explained {
+    /// No policy selects the pod for this direction.
+    Open,
+    /// Allowed by this rule: `namespace/policy (ingress rule N)`, or [`NODE_ALLOWED`].
+    AllowedBy(String),
+    /// Isolated by these policies, and no rule of theirs allows the connection.
+    Denied(Vec<String>),
+}
+
+impl PolicyState {
+    /// How `way` policy of the pod at `pod` (if this node enforces it) judges a new connection
+    /// with `peer` to `port`.
+    pub fn explain(
+        &self,
+        pod: Ipv4Addr,
+        way: Way,
+        peer: Ipv4Addr,
+        proto: Protocol,
+        port: u16,
+    ) -> Option<Explanation> {
+        let policy = self.pods.get(&pod)?;
+        let direction = match way {
+            Way::Ingress => &policy.ingress,
+            Way::Egress => &policy.egress,
+        };
+        let from_node = way == Way::Ingress && self.node_addresses.contains(&peer);
+        let side = match way {
+            Way::Ingress => "ingress",
+            Way::Egress => "egress",
+        };
+        let verdict = match (direction, direction.allowing(peer, proto, port)) {
+            (Direction::Open, _) => Explained::Open,
+            (_, Some(allow)) => {
+                Explained::AllowedBy(format!("{} ({side} rule {})", allow.policy, allow.rule))
+            }
+            (_, None) if from_node => Explained::AllowedBy(NODE_ALLOWED.to_string()),
+            (Direction::Isolated { policies, .. }, None) => {
+                Explained::Denied(policies.iter().cloned().collect())
+            }
+        };
+        Some(Explanation {
+            pod: policy.pod.to_string(),
+            way,
+            verdict,
+        })
     }
 }
 
@@ -1154,6 +1366,14 @@ spec:
             state.pods[&frontend].ingress.allows(ingress, tcp, 3000),
             Verdict::AllowedBy("ecommerce/frontend-policy")
         );
+        // The explanation names the rule: DNS is the frontend's second egress rule.
+        let dns = state
+            .explain(frontend, Way::Egress, ingress, Protocol::Udp, 53)
+            .unwrap();
+        assert_eq!(
+            dns.verdict,
+            Explained::AllowedBy("ecommerce/frontend-policy (egress rule 2)".into())
+        );
         match state.pods[&postgres].ingress.allows(backend, tcp, 5432) {
             Verdict::Denied(policies) => assert_eq!(
                 policies.iter().collect::<Vec<_>>(),
@@ -1229,4 +1449,77 @@ spec:
             vec![(1, 9), (20, 30)]
         );
     }
+
+    #[test]
+    fn connections_from_the_pods_own_node_are_always_allowed_in() {
+        let node = NodeContext {
+            node_ips: vec!["172.18.0.2".parse().unwrap()],
+            ..Default::default()
+        };
+        let (state, errors) = resolve(
+            &model(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}\n",
+            ),
+            &node,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let compiled = compile(&state);
+        let node_ip: Ipv4Addr = "172.18.0.2".parse().unwrap();
+        for proto in PROTOCOLS {
+            assert!(compiled.allows(ip(1, 1), Way::Ingress, node_ip, proto, 9));
+            assert!(!compiled.allows(ip(1, 1), Way::Ingress, ip(2, 1), proto, 9));
+            // Only in: the pod's egress to its node stays denied.
+            assert!(!compiled.allows(ip(1, 1), Way::Egress, node_ip, proto, 9));
+        }
+        let explained = state
+            .explain(ip(1, 1), Way::Ingress, node_ip, Protocol::Tcp, 80)
+            .unwrap();
+        assert_eq!(explained.verdict, Explained::AllowedBy(NODE_ALLOWED.into()));
+        assert_eq!(explained.pod, "x/a");
+        // An open pod of y needs no entry for it.
+        assert!(!compiled.isolated.contains(&(ip(2, 1), Way::Ingress)));
+    }
+
+    #[test]
+    fn more_port_ranges_than_an_entry_holds_fail_closed_naming_the_pod_and_policies() {
+        let ports: Vec<String> = (1..=20).map(|n| format!("{{port: {}}}", n * 10)).collect();
+        let state = resolved(&format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: many, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress: [{{ports: [{}]}}]\n",
+            ports.join(", ")
+        ));
+        let (wire, errors) = to_wire(&state, &compile(&state));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let message = errors[0].to_string();
+        assert!(
+            message.contains("Pod x/a (10.244.1.1)")
+                && message.contains("x/many")
+                && message.contains("20 separate port ranges"),
+            "{message}"
+        );
+        let pod = u32::from_ne_bytes(ip(1, 1).octets());
+        let (_, value) = wire
+            .entries
+            .iter()
+            .find(|((key, _), _)| key.pod == pod && key.proto == PROTO_TCP_NUMBER)
+            .expect("the TCP entry");
+        // The first 16 ranges (10..160) are kept: 170 and above are denied, not allowed.
+        assert_eq!(value.count as usize, MAX_POLICY_PORT_RANGES);
+        assert_eq!(
+            value.ranges[0],
+            PolicyPortRange {
+                first: 10,
+                last: 10
+            }
+        );
+        assert_eq!(
+            value.ranges[MAX_POLICY_PORT_RANGES - 1],
+            PolicyPortRange {
+                first: 160,
+                last: 160
+            }
+        );
+        assert_eq!(wire.isolated.get(&pod), Some(&ISOLATED_INGRESS));
+    }
+
+    const PROTO_TCP_NUMBER: u8 = sluice_common::PROTO_TCP;
 }

@@ -24,6 +24,10 @@
 //! | `sock_config`     | array, 1 entry   | `u32` 0              | [`SockConfig`]   | agent      |
 //! | `sock_revnat`     | LRU hash         | [`SockRevKey`]       | [`SockRevValue`] | socket programs |
 //! | `sock_revnat6`    | LRU hash         | [`SockRevKey6`]      | [`SockRevValue6`]| socket programs |
+//! | `policy`          | LPM trie         | [`PolicyKey`] with a prefix length | [`PolicyValue`] | agent |
+//! | `isolated`        | hash             | `u32` pod IPv4       | `u8` `ISOLATED_*`| agent      |
+//! | `policy_flows`    | LRU hash         | [`PolicyFlowKey`]    | `u64` last seen ns | programs |
+//! | `policy_events`   | ring buffer      | -                    | [`PolicyEvent`]  | programs (`sluice monitor` reads) |
 //!
 //! The programs also have a private per-CPU array, `scratch6` (not pinned, no state between
 //! packets): the IPv6 path's working copies of keys and values, which do not fit in the eBPF
@@ -98,6 +102,49 @@
 //! themselves, by [`Reason`]; a program also leaves the reason in `skb->cb[0]`
 //! ([`CB_REASON_MAGIC`] | reason) so `BPF_PROG_RUN` callers (`sluice trace`) can name it.
 //!
+//! ## NetworkPolicy: policy, isolated, policy_flows, policy_events
+//!
+//! The agent compiles every NetworkPolicy selecting a pod of this node into longest-prefix
+//! entries (agent/src/policy.rs, `compile`): for one (pod, direction, protocol), every prefix a
+//! rule names becomes an entry holding the union of the port ranges of the rules covering the
+//! whole prefix, so the longest prefix containing a peer answers what a scan of every rule
+//! would. A new connection costs one `isolated` lookup and, for an isolated pod, one `policy`
+//! lookup: O(1) in the number of policies and pods (the trie's depth is bounded by the key).
+//!
+//! * `isolated`: pod IPv4 -> [`ISOLATED_INGRESS`] | [`ISOLATED_EGRESS`]; a pod without an entry
+//!   (or without the direction's bit) is open in that direction.
+//! * `policy`: [`PolicyKey`] {pod, [`WAY_INGRESS`]/[`WAY_EGRESS`], protocol, peer} with prefix
+//!   length [`policy_prefix_len`]`(n)` = 64 + n (pod, way, protocol and padding matched whole,
+//!   then `n` bits of the peer prefix) -> [`PolicyValue`]: up to [`MAX_POLICY_PORT_RANGES`]
+//!   sorted, merged port ranges (host byte order, both ends included). A prefix needing more
+//!   ranges keeps the first [`MAX_POLICY_PORT_RANGES`] (fails closed: it allows less, never
+//!   more) and the agent reports an error naming the pod and its policies. A missing entry
+//!   means "no rule allows this peer"; a shorter prefix only ever allows a subset of a longer
+//!   one's ports, so an entry the agent could not write also fails closed.
+//! * The checks: egress in `from_pod` for a new flow, after service DNAT (the peer is the
+//!   chosen backend, the port its target port), before conntrack remembers the flow; ingress in
+//!   `to_pod` for a new flow as delivered (the peer is the original client, or the masquerade
+//!   address of a masqueraded flow). The port is the destination's (the pod's for ingress, the
+//!   peer's for egress).
+//! * Connection state (`policy_flows`, LRU): only new connections are checked. Service flows
+//!   are in `conntrack` (their later packets and replies never reach a policy check); every
+//!   other flow a pod of this node opens or accepts is recorded in `policy_flows` under its
+//!   initiator's tuple as seen at the pod's veth ([`PolicyFlowKey`], with the direction it was
+//!   admitted in: [`WAY_EGRESS`] at the initiator's `from_pod`, [`WAY_INGRESS`] at the
+//!   receiver's `to_pod`). A packet matching its own tuple (later packets) or the reversed
+//!   tuple recorded the other way (replies) passes without a check, whether or not the pod is
+//!   isolated: flows of open pods are recorded too, so a policy that isolates a pod later does
+//!   not break its established connections. A reply whose flow was already reverse-translated
+//!   (a redirected service flow) is recognised by the client's forward `conntrack` entry. The
+//!   value is when the flow was last seen (bpf_ktime_get_ns, refreshed at most once a second);
+//!   a UDP or SCTP flow idle for 120 s is new again (nf_conntrack's UDP timeout), a TCP flow
+//!   does not expire (a new TCP connection is a SYN, which is always checked).
+//! * Drops: [`REASON_DROP_POLICY_EGRESS`], [`REASON_DROP_POLICY_INGRESS`] in `drops`, and a
+//!   [`PolicyEvent`] in `policy_events` (`sluice monitor` streams them; an event is lost when
+//!   the ring is full, the drop is counted either way).
+//! * IPv4 only: the IPv6 path (`v6.rs`) checks nothing yet, so a dual-stack pod's IPv6
+//!   traffic is not filtered (the IPv6 path is at the eBPF stack limit).
+//!
 //! ## IPv6
 //!
 //! `services6`, `backends6`, `conntrack6`, `affinity6`, `source_ranges6` and `config6` are
@@ -153,6 +200,10 @@ pub const MAP_SOCK_REVNAT: &str = "sock_revnat";
 pub const MAP_SOCK_REVNAT6: &str = "sock_revnat6";
 pub const MAP_AFFINITY6: &str = "affinity6";
 pub const MAP_SOURCE_RANGES6: &str = "source_ranges6";
+pub const MAP_POLICY: &str = "policy";
+pub const MAP_ISOLATED: &str = "isolated";
+pub const MAP_POLICY_FLOWS: &str = "policy_flows";
+pub const MAP_POLICY_EVENTS: &str = "policy_events";
 
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
@@ -161,6 +212,16 @@ pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Translated host sockets remembered for their replies (`sock_revnat`, `sock_revnat6`).
 pub const MAX_SOCK_REVNAT: u32 = 65_536;
+/// `policy` entries: (pod, direction, protocol, peer prefix) across this node's pods.
+pub const MAX_POLICY_ENTRIES: u32 = 65_536;
+/// Pods of this node `isolated` can hold.
+pub const MAX_POLICY_PODS: u32 = 16_384;
+/// Flows `policy_flows` remembers (LRU: the oldest are forgotten first).
+pub const MAX_POLICY_FLOWS: u32 = 262_144;
+/// Bytes of the `policy_events` ring buffer (a power of two, a multiple of the page size).
+pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
+/// Port ranges one `policy` entry holds (see [`PolicyValue`]).
+pub const MAX_POLICY_PORT_RANGES: usize = 16;
 /// Cluster CIDRs [`NodeConfig`] holds; the programs check them all, unrolled.
 pub const MAX_CLUSTER_CIDRS: usize = 8;
 
@@ -552,6 +613,90 @@ pub struct NodeConfig {
     pub cluster_cidrs: [Cidr4; MAX_CLUSTER_CIDRS],
 }
 
+/// `isolated` bits: the pod is selected by a policy for ingress / egress.
+pub const ISOLATED_INGRESS: u8 = 1 << 0;
+pub const ISOLATED_EGRESS: u8 = 1 << 1;
+
+/// [`PolicyKey::way`], [`PolicyFlowKey::way`], [`PolicyEvent::way`].
+pub const WAY_INGRESS: u8 = 0;
+pub const WAY_EGRESS: u8 = 1;
+
+/// The data part of a `policy` key (the LPM trie's key is a `u32` prefix length followed by
+/// this); see [`policy_prefix_len`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// The pod of this node the policy is enforced for, network byte order.
+    pub pod: u32,
+    /// [`WAY_INGRESS`] or [`WAY_EGRESS`].
+    pub way: u8,
+    /// [`PROTO_TCP`], [`PROTO_UDP`] or [`PROTO_SCTP`].
+    pub proto: u8,
+    pub _pad: u16,
+    /// The peer prefix's network address (in a lookup: the peer), network byte order.
+    pub peer: u32,
+}
+
+/// Prefix length of a `policy` entry for a peer prefix of `bits` bits: the 64 bits of pod,
+/// way, protocol and padding, then the peer's.
+pub const fn policy_prefix_len(bits: u32) -> u32 {
+    64 + bits
+}
+
+/// A port range of a `policy` entry, host byte order, both ends included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyPortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// The ports a peer prefix may use: `ranges[..count]`, sorted and merged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub count: u32,
+    pub ranges: [PolicyPortRange; MAX_POLICY_PORT_RANGES],
+}
+
+/// A flow admitted by policy (`policy_flows`): the initiator's tuple as seen at the pod's veth
+/// (after service DNAT), and the direction it was admitted in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyFlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`WAY_EGRESS`]: recorded at the initiator's `from_pod`; [`WAY_INGRESS`]: at the
+    /// receiver's `to_pod`.
+    pub way: u8,
+    pub _pad: u16,
+}
+
+/// A packet dropped by policy, as `policy_events` carries it to `sluice monitor`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyEvent {
+    /// The pod of this node whose policy dropped the packet, network byte order.
+    pub pod: u32,
+    /// The other end (the backend for egress, the client or masquerade address for ingress).
+    pub peer: u32,
+    /// The pod's port and the peer's, network byte order.
+    pub pod_port: u16,
+    pub peer_port: u16,
+    pub proto: u8,
+    /// [`WAY_INGRESS`] or [`WAY_EGRESS`].
+    pub way: u8,
+    pub _pad: u16,
+    /// [`REASON_DROP_POLICY_INGRESS`] or [`REASON_DROP_POLICY_EGRESS`].
+    pub reason: u32,
+    pub _pad2: u32,
+    /// bpf_ktime_get_ns() of the drop.
+    pub time_ns: u64,
+}
+
 /// Why a program dropped a packet or answered it itself (index of the `drops` map).
 pub type Reason = u32;
 /// Answered with a TCP RST or an ICMP port unreachable: the service has no endpoints.
@@ -566,8 +711,12 @@ pub const REASON_DROP_NO_SNAT_PORT: Reason = 4;
 pub const REASON_DROP_REJECT_FAILED: Reason = 5;
 /// Dropped: a kernel helper failed to rewrite the packet.
 pub const REASON_DROP_REWRITE_FAILED: Reason = 6;
+/// Dropped: a new connection the sending pod's egress NetworkPolicy does not allow.
+pub const REASON_DROP_POLICY_EGRESS: Reason = 7;
+/// Dropped: a new connection the receiving pod's ingress NetworkPolicy does not allow.
+pub const REASON_DROP_POLICY_INGRESS: Reason = 8;
 /// Entries of the `drops` map (reason 0 is unused).
-pub const REASON_COUNT: u32 = 7;
+pub const REASON_COUNT: u32 = 9;
 
 /// `skb->cb[0]` of a packet a program dropped or answered: this magic | the [`Reason`].
 pub const CB_REASON_MAGIC: u32 = 0x5c1c_e000;
@@ -582,6 +731,8 @@ pub const fn reason_name(reason: Reason) -> &'static str {
         REASON_DROP_NO_SNAT_PORT => "drop-no-snat-port",
         REASON_DROP_REJECT_FAILED => "drop-reject-failed",
         REASON_DROP_REWRITE_FAILED => "drop-rewrite-failed",
+        REASON_DROP_POLICY_EGRESS => "drop-policy-egress-denied",
+        REASON_DROP_POLICY_INGRESS => "drop-policy-ingress-denied",
         _ => "unknown",
     }
 }
@@ -615,6 +766,11 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey6 {}
     unsafe impl aya::Pod for AffinityValue6 {}
     unsafe impl aya::Pod for SourceRangeKey6 {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyPortRange {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PolicyFlowKey {}
+    unsafe impl aya::Pod for PolicyEvent {}
 }
 
 #[cfg(test)]
@@ -649,6 +805,10 @@ mod tests {
         assert_eq!(size_of::<AffinityKey6>(), 20);
         assert_eq!(size_of::<AffinityValue6>(), 32);
         assert_eq!(size_of::<SourceRangeKey6>(), 20);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyValue>(), 4 + 4 * MAX_POLICY_PORT_RANGES);
+        assert_eq!(size_of::<PolicyFlowKey>(), 16);
+        assert_eq!(size_of::<PolicyEvent>(), 32);
     }
 
     #[test]

@@ -33,10 +33,17 @@
 //!                               from_pod first tries the frontend's pods' entry (SCOPE_POD:
 //!                               an externalTrafficPolicy Local frontend's cluster-wide
 //!                               backends)
+//!     policy::from_pod          from_pod, not a frontend: a packet of a flow `policy_flows`
+//!                               admitted (or its reply) passes; else a new flow, checked
+//!                               against the pod's egress NetworkPolicy (drop:
+//!                               drop-policy-egress-denied) and recorded
 //!  6. lb::source_allowed        loadBalancerSourceRanges: other sources are dropped
 //!  7. no backends               reject::build (TCP RST, ICMP port unreachable, sent back by
 //!                               route::bounce) or drop, as the service says
 //!  8. lb::select                sessionAffinity's backend, else a random slot of `backends`
+//!     policy::egress_to_backend from_pod: the pod's egress NetworkPolicy against the chosen
+//!                               backend and its port (not the frontend), before conntrack
+//!                               remembers the flow
 //!  9. masq::decide              source NAT: hairpin, masqueradeAll, external traffic to a
 //!                               remote backend, sources outside the cluster CIDRs
 //! 10. conntrack::create         forward + reply entries (with a unique masquerade port)
@@ -53,9 +60,16 @@
 //! ```text
 //!  0. v6::is_ipv6              (IPv6: v6::egress)
 //!  1. parse::parse
-//!  2. icmp::egress              an ICMP error about a flow, toward its client
+//!  2. icmp::egress              an ICMP error about a flow, toward its client (ICMP is not
+//!                               subject to policy here)
 //!  3. conntrack::lookup (reply) a reply of a translated flow that went through the host's
 //!     nat::reverse              routing: source back to the frontend (and the client)
+//!  4. policy::to_pod            to_pod, any other packet: a packet of a flow `policy_flows`
+//!                               admitted, its reply, or the answer of the pod's own service
+//!                               flow passes; else a new flow, checked against the pod's
+//!                               ingress NetworkPolicy with the client as delivered (the
+//!                               original client, or the masquerade address) (drop:
+//!                               drop-policy-ingress-denied) and recorded
 //! ```
 //!
 //! Host traffic (processes in the node's own network namespace: the kubelet, hostNetwork
@@ -91,6 +105,7 @@ mod maps;
 mod masq;
 mod nat;
 mod parse;
+mod policy;
 mod reject;
 mod route;
 mod sock;
@@ -145,7 +160,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     if v6::is_ipv6(&ctx) {
         return v6::egress(&ctx);
     }
-    egress4(&ctx)
+    egress4(&ctx, Hook::Pod)
 }
 
 #[classifier]
@@ -153,7 +168,7 @@ pub fn to_world(ctx: TcContext) -> i32 {
     if v6::is_ipv6(&ctx) {
         return v6::egress(&ctx);
     }
-    egress4(&ctx)
+    egress4(&ctx, Hook::World)
 }
 
 #[inline(never)]
@@ -162,8 +177,8 @@ fn ingress4(ctx: &TcContext, hook: Hook) -> i32 {
 }
 
 #[inline(never)]
-fn egress4(ctx: &TcContext) -> i32 {
-    verdict(ctx, egress(ctx))
+fn egress4(ctx: &TcContext, hook: Hook) -> i32 {
+    verdict(ctx, egress(ctx, hook))
 }
 
 /// A packet a program could not handle is dropped (and counted): one the helpers could not
@@ -212,6 +227,9 @@ fn ingress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
             // A new flow, or a TCP SYN: it starts a new connection even when its tuple is still
             // remembered (the client reused a port), unless it is a retransmission.
             let Some(service) = lb::service(&pkt, hook) else {
+                if hook == Hook::Pod {
+                    policy::from_pod(&pkt)?;
+                }
                 return Ok(TC_ACT_OK);
             };
             // SAFETY: a helper call without arguments.
@@ -270,20 +288,25 @@ fn new_flow(
         // The service lost its backends between the two reads: as if it had none yet.
         return Ok(NewFlow::Done(TC_ACT_OK));
     };
+    if hook == Hook::Pod {
+        policy::egress_to_backend(pkt, backend.addr, backend.port)?;
+    }
     let (snat, flags) = masq::decide(masq::config(), service, &backend, pkt, hook);
     let entry = conntrack::create(pkt, fwd_key, service.id, &backend, slot, snat, flags, now)?;
     Ok(NewFlow::Balanced(entry))
 }
 
 #[inline(always)]
-fn egress(ctx: &TcContext) -> Result<i32, Reason> {
+fn egress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
     let pkt = match parse::parse(ctx) {
         None => return Ok(TC_ACT_OK),
         Some(Packet::IcmpError(err)) => return icmp::egress(ctx, &err).map_err(rewrite_failed),
         Some(Packet::Flow(pkt)) => pkt,
     };
-    if let Some(entry) = conntrack::lookup(&conntrack::key(&pkt, CT_DIR_REPLY)) {
-        nat::reverse(ctx, &pkt, &entry).map_err(rewrite_failed)?;
+    match conntrack::lookup(&conntrack::key(&pkt, CT_DIR_REPLY)) {
+        Some(entry) => nat::reverse(ctx, &pkt, &entry).map_err(rewrite_failed)?,
+        None if hook == Hook::Pod => policy::to_pod(&pkt)?,
+        None => {}
     }
     Ok(TC_ACT_OK)
 }

@@ -8,14 +8,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sluice_common::{
     AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, Backend, Backend6, BackendKey, CtKey,
-    CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, ServiceKey, ServiceKey6, ServiceValue,
-    SockConfig, SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeKey,
-    SourceRangeKey6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, MAX_SOCK_REVNAT,
-    MAX_SOURCE_RANGES, REASON_COUNT,
+    CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, PolicyFlowKey, PolicyKey, PolicyValue,
+    ServiceKey, ServiceKey6, ServiceValue, SockConfig, SockRevKey, SockRevKey6, SockRevValue,
+    SockRevValue6, SourceRangeKey, SourceRangeKey6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_POLICY_ENTRIES, MAX_POLICY_FLOWS, MAX_POLICY_PODS, MAX_SERVICES, MAX_SOCK_REVNAT,
+    MAX_SOURCE_RANGES, POLICY_EVENTS_BYTES, REASON_COUNT,
 };
 
 use crate::v6::Scratch6;
@@ -79,3 +80,17 @@ pub static SOURCE_RANGES6: LpmTrie<SourceRangeKey6, u8> =
 /// The IPv6 path's working space (v6/mod.rs), one per CPU; never pinned.
 #[map(name = "scratch6")]
 pub static SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "policy")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
+
+#[map(name = "isolated")]
+pub static ISOLATED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_POLICY_PODS, 0);
+
+#[map(name = "policy_flows")]
+pub static POLICY_FLOWS: LruHashMap<PolicyFlowKey, u64> =
+    LruHashMap::with_max_entries(MAX_POLICY_FLOWS, 0);
+
+#[map(name = "policy_events")]
+pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(POLICY_EVENTS_BYTES, 0);

@@ -9,6 +9,8 @@
 //!       source_ranges, config, drops,
 //!       services6, backends6, conntrack6, config6,  (IPv6: sync6.rs)
 //!       affinity6, source_ranges6
+//!       policy, isolated, policy_flows,             (NetworkPolicy: policy_sync.rs)
+//!       policy_events
 //! <pin>/links/<ifindex>-ingress                     tcx link running `from_pod` on a pod veth
 //! <pin>/links/<ifindex>-egress                      tcx link running `to_pod`
 //! <pin>/links/<ifindex>-world-ingress               tcx link running `from_world` on an
@@ -28,6 +30,7 @@
 //! `sluice trace`): it never touches a running agent's maps or bpffs at all.
 
 pub mod affinity;
+pub mod policy_sync;
 pub mod purge;
 pub mod sock;
 pub mod sync;
@@ -43,7 +46,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, MapType, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
@@ -55,19 +58,23 @@ use aya::{
 };
 use sluice_common::{
     AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, CtKey, CtKey6, CtValue, CtValue6,
-    NodeConfig, NodeConfig6, Reason, CB_REASON_MAGIC, CB_REASON_MASK, MAP_AFFINITY, MAP_AFFINITY6,
-    MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG, MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS,
+    NodeConfig, NodeConfig6, PolicyFlowKey, Reason, CB_REASON_MAGIC, CB_REASON_MASK, MAP_AFFINITY,
+    MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG, MAP_CONFIG6, MAP_CONNTRACK,
+    MAP_CONNTRACK6, MAP_DROPS, MAP_ISOLATED, MAP_POLICY, MAP_POLICY_EVENTS, MAP_POLICY_FLOWS,
     MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_CONFIG, MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6,
-    MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES,
-    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, REASON_COUNT,
+    MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
+    MAX_POLICY_ENTRIES, MAX_POLICY_FLOWS, MAX_POLICY_PODS, MAX_SERVICES, MAX_SOCK_REVNAT,
+    MAX_SOURCE_RANGES, POLICY_EVENTS_BYTES, REASON_COUNT,
 };
 use tracing::{debug, info, warn};
 
+pub use policy_sync::PolicySyncStats;
 use sync::{KernelServiceMaps, ServiceSync};
 pub use sync::{ProgrammedService, RemovedBackends, SyncStats};
 
 use crate::{
     node::NodeContext,
+    policy::WirePolicy,
     state::{DesiredState, Frontend},
 };
 
@@ -160,7 +167,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-const MAPS: [MapSpec; 16] = [
+const MAPS: [MapSpec; 20] = [
     MapSpec {
         name: MAP_SERVICES,
         map_type: MapType::Hash,
@@ -241,6 +248,26 @@ const MAPS: [MapSpec; 16] = [
         map_type: MapType::LpmTrie,
         max_entries: MAX_SOURCE_RANGES,
     },
+    MapSpec {
+        name: MAP_POLICY,
+        map_type: MapType::LpmTrie,
+        max_entries: MAX_POLICY_ENTRIES,
+    },
+    MapSpec {
+        name: MAP_ISOLATED,
+        map_type: MapType::Hash,
+        max_entries: MAX_POLICY_PODS,
+    },
+    MapSpec {
+        name: MAP_POLICY_FLOWS,
+        map_type: MapType::LruHash,
+        max_entries: MAX_POLICY_FLOWS,
+    },
+    MapSpec {
+        name: MAP_POLICY_EVENTS,
+        map_type: MapType::RingBuf,
+        max_entries: POLICY_EVENTS_BYTES,
+    },
 ];
 
 /// The eBPF object built by `build.rs`.
@@ -273,6 +300,10 @@ pub struct Datapath {
     node_config6: NodeConfig6,
     /// The socket programs' own maps (host traffic, sock.rs).
     sock: sock::SockMaps,
+    policy: policy_sync::PolicySync,
+    policy_flows: HashMap<MapData, PolicyFlowKey, u64>,
+    /// Taken by [`Datapath::take_policy_events`] (tests; `sluice monitor` opens the pin).
+    policy_events: Option<RingBuf<MapData>>,
     /// `None` for a datapath with private maps.
     pin_path: Option<PathBuf>,
     attached: BTreeMap<u32, (Role, Attachment)>,
@@ -410,7 +441,7 @@ impl Datapath {
             }
             Ok(map)
         });
-        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6, affinity6, source_ranges6] =
+        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6, affinity6, source_ranges6, policy, isolated, policy_flows, policy_events] =
             maps;
         let stale = |name| {
             format!(
@@ -441,6 +472,21 @@ impl Datapath {
         let affinity6 = HashMap::try_from(affinity6?).with_context(|| stale(MAP_AFFINITY6))?;
         let source_ranges6 =
             LpmTrie::try_from(source_ranges6?).with_context(|| stale(MAP_SOURCE_RANGES6))?;
+        let policy = policy_sync::PolicySync::read_back(
+            LpmTrie::try_from(policy?).with_context(|| stale(MAP_POLICY))?,
+            HashMap::try_from(isolated?).with_context(|| stale(MAP_ISOLATED))?,
+        )
+        .with_context(|| {
+            format!(
+                "reading back {} and {}",
+                describe(MAP_POLICY),
+                describe(MAP_ISOLATED)
+            )
+        })?;
+        let policy_flows =
+            HashMap::try_from(policy_flows?).with_context(|| stale(MAP_POLICY_FLOWS))?;
+        let policy_events =
+            RingBuf::try_from(policy_events?).with_context(|| stale(MAP_POLICY_EVENTS))?;
         let node_config6 = config6
             .get(&0, 0)
             .with_context(|| format!("reading {}", describe(MAP_CONFIG6)))?;
@@ -454,8 +500,7 @@ impl Datapath {
                 .with_context(|| format!("the eBPF object has no program `{}`", hook.program))?
                 .try_into()
                 .with_context(|| format!("program `{}` is not a classifier", hook.program))?;
-            program
-                .load()
+            load_program(program)
                 .with_context(|| format!("loading program `{}` into the kernel", hook.program))?;
         }
 
@@ -495,6 +540,9 @@ impl Datapath {
             drops,
             node_config,
             sock,
+            policy,
+            policy_flows,
+            policy_events: Some(policy_events),
             pin_path,
             attached: BTreeMap::new(),
         })
@@ -685,6 +733,44 @@ impl Datapath {
             .context("writing the config map")?;
         self.node_config = config;
         Ok(true)
+    }
+
+    /// Programs the `policy` and `isolated` maps with `desired`, writing only what differs
+    /// (see policy_sync.rs): a policy change applies without reloading programs and without
+    /// touching admitted flows.
+    pub fn sync_policy(&mut self, desired: &WirePolicy) -> PolicySyncStats {
+        self.policy.sync(desired)
+    }
+
+    /// What the `policy` and `isolated` maps hold.
+    pub fn programmed_policy(&self) -> &WirePolicy {
+        self.policy.programmed()
+    }
+
+    /// Every flow `policy_flows` remembers, with its creation time.
+    pub fn policy_flows(&self) -> anyhow::Result<Vec<(PolicyFlowKey, u64)>> {
+        self.policy_flows
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the policy_flows map")
+    }
+
+    /// Forgets every admitted flow (`sluice trace` between its runs).
+    pub fn clear_policy_flows(&mut self) -> anyhow::Result<usize> {
+        let keys: Vec<PolicyFlowKey> = self.policy_flows()?.into_iter().map(|(k, _)| k).collect();
+        for key in &keys {
+            match self.policy_flows.remove(key) {
+                Ok(()) => {}
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting a policy_flows entry"),
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// The `policy_events` ring buffer, once (the reader consumes what it reads).
+    pub fn take_policy_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.policy_events.take()
     }
 
     /// What the `config` map holds.
@@ -995,6 +1081,26 @@ impl Datapath {
     }
 }
 
+/// How many times a program load interrupted by a signal is tried.
+const LOAD_ATTEMPTS: usize = 5;
+
+/// Loads a program, again when the verifier was interrupted by a signal (`EAGAIN`, as libbpf
+/// retries it): a busy machine makes the larger programs' verification long enough to meet one.
+fn load_program(program: &mut SchedClassifier) -> Result<(), ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match program.load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                debug!(attempt, "program load interrupted (EAGAIN), trying again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn classifier<'a>(ebpf: &'a Ebpf, name: &str) -> &'a SchedClassifier {
     ebpf.program(name)
         .and_then(|p| p.try_into().ok())
@@ -1015,7 +1121,8 @@ fn map_info(map: &aya::maps::Map) -> anyhow::Result<(MapType, u32)> {
         | aya::maps::Map::LruHashMap(data)
         | aya::maps::Map::LpmTrie(data)
         | aya::maps::Map::Array(data)
-        | aya::maps::Map::PerCpuArray(data) => data,
+        | aya::maps::Map::PerCpuArray(data)
+        | aya::maps::Map::RingBuf(data) => data,
         other => bail!("unexpected map kind {other:?}"),
     };
     let info = data.info()?;

@@ -112,6 +112,12 @@ pub struct Trace {
     pub path: PacketPath,
     /// The first run (the one the verdict reports).
     pub first: Outcome,
+    /// The packet as the forward hops (`path.forward`) sent it on, if they did (the first run
+    /// can still end in a drop at the receiver's `to_pod`).
+    pub forwarded: Option<Rewrite>,
+    /// The receiving pod's `to_pod`, when the receiver is a pod on this node: it checks the
+    /// pod's ingress policy.
+    pub receiver_hop: Option<Hop>,
     pub reply: Option<ReplyCheck>,
     pub choices: Option<Choices>,
 }
@@ -126,6 +132,9 @@ pub struct Options {
     /// Addresses of this node's pods (the backends marked local): their answers enter the
     /// datapath through their veth, other receivers' through the external interface.
     pub local_addresses: BTreeSet<IpAddr>,
+    /// Pods on this node (known with a node name): a packet forwarded to one of them meets its
+    /// `to_pod` (ingress policy) before it is delivered.
+    pub local_pods: BTreeSet<IpAddr>,
 }
 
 /// How many runs `--all` allows itself: enough that missing one of `n` equally likely backends
@@ -146,7 +155,25 @@ pub fn trace(
 ) -> anyhow::Result<Trace> {
     let path = hooks::path(entry);
     let packet = packet::first_ip_packet(&input, PAYLOAD);
-    let first = push(runner, path.forward, &input, &packet)?;
+    let mut first = push(runner, path.forward, &input, &packet)?;
+    let forwarded = match &first.end {
+        End::Forwarded { rewrite, .. } => Some(*rewrite),
+        _ => None,
+    };
+    let receiver_hop = forwarded
+        .as_ref()
+        .filter(|rewrite| options.local_pods.contains(&rewrite.flow.dst))
+        .map(|_| hooks::TO_RECEIVER_POD);
+    if let (Some(rewrite), Some(hop)) = (&forwarded, receiver_hop) {
+        // The receiver's to_pod on the packet as forwarded; it only ever passes or drops a
+        // packet on its way in (the reply translation is for answers).
+        let delivered = packet::first_ip_packet(&rewrite.flow, PAYLOAD);
+        let at_receiver = push(runner, &[hop], &rewrite.flow, &delivered)?;
+        first.warnings.extend(at_receiver.warnings);
+        if let End::Dropped { .. } | End::Rejected { .. } = at_receiver.end {
+            first.end = at_receiver.end;
+        }
+    }
 
     // Before `--all` forgets the connection: the answer needs the first run's conntrack entries.
     let reply = match &first.end {
@@ -177,6 +204,8 @@ pub fn trace(
         entry,
         path,
         first,
+        forwarded,
+        receiver_hop,
         reply,
         choices,
     })

@@ -113,6 +113,12 @@ const TO_WORLD: Hop = Hop {
     program: Program::ToWorld,
     at: "tc egress of the node's external interface",
 };
+/// The receiving pod's `to_pod` on a forwarded packet (its ingress policy), when the receiver
+/// is a pod on this node.
+pub const TO_RECEIVER_POD: Hop = Hop {
+    program: Program::ToPod,
+    at: "tc egress of the receiving pod's veth",
+};
 const FROM_BACKEND_POD: Hop = Hop {
     program: Program::FromPod,
     at: "tc ingress of the backend pod's veth",

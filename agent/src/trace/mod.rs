@@ -11,6 +11,7 @@
 //! * [`hooks`] maps the entry point (`--from`) to the programs on the packet's way;
 //! * [`engine`] runs them (and `--all`, and the reply check);
 //! * [`verdict`] reads a program run's return code and output packet;
+//! * [`policy_verdict`] names the NetworkPolicy that allowed or denied the packet;
 //! * [`report`] prints the result (the JSON format is documented there).
 //!
 //! Exit codes: 0 the packet was traced (whatever the verdict); 1 the trace could not run (e.g.
@@ -19,6 +20,7 @@
 pub mod engine;
 pub mod hooks;
 pub mod host;
+pub mod policy_verdict;
 pub mod report;
 pub mod spec;
 pub mod verdict;
@@ -37,6 +39,7 @@ use crate::{
     manifests,
     node::{self, NodeContext, NodeOptions},
     packet::IpFlow,
+    policy::PolicyState,
     state::{DesiredState, Frontend, Protocol},
     translate,
 };
@@ -135,7 +138,7 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
             spec::SYNTAX
         )])
     })?;
-    let (desired, node) = desired_state(args)?;
+    let (desired, node, policy) = desired_state(args)?;
     let entry = args
         .from
         .unwrap_or_else(|| EntryPoint::default_for(spec.src, &node));
@@ -156,7 +159,22 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
     for (frontend, error) in &stats.failed {
         eprintln!("sluice trace: warning: {frontend} could not be programmed: {error}");
     }
+    let (wire, _) = crate::policy::to_wire(&policy, &crate::policy::compile(&policy));
+    let policy_stats = datapath.sync_policy(&wire);
+    for failure in &policy_stats.failed {
+        eprintln!("sluice trace: warning: policy not programmed: {failure}");
+    }
     let flow = spec.flow();
+    // Pods on this node (a node name tells which): their to_pod is on a forwarded packet's way.
+    let local_pods: std::collections::BTreeSet<std::net::IpAddr> = if node.name.is_some() {
+        policy
+            .pods
+            .keys()
+            .map(|ip| std::net::IpAddr::V4(*ip))
+            .collect()
+    } else {
+        Default::default()
+    };
     let expected_backends = frontend_backend_count(&datapath, &flow, entry);
     let mut runner = BpfRunner {
         datapath: &mut datapath,
@@ -168,10 +186,12 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
             .services
             .values()
             .flat_map(|entry| entry.local_backends.iter().map(|b| b.ip))
+            .chain(local_pods.iter().copied())
             .collect(),
+        local_pods,
     };
     let trace = engine::trace(&mut runner, entry, flow, options).map_err(failed)?;
-    let mut report = Report::new(&trace, &desired);
+    let mut report = Report::new(&trace, &desired).with_policy(&trace, &desired, &policy);
     if entry == EntryPoint::Host {
         let decision = datapath
             .socket_decision(flow.dst, flow.dport, flow.proto)
@@ -195,27 +215,32 @@ fn failed(error: anyhow::Error) -> Failure {
     }
 }
 
-/// The state the agent would program from the manifests and node options. Manifest and
-/// translation problems are bad input unless `--ignore-errors`; an unknown node always is.
-fn desired_state(args: &TraceArgs) -> Result<(DesiredState, NodeContext), Failure> {
+/// The state the agent would program from the manifests and node options (services, and the
+/// NetworkPolicy of the node's pods). Manifest and translation problems are bad input unless
+/// `--ignore-errors`; an unknown node always is.
+fn desired_state(args: &TraceArgs) -> Result<(DesiredState, NodeContext, PolicyState), Failure> {
     let (objects, manifest_errors) = manifests::load_dir(&args.manifests)
         .map_err(|e| Failure::bad_input(vec![format!("{e:#}")]))?;
     let node = node::resolve(&args.node, &objects)
         .map_err(|unknown| Failure::bad_input(vec![unknown.to_string()]))?;
     let (desired, translate_errors) = translate::translate(&objects, &node);
+    let (policy, policy_errors) = crate::policy::resolve(&objects, &node);
+    let (_, overflows) = crate::policy::to_wire(&policy, &crate::policy::compile(&policy));
     let problems: Vec<String> = manifest_errors
         .iter()
         .map(ToString::to_string)
         .chain(translate_errors.iter().map(ToString::to_string))
+        .chain(policy_errors.iter().map(ToString::to_string))
+        .chain(overflows.iter().map(ToString::to_string))
         .collect();
     if problems.is_empty() {
-        return Ok((desired, node));
+        return Ok((desired, node, policy));
     }
     if args.ignore_errors {
         for problem in &problems {
             eprintln!("sluice trace: warning: skipped, as the agent does: {problem}");
         }
-        return Ok((desired, node));
+        return Ok((desired, node, policy));
     }
     let mut lines = problems;
     lines.push(format!(
@@ -295,6 +320,9 @@ impl ProgramRunner for BpfRunner<'_> {
         self.datapath
             .purge_conntrack6(|_, _| true)
             .context("clearing the private conntrack6 map")?;
+        self.datapath
+            .clear_policy_flows()
+            .context("clearing the private policy_flows map")?;
         Ok(())
     }
 }

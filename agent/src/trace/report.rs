@@ -33,7 +33,11 @@
 //!             {"packet": answer as sent, "programs": [...], "delivered": bool,
 //!              "seen_as": answer as the sender gets it (null if not delivered),
 //!              "from_original_destination": bool, "reason": string or null}
-//! warnings    odd things the programs did (broken checksums, --all surprises); usually []
+//! policy      the NetworkPolicy verdicts (egress of the sender, ingress of a receiver on
+//!             this node), null when no end is a pod this node enforces policy for; format in
+//!             policy_verdict.rs
+//! warnings    odd things the programs did (broken checksums, --all surprises, a verdict the
+//!             rules disagree with); usually []
 //! socket      with --from host, what the socket programs (cgroup sock_addr, which balance the
 //!             node's own sockets) decide, read from the same maps: BPF_PROG_RUN cannot run
 //!             them, so `programs` stays empty and verdict, backend(s), packet and reason say
@@ -53,10 +57,12 @@ use sluice_common::{reason_name, Reason, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use super::{
     engine::{End, Outcome, ReplyCheck, Trace},
     hooks::EntryPoint,
+    policy_verdict::{self, PolicyReport},
     verdict::Verdict,
 };
 use crate::{
     packet::{proto_name, IpFlow},
+    policy::PolicyState,
     state::{DesiredState, Frontend, Protocol, ServiceEntry, WhenEmpty},
 };
 
@@ -114,6 +120,7 @@ pub struct Report {
     pub programs: Vec<&'static str>,
     pub service: Option<ServiceReport>,
     pub reply: Option<ReplyReport>,
+    pub policy: Option<PolicyReport>,
     pub warnings: Vec<String>,
     pub socket: Option<super::host::SocketReport>,
 }
@@ -210,6 +217,7 @@ impl Report {
                 .path
                 .forward
                 .iter()
+                .chain(trace.receiver_hop.as_ref())
                 .map(|h| h.program.name())
                 .collect(),
             service: match &matched {
@@ -221,9 +229,43 @@ impl Report {
                 _ => None,
             },
             reply: trace.reply.as_ref().map(reply_report),
+            policy: None,
             warnings,
             socket: None,
         }
+    }
+
+    /// Adds the NetworkPolicy verdicts (see policy_verdict.rs): which policy allowed the
+    /// packet or why it was denied, as the reason of a policy drop, and a warning when the
+    /// programs and the rules disagree.
+    pub fn with_policy(
+        mut self,
+        trace: &Trace,
+        state: &DesiredState,
+        policy: &PolicyState,
+    ) -> Report {
+        let backends = match match_service(state, &trace.input) {
+            ServiceMatch::Frontend { entry, .. } => entry.backends.clone(),
+            _ => Vec::new(),
+        };
+        self.policy = policy_verdict::report(trace, policy, &backends);
+        if let Some(report) = &self.policy {
+            if let End::Dropped {
+                by,
+                action,
+                reason: Some(reason),
+            } = &trace.first.end
+            {
+                if let Some(why) = report.drop_reason(*reason) {
+                    self.reason = Some(format!(
+                        "{by} dropped the packet ({}): {why}",
+                        action_and_reason(action, Some(*reason))
+                    ));
+                }
+            }
+            self.warnings.extend(report.disagreements(trace));
+        }
+        self
     }
 
     /// The readable block.
@@ -240,7 +282,12 @@ impl Report {
             "no Sluice program on this path".to_string()
         } else {
             join(
-                trace.path.forward.iter().map(ToString::to_string),
+                trace
+                    .path
+                    .forward
+                    .iter()
+                    .chain(trace.receiver_hop.as_ref())
+                    .map(ToString::to_string),
                 ", then ",
             )
         };
@@ -336,6 +383,15 @@ impl Report {
                 ),
             };
             line("", &fate);
+        }
+        if let Some(policy) = &self.policy {
+            for direction in policy.egress.iter().chain(&policy.ingress) {
+                let sentence = direction.sentence();
+                // A policy drop's reason already says it.
+                if !self.reason.as_ref().is_some_and(|r| r.ends_with(&sentence)) {
+                    line("policy", &sentence);
+                }
+            }
         }
         for warning in &self.warnings {
             line("warning", warning);
@@ -569,6 +625,11 @@ mod tests {
             input,
             entry: EntryPoint::Pod,
             path: hooks::path(EntryPoint::Pod),
+            forwarded: match &end {
+                End::Forwarded { rewrite, .. } => Some(*rewrite),
+                _ => None,
+            },
+            receiver_hop: None,
             first: Outcome {
                 end,
                 warnings: vec![],

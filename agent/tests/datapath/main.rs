@@ -15,6 +15,7 @@ mod affinity;
 mod clusterip;
 mod ipv6;
 mod pinning;
+mod policy;
 mod services;
 mod sock;
 mod traffic;
