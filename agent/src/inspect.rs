@@ -1012,10 +1012,12 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
             flags: 0,
             snat_addr: 0,
             snat_port: 0,
+            state: 0,
             _pad: 0,
             service_id,
             backend_slot: 0,
             created_ns,
+            last_seen_ns: created_ns,
         };
         [
             (
@@ -1184,10 +1186,12 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
             flags: CT_F_SNAT,
             snat_addr: a(masq),
             snat_port: p(masq),
+            state: 0,
             _pad: 0,
             service_id: 3,
             backend_slot: 0,
             created_ns: 5 * SEC,
+            last_seen_ns: 5 * SEC,
         };
         let reply = CtValue {
             nat_addr: a(nodeport),
@@ -1364,10 +1368,12 @@ UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     fo
             flags: CT_F_SNAT,
             snat_addr: a(snat),
             snat_port: p(snat),
+            state: 0,
             _pad: 0,
             service_id: 1,
             backend_slot: 0,
             created_ns: SEC,
+            last_seen_ns: SEC,
         };
         let entries = [
             (

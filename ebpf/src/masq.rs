@@ -41,6 +41,8 @@ fn in_cluster(config: &NodeConfig, addr: u32) -> bool {
 ///   to a local backend: the node (kube-proxy's `! -s clusterCIDR` masquerade).
 ///
 /// Without a node address (`config.node_ip` 0) nothing but hairpin traffic is masqueraded.
+/// Masquerade ports come from the configured range ([`NodeConfig::snat_ports`]), outside the
+/// node's ephemeral ports; hairpin flows keep the client's port when it is free.
 /// Flows entering from outside the node, and every masqueraded flow, get
 /// [`CT_F_REDIRECT`].
 #[inline(always)]
@@ -60,6 +62,7 @@ pub fn decide(
         return (
             Some(Snat {
                 addr: u32::from_ne_bytes(HAIRPIN_SNAT_ADDR),
+                keep_client_port: true,
             }),
             CT_F_HAIRPIN | CT_F_REDIRECT,
         );
@@ -79,6 +82,7 @@ pub fn decide(
         (
             Some(Snat {
                 addr: config.node_ip,
+                keep_client_port: false,
             }),
             CT_F_REDIRECT,
         )

@@ -591,10 +591,14 @@ fn new_flow(
         flags: 0,
         snat_addr: [0; 4],
         snat_port: 0,
+        state: 0,
         _pad: 0,
         service_id: service.id,
         backend_slot: slot,
         created_ns: now,
+        // 0: not tracked, never expires (IPv6 flow state waits for stack space, see
+        // conntrack::seen6).
+        last_seen_ns: 0,
     };
     let mut reply_key = CtKey6 {
         saddr: backend.addr,

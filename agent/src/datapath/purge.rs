@@ -104,10 +104,12 @@ mod tests {
             flags: if snat { CT_F_SNAT } else { 0 },
             snat_addr: if snat { a(NODE) } else { 0 },
             snat_port: if snat { p(61_000) } else { 0 },
+            state: 0,
             _pad: 0,
             service_id: id,
             backend_slot: 0,
             created_ns: 1,
+            last_seen_ns: 1,
         };
         let forward = CtKey {
             saddr: a(CLIENT),

@@ -12,6 +12,7 @@
 mod support;
 
 mod clusterip;
+mod conntrack;
 mod ipv6;
 mod pinning;
 mod services;
