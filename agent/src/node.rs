@@ -320,4 +320,61 @@ status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
         assert!(context.node_ips.is_empty());
         assert!(context.is_pod_ip("192.0.2.1".parse().unwrap()));
     }
+
+    #[test]
+    fn port_ranges_and_timeouts_parse_or_say_what_is_wrong() {
+        let range: PortRange = "61000-65535".parse().unwrap();
+        assert_eq!((range.first, range.last), (61_000, 65_535));
+        assert_eq!(range.to_string(), "61000-65535");
+        for bad in ["65000-61000", "0-10", "61000", "a-b", "1-70000"] {
+            let error = bad.parse::<PortRange>().unwrap_err();
+            assert!(error.contains(bad), "{error}");
+        }
+        let ephemeral = PortRange {
+            first: 32_768,
+            last: 60_999,
+        };
+        assert!(!range.overlaps(&ephemeral));
+        assert!("60000-61000"
+            .parse::<PortRange>()
+            .unwrap()
+            .overlaps(&ephemeral));
+
+        assert_eq!(parse_timeout("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_timeout("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_timeout("forever").unwrap_err().contains("forever"));
+        assert!(parse_timeout("60d").unwrap_err().contains("longer"));
+    }
+
+    #[test]
+    fn conntrack_flags_default_to_kube_proxys_and_nf_conntracks_values() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeOptions,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["sluice"]).unwrap();
+        let timeouts = cli.node.conntrack.timeouts();
+        assert_eq!(
+            timeouts,
+            CtTimeouts {
+                _pad: 0,
+                ..CtTimeouts::DEFAULT
+            }
+        );
+        assert_eq!(cli.node.masquerade_port_range, PortRange::default());
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "sluice",
+            "--conntrack-udp-timeout",
+            "2s",
+            "--conntrack-tcp-timeout-established",
+            "1h",
+        ])
+        .unwrap();
+        let timeouts = cli.node.conntrack.timeouts();
+        assert_eq!(
+            (timeouts.udp_ms, timeouts.tcp_established_ms),
+            (2_000, 3_600_000)
+        );
+    }
 }

@@ -17,7 +17,7 @@
 //! | `drops`           | per-CPU array    | `u32` [`Reason`]     | `u64` packets    | programs   |
 //! | `services6`       | hash             | [`ServiceKey6`]      | [`ServiceValue`] | agent      |
 //! | `backends6`       | hash             | [`BackendKey`]       | [`Backend6`]     | agent      |
-//! | `conntrack6`      | LRU hash         | [`CtKey6`]           | [`CtValue6`]     | programs   |
+//! | `conntrack6`      | LRU hash         | [`CtKey6`]           | [`CtValue6`]     | programs (agent purges) |
 //! | `config6`         | array, 1 entry   | `u32` 0              | [`NodeConfig6`]  | agent      |
 //!
 //! ## services and backends
@@ -56,6 +56,22 @@
 //! ICMP errors about a flow (destination unreachable, time exceeded, parameter problem) are
 //! found through the same entries by the tuple they quote.
 //!
+//! Both entries of a flow carry its state ([`CtValue::state`], `CT_S_*`: the backend answered,
+//! a FIN from either side, a RST) and when it was last seen ([`CtValue::last_seen_ns`]); a
+//! packet through either entry updates both (at most once per [`CT_REFRESH_NS`] unless the
+//! state changes), so they expire together. The timeout comes from the protocol and the state
+//! as nf_conntrack picks it ([`CtTimeouts`], configured in [`NodeConfig::ct_timeouts`]): TCP
+//! before the answer, established, closing (FIN from one side), closed (RST, or FIN from both);
+//! UDP unreplied or a stream; SCTP. The programs treat an expired entry as absent (the flow's
+//! next packet is balanced again, its backend's late packets are not translated), a TCP SYN on
+//! a closed connection starts a new one, and the agent deletes expired entries with their
+//! peers ([`CtKey::peer`]). A re-balanced tuple's old reply entry is deleted when the new flow
+//! is created. IPv6 entries are created with `last_seen_ns` 0 for now: untracked, never
+//! expired (the IPv6 path lacks the stack space to track them, see ebpf/src/conntrack.rs).
+//!
+//! Masqueraded flows take their source port from [`NodeConfig::snat_ports`] (the client's own
+//! when it is in that range and free, else random ones), outside the node's ephemeral ports.
+//!
 //! ## affinity
 //!
 //! sessionAffinity ClientIP: (service id, client address) -> the backend last chosen for that
@@ -73,7 +89,8 @@
 //! ## config and drops
 //!
 //! `config` is this node's context ([`NodeConfig`]): the address masqueraded traffic gets, the
-//! cluster CIDRs, masqueradeAll. `drops` counts the packets the programs dropped or answered
+//! cluster CIDRs, masqueradeAll, the conntrack timeouts (for both families) and the masquerade
+//! port range. `drops` counts the packets the programs dropped or answered
 //! themselves, by [`Reason`]; a program also leaves the reason in `skb->cb[0]`
 //! ([`CB_REASON_MAGIC`] | reason) so `BPF_PROG_RUN` callers (`sluice trace`) can name it.
 //!
