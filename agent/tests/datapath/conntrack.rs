@@ -314,3 +314,90 @@ fn redirected_packets_have_their_ttl_decremented_and_a_spent_ttl_goes_to_the_sta
         assert_eq!(tuple_of(&spent).dst, REMOTE_POD);
     });
 }
+
+/// The packet an ICMP error quotes (its whole quote, as an Ethernet frame), to check.
+fn quoted_packet(error: &[u8]) -> Vec<u8> {
+    let mut frame = packet::ethernet(0x0800);
+    frame.extend_from_slice(&error[ETH_HLEN + IPV4_HLEN + 8..]);
+    frame
+}
+
+#[test]
+fn quoted_tcp_and_udp_checksums_are_translated_with_the_quote() {
+    let node = FibNode::new();
+    node.run(|ifs| {
+        let dns = be(LOCAL_POD, 5353);
+        let web = be(REMOTE_POD, 8080);
+        let nodeport = frontend(NODE_IP, NODE_PORT, Protocol::Tcp);
+        let datapath = node_datapath(
+            vec![
+                (
+                    frontend(VIP, 53, Protocol::Udp),
+                    entry(FrontendKind::ClusterIp, &[dns], &[dns]),
+                ),
+                (nodeport, entry(FrontendKind::NodePort, &[web], &[])),
+            ],
+            &node_context(false),
+        );
+
+        // A UDP datagram quoted whole (header, payload) by the backend's port unreachable:
+        // toward the client, the quote is the datagram it sent, checksum included.
+        let query = flow(PROTO_UDP, LOCAL_CLIENT, 50_000, VIP, 53);
+        let original = udp_packet(&query, true);
+        let sent = from_pod(&datapath, &original);
+        let quote_len = sent.len() - ETH_HLEN;
+        let error = icmp_error(
+            LOCAL_POD,
+            LOCAL_CLIENT,
+            PORT_UNREACHABLE,
+            0,
+            &sent,
+            quote_len,
+        );
+        let seen = expect(datapath.to_pod(), &error, Some(ifs.pod), TC_ACT_OK);
+        assert_eq!(icmp_about(&seen), (VIP, LOCAL_CLIENT, query));
+        assert_eq!(quoted_packet(&seen), original);
+
+        // A masqueraded TCP SYN (NodePort, remote backend) quoted whole by a router's time
+        // exceeded on its way: toward the outside client, the quote is its own SYN again.
+        let client = flow(PROTO_TCP, OUTSIDER, 40_000, NODE_IP, NODE_PORT);
+        let syn = tcp_packet(&client, TCP_SYN);
+        let out = expect(datapath.from_world(), &syn, Some(ifs.ext), TC_ACT_REDIRECT);
+        // What left the node (its TTL decremented on the way) is what a router quotes.
+        let quote_len = out.len() - ETH_HLEN;
+        let error = icmp_error(
+            Ipv4Addr::new(172, 18, 0, 4),
+            NODE_IP,
+            (11, 0),
+            0,
+            &out,
+            quote_len,
+        );
+        let back = expect(
+            datapath.from_world(),
+            &error,
+            Some(ifs.ext),
+            TC_ACT_REDIRECT,
+        );
+        let quoted = quoted_packet(&back);
+        assert_eq!(tuple_of(&quoted), client);
+        assert_checksums_valid(&quoted);
+
+        // A quote too short to hold the TCP checksum is translated without it.
+        let error = icmp_error(
+            Ipv4Addr::new(172, 18, 0, 4),
+            NODE_IP,
+            (11, 0),
+            0,
+            &out,
+            IPV4_HLEN + 8,
+        );
+        let back = expect(
+            datapath.from_world(),
+            &error,
+            Some(ifs.ext),
+            TC_ACT_REDIRECT,
+        );
+        assert_eq!(icmp_about(&back).2, client);
+    });
+}
