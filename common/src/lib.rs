@@ -312,8 +312,9 @@ pub const CT_S_CLOSED: u8 = CT_S_RST | CT_S_FIN_CLIENT | CT_S_FIN_BACKEND;
 
 /// How often a flow's packets rewrite its entries' `last_seen_ns` at most (a state change
 /// always does): a packet refreshes both entries of its flow when the last refresh is older
-/// than this, so a long flow costs a map write per second, not per packet, and an entry's
-/// expiry is late by at most this much.
+/// than this or than an eighth of the flow's timeout, whichever is shorter
+/// ([`CtTimeouts::refresh_due`]), so a long flow costs a map write per second, not per packet,
+/// and an entry expires at most that much early.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
 /// The conntrack timeouts, in milliseconds, as nf_conntrack's sysctls and kube-proxy's
@@ -383,6 +384,19 @@ impl CtTimeouts {
         };
         let ms = if ms == 0 { default } else { ms };
         ms as u64 * 1_000_000
+    }
+
+    /// Whether a packet at `now_ns` refreshes an entry last seen at `last_seen_ns` (see
+    /// [`CT_REFRESH_NS`]).
+    #[inline(always)]
+    pub fn refresh_due(&self, proto: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+        let every = self.timeout_ns(proto, state) / 8;
+        let every = if every < CT_REFRESH_NS {
+            every
+        } else {
+            CT_REFRESH_NS
+        };
+        now_ns.saturating_sub(last_seen_ns) >= every
     }
 
     /// Whether an entry of protocol `proto` in `state`, last seen at `last_seen_ns`, has
@@ -779,6 +793,12 @@ mod tests {
         assert!(t.expired(PROTO_UDP, 0, 1_000_000_000, 1_500_000_001));
         // Refreshed by another CPU after `now` was read.
         assert!(!t.expired(PROTO_UDP, 0, 2_000_000_000, 1_000_000_000));
+        // Refreshes: every eighth of a short timeout, at least once a second for long ones.
+        assert!(!t.refresh_due(PROTO_UDP, 0, 1_000_000_000, 1_062_000_000));
+        assert!(t.refresh_due(PROTO_UDP, 0, 1_000_000_000, 1_063_000_000));
+        let established = CT_S_SEEN_REPLY;
+        assert!(!t.refresh_due(PROTO_TCP, established, 0, 999_999_999));
+        assert!(t.refresh_due(PROTO_TCP, established, 0, 1_000_000_000));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use sluice_common::{
     ct_next_state, Backend, CtKey, CtKey6, CtTimeouts, CtValue, CtValue6, NodeConfig, Reason,
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, CT_REFRESH_NS, REASON_DROP_NO_SNAT_PORT,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, REASON_DROP_NO_SNAT_PORT,
 };
 
 use crate::{
@@ -46,6 +46,19 @@ fn expired(proto: u8, state: u8, last_seen_ns: u64) -> bool {
     match CONFIG.get(0) {
         Some(config) => config.ct_timeouts.expired(proto, state, last_seen_ns, now),
         None => CtTimeouts::DEFAULT.expired(proto, state, last_seen_ns, now),
+    }
+}
+
+/// Whether a packet now refreshes an entry of protocol `proto` in `state` last seen at
+/// `last_seen_ns` ([`CtTimeouts::refresh_due`]). Out of line, as [`expired`].
+#[inline(never)]
+fn refresh_due(proto: u8, state: u8, last_seen_ns: u64) -> bool {
+    let now = now();
+    match CONFIG.get(0) {
+        Some(config) => config
+            .ct_timeouts
+            .refresh_due(proto, state, last_seen_ns, now),
+        None => CtTimeouts::DEFAULT.refresh_due(proto, state, last_seen_ns, now),
     }
 }
 
@@ -137,14 +150,14 @@ fn lookup_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<V> {
 
 /// Records that a packet with TCP flags `tcp_flags` (0: not TCP) went through the entry
 /// `entry` found under `key`: its state moves on and it is seen now. Writes only when the
-/// state changes or the last refresh is [`CT_REFRESH_NS`] old, and then writes the flow's
-/// other entry too (when it still is this entry's peer), so both expire together whichever
+/// state changes or a refresh is due (`sluice_common::CT_REFRESH_NS`), and then writes the flow's other
+/// entry too (when it still is this entry's peer), so both expire together whichever
 /// direction the traffic goes.
 #[inline(always)]
 fn seen_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key, entry: &V, tcp_flags: u8) {
     let now = now();
     let state = ct_next_state(entry.state(), V::proto(key), V::dir(key), tcp_flags);
-    if state == entry.state() && now.saturating_sub(entry.last_seen_ns()) < CT_REFRESH_NS {
+    if state == entry.state() && !refresh_due(V::proto(key), state, entry.last_seen_ns()) {
         return;
     }
     // Plain writes: two CPUs updating one flow at once may lose a bit of state, which only
@@ -170,8 +183,7 @@ pub fn lookup(key: &CtKey) -> Option<CtValue> {
     lookup_in(&CONNTRACK, key)
 }
 
-/// A packet of the flow went through `entry` (found under `key`): see [`seen_in`]. A function
-/// of its own (a BPF-to-BPF call): inlined, its keys would add to the callers' stack frame.
+/// A packet of the flow went through `entry` (found under `key`): see [`seen_in`].
 #[inline(always)]
 pub fn seen(key: &CtKey, entry: &CtValue, tcp_flags: u8) {
     seen_in(&CONNTRACK, key, entry, tcp_flags)

@@ -156,10 +156,10 @@ fn a_syn_after_a_reset_is_a_new_connection_even_within_the_retransmission_window
 #[test]
 fn an_unanswered_udp_flow_expires_and_its_next_datagram_is_balanced_again() {
     let backend = be([10, 244, 1, 2], 8080);
-    // 1.5 s: entries are refreshed at most once a second (CT_REFRESH_NS).
+    // 600 ms: a packet refreshes the flow once an eighth of that (75 ms) has passed.
     let context = NodeContext {
         conntrack: CtTimeouts {
-            udp_ms: 1_500,
+            udp_ms: 600,
             ..CtTimeouts::default()
         },
         ..node_context(false)
@@ -175,14 +175,14 @@ fn an_unanswered_udp_flow_expires_and_its_next_datagram_is_balanced_again() {
     from_pod(&datapath, &udp_packet(&client, true));
     let (first, _) = entries(&datapath);
     // Refreshed before the timeout, it lives on past it.
-    sleep(Duration::from_millis(1_100));
+    sleep(Duration::from_millis(400));
     from_pod(&datapath, &udp_packet(&client, true));
-    sleep(Duration::from_millis(1_000));
+    sleep(Duration::from_millis(400));
     assert_eq!(datapath.collect_garbage().unwrap().removed, 0);
     let (forward, _) = entries(&datapath);
     assert_eq!(forward[0].created_ns, first[0].created_ns, "the same flow");
     // Silent past the timeout: expired, and the next datagram is a new flow.
-    sleep(Duration::from_millis(700));
+    sleep(Duration::from_millis(300));
     let out = from_pod(&datapath, &udp_packet(&client, true));
     assert_eq!(dnat_target(&client, &out), backend);
     let (forward, _) = entries(&datapath);
@@ -191,10 +191,10 @@ fn an_unanswered_udp_flow_expires_and_its_next_datagram_is_balanced_again() {
         "balanced again"
     );
 
-    // Answered, the flow is a stream: the 120 s default applies, not the 1.5 s.
+    // Answered, the flow is a stream: the 120 s default applies, not the 600 ms.
     to_pod(&datapath, &udp_packet(&client.reply_from(backend), true));
     assert_eq!(flow_state(&datapath), CT_S_SEEN_REPLY);
-    sleep(Duration::from_millis(1_600));
+    sleep(Duration::from_millis(700));
     assert_eq!(datapath.collect_garbage().unwrap().removed, 0);
 }
 
