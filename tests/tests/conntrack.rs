@@ -132,7 +132,7 @@ fn a_closed_connection_reusing_its_client_port_is_balanced_again_and_collected()
         .unwrap();
     let args = [
         "--conntrack-tcp-timeout-close",
-        "1s",
+        "2s",
         "--conntrack-gc-interval",
         "300ms",
     ];
