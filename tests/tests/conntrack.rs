@@ -154,14 +154,51 @@ fn a_closed_connection_reusing_its_client_port_is_balanced_again_and_collected()
     let expected: BTreeSet<&str> = web.iter().map(|p| p.name()).collect();
     assert_eq!(answered, expected, "answers: {answers:?}");
 
-    // Closed flows expire after 1 s; the agent's GC removes them and says so.
+    // `sluice state` shows the last connection's flow as closed, until it expires (2 s) and
+    // the agent's GC removes it and says so.
+    let flows = conntrack_json(&cluster, 1);
+    let ours: Vec<&serde_json::Value> = flows
+        .iter()
+        .filter(|f| f["client"] == local.to_string())
+        .collect();
+    assert_eq!(ours.len(), 1, "{flows:?}");
+    assert_eq!(ours[0]["state"], "closed", "{flows:?}");
     let agent = cluster.agent_mut(1).unwrap();
     agent
         .wait_for_log(
             "conntrack gc: removed expired entries",
-            Duration::from_secs(5),
+            Duration::from_secs(6),
         )
         .unwrap();
+    let flows = conntrack_json(&cluster, 1);
+    assert!(
+        flows.iter().all(|f| f["client"] != local.to_string()),
+        "still tracked after the GC: {flows:?}"
+    );
+}
+
+/// The flows `sluice state --json conntrack` shows for node `i`.
+fn conntrack_json(cluster: &SluiceCluster, i: usize) -> Vec<serde_json::Value> {
+    let bin = sluice_testbed::sluice::sluice_bin();
+    let pins = cluster.pins[i - 1].path().to_str().unwrap().to_string();
+    let output = cluster
+        .node(i)
+        .exec(&[
+            bin.to_str().unwrap(),
+            "state",
+            "--pin-path",
+            &pins,
+            "--json",
+            "conntrack",
+        ])
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "sluice state: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    json["conntrack"].as_array().cloned().unwrap_or_default()
 }
 
 /// The node's ephemeral ports, as its netns has them.
