@@ -150,9 +150,9 @@ fn lookup_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<V> {
 
 /// Records that a packet with TCP flags `tcp_flags` (0: not TCP) went through the entry
 /// `entry` found under `key`: its state moves on and it is seen now. Writes only when the
-/// state changes or a refresh is due (`sluice_common::CT_REFRESH_NS`), and then writes the flow's other
-/// entry too (when it still is this entry's peer), so both expire together whichever
-/// direction the traffic goes.
+/// state changes or a refresh is due (`sluice_common::CT_REFRESH_NS`), and then writes the
+/// flow's other entry too (when it still is this entry's peer), so both expire together
+/// whichever direction the traffic goes.
 #[inline(always)]
 fn seen_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key, entry: &V, tcp_flags: u8) {
     let now = now();
@@ -190,29 +190,31 @@ pub fn seen(key: &CtKey, entry: &CtValue, tcp_flags: u8) {
 }
 
 // The IPv6 path (v6.rs) does not call lookup6/seen6/claim6 yet: it is at the 512-byte
-// stack limit, and the IPv6 work restructuring it for stack space will switch its
+// stack limit (its frame alone is 472 bytes; a called function's frame adds to it), and the
+// IPv6 work restructuring it for stack space will switch its
 // `ct_lookup` to `lookup6`, call `seen6` where it uses an entry (reply at ingress and egress,
 // forward non-SYN and a kept SYN, never a SYN of a `ct_closed` entry), claim masquerade ports
 // with `claim6` and `masquerade_port`, and set `last_seen_ns` in new entries. Until then its
 // entries carry `last_seen_ns` 0: untracked, never expired (the agent's GC skips them).
 
 /// The live IPv6 entry under `key`.
-#[allow(dead_code)] // for v6.rs, once its path has the stack space (see below)
+#[allow(dead_code)] // for v6.rs, once its path has the stack space (see above)
 #[inline(always)]
 pub fn lookup6(key: &CtKey6) -> Option<CtValue6> {
     lookup_in(&CONNTRACK6, key)
 }
 
-/// [`seen`] for IPv6.
-#[allow(dead_code)] // for v6.rs, once its path has the stack space (see below)
-#[inline(never)]
+/// [`seen`] for IPv6. (Out of line it would need a scalar result: the verifier refuses a
+/// subprogram returning with a stack pointer left in its return register.)
+#[allow(dead_code)] // for v6.rs, once its path has the stack space (see above)
+#[inline(always)]
 pub fn seen6(key: &CtKey6, entry: &CtValue6, tcp_flags: u8) {
     seen_in(&CONNTRACK6, key, entry, tcp_flags)
 }
 
 /// Claims the IPv6 reply entry `key` for a new masqueraded flow: free, or held by an expired
-/// flow. Out of line, as [`seen`].
-#[allow(dead_code)] // for v6.rs, once its path has the stack space (see below)
+/// flow. Out of line, as [`expired`].
+#[allow(dead_code)] // for v6.rs, once its path has the stack space (see above)
 #[inline(never)]
 pub fn claim6(key: &CtKey6, reply: &CtValue6) -> bool {
     CONNTRACK6.insert(key, reply, BPF_NOEXIST as u64).is_ok()
@@ -244,7 +246,7 @@ pub struct Snat {
 
 /// The source port attempt `attempt` of a masquerade tries (network order): the client's port
 /// `sport` first when it is in the masquerade range ([`NodeConfig::snat_ports`]) or
-/// `keep_client_port`, else a random port of the range. Out of line, as [`seen`].
+/// `keep_client_port`, else a random port of the range. Out of line, as [`expired`].
 #[inline(never)]
 pub fn masquerade_port(attempt: u32, sport: u16, keep_client_port: bool) -> u16 {
     let (port_min, port_count) = match CONFIG.get(0) {
@@ -262,7 +264,7 @@ pub fn masquerade_port(attempt: u32, sport: u16, keep_client_port: bool) -> u16 
 }
 
 /// Claims the reply entry `key` for a new masqueraded flow: free, or held by an expired flow.
-/// Out of line, as [`seen`].
+/// Out of line, as [`expired`].
 #[inline(never)]
 fn claim(key: &CtKey, reply: &CtValue) -> bool {
     CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok()
@@ -280,10 +282,9 @@ pub struct NewEntry {
     pub now: u64,
 }
 
-/// Records a newly balanced flow and writes its forward entry to `out` (returns 0, else the
-/// drop reason): the forward entry keeps later
-/// packets on `backend` (and their masquerade source), the reply entry lets the programs restore
-/// the frontend (and the client) in the backend's replies. `replaced`: the live forward entry
+/// Records a newly balanced flow and returns its forward entry: the forward entry keeps later
+/// packets on the backend (and their masquerade source), the reply entry lets the programs
+/// restore the frontend (and the client) in the backend's replies. `replaced`: the live forward entry
 /// the tuple had (a TCP SYN re-balanced it), whose reply entry goes unless the new flow reuses
 /// it, so the old backend's late packets are no longer translated as the client's flow.
 ///
@@ -298,8 +299,7 @@ pub fn create(
     fwd_key: &CtKey,
     new: &NewEntry,
     replaced: Option<&CtValue>,
-    out: &mut CtValue,
-) -> Reason {
+) -> Result<CtValue, Reason> {
     let state = ct_next_state(0, pkt.proto, CT_DIR_FORWARD, pkt.tcp_flags);
     let mut fwd = CtValue {
         nat_addr: new.backend.addr,
@@ -352,13 +352,12 @@ pub fn create(
                 }
             }
             if !claimed {
-                return REASON_DROP_NO_SNAT_PORT;
+                return Err(REASON_DROP_NO_SNAT_PORT);
             }
             fwd.snat_addr = snat.addr;
             fwd.snat_port = reply_key.dport;
         }
     }
     let _ = CONNTRACK.insert(fwd_key, fwd, 0);
-    *out = fwd;
-    0
+    Ok(fwd)
 }

@@ -303,12 +303,8 @@ fn new_flow(
         flags,
         now,
     };
-    // SAFETY: a plain struct of integers; `create` overwrites it whole.
-    let mut entry: sluice_common::CtValue = unsafe { core::mem::zeroed() };
-    match conntrack::create(pkt, fwd_key, &new, replaced, &mut entry) {
-        0 => Ok(NewFlow::Balanced(entry)),
-        reason => Err(reason),
-    }
+    let entry = conntrack::create(pkt, fwd_key, &new, replaced)?;
+    Ok(NewFlow::Balanced(entry))
 }
 
 #[inline(always)]

@@ -9,6 +9,9 @@
 //! flow is balanced again instead of being sent to a backend that is gone.
 //!
 //! Pure: [`Selection`] decides per entry; `Datapath::purge_removed_backends` walks the maps.
+//! It picks by backend alone, whatever the flows' conntrack state: a live UDP flow to a removed
+//! backend goes at once, not when it would expire. Expired entries of any flow are the
+//! periodic garbage collection's (`gc.rs`).
 
 use std::collections::BTreeSet;
 
