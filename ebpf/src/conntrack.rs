@@ -194,8 +194,10 @@ pub fn seen(key: &CtKey, entry: &CtValue, tcp_flags: u8) {
 // IPv6 work restructuring it for stack space will switch its
 // `ct_lookup` to `lookup6`, call `seen6` where it uses an entry (reply at ingress and egress,
 // forward non-SYN and a kept SYN, never a SYN of a `ct_closed` entry), claim masquerade ports
-// with `claim6` and `masquerade_port`, and set `last_seen_ns` in new entries. Until then its
-// entries carry `last_seen_ns` 0: untracked, never expired (the agent's GC skips them).
+// with `claim6` (so an expired flow's port can be taken), and set `last_seen_ns` in new
+// entries. Until then its entries carry `last_seen_ns` 0: untracked, never expired (the
+// agent's GC skips them). It already takes its masquerade ports from the configured range
+// (`masquerade_port_inline`).
 
 /// The live IPv6 entry under `key`.
 #[allow(dead_code)] // for v6.rs, once its path has the stack space (see above)
@@ -249,6 +251,12 @@ pub struct Snat {
 /// `keep_client_port`, else a random port of the range. Out of line, as [`expired`].
 #[inline(never)]
 pub fn masquerade_port(attempt: u32, sport: u16, keep_client_port: bool) -> u16 {
+    masquerade_port_inline(attempt, sport, keep_client_port)
+}
+
+/// [`masquerade_port`] inlined, for the IPv6 path, whose frame leaves no room for a call.
+#[inline(always)]
+pub fn masquerade_port_inline(attempt: u32, sport: u16, keep_client_port: bool) -> u16 {
     let (port_min, port_count) = match CONFIG.get(0) {
         Some(config) => config.snat_ports(),
         None => NodeConfig::default().snat_ports(),

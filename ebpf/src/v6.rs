@@ -555,11 +555,8 @@ fn hairpin_addr() -> [u32; 4] {
     ]
 }
 
-/// How many source ports a masqueraded flow tries: the client's own, then random ones from
-/// 61000-65535 (as the IPv4 datapath).
+/// How many source ports a masqueraded flow tries (as the IPv4 datapath).
 const SNAT_ATTEMPTS: u32 = 5;
-const SNAT_PORT_MIN: u32 = 61_000;
-const SNAT_PORT_SPAN: u32 = 65_536 - SNAT_PORT_MIN;
 
 /// A new flow to a frontend with backends: its backend, its source NAT and conntrack entries;
 /// `Ok(None)`: not translated.
@@ -642,13 +639,9 @@ fn new_flow(
     reply.snat_addr = pkt.saddr;
     reply.snat_port = pkt.sport;
     reply_key.daddr = snat_addr;
-    let mut port = pkt.sport;
     for attempt in 0..SNAT_ATTEMPTS {
-        if attempt > 0 {
-            // SAFETY: a helper call without arguments.
-            let random = unsafe { bpf_get_prandom_u32() };
-            port = ((SNAT_PORT_MIN + random % SNAT_PORT_SPAN) as u16).to_be();
-        }
+        // From --masquerade-port-range (hairpin may keep the client's port).
+        let port = crate::conntrack::masquerade_port_inline(attempt, pkt.sport, hairpin);
         reply_key.dport = port;
         if CONNTRACK6
             .insert(reply_key, reply, BPF_NOEXIST as u64)

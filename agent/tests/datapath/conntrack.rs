@@ -401,3 +401,54 @@ fn quoted_tcp_and_udp_checksums_are_translated_with_the_quote() {
         assert_eq!(icmp_about(&back).2, client);
     });
 }
+
+#[test]
+fn ipv6_masquerade_ports_come_from_the_configured_range_too() {
+    use packet::{tcp6_packet, Flow6};
+    use std::net::Ipv6Addr;
+
+    let node_ip6: Ipv6Addr = "fc00:f853:ccd:e793::3".parse().unwrap();
+    let backend = be("fd00:10:244:1::9".parse::<Ipv6Addr>().unwrap(), 8080);
+    let mut context = NodeContext {
+        masquerade_ports: Some(PortRange {
+            first: 62_000,
+            last: 62_001,
+        }),
+        ..node_context(false)
+    };
+    context.node_ips.push(node_ip6.into());
+    let datapath = node_datapath(
+        vec![(
+            Frontend {
+                ip: node_ip6.into(),
+                port: NODE_PORT,
+                proto: Protocol::Tcp,
+            },
+            entry(FrontendKind::NodePort, &[backend], &[]),
+        )],
+        &context,
+    );
+    let client = Flow6 {
+        proto: PROTO_TCP,
+        src: "2001:db8::10".parse().unwrap(),
+        sport: 40_000,
+        dst: node_ip6,
+        dport: NODE_PORT,
+    };
+    // No FIB route in this test's namespace: translated, then handed to the stack.
+    let out = expect6(
+        datapath.from_world(),
+        &tcp6_packet(&client, TCP_SYN, &[]),
+        None,
+        TC_ACT_OK,
+    );
+    let ip = ETH_HLEN;
+    let src: [u8; 16] = out[ip + 8..ip + 24].try_into().unwrap();
+    let sport = u16::from_be_bytes([out[ip + 40], out[ip + 41]]);
+    assert_eq!(Ipv6Addr::from(src), node_ip6);
+    assert!(
+        (62_000..=62_001).contains(&sport),
+        "masqueraded from port {sport}"
+    );
+    assert_eq!(ipv6_dst(&out), ("fd00:10:244:1::9".parse().unwrap(), 8080));
+}
