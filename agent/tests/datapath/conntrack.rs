@@ -452,3 +452,44 @@ fn ipv6_masquerade_ports_come_from_the_configured_range_too() {
     );
     assert_eq!(ipv6_dst(&out), ("fd00:10:244:1::9".parse().unwrap(), 8080));
 }
+
+#[test]
+fn garbage_collection_empties_the_pinned_map_a_restarted_agent_finds() {
+    let bpffs = PrivateBpffs::new();
+    let pin_path = bpffs.pin_path();
+    let backend = be([10, 244, 1, 2], 8080);
+    let services = vec![(
+        frontend(VIP, 80, Protocol::Udp),
+        entry(FrontendKind::ClusterIp, &[backend], &[]),
+    )];
+    let context = NodeContext {
+        conntrack: CtTimeouts {
+            udp_ms: 300,
+            ..CtTimeouts::default()
+        },
+        ..node_context(false)
+    };
+    {
+        let mut datapath = Datapath::load(&pin_path).expect("load pinned");
+        datapath.set_node_config(&context).unwrap();
+        resync(&mut datapath, services.clone());
+        from_pod(&datapath, &udp_packet(&Flow::udp(50_000, VIP, 80), true));
+        from_pod(&datapath, &udp_packet(&Flow::udp(50_001, VIP, 80), true));
+        assert_eq!(datapath.conntrack_entries().unwrap().len(), 4);
+    }
+    sleep(Duration::from_millis(400));
+    // A restarted agent: the pinned flows are there, expired; its GC deletes them from the
+    // pinned map (a flow seen meanwhile stays).
+    let mut datapath = Datapath::load(&pin_path).expect("reload pinned");
+    datapath.set_node_config(&context).unwrap();
+    from_pod(&datapath, &udp_packet(&Flow::udp(50_002, VIP, 80), true));
+    let stats = datapath.collect_garbage().unwrap();
+    assert_eq!((stats.removed, stats.live), (4, 2), "{stats:?}");
+    drop(datapath);
+    let datapath = Datapath::load(&pin_path).expect("reload pinned");
+    let left = datapath.conntrack_entries().unwrap();
+    assert_eq!(left.len(), 2);
+    assert!(left
+        .iter()
+        .all(|(k, _)| k.sport == 50_002u16.to_be() || k.dport == 50_002u16.to_be()));
+}
