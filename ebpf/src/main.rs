@@ -14,10 +14,11 @@
 //! the external interfaces: packets from outside the node) run the same steps:
 //!
 //! ```text
-//!  1. parse::parse              IPv4 TCP/UDP/SCTP, or an ICMP error quoting such a packet;
-//!                               IPv6 TCP/UDP/SCTP goes to v6::ingress (the same steps on the
-//!                               IPv6 maps, a subset: see v6.rs); everything else passes
-//!                               untouched
+//!  1. parse::parse              IPv4 TCP/UDP/SCTP, or an ICMP error quoting such a packet
+//!                               (steps 1-12 run in `ingress4`); IPv6 TCP/UDP/SCTP goes to
+//!                               v6::ingress (in `ingress6`: the same steps on the IPv6 maps, a
+//!                               subset: see v6.rs); everything else passes untouched. Each
+//!                               family's path is a BPF-to-BPF call with its own stack frame
 //!  2. icmp::ingress             an ICMP error about a translated flow is translated like the
 //!                               flow's packets (its reply, or its client's packet)
 //!  3. conntrack::lookup (reply) a reply of a flow that skips the host's routing
