@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub node: NodeOptions,
     pub pin_path: PathBuf,
     pub resync_interval: Duration,
+    /// How often expired conntrack entries are deleted (`Datapath::collect_garbage`).
+    pub conntrack_gc_interval: Duration,
     /// Where `/healthz` and `/livez` are served (kube-proxy's healthzBindAddress); `None`
     /// disables them.
     pub healthz_bind_address: Option<SocketAddr>,
@@ -88,6 +90,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         }
     }
 
+    if let Some(warning) = node::masquerade_port_warning(&config.node.masquerade_port_range) {
+        tracing::warn!("{warning}");
+    }
     let proxy_health = Arc::new(ProxyHealth::new(HEALTH_TIMEOUT));
     let _healthz = match config.healthz_bind_address {
         Some(address) => {
@@ -140,6 +145,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let mut resync = tokio::time::interval(config.resync_interval);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is immediate; we just synced
+    let mut conntrack_gc = tokio::time::interval(config.conntrack_gc_interval);
+    conntrack_gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    conntrack_gc.tick().await;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -156,6 +164,23 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             _ = resync.tick() => {
                 agent.reload_manifests().await;
                 agent.rescan_interfaces(&netlink).await;
+            }
+            _ = conntrack_gc.tick() => {
+                match agent.datapath.collect_garbage() {
+                    Ok(stats) if stats.removed + stats.removed6 > 0 => tracing::info!(
+                        removed = stats.removed,
+                        removed_ipv6 = stats.removed6,
+                        live = stats.live,
+                        live_ipv6 = stats.live6,
+                        "conntrack gc: removed expired entries"
+                    ),
+                    Ok(stats) => tracing::debug!(
+                        live = stats.live,
+                        live_ipv6 = stats.live6,
+                        "conntrack gc: nothing expired"
+                    ),
+                    Err(e) => tracing::warn!("conntrack gc: {e:#}"),
+                }
             }
         }
     }
@@ -237,6 +262,8 @@ impl Agent<'_> {
                 node_ips = ?self.context.node_ips,
                 cluster_cidrs = ?self.context.cluster_cidrs,
                 masquerade_all = self.context.masquerade_all,
+                conntrack_timeouts = ?self.context.conntrack,
+                masquerade_ports = ?self.context.masquerade_ports,
                 "node configuration programmed"
             ),
             Ok(false) => {}

@@ -542,7 +542,33 @@ pub struct FlowView {
     pub created_ns: u64,
     /// Time from `created_ns` to when the map was read.
     pub age: Duration,
+    /// The flow's `CT_S_*` bits ([`state_name`] names them).
+    pub state: u8,
+    /// Time since the flow's last packet (within a second, `CT_REFRESH_NS`); `None` for an
+    /// entry the programs do not track (IPv6 today).
+    pub idle: Option<Duration>,
     pub entries: FlowEntries,
+}
+
+/// The conntrack state of a flow of protocol `proto`, as nf_conntrack would name it: TCP
+/// `syn-sent`, `established`, `closing` (FIN from one side), `closed` (FIN from both),
+/// `reset`; UDP and SCTP `unreplied`, `replied`; `-` for an untracked entry.
+pub fn state_name(proto: u8, state: u8, tracked: bool) -> &'static str {
+    use sluice_common::{
+        ct_closed, CT_S_FIN_BACKEND, CT_S_FIN_CLIENT, CT_S_RST, CT_S_SEEN_REPLY, PROTO_TCP,
+    };
+    if !tracked {
+        return "-";
+    }
+    match proto {
+        PROTO_TCP if state & CT_S_RST != 0 => "reset",
+        PROTO_TCP if ct_closed(state) => "closed",
+        PROTO_TCP if state & (CT_S_FIN_CLIENT | CT_S_FIN_BACKEND) != 0 => "closing",
+        PROTO_TCP if state & CT_S_SEEN_REPLY != 0 => "established",
+        PROTO_TCP => "syn-sent",
+        _ if state & CT_S_SEEN_REPLY != 0 => "replied",
+        _ => "unreplied",
+    }
 }
 
 /// A conntrack key of either family, addresses as host values.
@@ -566,6 +592,9 @@ struct AnyCtValue {
     snat_port: u16,
     service_id: u32,
     created_ns: u64,
+    state: u8,
+    /// 0: not tracked.
+    last_seen_ns: u64,
 }
 
 fn sock(addr: IpAddr, port: u16) -> SocketAddr {
@@ -598,6 +627,8 @@ pub fn conntrack_view(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<FlowView
                     snat_port: p(v.snat_port),
                     service_id: v.service_id,
                     created_ns: v.created_ns,
+                    state: v.state,
+                    last_seen_ns: v.last_seen_ns,
                 },
             )
         })
@@ -629,6 +660,8 @@ pub fn conntrack6_view(entries: &[(CtKey6, CtValue6)], now_ns: u64) -> Vec<FlowV
                     snat_port: p(v.snat_port),
                     service_id: v.service_id,
                     created_ns: v.created_ns,
+                    state: v.state,
+                    last_seen_ns: v.last_seen_ns,
                 },
             )
         })
@@ -644,6 +677,7 @@ fn join_flows(entries: &[(AnyCtKey, AnyCtValue)], now_ns: u64) -> Vec<FlowView> 
         .collect();
     let mut joined: Vec<AnyCtKey> = Vec::new();
     let age = |created_ns: u64| Duration::from_nanos(now_ns.saturating_sub(created_ns));
+    let idle = |last_seen_ns: u64| (last_seen_ns != 0).then(|| age(last_seen_ns));
     let mut flows: Vec<FlowView> = Vec::new();
     for (key, value) in entries.iter().filter(|(key, _)| key.dir == CT_DIR_FORWARD) {
         // What `conntrack::create` in the programs writes next to this forward entry: the
@@ -679,6 +713,8 @@ fn join_flows(entries: &[(AnyCtKey, AnyCtValue)], now_ns: u64) -> Vec<FlowView> 
             service_id: value.service_id,
             created_ns: value.created_ns,
             age: age(value.created_ns),
+            state: value.state,
+            idle: idle(value.last_seen_ns),
             entries: if reverses {
                 FlowEntries::Both
             } else {
@@ -704,6 +740,8 @@ fn join_flows(entries: &[(AnyCtKey, AnyCtValue)], now_ns: u64) -> Vec<FlowView> 
             service_id: value.service_id,
             created_ns: value.created_ns,
             age: age(value.created_ns),
+            state: value.state,
+            idle: idle(value.last_seen_ns),
             entries: FlowEntries::OrphanReply,
         });
     }
@@ -827,6 +865,8 @@ pub fn render_conntrack(flows: &[FlowView]) -> String {
                 f.backend.to_string(),
                 f.service_id.to_string(),
                 format_age(f.age),
+                state_name(f.proto, f.state, f.idle.is_some()).to_string(),
+                f.idle.map_or_else(|| "-".to_string(), format_age),
                 f.entries.label().to_string(),
             ]
         })
@@ -839,6 +879,8 @@ pub fn render_conntrack(flows: &[FlowView]) -> String {
             "BACKEND",
             "SERVICE ID",
             "AGE",
+            "STATE",
+            "IDLE",
             "ENTRIES",
         ],
         &rows,
@@ -1048,6 +1090,8 @@ pub fn to_json(services: Option<&[ServiceView]>, flows: Option<&[FlowView]>) -> 
                     "service_id": f.service_id,
                     "created_ns": f.created_ns,
                     "age_seconds": f.age.as_secs(),
+                    "state": state_name(f.proto, f.state, f.idle.is_some()),
+                    "idle_seconds": f.idle.map(|d| d.as_secs()),
                     "forward": f.entries != FlowEntries::OrphanReply,
                     "reply": f.entries != FlowEntries::ForwardOnly,
                 })
@@ -1200,7 +1244,7 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
         );
         assert_eq!(
             render_conntrack(&[]),
-            "PROTO  CLIENT  SERVICE  BACKEND  SERVICE ID  AGE  ENTRIES\n\
+            "PROTO  CLIENT  SERVICE  BACKEND  SERVICE ID  AGE  STATE  IDLE  ENTRIES\n\
              0 flows (0 forward+reply, 0 forward only, 0 orphan replies), 0 conntrack entries\n"
         );
     }
@@ -1222,10 +1266,12 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
             flags: 0,
             snat_addr: 0,
             snat_port: 0,
+            state: 0,
             _pad: 0,
             service_id,
             backend_slot: 0,
             created_ns,
+            last_seen_ns: created_ns,
         };
         [
             (
@@ -1394,10 +1440,12 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
             flags: CT_F_SNAT,
             snat_addr: a(masq),
             snat_port: p(masq),
+            state: 0,
             _pad: 0,
             service_id: 3,
             backend_slot: 0,
             created_ns: 5 * SEC,
+            last_seen_ns: 5 * SEC,
         };
         let reply = CtValue {
             nat_addr: a(nodeport),
@@ -1437,16 +1485,36 @@ FRONTEND           SERVICE ID  BACKENDS  SLOT  BACKEND
     }
 
     #[test]
+    fn flow_states_are_named_as_nf_conntrack_would() {
+        use sluice_common::{CT_S_FIN_CLIENT, CT_S_RST, CT_S_SEEN_REPLY};
+        let name = |proto, state| state_name(proto, state, true);
+        assert_eq!(name(PROTO_TCP, 0), "syn-sent");
+        assert_eq!(name(PROTO_TCP, CT_S_SEEN_REPLY), "established");
+        assert_eq!(
+            name(PROTO_TCP, CT_S_SEEN_REPLY | CT_S_FIN_CLIENT),
+            "closing"
+        );
+        assert_eq!(
+            name(PROTO_TCP, sluice_common::CT_S_CLOSED & !CT_S_RST),
+            "closed"
+        );
+        assert_eq!(name(PROTO_TCP, CT_S_RST), "reset");
+        assert_eq!(name(PROTO_UDP, 0), "unreplied");
+        assert_eq!(name(PROTO_UDP, CT_S_SEEN_REPLY), "replied");
+        assert_eq!(state_name(PROTO_UDP, 0, false), "-");
+    }
+
+    #[test]
     fn conntrack_table() {
         let (entries, now) = sample_entries();
         let table = render_conntrack(&conntrack_view(&entries, now));
         let expected = "\
-PROTO  CLIENT             SERVICE        BACKEND           SERVICE ID  AGE    ENTRIES
-TCP    10.244.0.10:40000  10.96.0.10:80  10.244.0.21:8080  1           1m15s  forward+reply
-TCP    10.244.0.10:40002  10.96.0.10:80  10.244.0.22:8080  1           2s     forward+reply
-TCP    10.244.0.10:40002  10.96.0.10:80  10.244.0.21:8080  1           10s    orphan reply
-TCP    10.244.0.11:40001  10.96.0.10:80  10.244.0.22:8080  1           1h06m  forward only
-UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     forward+reply
+PROTO  CLIENT             SERVICE        BACKEND           SERVICE ID  AGE    STATE      IDLE   ENTRIES
+TCP    10.244.0.10:40000  10.96.0.10:80  10.244.0.21:8080  1           1m15s  syn-sent   1m15s  forward+reply
+TCP    10.244.0.10:40002  10.96.0.10:80  10.244.0.22:8080  1           2s     syn-sent   2s     forward+reply
+TCP    10.244.0.10:40002  10.96.0.10:80  10.244.0.21:8080  1           10s    syn-sent   10s    orphan reply
+TCP    10.244.0.11:40001  10.96.0.10:80  10.244.0.22:8080  1           1h06m  syn-sent   1h06m  forward only
+UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     unreplied  5s     forward+reply
 5 flows (3 forward+reply, 1 forward only, 1 orphan reply), 8 conntrack entries
 ";
         assert_eq!(table, expected, "got:\n{table}");
@@ -1513,6 +1581,8 @@ UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     fo
                 "service_id": 1,
                 "created_ns": now - 75 * SEC,
                 "age_seconds": 75,
+                "state": "syn-sent",
+                "idle_seconds": 75,
                 "forward": true,
                 "reply": true,
             })
@@ -1627,10 +1697,12 @@ UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     fo
             flags: CT_F_SNAT,
             snat_addr: a(snat),
             snat_port: p(snat),
+            state: 0,
             _pad: 0,
             service_id: 1,
             backend_slot: 0,
             created_ns: SEC,
+            last_seen_ns: SEC,
         };
         let entries = [
             (

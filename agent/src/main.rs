@@ -40,6 +40,9 @@ enum Command {
         /// notifications; unchanged input writes nothing.
         #[arg(long, default_value_t = 30)]
         resync_interval: u64,
+        /// How often expired conntrack entries are deleted (e.g. 60s, 500ms).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        conntrack_gc_interval: Duration,
         #[command(flatten)]
         node: NodeOptions,
         /// Address of the /healthz and /livez server (kube-proxy's healthzBindAddress);
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
             config,
             pin_path,
             resync_interval,
+            conntrack_gc_interval,
             node,
             healthz_bind_address,
             health_check_bind_ip,
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
                 cgroup_root,
                 pin_path,
                 resync_interval: Duration::from_secs(resync_interval.max(1)),
+                conntrack_gc_interval: conntrack_gc_interval.max(Duration::from_millis(100)),
             })
         }),
         Command::Trace(args) => return sluice::trace::run(args),

@@ -3,10 +3,12 @@
 //! `sluice trace` take the same flags ([`NodeOptions`]) and resolve them with the same code, so
 //! a trace builds exactly the state the agent would.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
+use anyhow::Context as _;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
+use sluice_common::CtTimeouts;
 
 use crate::manifests::Objects;
 
@@ -29,6 +31,144 @@ pub struct NodeOptions {
     /// Masquerade all traffic to services (kube-proxy's masqueradeAll).
     #[arg(long)]
     pub masquerade_all: bool,
+    /// Conntrack timeouts (kube-proxy's `conntrack` settings, nf_conntrack's names for the
+    /// rest), written to the `config` map.
+    #[command(flatten)]
+    pub conntrack: ConntrackOptions,
+    /// The source ports masquerading to a node address uses, `FIRST-LAST`: keep it outside
+    /// the node's ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by default), so
+    /// a masqueraded flow never shares a tuple with a connection the node opens itself.
+    #[arg(long, default_value = "61000-65535")]
+    pub masquerade_port_range: PortRange,
+}
+
+/// How long a silent flow stays in conntrack, by protocol and TCP state. Durations as
+/// `24h`, `90s`, `500ms`; 0 keeps the default.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackOptions {
+    /// Established TCP connections (kube-proxy's flag of that name).
+    #[arg(long, default_value = "24h", value_parser = parse_timeout)]
+    pub conntrack_tcp_timeout_established: Duration,
+    /// TCP connections closed by one side (kube-proxy's flag of that name).
+    #[arg(long, default_value = "1h", value_parser = parse_timeout)]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+    /// UDP flows the backend has not answered (kube-proxy's flag; nf_conntrack_udp_timeout).
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    pub conntrack_udp_timeout: Duration,
+    /// UDP flows the backend answered (kube-proxy's flag; nf_conntrack_udp_timeout_stream).
+    #[arg(long, default_value = "120s", value_parser = parse_timeout)]
+    pub conntrack_udp_timeout_stream: Duration,
+    /// TCP connections the backend has not answered (nf_conntrack_tcp_timeout_syn_sent).
+    #[arg(long, default_value = "120s", value_parser = parse_timeout)]
+    pub conntrack_tcp_timeout_syn_sent: Duration,
+    /// TCP connections reset, or closed by both sides (nf_conntrack_tcp_timeout_close).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    pub conntrack_tcp_timeout_close: Duration,
+    /// SCTP associations (nf_conntrack_sctp_timeout_established).
+    #[arg(long, default_value = "210s", value_parser = parse_timeout)]
+    pub conntrack_sctp_timeout: Duration,
+}
+
+impl ConntrackOptions {
+    /// The timeouts as the `config` map holds them (milliseconds; 0 = the datapath default).
+    pub fn timeouts(&self) -> CtTimeouts {
+        let ms = |d: &Duration| d.as_millis() as u32;
+        CtTimeouts {
+            tcp_syn_ms: ms(&self.conntrack_tcp_timeout_syn_sent),
+            tcp_established_ms: ms(&self.conntrack_tcp_timeout_established),
+            tcp_close_wait_ms: ms(&self.conntrack_tcp_timeout_close_wait),
+            tcp_close_ms: ms(&self.conntrack_tcp_timeout_close),
+            udp_ms: ms(&self.conntrack_udp_timeout),
+            udp_stream_ms: ms(&self.conntrack_udp_timeout_stream),
+            sctp_ms: ms(&self.conntrack_sctp_timeout),
+            _pad: 0,
+        }
+    }
+}
+
+/// The longest timeout the datapath holds: `u32::MAX` milliseconds, about 49 days.
+const MAX_TIMEOUT: Duration = Duration::from_millis(u32::MAX as u64);
+
+fn parse_timeout(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration like 24h, 90s or 500ms: {e}"))?;
+    if duration > MAX_TIMEOUT {
+        return Err(format!(
+            "{value:?} is longer than the datapath holds (at most {})",
+            humantime::format_duration(MAX_TIMEOUT)
+        ));
+    }
+    Ok(duration)
+}
+
+/// An inclusive port range, `FIRST-LAST`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> PortRange {
+        PortRange {
+            first: sluice_common::SNAT_PORT_MIN_DEFAULT,
+            last: sluice_common::SNAT_PORT_MAX_DEFAULT,
+        }
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<PortRange, String> {
+        let bad =
+            || format!("port range {value:?} is not FIRST-LAST with 1 <= FIRST <= LAST <= 65535");
+        let (first, last) = value.trim().split_once('-').ok_or_else(bad)?;
+        let first: u16 = first.trim().parse().map_err(|_| bad())?;
+        let last: u16 = last.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl PortRange {
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+/// The node's ephemeral port range (net.ipv4.ip_local_port_range of the network namespace
+/// the calling thread is in), the ports its own outgoing connections take.
+pub fn ephemeral_ports() -> anyhow::Result<PortRange> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(PATH).with_context(|| format!("reading {PATH}"))?;
+    let mut fields = text.split_whitespace().map(str::parse::<u16>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(first)), Some(Ok(last))) => Ok(PortRange { first, last }),
+        _ => anyhow::bail!("{PATH} holds {text:?}, not two ports"),
+    }
+}
+
+/// A warning when the masquerade ports overlap the node's ephemeral ports: a masqueraded flow
+/// could then take the tuple of a connection the node opens to the same backend.
+pub fn masquerade_port_warning(masquerade: &PortRange) -> Option<String> {
+    match ephemeral_ports() {
+        Ok(ephemeral) if ephemeral.overlaps(masquerade) => Some(format!(
+            "--masquerade-port-range {masquerade} overlaps the node's ephemeral ports \
+             {ephemeral} (net.ipv4.ip_local_port_range): a masqueraded flow may collide with a \
+             connection of the node itself"
+        )),
+        Ok(_) => None,
+        Err(e) => Some(format!("cannot check the masquerade port range: {e:#}")),
+    }
 }
 
 /// [`NodeOptions`] resolved against the objects: the input of the translation.
@@ -42,6 +182,10 @@ pub struct NodeContext {
     pub cluster_cidrs: Vec<IpNet>,
     pub nodeport_addresses: Vec<IpNet>,
     pub masquerade_all: bool,
+    /// Conntrack timeouts (all 0: the datapath's defaults).
+    pub conntrack: CtTimeouts,
+    /// The masquerade source ports; `None`: the datapath's default range.
+    pub masquerade_ports: Option<PortRange>,
 }
 
 impl NodeContext {
@@ -70,6 +214,8 @@ pub fn resolve(options: &NodeOptions, objects: &Objects) -> Result<NodeContext, 
         cluster_cidrs: options.cluster_cidr.clone(),
         nodeport_addresses: options.nodeport_addresses.clone(),
         masquerade_all: options.masquerade_all,
+        conntrack: options.conntrack.timeouts(),
+        masquerade_ports: Some(options.masquerade_port_range),
     };
     if let Some(name) = &options.node_name {
         let Some(node) = objects.nodes.get(name) else {
@@ -173,5 +319,62 @@ status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
         let context = resolve(&NodeOptions::default(), &objects(NODES)).unwrap();
         assert!(context.node_ips.is_empty());
         assert!(context.is_pod_ip("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn port_ranges_and_timeouts_parse_or_say_what_is_wrong() {
+        let range: PortRange = "61000-65535".parse().unwrap();
+        assert_eq!((range.first, range.last), (61_000, 65_535));
+        assert_eq!(range.to_string(), "61000-65535");
+        for bad in ["65000-61000", "0-10", "61000", "a-b", "1-70000"] {
+            let error = bad.parse::<PortRange>().unwrap_err();
+            assert!(error.contains(bad), "{error}");
+        }
+        let ephemeral = PortRange {
+            first: 32_768,
+            last: 60_999,
+        };
+        assert!(!range.overlaps(&ephemeral));
+        assert!("60000-61000"
+            .parse::<PortRange>()
+            .unwrap()
+            .overlaps(&ephemeral));
+
+        assert_eq!(parse_timeout("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_timeout("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_timeout("forever").unwrap_err().contains("forever"));
+        assert!(parse_timeout("60d").unwrap_err().contains("longer"));
+    }
+
+    #[test]
+    fn conntrack_flags_default_to_kube_proxys_and_nf_conntracks_values() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeOptions,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["sluice"]).unwrap();
+        let timeouts = cli.node.conntrack.timeouts();
+        assert_eq!(
+            timeouts,
+            CtTimeouts {
+                _pad: 0,
+                ..CtTimeouts::DEFAULT
+            }
+        );
+        assert_eq!(cli.node.masquerade_port_range, PortRange::default());
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "sluice",
+            "--conntrack-udp-timeout",
+            "2s",
+            "--conntrack-tcp-timeout-established",
+            "1h",
+        ])
+        .unwrap();
+        let timeouts = cli.node.conntrack.timeouts();
+        assert_eq!(
+            (timeouts.udp_ms, timeouts.tcp_established_ms),
+            (2_000, 3_600_000)
+        );
     }
 }

@@ -17,7 +17,7 @@
 //! | `drops`           | per-CPU array    | `u32` [`Reason`]     | `u64` packets    | programs   |
 //! | `services6`       | hash             | [`ServiceKey6`]      | [`ServiceValue`] | agent      |
 //! | `backends6`       | hash             | [`BackendKey`]       | [`Backend6`]     | agent      |
-//! | `conntrack6`      | LRU hash         | [`CtKey6`]           | [`CtValue6`]     | programs   |
+//! | `conntrack6`      | LRU hash         | [`CtKey6`]           | [`CtValue6`]     | programs (agent purges) |
 //! | `affinity6`       | LRU hash         | [`AffinityKey6`]     | [`AffinityValue6`]| programs (agent purges) |
 //! | `source_ranges6`  | LPM trie         | [`SourceRangeKey6`] with a prefix length | `u8` (1) | agent |
 //! | `config6`         | array, 1 entry   | `u32` 0              | [`NodeConfig6`]  | agent      |
@@ -69,6 +69,23 @@
 //! ICMP errors about a flow (destination unreachable, time exceeded, parameter problem) are
 //! found through the same entries by the tuple they quote.
 //!
+//! Both entries of a flow carry its state ([`CtValue::state`], `CT_S_*`: the backend answered,
+//! a FIN from either side, a RST) and when it was last seen ([`CtValue::last_seen_ns`]); a
+//! packet through either entry updates both (at most once per [`CT_REFRESH_NS`] unless the
+//! state changes), so they expire together. The timeout comes from the protocol and the state
+//! as nf_conntrack picks it ([`CtTimeouts`], configured in [`NodeConfig::ct_timeouts`]): TCP
+//! before the answer, established, closing (FIN from one side), closed (RST, or FIN from both);
+//! UDP unreplied or a stream; SCTP. The programs treat an expired entry as absent (the flow's
+//! next packet is balanced again, its backend's late packets are not translated), a TCP SYN on
+//! a closed connection starts a new one, and the agent deletes expired entries with their
+//! peers ([`CtKey::peer`]). A re-balanced tuple's old reply entry is deleted when the new flow
+//! is created (IPv4; an IPv6 SYN re-balancing a tuple overwrites its entries instead). IPv6
+//! entries have the same state and timeouts. An entry with `last_seen_ns` 0 is untracked
+//! (never expired; none is written any more).
+//!
+//! Masqueraded flows take their source port from [`NodeConfig::snat_ports`] (the client's own
+//! when it is in that range and free, else random ones), outside the node's ephemeral ports.
+//!
 //! ## affinity
 //!
 //! sessionAffinity ClientIP: (affinity id, client address) -> the backend last chosen for that
@@ -98,7 +115,8 @@
 //! ## config and drops
 //!
 //! `config` is this node's context ([`NodeConfig`]): the address masqueraded traffic gets, the
-//! cluster CIDRs, masqueradeAll. `drops` counts the packets the programs dropped or answered
+//! cluster CIDRs, masqueradeAll, the conntrack timeouts (for both families) and the masquerade
+//! port range. `drops` counts the packets the programs dropped or answered
 //! themselves, by [`Reason`]; a program also leaves the reason in `skb->cb[0]`
 //! ([`CB_REASON_MAGIC`] | reason) so `BPF_PROG_RUN` callers (`sluice trace`) can name it.
 //!
@@ -364,6 +382,7 @@ pub const CT_F_HAIRPIN: u16 = 1 << 2;
 /// |--------------------|-------------------------------------|-------------|
 /// | `nat_addr/port`    | backend: the new destination        | frontend: the new source |
 /// | `snat_addr/port`   | with [`CT_F_SNAT`]: the new source  | with [`CT_F_SNAT`]: the client, the new destination |
+/// | `state`, `last_seen_ns` | the flow's, the same in both entries (see "conntrack") | |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtValue {
@@ -373,7 +392,10 @@ pub struct CtValue {
     pub flags: u16,
     pub snat_addr: u32,
     pub snat_port: u16,
-    pub _pad: u16,
+    /// `CT_S_*`: what the flow has shown (reply, FINs, RST); with the protocol, it picks the
+    /// entry's timeout ([`CtTimeouts::timeout_ns`]).
+    pub state: u8,
+    pub _pad: u8,
     /// Id of the service the flow was balanced by.
     pub service_id: u32,
     /// The slot of `backends` the backend was picked from ([`CT_SLOT_UNKNOWN`]: picked by
@@ -383,10 +405,223 @@ pub struct CtValue {
     /// bpf_ktime_get_ns() when the entry was created, for `sluice state`, and to tell a
     /// retransmitted SYN from a new connection reusing the tuple.
     pub created_ns: u64,
+    /// bpf_ktime_get_ns() of the flow's last packet (within [`CT_REFRESH_NS`]): the entry
+    /// expires its timeout after it.
+    pub last_seen_ns: u64,
 }
 
 /// [`CtValue::backend_slot`] of a backend not picked from a slot.
 pub const CT_SLOT_UNKNOWN: u32 = u32::MAX;
+
+/// [`CtValue::state`]: the backend answered (TCP: its SYN-ACK; UDP: a datagram back). A TCP
+/// flow is established from then on, a UDP one a "stream" (nf_conntrack's assured flow).
+pub const CT_S_SEEN_REPLY: u8 = 1 << 0;
+/// The client sent a FIN.
+pub const CT_S_FIN_CLIENT: u8 = 1 << 1;
+/// The backend sent a FIN.
+pub const CT_S_FIN_BACKEND: u8 = 1 << 2;
+/// Either side sent a RST: the connection is gone.
+pub const CT_S_RST: u8 = 1 << 3;
+/// A TCP flow that is over: reset, or closed by both sides.
+pub const CT_S_CLOSED: u8 = CT_S_RST | CT_S_FIN_CLIENT | CT_S_FIN_BACKEND;
+
+/// How often a flow's packets rewrite its entries' `last_seen_ns` at most (a state change
+/// always does): a packet refreshes both entries of its flow when the last refresh is older
+/// than this or than an eighth of the flow's timeout, whichever is shorter
+/// ([`CtTimeouts::refresh_due`]), so a long flow costs a map write per second, not per packet,
+/// and an entry expires at most that much early.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// The conntrack timeouts, in milliseconds, as nf_conntrack's sysctls and kube-proxy's
+/// `conntrack` settings name them; 0 means the default ([`CtTimeouts::DEFAULT`]). An entry
+/// expires when the flow has been silent for the timeout of its protocol and state: expired
+/// entries count as absent for the programs (the flow's next packet is a new flow, balanced
+/// again) and the agent's garbage collection deletes them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtTimeouts {
+    /// TCP before the backend answered (nf_conntrack_tcp_timeout_syn_sent).
+    pub tcp_syn_ms: u32,
+    /// TCP established (kube-proxy's `--conntrack-tcp-timeout-established`).
+    pub tcp_established_ms: u32,
+    /// TCP closed by one side only (kube-proxy's `--conntrack-tcp-timeout-close-wait`).
+    pub tcp_close_wait_ms: u32,
+    /// TCP reset, or closed by both sides (nf_conntrack_tcp_timeout_close).
+    pub tcp_close_ms: u32,
+    /// UDP before the backend answered (kube-proxy's `--conntrack-udp-timeout`).
+    pub udp_ms: u32,
+    /// UDP once the backend answered (kube-proxy's `--conntrack-udp-timeout-stream`).
+    pub udp_stream_ms: u32,
+    /// SCTP (nf_conntrack_sctp_timeout_established).
+    pub sctp_ms: u32,
+    pub _pad: u32,
+}
+
+impl CtTimeouts {
+    /// kube-proxy's defaults for what it sets (established 24 h, close-wait 1 h), the kernel's
+    /// nf_conntrack defaults for the rest: SYN sent 120 s, close 10 s, UDP 30 s, UDP stream
+    /// 120 s, SCTP established 210 s.
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        tcp_syn_ms: 120_000,
+        tcp_established_ms: 24 * 3_600_000,
+        tcp_close_wait_ms: 3_600_000,
+        tcp_close_ms: 10_000,
+        udp_ms: 30_000,
+        udp_stream_ms: 120_000,
+        sctp_ms: 210_000,
+        _pad: 0,
+    };
+
+    /// How long an entry of protocol `proto` in `state` (`CT_S_*`) lives without packets, in
+    /// nanoseconds.
+    #[inline(always)]
+    pub fn timeout_ns(&self, proto: u8, state: u8) -> u64 {
+        let (ms, default) = match proto {
+            PROTO_TCP if state & CT_S_RST != 0 => (self.tcp_close_ms, Self::DEFAULT.tcp_close_ms),
+            PROTO_TCP
+                if state & (CT_S_FIN_CLIENT | CT_S_FIN_BACKEND)
+                    == CT_S_FIN_CLIENT | CT_S_FIN_BACKEND =>
+            {
+                (self.tcp_close_ms, Self::DEFAULT.tcp_close_ms)
+            }
+            PROTO_TCP if state & (CT_S_FIN_CLIENT | CT_S_FIN_BACKEND) != 0 => {
+                (self.tcp_close_wait_ms, Self::DEFAULT.tcp_close_wait_ms)
+            }
+            PROTO_TCP if state & CT_S_SEEN_REPLY != 0 => {
+                (self.tcp_established_ms, Self::DEFAULT.tcp_established_ms)
+            }
+            PROTO_TCP => (self.tcp_syn_ms, Self::DEFAULT.tcp_syn_ms),
+            PROTO_UDP if state & CT_S_SEEN_REPLY != 0 => {
+                (self.udp_stream_ms, Self::DEFAULT.udp_stream_ms)
+            }
+            PROTO_UDP => (self.udp_ms, Self::DEFAULT.udp_ms),
+            _ => (self.sctp_ms, Self::DEFAULT.sctp_ms),
+        };
+        let ms = if ms == 0 { default } else { ms };
+        ms as u64 * 1_000_000
+    }
+
+    /// Whether a packet at `now_ns` refreshes an entry last seen at `last_seen_ns` (see
+    /// [`CT_REFRESH_NS`]).
+    #[inline(always)]
+    pub fn refresh_due(&self, proto: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+        let every = self.timeout_ns(proto, state) / 8;
+        let every = if every < CT_REFRESH_NS {
+            every
+        } else {
+            CT_REFRESH_NS
+        };
+        now_ns.saturating_sub(last_seen_ns) >= every
+    }
+
+    /// Whether an entry of protocol `proto` in `state`, last seen at `last_seen_ns`, has
+    /// expired at `now_ns` (both bpf_ktime_get_ns(), CLOCK_MONOTONIC). An entry another CPU
+    /// refreshed after `now_ns` was read is not expired.
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+        now_ns.saturating_sub(last_seen_ns) > self.timeout_ns(proto, state)
+    }
+}
+
+/// The state of a flow after a packet with TCP flags `tcp_flags` (0 for UDP and SCTP) went
+/// through its entry of direction `dir`. A client's SYN (without ACK) starts the connection
+/// over: a new connection on the tuple, or the first SYN's retransmission.
+#[inline(always)]
+pub fn ct_next_state(state: u8, proto: u8, dir: u8, tcp_flags: u8) -> u8 {
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    let mut state = state;
+    if dir == CT_DIR_REPLY {
+        state |= CT_S_SEEN_REPLY;
+    }
+    if proto == PROTO_TCP {
+        if dir == CT_DIR_FORWARD && tcp_flags & (SYN | ACK) == SYN {
+            state = 0;
+        }
+        if tcp_flags & RST != 0 {
+            state |= CT_S_RST;
+        }
+        if tcp_flags & FIN != 0 {
+            state |= if dir == CT_DIR_FORWARD {
+                CT_S_FIN_CLIENT
+            } else {
+                CT_S_FIN_BACKEND
+            };
+        }
+    }
+    state
+}
+
+/// Whether a TCP flow in `state` is over (reset, or closed by both sides): a SYN on its tuple
+/// is a new connection, balanced again.
+#[inline(always)]
+pub fn ct_closed(state: u8) -> bool {
+    state & CT_S_RST != 0
+        || state & (CT_S_FIN_CLIENT | CT_S_FIN_BACKEND) == CT_S_FIN_CLIENT | CT_S_FIN_BACKEND
+}
+
+impl CtKey {
+    /// The key of the other entry of the flow this entry (`self` -> `value`) belongs to: the
+    /// reply key of a forward entry, the forward key of a reply entry. Two entries are one
+    /// flow's when each is the other's peer (after a TCP SYN re-balanced a tuple, the old reply
+    /// entry's peer is the new flow's forward entry, whose peer is another reply key).
+    #[inline(always)]
+    pub fn peer(&self, value: &CtValue) -> CtKey {
+        let snat = value.flags & CT_F_SNAT != 0;
+        if self.dir == CT_DIR_FORWARD {
+            CtKey {
+                saddr: value.nat_addr,
+                daddr: if snat { value.snat_addr } else { self.saddr },
+                sport: value.nat_port,
+                dport: if snat { value.snat_port } else { self.sport },
+                proto: self.proto,
+                dir: CT_DIR_REPLY,
+                _pad: 0,
+            }
+        } else {
+            CtKey {
+                saddr: if snat { value.snat_addr } else { self.daddr },
+                daddr: value.nat_addr,
+                sport: if snat { value.snat_port } else { self.dport },
+                dport: value.nat_port,
+                proto: self.proto,
+                dir: CT_DIR_FORWARD,
+                _pad: 0,
+            }
+        }
+    }
+}
+
+impl CtKey6 {
+    /// [`CtKey::peer`] for IPv6.
+    #[inline(always)]
+    pub fn peer(&self, value: &CtValue6) -> CtKey6 {
+        let snat = value.flags & CT_F_SNAT != 0;
+        if self.dir == CT_DIR_FORWARD {
+            CtKey6 {
+                saddr: value.nat_addr,
+                daddr: if snat { value.snat_addr } else { self.saddr },
+                sport: value.nat_port,
+                dport: if snat { value.snat_port } else { self.sport },
+                proto: self.proto,
+                dir: CT_DIR_REPLY,
+                _pad: 0,
+            }
+        } else {
+            CtKey6 {
+                saddr: if snat { value.snat_addr } else { self.daddr },
+                daddr: value.nat_addr,
+                sport: if snat { value.snat_port } else { self.dport },
+                dport: value.nat_port,
+                proto: self.proto,
+                dir: CT_DIR_FORWARD,
+                _pad: 0,
+            }
+        }
+    }
+}
 
 /// sessionAffinity: a client of a service.
 #[repr(C)]
@@ -496,10 +731,13 @@ pub struct CtValue6 {
     pub flags: u16,
     pub snat_addr: [u32; 4],
     pub snat_port: u16,
-    pub _pad: u16,
+    /// `CT_S_*`, as [`CtValue::state`].
+    pub state: u8,
+    pub _pad: u8,
     pub service_id: u32,
     pub backend_slot: u32,
     pub created_ns: u64,
+    pub last_seen_ns: u64,
 }
 
 /// An IPv6 CIDR as `(addr & mask) == net`, word by word, as in the packet.
@@ -611,6 +849,38 @@ pub struct NodeConfig {
     pub cidr_count: u32,
     pub _pad: u32,
     pub cluster_cidrs: [Cidr4; MAX_CLUSTER_CIDRS],
+    /// Conntrack timeouts, for both families' maps (0: the default).
+    pub ct_timeouts: CtTimeouts,
+    /// The source ports masquerading to the node's address picks from, inclusive, host
+    /// order (`--masquerade-port-range`): outside the node's ephemeral port range, so a
+    /// masqueraded flow never takes the tuple of a connection the node itself opens. Both 0:
+    /// [`SNAT_PORT_MIN_DEFAULT`]-[`SNAT_PORT_MAX_DEFAULT`].
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad2: u32,
+}
+
+/// The default masquerade port range: above Linux's default ephemeral port range
+/// (net.ipv4.ip_local_port_range 32768-60999).
+pub const SNAT_PORT_MIN_DEFAULT: u16 = 61_000;
+pub const SNAT_PORT_MAX_DEFAULT: u16 = 65_535;
+
+impl NodeConfig {
+    /// The masquerade port range in use: (first port, number of ports), host order.
+    #[inline(always)]
+    pub fn snat_ports(&self) -> (u16, u32) {
+        if self.snat_port_min == 0 || self.snat_port_max < self.snat_port_min {
+            (
+                SNAT_PORT_MIN_DEFAULT,
+                (SNAT_PORT_MAX_DEFAULT - SNAT_PORT_MIN_DEFAULT) as u32 + 1,
+            )
+        } else {
+            (
+                self.snat_port_min,
+                (self.snat_port_max - self.snat_port_min) as u32 + 1,
+            )
+        }
+    }
 }
 
 /// `isolated` bits: the pod is selected by a policy for ingress / egress.
@@ -771,6 +1041,7 @@ mod pod {
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PolicyFlowKey {}
     unsafe impl aya::Pod for PolicyEvent {}
+    unsafe impl aya::Pod for CtTimeouts {}
 }
 
 #[cfg(test)]
@@ -787,15 +1058,16 @@ mod tests {
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<CtValue>(), 40);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
-        assert_eq!(size_of::<NodeConfig>(), 16 + 8 * MAX_CLUSTER_CIDRS);
+        assert_eq!(size_of::<CtTimeouts>(), 32);
+        assert_eq!(size_of::<NodeConfig>(), 16 + 8 * MAX_CLUSTER_CIDRS + 32 + 8);
         assert_eq!(size_of::<ServiceKey6>(), 20);
         assert_eq!(size_of::<Backend6>(), 20);
         assert_eq!(size_of::<CtKey6>(), 40);
-        assert_eq!(size_of::<CtValue6>(), 56);
+        assert_eq!(size_of::<CtValue6>(), 64);
         assert_eq!(size_of::<SockConfig>(), 8);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 8);
@@ -809,6 +1081,104 @@ mod tests {
         assert_eq!(size_of::<PolicyValue>(), 4 + 4 * MAX_POLICY_PORT_RANGES);
         assert_eq!(size_of::<PolicyFlowKey>(), 16);
         assert_eq!(size_of::<PolicyEvent>(), 32);
+    }
+
+    #[test]
+    fn tcp_state_follows_syn_reply_fins_and_rst() {
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        const FIN: u8 = 0x01;
+        const RST: u8 = 0x04;
+        let t = CtTimeouts::DEFAULT;
+        let syn = ct_next_state(0, PROTO_TCP, CT_DIR_FORWARD, SYN);
+        assert_eq!(t.timeout_ns(PROTO_TCP, syn), 120_000_000_000);
+        let established = ct_next_state(syn, PROTO_TCP, CT_DIR_REPLY, SYN | ACK);
+        assert_eq!(established, CT_S_SEEN_REPLY);
+        assert_eq!(t.timeout_ns(PROTO_TCP, established), 86_400_000_000_000);
+        let half = ct_next_state(established, PROTO_TCP, CT_DIR_FORWARD, FIN | ACK);
+        assert_eq!(t.timeout_ns(PROTO_TCP, half), 3_600_000_000_000);
+        assert!(!ct_closed(half));
+        let both = ct_next_state(half, PROTO_TCP, CT_DIR_REPLY, FIN | ACK);
+        assert!(ct_closed(both));
+        assert_eq!(t.timeout_ns(PROTO_TCP, both), 10_000_000_000);
+        let reset = ct_next_state(established, PROTO_TCP, CT_DIR_REPLY, RST);
+        assert!(ct_closed(reset));
+        // A new SYN on the tuple starts over.
+        assert_eq!(ct_next_state(both, PROTO_TCP, CT_DIR_FORWARD, SYN), 0);
+        // UDP: unreplied, then a stream; flags mean nothing.
+        let udp = ct_next_state(0, PROTO_UDP, CT_DIR_FORWARD, 0);
+        assert_eq!(t.timeout_ns(PROTO_UDP, udp), 30_000_000_000);
+        let stream = ct_next_state(udp, PROTO_UDP, CT_DIR_REPLY, 0);
+        assert_eq!(t.timeout_ns(PROTO_UDP, stream), 120_000_000_000);
+        assert_eq!(t.timeout_ns(PROTO_SCTP, stream), 210_000_000_000);
+    }
+
+    #[test]
+    fn configured_timeouts_replace_the_defaults_and_expiry_tolerates_a_later_refresh() {
+        let t = CtTimeouts {
+            udp_ms: 500,
+            ..CtTimeouts::default()
+        };
+        assert_eq!(t.timeout_ns(PROTO_UDP, 0), 500_000_000);
+        assert_eq!(t.timeout_ns(PROTO_UDP, CT_S_SEEN_REPLY), 120_000_000_000);
+        assert!(!t.expired(PROTO_UDP, 0, 1_000_000_000, 1_500_000_000));
+        assert!(t.expired(PROTO_UDP, 0, 1_000_000_000, 1_500_000_001));
+        // Refreshed by another CPU after `now` was read.
+        assert!(!t.expired(PROTO_UDP, 0, 2_000_000_000, 1_000_000_000));
+        // Refreshes: every eighth of a short timeout, at least once a second for long ones.
+        assert!(!t.refresh_due(PROTO_UDP, 0, 1_000_000_000, 1_062_000_000));
+        assert!(t.refresh_due(PROTO_UDP, 0, 1_000_000_000, 1_063_000_000));
+        let established = CT_S_SEEN_REPLY;
+        assert!(!t.refresh_due(PROTO_TCP, established, 0, 999_999_999));
+        assert!(t.refresh_due(PROTO_TCP, established, 0, 1_000_000_000));
+    }
+
+    #[test]
+    fn peers_of_plain_and_masqueraded_flows_find_each_other() {
+        for snat in [false, true] {
+            let forward = CtKey {
+                saddr: 1,
+                daddr: 2,
+                sport: 10,
+                dport: 20,
+                proto: PROTO_TCP,
+                dir: CT_DIR_FORWARD,
+                _pad: 0,
+            };
+            let value = CtValue {
+                nat_addr: 3,
+                nat_port: 30,
+                flags: if snat { CT_F_SNAT } else { 0 },
+                snat_addr: if snat { 4 } else { 0 },
+                snat_port: if snat { 40 } else { 0 },
+                state: 0,
+                _pad: 0,
+                service_id: 1,
+                backend_slot: 0,
+                created_ns: 0,
+                last_seen_ns: 0,
+            };
+            let reply = forward.peer(&value);
+            assert_eq!(reply.dir, CT_DIR_REPLY);
+            assert_eq!((reply.saddr, reply.sport), (3, 30));
+            let reply_value = CtValue {
+                nat_addr: 2,
+                nat_port: 20,
+                snat_addr: if snat { 1 } else { 0 },
+                snat_port: if snat { 10 } else { 0 },
+                ..value
+            };
+            assert_eq!(reply.peer(&reply_value), forward);
+        }
+    }
+
+    #[test]
+    fn the_masquerade_port_range_defaults_when_unset() {
+        let mut config = NodeConfig::default();
+        assert_eq!(config.snat_ports(), (61_000, 4_536));
+        config.snat_port_min = 62_000;
+        config.snat_port_max = 62_000;
+        assert_eq!(config.snat_ports(), (62_000, 1));
     }
 
     #[test]

@@ -1,18 +1,26 @@
-//! Connection tracking for translated flows: two entries per flow (see `sluice-common`).
+//! Connection tracking for translated flows: two entries per flow (see `sluice-common`), with
+//! the flow's state (reply seen, FINs, RST) and when it was last seen, so entries expire as
+//! nf_conntrack's do: an expired entry is absent for every lookup here, and the agent's
+//! garbage collection deletes it.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::LruHashMap,
+};
 use sluice_common::{
-    Backend, CtKey, CtValue, Reason, CT_DIR_REPLY, CT_F_SNAT, REASON_DROP_NO_SNAT_PORT,
+    ct_next_state, Backend, CtKey, CtKey6, CtTimeouts, CtValue, CtValue6, NodeConfig, Reason,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, REASON_DROP_NO_SNAT_PORT,
 };
 
-use crate::{maps::CONNTRACK, parse::Ipv4Packet};
+use crate::{
+    maps::{CONFIG, CONNTRACK, CONNTRACK6},
+    parse::Ipv4Packet,
+};
 
-/// How many source ports a masqueraded flow tries: the client's own, then random ones.
+/// How many source ports a masqueraded flow tries: the client's own when it may keep it, then
+/// random ones from the masquerade range.
 const SNAT_ATTEMPTS: u32 = 5;
-/// Random masquerade ports come from 61000-65535, above Linux's default ephemeral range
-/// (32768-60999), so they rarely meet the node's own connections to the same backend.
-const SNAT_PORT_MIN: u32 = 61_000;
-const SNAT_PORT_SPAN: u32 = 65_536 - SNAT_PORT_MIN;
 
 /// The packet's own tuple as a key for direction `dir`: a forward key for a client's packet,
 /// a reply key for a backend's.
@@ -29,47 +37,295 @@ pub fn key(pkt: &Ipv4Packet, dir: u8) -> CtKey {
     }
 }
 
-#[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<CtValue> {
-    // SAFETY: the value is copied out at once.
-    unsafe { CONNTRACK.get(key).copied() }
+/// Whether an entry of protocol `proto` in `state`, last seen at `last_seen_ns`, has expired,
+/// by the configured timeouts (`config` map; the defaults until the agent writes it). Out of
+/// line (a BPF-to-BPF call, scalars only) so its spills stay out of the callers' frames.
+#[inline(never)]
+fn expired(proto: u8, state: u8, last_seen_ns: u64) -> bool {
+    let now = now();
+    match CONFIG.get(0) {
+        Some(config) => config.ct_timeouts.expired(proto, state, last_seen_ns, now),
+        None => CtTimeouts::DEFAULT.expired(proto, state, last_seen_ns, now),
+    }
 }
 
-/// Where a new flow's source goes.
+/// Whether a packet now refreshes an entry of protocol `proto` in `state` last seen at
+/// `last_seen_ns` ([`CtTimeouts::refresh_due`]). Out of line, as [`expired`].
+#[inline(never)]
+fn refresh_due(proto: u8, state: u8, last_seen_ns: u64) -> bool {
+    let now = now();
+    match CONFIG.get(0) {
+        Some(config) => config
+            .ct_timeouts
+            .refresh_due(proto, state, last_seen_ns, now),
+        None => CtTimeouts::DEFAULT.refresh_due(proto, state, last_seen_ns, now),
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper call without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// What the programs need of both families' keys and entries.
+pub trait Entry: Copy {
+    type Key: Copy + PartialEq;
+    fn proto(key: &Self::Key) -> u8;
+    fn dir(key: &Self::Key) -> u8;
+    fn peer(key: &Self::Key, value: &Self) -> Self::Key;
+    fn state(&self) -> u8;
+    fn last_seen_ns(&self) -> u64;
+    fn mark(&mut self, state: u8, now: u64);
+}
+
+impl Entry for CtValue {
+    type Key = CtKey;
+    #[inline(always)]
+    fn proto(key: &CtKey) -> u8 {
+        key.proto
+    }
+    #[inline(always)]
+    fn dir(key: &CtKey) -> u8 {
+        key.dir
+    }
+    #[inline(always)]
+    fn peer(key: &CtKey, value: &Self) -> CtKey {
+        key.peer(value)
+    }
+    #[inline(always)]
+    fn state(&self) -> u8 {
+        self.state
+    }
+    #[inline(always)]
+    fn last_seen_ns(&self) -> u64 {
+        self.last_seen_ns
+    }
+    #[inline(always)]
+    fn mark(&mut self, state: u8, now: u64) {
+        self.state = state;
+        self.last_seen_ns = now;
+    }
+}
+
+impl Entry for CtValue6 {
+    type Key = CtKey6;
+    #[inline(always)]
+    fn proto(key: &CtKey6) -> u8 {
+        key.proto
+    }
+    #[inline(always)]
+    fn dir(key: &CtKey6) -> u8 {
+        key.dir
+    }
+    #[inline(always)]
+    fn peer(key: &CtKey6, value: &Self) -> CtKey6 {
+        key.peer(value)
+    }
+    #[inline(always)]
+    fn state(&self) -> u8 {
+        self.state
+    }
+    #[inline(always)]
+    fn last_seen_ns(&self) -> u64 {
+        self.last_seen_ns
+    }
+    #[inline(always)]
+    fn mark(&mut self, state: u8, now: u64) {
+        self.state = state;
+        self.last_seen_ns = now;
+    }
+}
+
+/// The live entry under `key` of `map`: an expired one counts as absent.
+#[inline(always)]
+fn lookup_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<V> {
+    // SAFETY: the value is read at once.
+    let entry = unsafe { map.get(key)? };
+    if expired(V::proto(key), entry.state(), entry.last_seen_ns()) {
+        return None;
+    }
+    Some(*entry)
+}
+
+/// Records that a packet with TCP flags `tcp_flags` (0: not TCP) went through the entry
+/// `entry` found under `key`: its state moves on and it is seen now. Writes only when the
+/// state changes or a refresh is due (`sluice_common::CT_REFRESH_NS`), and then writes the
+/// flow's other entry too (when it still is this entry's peer), so both expire together
+/// whichever direction the traffic goes.
+#[inline(always)]
+fn seen_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key, entry: &V, tcp_flags: u8) {
+    let now = now();
+    let state = ct_next_state(entry.state(), V::proto(key), V::dir(key), tcp_flags);
+    if state == entry.state() && !refresh_due(V::proto(key), state, entry.last_seen_ns()) {
+        return;
+    }
+    // Plain writes: two CPUs updating one flow at once may lose a bit of state, which only
+    // changes which timeout the flow gets.
+    if let Some(own) = map.get_ptr_mut(key) {
+        // SAFETY: a pointer to the map's value, valid for the program's run.
+        unsafe { (*own).mark(state, now) };
+    }
+    let peer_key = V::peer(key, entry);
+    if let Some(peer) = map.get_ptr_mut(peer_key) {
+        // SAFETY: as above.
+        unsafe {
+            if V::peer(&peer_key, &*peer) == *key {
+                (*peer).mark(state, now);
+            }
+        }
+    }
+}
+
+/// The live IPv4 entry under `key`.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<CtValue> {
+    lookup_in(&CONNTRACK, key)
+}
+
+/// A packet of the flow went through `entry` (found under `key`): see [`seen_in`].
+#[inline(always)]
+pub fn seen(key: &CtKey, entry: &CtValue, tcp_flags: u8) {
+    seen_in(&CONNTRACK, key, entry, tcp_flags)
+}
+
+/// Whether the IPv6 entry `entry` found under `key` has expired (it then counts as absent).
+/// The IPv6 path copies entries into its per-CPU scratch itself (v6/mod.rs `ct_lookup`).
+#[inline(always)]
+pub fn expired6(key: &CtKey6, entry: &CtValue6) -> bool {
+    expired(key.proto, entry.state, entry.last_seen_ns)
+}
+
+/// [`seen`] for IPv6. (Out of line it would need a scalar result: the verifier refuses a
+/// subprogram returning with a stack pointer left in its return register.)
+#[inline(always)]
+pub fn seen6(key: &CtKey6, entry: &CtValue6, tcp_flags: u8) {
+    seen_in(&CONNTRACK6, key, entry, tcp_flags)
+}
+
+/// Claims the IPv6 reply entry `key` for a new masqueraded flow: free, or held by an expired
+/// flow. Out of line, as [`expired`].
+#[inline(never)]
+pub fn claim6(key: &CtKey6, reply: &CtValue6) -> bool {
+    if CONNTRACK6.insert(key, reply, BPF_NOEXIST as u64).is_ok() {
+        return true;
+    }
+    // SAFETY: the fields are read at once.
+    let stale = match unsafe { CONNTRACK6.get(key) } {
+        Some(held) => expired6(key, held),
+        None => true,
+    };
+    stale && CONNTRACK6.insert(key, reply, 0).is_ok()
+}
+
+/// Deletes the reply entry of the forward entry `old` (under `fwd_key`) when it still is its
+/// peer; returns whether it did.
+#[inline(always)]
+fn forget_reply(fwd_key: &CtKey, old: &CtValue) -> bool {
+    let old_reply = fwd_key.peer(old);
+    // SAFETY: the value is read at once.
+    if let Some(entry) = unsafe { CONNTRACK.get(old_reply) } {
+        if old_reply.peer(entry) == *fwd_key {
+            return CONNTRACK.remove(old_reply).is_ok();
+        }
+    }
+    false
+}
+
+/// Where a new flow's source goes. A plain struct, not an `Option`: a `None`'s undefined
+/// payload copied into [`NewEntry`] made LLVM spill registers that were never written, which
+/// the verifier rejects (`R4 !read_ok`).
 #[derive(Clone, Copy)]
 pub struct Snat {
+    /// The masquerade address; 0: the flow keeps its source ([`Snat::NONE`]).
     pub addr: u32,
+    /// The client's port may be kept even outside the masquerade range (hairpin: the address
+    /// is not the node's, no socket of the node can share its tuples).
+    pub keep_client_port: bool,
+}
+
+impl Snat {
+    pub const NONE: Snat = Snat {
+        addr: 0,
+        keep_client_port: false,
+    };
+}
+
+/// The source port attempt `attempt` of a masquerade tries (network order): the client's port
+/// `sport` first when it is in the masquerade range ([`NodeConfig::snat_ports`]) or
+/// `keep_client_port`, else a random port of the range. Out of line, as [`expired`].
+#[inline(never)]
+pub fn masquerade_port(attempt: u32, sport: u16, keep_client_port: bool) -> u16 {
+    masquerade_port_inline(attempt, sport, keep_client_port)
+}
+
+/// [`masquerade_port`] inlined, for the IPv6 path, whose frame leaves no room for a call.
+#[inline(always)]
+pub fn masquerade_port_inline(attempt: u32, sport: u16, keep_client_port: bool) -> u16 {
+    let (port_min, port_count) = match CONFIG.get(0) {
+        Some(config) => config.snat_ports(),
+        None => NodeConfig::default().snat_ports(),
+    };
+    let port = u16::from_be(sport) as u32;
+    let in_range = port >= port_min as u32 && port < port_min as u32 + port_count;
+    if attempt == 0 && (keep_client_port || in_range) {
+        return sport;
+    }
+    // SAFETY: a helper call without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    ((port_min as u32 + random % port_count.max(1)) as u16).to_be()
+}
+
+/// Claims the reply entry `key` for a new masqueraded flow: free, or held by an expired flow.
+/// Out of line, as [`expired`].
+#[inline(never)]
+fn claim(key: &CtKey, reply: &CtValue) -> bool {
+    CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok()
+        || (lookup(key).is_none() && CONNTRACK.insert(key, reply, 0).is_ok())
+}
+
+/// A new flow's balancing: its service, backend and source NAT.
+pub struct NewEntry {
+    pub service_id: u32,
+    pub backend: Backend,
+    pub backend_slot: u32,
+    pub snat: Snat,
+    /// `CT_F_*` (without [`CT_F_SNAT`], which `snat` implies).
+    pub flags: u16,
+    pub now: u64,
 }
 
 /// Records a newly balanced flow and returns its forward entry: the forward entry keeps later
-/// packets on `backend` (and their masquerade source), the reply entry lets the programs restore
-/// the frontend (and the client) in the backend's replies.
+/// packets on the backend (and their masquerade source), the reply entry lets the programs
+/// restore the frontend (and the client) in the backend's replies. `replaced`: the live forward entry
+/// the tuple had (a TCP SYN re-balanced it), whose reply entry goes unless the new flow reuses
+/// it, so the old backend's late packets are no longer translated as the client's flow.
 ///
 /// A masqueraded flow needs a source port that makes the reply tuple (backend -> masquerade
-/// address:port) unique: the client's port when no other flow uses it, else a few random ones.
-/// The reply entry is claimed with BPF_NOEXIST, so two CPUs never get the same port.
+/// address:port) unique: the client's port when it is in the masquerade range (or, hairpin,
+/// whatever it is) and no live flow uses it, else a few random ones from the range. The reply
+/// entry is claimed with BPF_NOEXIST, so two CPUs never get the same port; an expired entry is
+/// overwritten.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub fn create(
     pkt: &Ipv4Packet,
     fwd_key: &CtKey,
-    service_id: u32,
-    backend: &Backend,
-    backend_slot: u32,
-    snat: Option<Snat>,
-    flags: u16,
-    now: u64,
+    new: &NewEntry,
+    replaced: Option<&CtValue>,
 ) -> Result<CtValue, Reason> {
+    let state = ct_next_state(0, pkt.proto, CT_DIR_FORWARD, pkt.tcp_flags);
     let mut fwd = CtValue {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        flags,
+        nat_addr: new.backend.addr,
+        nat_port: new.backend.port,
+        flags: new.flags,
         snat_addr: 0,
         snat_port: 0,
+        state,
         _pad: 0,
-        service_id,
-        backend_slot,
-        created_ns: now,
+        service_id: new.service_id,
+        backend_slot: new.backend_slot,
+        created_ns: new.now,
+        last_seen_ns: new.now,
     };
     let mut reply = CtValue {
         nat_addr: pkt.daddr,
@@ -77,21 +333,24 @@ pub fn create(
         ..fwd
     };
     let mut reply_key = CtKey {
-        saddr: backend.addr,
+        saddr: new.backend.addr,
         daddr: pkt.saddr,
-        sport: backend.port,
+        sport: new.backend.port,
         dport: pkt.sport,
         proto: pkt.proto,
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    match snat {
-        None => {
+    if let Some(old) = replaced {
+        let _ = forget_reply(fwd_key, old);
+    }
+    match new.snat {
+        Snat { addr: 0, .. } => {
             // An LRU map evicts instead of failing when full; an error here leaves the flow
             // translated for this packet only, which the next packet retries.
             let _ = CONNTRACK.insert(reply_key, reply, 0);
         }
-        Some(snat) => {
+        snat => {
             fwd.flags |= CT_F_SNAT;
             reply.flags |= CT_F_SNAT;
             reply.snat_addr = pkt.saddr;
@@ -99,30 +358,10 @@ pub fn create(
             reply_key.daddr = snat.addr;
             let mut claimed = false;
             for attempt in 0..SNAT_ATTEMPTS {
-                if attempt > 0 {
-                    // SAFETY: a helper call without arguments.
-                    let random = unsafe { bpf_get_prandom_u32() };
-                    reply_key.dport = ((SNAT_PORT_MIN + random % SNAT_PORT_SPAN) as u16).to_be();
-                }
-                if CONNTRACK
-                    .insert(reply_key, reply, BPF_NOEXIST as u64)
-                    .is_ok()
-                {
+                reply_key.dport = masquerade_port(attempt, pkt.sport, snat.keep_client_port);
+                if claim(&reply_key, &reply) {
                     claimed = true;
                     break;
-                }
-                // Taken: by this very flow (a new connection reusing the client's tuple and
-                // balanced to the same backend)? Then it is ours to overwrite.
-                if let Some(existing) = lookup(&reply_key) {
-                    if existing.snat_addr == pkt.saddr
-                        && existing.snat_port == pkt.sport
-                        && existing.nat_addr == pkt.daddr
-                        && existing.nat_port == pkt.dport
-                    {
-                        let _ = CONNTRACK.insert(reply_key, reply, 0);
-                        claimed = true;
-                        break;
-                    }
                 }
             }
             if !claimed {

@@ -21,14 +21,20 @@
 //!  2. icmp::ingress             an ICMP error about a translated flow is translated like the
 //!                               flow's packets (its reply, or its client's packet)
 //!  3. conntrack::lookup (reply) a reply of a flow that skips the host's routing
-//!                               (CT_F_REDIRECT: entered from outside, or masqueraded):
+//!                               (CT_F_REDIRECT: entered from outside, or masqueraded); an
+//!                               expired entry (timeouts by protocol and TCP state, see
+//!                               sluice-common) counts as absent here and below:
+//!     conntrack::seen           the flow's state (reply seen, FIN, RST) and last-seen time,
+//!                               in both its entries,
 //!     nat::reverse              source back to the frontend, destination back to the client,
-//!     route::send               then redirected (FIB) or, hairpin, back out its interface.
+//!     route::send               then redirected (FIB, TTL decremented; TTL spent: to the
+//!                               stack) or, hairpin, back out its interface.
 //!                               Replies of other flows pass: to_pod/to_world translate them
 //!                               after the host's routing
 //!  4. conntrack::lookup (fwd)   a flow already balanced keeps its backend (a TCP SYN is
 //!                               balanced again unless lb::keep_on_syn: a retransmission, or
-//!                               the client's affinity backend)
+//!                               the client's affinity backend; never when the connection is
+//!                               over: RST or FIN both ways); conntrack::seen records it
 //!  5. lb::service               (address, port, proto) in `services`; not a frontend: pass.
 //!                               from_pod first tries the frontend's pods' entry (SCOPE_POD:
 //!                               an externalTrafficPolicy Local frontend's cluster-wide
@@ -46,12 +52,16 @@
 //!                               remembers the flow
 //!  9. masq::decide              source NAT: hairpin, masqueradeAll, external traffic to a
 //!                               remote backend, sources outside the cluster CIDRs
-//! 10. conntrack::create         forward + reply entries (with a unique masquerade port)
+//! 10. conntrack::create         forward + reply entries (with a unique masquerade port from
+//!                               the masquerade range; a re-balanced tuple's old reply entry
+//!                               goes)
 //! 11. nat::forward              destination to the backend (and source to the masquerade
 //!                               address), checksums by kernel helpers
 //! 12. route::send               flows entering from outside or masqueraded: redirected to the
-//!                               FIB's egress interface; hairpin: back out the pod's veth; the
-//!                               rest: through the host's routing (TC_ACT_OK)
+//!                               FIB's egress interface; hairpin: back out the pod's veth (both
+//!                               with the TTL decremented; a spent TTL goes to the stack for
+//!                               its time exceeded); the rest: through the host's routing
+//!                               (TC_ACT_OK)
 //! ```
 //!
 //! `to_pod` (tc egress of every pod veth) and `to_world` (tc egress of the external
@@ -63,7 +73,8 @@
 //!  2. icmp::egress              an ICMP error about a flow, toward its client (ICMP is not
 //!                               subject to policy here)
 //!  3. conntrack::lookup (reply) a reply of a translated flow that went through the host's
-//!     nat::reverse              routing: source back to the frontend (and the client)
+//!     conntrack::seen           routing: its state and last-seen time recorded,
+//!     nat::reverse              source back to the frontend (and the client)
 //!  4. policy::to_pod            to_pod, any other packet: a packet of a flow `policy_flows`
 //!                               admitted, its reply, or the answer of the pod's own service
 //!                               flow passes; else a new flow, checked against the pod's
@@ -119,7 +130,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sluice_common::{
-    Reason, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REDIRECT, REASON_DROP_NO_LOCAL_ENDPOINTS,
+    ct_closed, Reason, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REDIRECT, REASON_DROP_NO_LOCAL_ENDPOINTS,
     REASON_DROP_REJECT_FAILED, REASON_DROP_REWRITE_FAILED, REASON_DROP_SOURCE_RANGE,
     REASON_REJECT_NO_ENDPOINTS, SVC_F_DROP_WHEN_EMPTY, SVC_F_SOURCE_RANGES,
 };
@@ -144,7 +155,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     if v6::is_ipv6(&ctx) {
         return v6::ingress(&ctx, Hook::Pod);
     }
-    ingress4(&ctx, Hook::Pod)
+    verdict(&ctx, decode(ingress4(&ctx, Hook::Pod)))
 }
 
 #[classifier]
@@ -152,7 +163,7 @@ pub fn from_world(ctx: TcContext) -> i32 {
     if v6::is_ipv6(&ctx) {
         return v6::ingress(&ctx, Hook::World);
     }
-    ingress4(&ctx, Hook::World)
+    verdict(&ctx, decode(ingress4(&ctx, Hook::World)))
 }
 
 #[classifier]
@@ -160,7 +171,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     if v6::is_ipv6(&ctx) {
         return v6::egress(&ctx);
     }
-    egress4(&ctx, Hook::Pod)
+    verdict(&ctx, decode(egress4(&ctx, Hook::Pod)))
 }
 
 #[classifier]
@@ -168,17 +179,40 @@ pub fn to_world(ctx: TcContext) -> i32 {
     if v6::is_ipv6(&ctx) {
         return v6::egress(&ctx);
     }
-    egress4(&ctx, Hook::World)
+    verdict(&ctx, decode(egress4(&ctx, Hook::World)))
+}
+
+/// The IPv4 steps, each in a function of its own (a BPF-to-BPF call: the IPv6 path's frame
+/// is never on the stack with it). They return their result as a scalar ([`Encoded`]): a
+/// subprogram cannot return a struct.
+#[inline(never)]
+fn ingress4(ctx: &TcContext, hook: Hook) -> Encoded {
+    encode(ingress(ctx, hook))
 }
 
 #[inline(never)]
-fn ingress4(ctx: &TcContext, hook: Hook) -> i32 {
-    verdict(ctx, ingress(ctx, hook))
+fn egress4(ctx: &TcContext, hook: Hook) -> Encoded {
+    encode(egress(ctx, hook))
 }
 
-#[inline(never)]
-fn egress4(ctx: &TcContext, hook: Hook) -> i32 {
-    verdict(ctx, egress(ctx, hook))
+/// A `Result<i32, Reason>` as an `i64`: an action as itself, a reason `r` as `-1 - r`.
+type Encoded = i64;
+
+#[inline(always)]
+fn encode(result: Result<i32, Reason>) -> Encoded {
+    match result {
+        Ok(action) => action as i64,
+        Err(reason) => -1 - reason as i64,
+    }
+}
+
+#[inline(always)]
+fn decode(encoded: Encoded) -> Result<i32, Reason> {
+    if encoded >= 0 {
+        Ok(encoded as i32)
+    } else {
+        Err((-1 - encoded) as Reason)
+    }
 }
 
 /// A packet a program could not handle is dropped (and counted): one the helpers could not
@@ -203,40 +237,56 @@ fn rewrite_failed(_: ()) -> Reason {
 
 #[inline(always)]
 fn ingress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
-    let pkt = match parse::parse(ctx) {
-        None => return Ok(TC_ACT_OK),
-        Some(Packet::IcmpError(err)) => return icmp::ingress(ctx, &err).map_err(rewrite_failed),
-        Some(Packet::Flow(pkt)) => pkt,
-    };
+    match parse::parse(ctx) {
+        None => Ok(TC_ACT_OK),
+        Some(Packet::IcmpError(err)) => icmp::ingress(ctx, &err).map_err(rewrite_failed),
+        Some(Packet::Flow(pkt)) => ingress_flow(ctx, hook, &pkt),
+    }
+}
 
+#[inline(always)]
+fn ingress_flow(ctx: &TcContext, hook: Hook, pkt: &Ipv4Packet) -> Result<i32, Reason> {
     // A reply: translated here when its flow skips the host's routing.
-    if let Some(entry) = conntrack::lookup(&conntrack::key(&pkt, CT_DIR_REPLY)) {
+    let reply_key = conntrack::key(pkt, CT_DIR_REPLY);
+    if let Some(entry) = conntrack::lookup(&reply_key) {
         if entry.flags & CT_F_REDIRECT == 0 {
+            // Tracked and translated on the way out (`egress`).
             return Ok(TC_ACT_OK);
         }
-        nat::reverse(ctx, &pkt, &entry).map_err(rewrite_failed)?;
-        let (saddr, daddr) = nat::reversed_addrs(&pkt, &entry);
+        conntrack::seen(&reply_key, &entry, pkt.tcp_flags);
+        nat::reverse(ctx, pkt, &entry).map_err(rewrite_failed)?;
+        let (saddr, daddr) = nat::reversed_addrs(pkt, &entry);
         return route::send(ctx, &entry, saddr, daddr).map_err(rewrite_failed);
     }
 
-    let fwd_key = conntrack::key(&pkt, CT_DIR_FORWARD);
+    let fwd_key = conntrack::key(pkt, CT_DIR_FORWARD);
     let known = conntrack::lookup(&fwd_key);
     let entry = match known {
-        Some(entry) if !pkt.is_tcp_syn() => entry,
+        Some(entry) if !pkt.is_tcp_syn() => {
+            conntrack::seen(&fwd_key, &entry, pkt.tcp_flags);
+            entry
+        }
         known => {
             // A new flow, or a TCP SYN: it starts a new connection even when its tuple is still
-            // remembered (the client reused a port), unless it is a retransmission.
-            let Some(service) = lb::service(&pkt, hook) else {
+            // remembered (the client reused a port), unless it is a retransmission. A SYN on a
+            // connection that is over (RST, FIN both ways) is always a new one.
+            let Some(service) = lb::service(pkt, hook) else {
                 if hook == Hook::Pod {
-                    policy::from_pod(&pkt)?;
+                    policy::from_pod(pkt)?;
                 }
                 return Ok(TC_ACT_OK);
             };
             // SAFETY: a helper call without arguments.
             let now = unsafe { bpf_ktime_get_ns() };
             match known {
-                Some(entry) if lb::keep_on_syn(&service, &entry, pkt.saddr, now) => entry,
-                _ => match new_flow(ctx, &pkt, &fwd_key, &service, hook, now)? {
+                Some(entry)
+                    if !ct_closed(entry.state)
+                        && lb::keep_on_syn(&service, &entry, pkt.saddr, now) =>
+                {
+                    conntrack::seen(&fwd_key, &entry, pkt.tcp_flags);
+                    entry
+                }
+                _ => match new_flow(ctx, pkt, &fwd_key, &service, hook, now, known.as_ref())? {
                     NewFlow::Balanced(entry) => entry,
                     NewFlow::Done(action) => return Ok(action),
                 },
@@ -244,8 +294,8 @@ fn ingress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
         }
     };
 
-    nat::forward(ctx, &pkt, &entry).map_err(rewrite_failed)?;
-    let (saddr, daddr) = nat::forwarded_addrs(&pkt, &entry);
+    nat::forward(ctx, pkt, &entry).map_err(rewrite_failed)?;
+    let (saddr, daddr) = nat::forwarded_addrs(pkt, &entry);
     route::send(ctx, &entry, saddr, daddr).map_err(rewrite_failed)
 }
 
@@ -257,7 +307,7 @@ enum NewFlow {
 }
 
 /// Steps 6 to 10: the frontend's source ranges, its missing backends, the backend and the
-/// source NAT of a new flow.
+/// source NAT of a new flow (`replaced`: the live entry of the tuple it takes over).
 #[inline(always)]
 fn new_flow(
     ctx: &TcContext,
@@ -266,6 +316,7 @@ fn new_flow(
     service: &sluice_common::ServiceValue,
     hook: Hook,
     now: u64,
+    replaced: Option<&sluice_common::CtValue>,
 ) -> Result<NewFlow, Reason> {
     if service.flags & SVC_F_SOURCE_RANGES != 0 && !lb::source_allowed(service.id, pkt.saddr) {
         return Err(REASON_DROP_SOURCE_RANGE);
@@ -292,7 +343,15 @@ fn new_flow(
         policy::egress_to_backend(pkt, backend.addr, backend.port)?;
     }
     let (snat, flags) = masq::decide(masq::config(), service, &backend, pkt, hook);
-    let entry = conntrack::create(pkt, fwd_key, service.id, &backend, slot, snat, flags, now)?;
+    let new = conntrack::NewEntry {
+        service_id: service.id,
+        backend,
+        backend_slot: slot,
+        snat,
+        flags,
+        now,
+    };
+    let entry = conntrack::create(pkt, fwd_key, &new, replaced)?;
     Ok(NewFlow::Balanced(entry))
 }
 
@@ -303,8 +362,12 @@ fn egress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
         Some(Packet::IcmpError(err)) => return icmp::egress(ctx, &err).map_err(rewrite_failed),
         Some(Packet::Flow(pkt)) => pkt,
     };
-    match conntrack::lookup(&conntrack::key(&pkt, CT_DIR_REPLY)) {
-        Some(entry) => nat::reverse(ctx, &pkt, &entry).map_err(rewrite_failed)?,
+    let reply_key = conntrack::key(&pkt, CT_DIR_REPLY);
+    match conntrack::lookup(&reply_key) {
+        Some(entry) => {
+            conntrack::seen(&reply_key, &entry, pkt.tcp_flags);
+            nat::reverse(ctx, &pkt, &entry).map_err(rewrite_failed)?
+        }
         None if hook == Hook::Pod => policy::to_pod(&pkt)?,
         None => {}
     }

@@ -41,6 +41,8 @@ fn in_cluster(config: &NodeConfig, addr: u32) -> bool {
 ///   to a local backend: the node (kube-proxy's `! -s clusterCIDR` masquerade).
 ///
 /// Without a node address (`config.node_ip` 0) nothing but hairpin traffic is masqueraded.
+/// Masquerade ports come from the configured range ([`NodeConfig::snat_ports`]), outside the
+/// node's ephemeral ports; hairpin flows keep the client's port when it is free.
 /// Flows entering from outside the node, and every masqueraded flow, get
 /// [`CT_F_REDIRECT`].
 #[inline(always)]
@@ -50,7 +52,7 @@ pub fn decide(
     backend: &Backend,
     pkt: &Ipv4Packet,
     hook: Hook,
-) -> (Option<Snat>, u16) {
+) -> (Snat, u16) {
     let base = if hook == Hook::World {
         CT_F_REDIRECT
     } else {
@@ -58,17 +60,18 @@ pub fn decide(
     };
     if hook == Hook::Pod && backend.addr == pkt.saddr {
         return (
-            Some(Snat {
+            Snat {
                 addr: u32::from_ne_bytes(HAIRPIN_SNAT_ADDR),
-            }),
+                keep_client_port: true,
+            },
             CT_F_HAIRPIN | CT_F_REDIRECT,
         );
     }
     let Some(config) = config else {
-        return (None, base);
+        return (Snat::NONE, base);
     };
     if service.flags & SVC_F_EXTERNAL_LOCAL != 0 || config.node_ip == 0 {
-        return (None, base);
+        return (Snat::NONE, base);
     }
     let external = service.flags & SVC_F_EXTERNAL != 0;
     let local = backend.flags & BACKEND_F_LOCAL != 0;
@@ -77,12 +80,13 @@ pub fn decide(
         || (config.cidr_count > 0 && !(external && local) && !in_cluster(config, pkt.saddr));
     if masquerade {
         (
-            Some(Snat {
+            Snat {
                 addr: config.node_ip,
-            }),
+                keep_client_port: false,
+            },
             CT_F_REDIRECT,
         )
     } else {
-        (None, base)
+        (Snat::NONE, base)
     }
 }

@@ -9,6 +9,14 @@
 //! only when the lookup finds no forwarding route (local delivery, no route, forwarding
 //! disabled) does the packet go to the stack. Hairpin packets and the programs' own answers
 //! are sent back out the interface they came in on, MAC addresses swapped.
+//!
+//! A packet sent on past the stack this way (redirected or hairpinned, not the programs' own
+//! answers) skips the kernel's forwarding, so its IPv4 TTL is decremented here, header checksum
+//! included, as `ip_forward` would. A packet whose TTL would reach 0 goes to the stack instead
+//! (TC_ACT_OK), translated: the kernel's forwarding drops it and sends the ICMP time exceeded,
+//! which the programs translate back like any error about the flow. (A masqueraded packet
+//! handed up this way carries the node's address as source and is dropped as martian without
+//! an error: the kernel does not answer those.)
 
 use core::mem::size_of;
 
@@ -23,7 +31,11 @@ use aya_ebpf::{
 };
 use sluice_common::{CtValue, CT_F_HAIRPIN, CT_F_REDIRECT};
 
+use crate::parse::{ETH_HLEN, IP_CSUM_OFF};
+
 const AF_INET: u8 = 2;
+/// Offset of the TTL in the IPv4 header (the 16-bit word it starts holds TTL, protocol).
+const IP_TTL_OFF: usize = 8;
 
 /// The interface the packet is on (at tc ingress: the one it arrived on).
 #[inline(always)]
@@ -38,18 +50,43 @@ fn ifindex(ctx: &TcContext) -> u32 {
 #[inline(always)]
 pub fn send(ctx: &TcContext, entry: &CtValue, saddr: u32, daddr: u32) -> Result<i32, ()> {
     if entry.flags & CT_F_HAIRPIN != 0 {
+        if !decrement_ttl(ctx)? {
+            return Ok(TC_ACT_OK);
+        }
         bounce(ctx)
     } else if entry.flags & CT_F_REDIRECT != 0 {
-        Ok(via_fib(ctx, saddr, daddr))
+        via_fib(ctx, saddr, daddr)
     } else {
         Ok(TC_ACT_OK)
     }
 }
 
-/// Redirects the packet to the egress interface and next hop the FIB has for `daddr`;
-/// TC_ACT_OK (the stack routes it) when there is no forwarding route.
+/// Decrements the IPv4 TTL of a packet the programs forward themselves, updating the header
+/// checksum; `false` (packet unchanged) when it would reach 0: the stack must handle it.
 #[inline(always)]
-pub fn via_fib(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
+pub fn decrement_ttl(ctx: &TcContext) -> Result<bool, ()> {
+    let word: [u8; 2] = ctx.load(ETH_HLEN + IP_TTL_OFF).map_err(|_| ())?;
+    if word[0] <= 1 {
+        return Ok(false);
+    }
+    let new = [word[0] - 1, word[1]];
+    ctx.l3_csum_replace(
+        ETH_HLEN + IP_CSUM_OFF,
+        u16::from_ne_bytes(word) as u64,
+        u16::from_ne_bytes(new) as u64,
+        2,
+    )
+    .map_err(|_| ())?;
+    ctx.store(ETH_HLEN + IP_TTL_OFF, &new[0], 0)
+        .map_err(|_| ())?;
+    Ok(true)
+}
+
+/// Redirects the packet to the egress interface and next hop the FIB has for `daddr`, its TTL
+/// decremented; TC_ACT_OK (the stack routes it) when there is no forwarding route or the TTL
+/// is spent.
+#[inline(always)]
+fn via_fib(ctx: &TcContext, saddr: u32, daddr: u32) -> Result<i32, ()> {
     // SAFETY: a plain C struct; all zeroes is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -67,7 +104,10 @@ pub fn via_fib(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return TC_ACT_OK;
+        return Ok(TC_ACT_OK);
+    }
+    if !decrement_ttl(ctx)? {
+        return Ok(TC_ACT_OK);
     }
     let redirected = if params.family == AF_INET {
         // The next hop (gateway, or the destination on a connected route): the kernel resolves
@@ -93,7 +133,7 @@ pub fn via_fib(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
         // SAFETY: a NULL neighbour with length 0 is the documented "look it up" form.
         unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) }
     };
-    redirected as i32
+    Ok(redirected as i32)
 }
 
 /// Sends the packet back out the interface it came in on, MAC addresses swapped: hairpin

@@ -30,6 +30,7 @@
 //! `sluice trace`): it never touches a running agent's maps or bpffs at all.
 
 pub mod affinity;
+pub mod gc;
 pub mod policy_sync;
 pub mod purge;
 pub mod sock;
@@ -901,6 +902,37 @@ impl Datapath {
             }
         }
         Ok(doomed.len())
+    }
+
+    /// Deletes the expired conntrack entries of both families (see [`gc`]), each with its
+    /// flow's other entry, by the timeouts in the `config` map.
+    pub fn collect_garbage(&mut self) -> anyhow::Result<gc::GcStats> {
+        let now = gc::monotonic_now_ns();
+        let timeouts = self.node_config.ct_timeouts;
+        let entries = self.conntrack_entries()?;
+        let doomed = gc::expired(&entries, &timeouts, now);
+        for key in &doomed {
+            match self.conntrack.remove(key) {
+                Ok(()) => {}
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting an expired conntrack entry"),
+            }
+        }
+        let entries6 = self.conntrack6_entries()?;
+        let doomed6 = gc::expired(&entries6, &timeouts, now);
+        for key in &doomed6 {
+            match self.conntrack6.remove(key) {
+                Ok(()) => {}
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting an expired IPv6 conntrack entry"),
+            }
+        }
+        Ok(gc::GcStats {
+            removed: doomed.len(),
+            removed6: doomed6.len(),
+            live: entries.len() - doomed.len(),
+            live6: entries6.len() - doomed6.len(),
+        })
     }
 
     /// Every sessionAffinity entry.

@@ -9,6 +9,9 @@
 //! flow is balanced again instead of being sent to a backend that is gone.
 //!
 //! Pure: [`Selection`] decides per entry; `Datapath::purge_removed_backends` walks the maps.
+//! It picks by backend alone, whatever the flows' conntrack state: a live UDP flow to a removed
+//! backend goes at once, not when it would expire. Expired entries of any flow are the
+//! periodic garbage collection's (`gc.rs`).
 
 use std::collections::BTreeSet;
 
@@ -128,10 +131,12 @@ mod tests {
             flags: if snat { CT_F_SNAT } else { 0 },
             snat_addr: if snat { a(NODE) } else { 0 },
             snat_port: if snat { p(61_000) } else { 0 },
+            state: 0,
             _pad: 0,
             service_id: id,
             backend_slot: 0,
             created_ns: 1,
+            last_seen_ns: 1,
         };
         let forward = CtKey {
             saddr: a(CLIENT),

@@ -546,10 +546,12 @@ mod tests {
                 flags: 0,
                 snat_addr: [0; 4],
                 snat_port: 0,
+                state: 0,
                 _pad: 0,
                 service_id: 7,
                 backend_slot: 0,
                 created_ns: 0,
+                last_seen_ns: 0,
             };
             (key, value)
         };

@@ -200,6 +200,9 @@ pub fn node_config(node: &NodeContext) -> anyhow::Result<NodeConfig> {
             0
         },
         cidr_count: cidrs.len() as u32,
+        ct_timeouts: node.conntrack,
+        snat_port_min: node.masquerade_ports.map_or(0, |r| r.first),
+        snat_port_max: node.masquerade_ports.map_or(0, |r| r.last),
         ..NodeConfig::default()
     };
     for (slot, cidr) in config.cluster_cidrs.iter_mut().zip(&cidrs) {

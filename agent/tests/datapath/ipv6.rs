@@ -878,17 +878,17 @@ fn ipv6_cluster_ip_traffic_from_outside_the_cluster_cidrs_and_masquerade_all_is_
             Some(ext),
             TC_ACT_REDIRECT,
         );
-        assert_eq!(
-            (ipv6_src(&out), ipv6_dst(&out)),
-            ((NODE6, 40_000), (REMOTE_POD6, 8080))
-        );
+        // The masquerade source port comes from the masquerade range (61000-65535).
+        let ((src, masq_port), dst) = (ipv6_src(&out), ipv6_dst(&out));
+        assert_eq!((src, dst), (NODE6, (REMOTE_POD6, 8080)));
+        assert!((61_000..=65_535).contains(&masq_port), "{masq_port}");
         let answer = tcp6_packet(
             &Flow6 {
                 proto: PROTO_TCP,
                 src: REMOTE_POD6,
                 sport: 8080,
                 dst: NODE6,
-                dport: 40_000,
+                dport: masq_port,
             },
             TCP_SYN | TCP_ACK,
             &[],
@@ -926,10 +926,9 @@ fn ipv6_cluster_ip_traffic_from_outside_the_cluster_cidrs_and_masquerade_all_is_
             Some(ext),
             TC_ACT_REDIRECT,
         );
-        assert_eq!(
-            (ipv6_src(&out), ipv6_dst(&out)),
-            ((NODE6, 40_002), (REMOTE_POD6, 8080))
-        );
+        let ((src, masq_port), dst) = (ipv6_src(&out), ipv6_dst(&out));
+        assert_eq!((src, dst), (NODE6, (REMOTE_POD6, 8080)));
+        assert!((61_000..=65_535).contains(&masq_port), "{masq_port}");
         let entries = datapath.conntrack6_entries().unwrap();
         assert!(entries.iter().all(|(_, v)| v.flags & CT_F_SNAT != 0));
     });
@@ -1133,4 +1132,118 @@ impl FibNode6 {
     fn run<T: Send>(&self, f: impl FnOnce(u32) -> T + Send) -> T {
         self.netns.run(|| f(ifindex("ext0")))
     }
+}
+
+/// IPv6 flows have the IPv4 ones' state and timeouts: a silent UDP flow expires, its next
+/// datagram is balanced again, the garbage collector removes expired entries, and a TCP
+/// connection that is over (RST) is balanced again by its next SYN.
+#[test]
+fn ipv6_flows_expire_and_are_collected_like_ipv4_ones() {
+    use packet::{tcp6_packet, udp6_packet, Flow6};
+    use sluice_common::CtTimeouts;
+    use std::{net::Ipv6Addr, thread::sleep, time::Duration};
+
+    let vip6: Ipv6Addr = "fd00:10:96::10".parse().unwrap();
+    let a = be("fd00:10:244::7".parse::<Ipv6Addr>().unwrap(), 8080);
+    let services = [Protocol::Udp, Protocol::Tcp]
+        .map(|proto| {
+            (
+                Frontend {
+                    ip: vip6.into(),
+                    port: 80,
+                    proto,
+                },
+                entry(FrontendKind::ClusterIp, &[a], &[a]),
+            )
+        })
+        .to_vec();
+    let context = NodeContext {
+        conntrack: CtTimeouts {
+            udp_ms: 600,
+            ..CtTimeouts::default()
+        },
+        ..node_context(false)
+    };
+    let mut datapath = node_datapath(services, &context);
+    let udp = Flow6 {
+        proto: PROTO_UDP,
+        src: "fd00:10:244::5".parse().unwrap(),
+        sport: 40_000,
+        dst: vip6,
+        dport: 80,
+    };
+    let created = |datapath: &Datapath, proto: u8| {
+        datapath
+            .conntrack6_entries()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.proto == proto && k.dir == CT_DIR_FORWARD)
+            .map(|(_, v)| (v.created_ns, v.last_seen_ns, v.state))
+            .next()
+            .expect("a forward entry")
+    };
+    expect6(
+        datapath.from_pod(),
+        &udp6_packet(&udp, PAYLOAD),
+        None,
+        TC_ACT_OK,
+    );
+    let (first, last_seen, _) = created(&datapath, PROTO_UDP);
+    assert_ne!(last_seen, 0, "IPv6 entries are tracked");
+    // Refreshed before its timeout, the flow lives on past it.
+    sleep(Duration::from_millis(400));
+    expect6(
+        datapath.from_pod(),
+        &udp6_packet(&udp, PAYLOAD),
+        None,
+        TC_ACT_OK,
+    );
+    sleep(Duration::from_millis(400));
+    assert_eq!(datapath.collect_garbage().unwrap().removed6, 0);
+    assert_eq!(created(&datapath, PROTO_UDP).0, first, "the same flow");
+    // Silent past it: the collector removes both entries.
+    sleep(Duration::from_millis(700));
+    assert_eq!(datapath.collect_garbage().unwrap().removed6, 2);
+    assert!(datapath.conntrack6_entries().unwrap().is_empty());
+    // The next datagram is a new flow.
+    expect6(
+        datapath.from_pod(),
+        &udp6_packet(&udp, PAYLOAD),
+        None,
+        TC_ACT_OK,
+    );
+    assert!(created(&datapath, PROTO_UDP).0 > first, "balanced again");
+
+    // TCP: a RST from the client closes the connection; a SYN right after (inside the
+    // retransmission window) starts a new one.
+    let tcp = Flow6 {
+        proto: PROTO_TCP,
+        sport: 40_001,
+        ..udp
+    };
+    expect6(
+        datapath.from_pod(),
+        &tcp6_packet(&tcp, TCP_SYN, &[]),
+        None,
+        TC_ACT_OK,
+    );
+    let (syn_created, _, _) = created(&datapath, PROTO_TCP);
+    expect6(
+        datapath.from_pod(),
+        &tcp6_packet(&tcp, TCP_RST, &[]),
+        None,
+        TC_ACT_OK,
+    );
+    let (_, _, state) = created(&datapath, PROTO_TCP);
+    assert_ne!(state, 0, "the RST is recorded");
+    expect6(
+        datapath.from_pod(),
+        &tcp6_packet(&tcp, TCP_SYN, &[]),
+        None,
+        TC_ACT_OK,
+    );
+    assert!(
+        created(&datapath, PROTO_TCP).0 > syn_created,
+        "a SYN after a RST is a new connection"
+    );
 }

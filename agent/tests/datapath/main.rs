@@ -13,6 +13,7 @@ mod support;
 
 mod affinity;
 mod clusterip;
+mod conntrack;
 mod ipv6;
 mod pinning;
 mod policy;

@@ -79,9 +79,9 @@ fn nodeport_from_outside_to_a_remote_backend_is_masqueraded_and_its_reply_restor
             Some(ifs.ext),
             TC_ACT_REDIRECT,
         );
-        assert_eq!(
-            tuple_of(&out),
-            flow(PROTO_TCP, NODE_IP, 40_000, REMOTE_POD, 8080)
+        crate::conntrack::assert_masqueraded(
+            &out,
+            flow(PROTO_TCP, NODE_IP, 40_000, REMOTE_POD, 8080),
         );
 
         // Another client with the same port to the same backend: the node's port 40000 is
@@ -135,9 +135,9 @@ fn nodeport_from_outside_to_a_remote_backend_is_masqueraded_and_its_reply_restor
             Some(ifs.ext),
             TC_ACT_REDIRECT,
         );
-        assert_eq!(
-            tuple_of(&out),
-            flow(PROTO_UDP, NODE_IP, 50_000, REMOTE_POD, 8080)
+        crate::conntrack::assert_masqueraded(
+            &out,
+            flow(PROTO_UDP, NODE_IP, 50_000, REMOTE_POD, 8080),
         );
         assert_eq!(l4_checksum_field(&out), 0);
         let back = expect(
@@ -383,9 +383,9 @@ fn cluster_ip_traffic_from_outside_the_cluster_cidr_is_masqueraded() {
             Some(ifs.ext),
             TC_ACT_REDIRECT,
         );
-        assert_eq!(
-            tuple_of(&out),
-            flow(PROTO_TCP, NODE_IP, 40_000, LOCAL_POD, 8080)
+        crate::conntrack::assert_masqueraded(
+            &out,
+            flow(PROTO_TCP, NODE_IP, 40_000, LOCAL_POD, 8080),
         );
         let answer = tcp_packet(&tuple_of(&out).reversed(), TCP_SYN | TCP_ACK);
         let back = expect(datapath.from_pod(), &answer, Some(ifs.pod), TC_ACT_REDIRECT);
@@ -451,9 +451,9 @@ fn masquerade_all_masquerades_pod_flows_too() {
             Some(ifs.pod),
             TC_ACT_REDIRECT,
         );
-        assert_eq!(
-            tuple_of(&out),
-            flow(PROTO_TCP, NODE_IP, 40_000, LOCAL_POD, 8080)
+        crate::conntrack::assert_masqueraded(
+            &out,
+            flow(PROTO_TCP, NODE_IP, 40_000, LOCAL_POD, 8080),
         );
         let answer = tcp_packet(&tuple_of(&out).reversed(), TCP_SYN | TCP_ACK);
         let back = expect(datapath.from_pod(), &answer, Some(ifs.pod), TC_ACT_REDIRECT);
@@ -1057,9 +1057,9 @@ fn sctp_flows_are_translated_with_their_crc_updated() {
             Some(ifs.ext),
             TC_ACT_REDIRECT,
         );
-        assert_eq!(
-            tuple_of(&out),
-            flow(PROTO_SCTP, NODE_IP, 50_001, REMOTE_POD, 3870)
+        crate::conntrack::assert_masqueraded(
+            &out,
+            flow(PROTO_SCTP, NODE_IP, 50_001, REMOTE_POD, 3870),
         );
         let answer = packet::sctp_packet(&tuple_of(&out).reversed(), true);
         let back = expect(
@@ -1122,9 +1122,9 @@ fn without_a_forwarding_route_the_stack_gets_the_packet() {
             Some(ifindex("ext0")),
             TC_ACT_OK,
         );
-        assert_eq!(
-            tuple_of(&out),
-            flow(PROTO_TCP, NODE_IP, 40_000, REMOTE_POD, 8080)
+        crate::conntrack::assert_masqueraded(
+            &out,
+            flow(PROTO_TCP, NODE_IP, 40_000, REMOTE_POD, 8080),
         );
     });
 }

@@ -1,10 +1,7 @@
 //! A new IPv6 flow: its frontend, source ranges, backend (sessionAffinity or random), source
 //! NAT and conntrack entries; the IPv6 twins of lb.rs, masq.rs and conntrack::create.
 
-use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK},
-    helpers::bpf_get_prandom_u32,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32};
 use sluice_common::{
     source_range_prefix_len, Backend6, BackendKey, NodeConfig6, Reason, ServiceKey6, ServiceValue,
     SourceRangeKey6, BACKEND_F_LOCAL, CONFIG_F_MASQUERADE_ALL, CT_DIR_REPLY, CT_F_HAIRPIN,
@@ -16,6 +13,7 @@ use sluice_common::{
 
 use super::{Ipv6Packet, Scratch6};
 use crate::{
+    conntrack,
     lb::SYN_RETRANSMIT_NS,
     maps::{AFFINITY6, BACKENDS6, CONFIG6, CONNTRACK6, SERVICES6, SOURCE_RANGES6},
     Hook,
@@ -259,18 +257,16 @@ fn masquerade(
     }
 }
 
-/// How many source ports a masqueraded flow tries: the client's own, then random ones from
-/// 61000-65535 (as the IPv4 datapath).
+/// How many source ports a masqueraded flow tries: the client's own when it may keep it, then
+/// random ones from the masquerade range (conntrack::masquerade_port_inline, as for IPv4).
 const SNAT_ATTEMPTS: u32 = 5;
-const SNAT_PORT_MIN: u32 = 61_000;
-const SNAT_PORT_SPAN: u32 = 65_536 - SNAT_PORT_MIN;
 
 // create() writes the conntrack key and values field by field into the scratch (whole struct
 // literals there made LLVM emit code the verifier rejects, "R5 !read_ok"): a field added to
 // CtKey6 or CtValue6 must be written there too, or it keeps an earlier packet's value. These
 // sizes make such a change fail to build until create() is looked at.
 const _: () = assert!(core::mem::size_of::<sluice_common::CtKey6>() == 40);
-const _: () = assert!(core::mem::size_of::<sluice_common::CtValue6>() == 56);
+const _: () = assert!(core::mem::size_of::<sluice_common::CtValue6>() == 64);
 
 /// Records the new flow (forward entry in `s.entry`, with the forward key in `s.key`), as
 /// conntrack::create: a masqueraded flow claims a source port that makes its reply tuple
@@ -293,10 +289,12 @@ fn create(
     s.entry.flags = flags;
     s.entry.snat_addr = [0; 4];
     s.entry.snat_port = 0;
+    s.entry.state = 0;
     s.entry._pad = 0;
     s.entry.service_id = service_id;
     s.entry.backend_slot = slot;
     s.entry.created_ns = now;
+    s.entry.last_seen_ns = now;
     s.reply = s.entry;
     s.reply.nat_addr = pkt.daddr;
     s.reply.nat_port = pkt.dport;
@@ -318,16 +316,11 @@ fn create(
             s.reply.snat_port = pkt.sport;
             s.reply_key.daddr = addr;
             let mut claimed = false;
+            let keep_client_port = flags & CT_F_HAIRPIN != 0;
             for attempt in 0..SNAT_ATTEMPTS {
-                if attempt > 0 {
-                    // SAFETY: a helper call without arguments.
-                    let random = unsafe { bpf_get_prandom_u32() };
-                    s.reply_key.dport = ((SNAT_PORT_MIN + random % SNAT_PORT_SPAN) as u16).to_be();
-                }
-                if CONNTRACK6
-                    .insert(&s.reply_key, &s.reply, BPF_NOEXIST as u64)
-                    .is_ok()
-                {
+                s.reply_key.dport =
+                    conntrack::masquerade_port_inline(attempt, pkt.sport, keep_client_port);
+                if conntrack::claim6(&s.reply_key, &s.reply) {
                     claimed = true;
                     break;
                 }

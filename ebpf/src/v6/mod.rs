@@ -77,11 +77,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sluice_common::{
-    AffinityKey6, AffinityValue6, CtKey6, CtValue6, Reason, SourceRangeKey6, CT_DIR_FORWARD,
-    CT_DIR_REPLY, CT_F_REDIRECT, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_DROP_REWRITE_FAILED,
+    ct_closed, AffinityKey6, AffinityValue6, CtKey6, CtValue6, Reason, SourceRangeKey6,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REDIRECT, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    REASON_DROP_REWRITE_FAILED,
 };
 
 use crate::{
+    conntrack,
     maps::{CONNTRACK6, SCRATCH6},
     parse::{ETH_HLEN, SCTP_CSUM_OFF, TCP_CSUM_OFF, TCP_FLAG_ACK, TCP_FLAG_SYN, UDP_CSUM_OFF},
     verdict, Hook,
@@ -265,6 +267,7 @@ fn flow_egress(ctx: &TcContext, s: &mut Scratch6) -> i32 {
     let pkt = s.pkt;
     s.key = ct_key(&pkt, CT_DIR_REPLY);
     let result = if ct_lookup(s) {
+        conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags);
         nat::reverse(ctx, &pkt, &s.entry)
     } else {
         Ok(())
@@ -407,16 +410,17 @@ fn ct_key(pkt: &Ipv6Packet, dir: u8) -> CtKey6 {
     }
 }
 
-/// Looks `s.key` up in conntrack6 and copies the entry to `s.entry`; whether there was one.
+/// Looks `s.key` up in conntrack6 and copies the entry to `s.entry`; whether there was a live
+/// one (an expired entry counts as absent, as conntrack::lookup).
 #[inline(always)]
 fn ct_lookup(s: &mut Scratch6) -> bool {
     // SAFETY: the value is copied out at once.
     match unsafe { CONNTRACK6.get(&s.key) } {
-        Some(entry) => {
+        Some(entry) if !conntrack::expired6(&s.key, entry) => {
             s.entry = *entry;
             true
         }
-        None => false,
+        _ => false,
     }
 }
 
@@ -442,6 +446,7 @@ fn ingress_steps(
         if s.entry.flags & CT_F_REDIRECT == 0 {
             return Ok(TC_ACT_OK);
         }
+        conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags);
         nat::reverse(ctx, pkt, &s.entry).map_err(|()| REASON_DROP_REWRITE_FAILED)?;
         let (saddr, daddr) = nat::reversed_addrs(pkt, &s.entry);
         let flags = s.entry.flags;
@@ -452,17 +457,20 @@ fn ingress_steps(
     if !known || pkt.is_tcp_syn() {
         // A new flow, or a TCP SYN: it starts a new connection even when its tuple is still
         // remembered (the client reused a port), unless it is a retransmission or the
-        // client's affinity backend.
+        // client's affinity backend; a SYN on a connection that is over (RST, FIN both ways)
+        // always starts a new one.
         let Some(service) = lb::service(pkt, hook) else {
             return Ok(TC_ACT_OK);
         };
         // SAFETY: a helper call without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
-        if !(known && lb::keep_on_syn(s, &service, pkt.saddr, now)) {
-            if let Some(action) = lb::new_flow(s, pkt, &service, hook, now)? {
-                return Ok(action);
-            }
+        if known && !ct_closed(s.entry.state) && lb::keep_on_syn(s, &service, pkt.saddr, now) {
+            conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags);
+        } else if let Some(action) = lb::new_flow(s, pkt, &service, hook, now)? {
+            return Ok(action);
         }
+    } else {
+        conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags);
     }
     nat::forward(ctx, pkt, &s.entry).map_err(|()| REASON_DROP_REWRITE_FAILED)?;
     let (saddr, daddr) = nat::forwarded_addrs(pkt, &s.entry);
