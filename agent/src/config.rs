@@ -285,6 +285,37 @@ impl KubeProxyConfig {
         if settings.kubeconfig.is_none() {
             settings.kubeconfig = self.kubeconfig.clone();
         }
+        // A timeout flag left at its default yields to the file's value (clap cannot tell a
+        // flag given with its default value from one not given at all).
+        let defaults = crate::node::ConntrackOptions::flag_defaults();
+        let timeouts = &mut settings.node.conntrack;
+        for (flag, default, file) in [
+            (
+                &mut timeouts.conntrack_tcp_timeout_established,
+                defaults.conntrack_tcp_timeout_established,
+                self.conntrack.tcp_established,
+            ),
+            (
+                &mut timeouts.conntrack_tcp_timeout_close_wait,
+                defaults.conntrack_tcp_timeout_close_wait,
+                self.conntrack.tcp_close_wait,
+            ),
+            (
+                &mut timeouts.conntrack_udp_timeout,
+                defaults.conntrack_udp_timeout,
+                self.conntrack.udp,
+            ),
+            (
+                &mut timeouts.conntrack_udp_timeout_stream,
+                defaults.conntrack_udp_timeout_stream,
+                self.conntrack.udp_stream,
+            ),
+        ] {
+            // 0s: kube-proxy leaves the kernel's value, Sluice its default.
+            if let Some(value) = file.filter(|v| *flag == default && !v.is_zero()) {
+                *flag = value;
+            }
+        }
     }
 }
 
@@ -563,6 +594,30 @@ winkernel:
                 config.warnings
             );
         }
+    }
+
+    #[test]
+    fn conntrack_timeouts_apply_unless_their_flag_was_changed() {
+        use std::time::Duration;
+        let config = KubeProxyConfig::parse(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             conntrack: {tcpEstablishedTimeout: 2h, tcpCloseWaitTimeout: 30m, udpTimeout: 10s, \
+             udpStreamTimeout: 0s}\n",
+        )
+        .unwrap();
+        let defaults = crate::node::ConntrackOptions::flag_defaults();
+        assert_eq!(defaults.conntrack_udp_timeout_stream, Duration::from_secs(120));
+        let mut settings = AgentSettings::default();
+        settings.node.conntrack = defaults.clone();
+        // --conntrack-udp-timeout given: it wins.
+        settings.node.conntrack.conntrack_udp_timeout = Duration::from_secs(5);
+        config.fill(&mut settings);
+        let applied = &settings.node.conntrack;
+        assert_eq!(applied.conntrack_tcp_timeout_established, Duration::from_secs(7200));
+        assert_eq!(applied.conntrack_tcp_timeout_close_wait, Duration::from_secs(1800));
+        assert_eq!(applied.conntrack_udp_timeout, Duration::from_secs(5));
+        // 0s keeps the default.
+        assert_eq!(applied.conntrack_udp_timeout_stream, Duration::from_secs(120));
     }
 
     #[test]

@@ -153,15 +153,6 @@ fn agent_config(
         for warning in &file.warnings {
             tracing::warn!(file = %path.display(), "{warning}");
         }
-        let conntrack = &file.conntrack;
-        if *conntrack != Default::default() {
-            tracing::warn!(
-                file = %path.display(),
-                ?conntrack,
-                "conntrack timeouts are parsed but not yet applied: the datapath's conntrack \
-                 timeouts are fixed in this build"
-            );
-        }
         file.fill(&mut settings);
     }
     let source = match manifests {

@@ -70,6 +70,17 @@ pub struct ConntrackOptions {
 }
 
 impl ConntrackOptions {
+    /// The flags' default values: what an agent started without them uses (`Default` gives
+    /// zeroes, which the datapath reads as its built-in defaults).
+    pub fn flag_defaults() -> ConntrackOptions {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            conntrack: ConntrackOptions,
+        }
+        <Flags as clap::Parser>::parse_from(["sluice"]).conntrack
+    }
+
     /// The timeouts as the `config` map holds them (milliseconds; 0 = the datapath default).
     pub fn timeouts(&self) -> CtTimeouts {
         let ms = |d: &Duration| d.as_millis() as u32;
