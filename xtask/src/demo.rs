@@ -348,10 +348,14 @@ fn policies(
             other => anyhow::bail!("not applied yet: {other:?}"),
         },
     )?;
+    let mut unexpected = Vec::new();
     for (from, what, dst, expected, why) in flows {
         let reached = from
             .tcp_request_any(dst, Duration::from_millis(700))
             .is_ok();
+        if reached != expected {
+            unexpected.push(format!("{} -> {what}", from.name()));
+        }
         println!(
             "  {:<48} {:<9} {why}{}",
             format!("{} -> {what} {dst}", from.name()),
@@ -366,6 +370,11 @@ fn policies(
     println!("  (the guide's backend -> postgres/redis flows need policies admitting the backend,");
     println!("   which the seed platform does not define; `sluice trace` and `sluice monitor`");
     println!("   name the policies behind each drop)");
+    anyhow::ensure!(
+        unexpected.is_empty(),
+        "flows that do not behave as the seed's policies say: {}",
+        unexpected.join(", ")
+    );
     Ok(())
 }
 
