@@ -372,7 +372,7 @@ fn a_kube_proxy_configuration_file_configures_the_agent() {
              metricsBindAddress: 127.0.0.1:10249\n\
              mode: iptables\n\
              iptables: {masqueradeAll: true, syncPeriod: 30s}\n\
-             conntrack: {udpTimeout: 30s}\n",
+             conntrack: {udpTimeout: 45s}\n",
         )
         .unwrap();
     let config = s.cluster.manifests.path().join("kube-proxy.conf");
@@ -402,10 +402,11 @@ fn a_kube_proxy_configuration_file_configures_the_agent() {
         "metricsBindAddress \"127.0.0.1:10249\": Sluice serves no metrics endpoint yet",
         "mode \"iptables\"",
         "iptables.syncPeriod: applies to the iptables proxy mode only",
-        "conntrack timeouts are parsed but not yet applied",
     ] {
         assert!(log.contains(warning), "no warning {warning:?} in:\n{log}");
     }
+    // conntrack.udpTimeout reached the datapath's configuration.
+    assert!(log.contains("udp_ms: 45000"), "udpTimeout not applied:\n{log}");
 }
 
 /// A raw HTTP client connection to the test API server, opened inside `node`'s netns.
