@@ -606,18 +606,30 @@ winkernel:
         )
         .unwrap();
         let defaults = crate::node::ConntrackOptions::flag_defaults();
-        assert_eq!(defaults.conntrack_udp_timeout_stream, Duration::from_secs(120));
+        assert_eq!(
+            defaults.conntrack_udp_timeout_stream,
+            Duration::from_secs(120)
+        );
         let mut settings = AgentSettings::default();
         settings.node.conntrack = defaults.clone();
         // --conntrack-udp-timeout given: it wins.
         settings.node.conntrack.conntrack_udp_timeout = Duration::from_secs(5);
         config.fill(&mut settings);
         let applied = &settings.node.conntrack;
-        assert_eq!(applied.conntrack_tcp_timeout_established, Duration::from_secs(7200));
-        assert_eq!(applied.conntrack_tcp_timeout_close_wait, Duration::from_secs(1800));
+        assert_eq!(
+            applied.conntrack_tcp_timeout_established,
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            applied.conntrack_tcp_timeout_close_wait,
+            Duration::from_secs(1800)
+        );
         assert_eq!(applied.conntrack_udp_timeout, Duration::from_secs(5));
         // 0s keeps the default.
-        assert_eq!(applied.conntrack_udp_timeout_stream, Duration::from_secs(120));
+        assert_eq!(
+            applied.conntrack_udp_timeout_stream,
+            Duration::from_secs(120)
+        );
     }
 
     #[test]
