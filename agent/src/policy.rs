@@ -1539,6 +1539,85 @@ spec:
         );
     }
 
+    /// The model with every pod dual-stack: `status.podIPs` adds fd00:10:244:<ns>::<pod>.
+    fn model_dual_stack(policies: &str) -> Objects {
+        let mut yaml = String::new();
+        for (n, ns) in ["x", "y", "z"].iter().enumerate() {
+            yaml.push_str(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"
+            ));
+            for (p, pod) in ["a", "b", "c"].iter().enumerate() {
+                let (n, p) = (n + 1, p + 1);
+                yaml.push_str(&format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}\n\
+                     spec:\n  nodeName: node-1\n  containers:\n  - name: c\n    ports:\n    - {{name: serve-80-tcp, containerPort: 80}}\n\
+                     status: {{podIP: 10.244.{n}.{p}, podIPs: [{{ip: 10.244.{n}.{p}}}, {{ip: 'fd00:10:244:{n}::{p}'}}]}}\n"
+                ));
+            }
+        }
+        yaml.push_str(policies);
+        crate::manifests::parse_valid(&yaml)
+    }
+
+    fn ip6(ns: usize, pod: usize) -> IpAddr {
+        format!("fd00:10:244:{ns}::{pod}").parse().unwrap()
+    }
+
+    #[test]
+    fn dual_stack_pods_get_both_families_and_ip_blocks_apply_to_their_own() {
+        let node = NodeContext {
+            node_ips: vec!["172.18.0.2".parse().unwrap(), "fd00:18::2".parse().unwrap()],
+            ..Default::default()
+        };
+        let (state, errors) = resolve(
+            &model_dual_stack(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n\
+                 spec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n\
+                 \x20   - ipBlock: {cidr: 'fd00:99::/64', except: ['fd00:99::/120', '192.0.2.0/28']}\n\
+                 \x20   - ipBlock: {cidr: 192.0.2.0/24, except: ['fd00:99::/112']}\n    ports: [{port: named-nothing}, {port: 80}]\n",
+            ),
+            &node,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(state.pods.len(), 18, "9 pods, 2 addresses each");
+        let compiled = compile(&state);
+        let tcp = Protocol::Tcp;
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        // IPv6: pods of y by their IPv6 addresses, the IPv6 block minus its IPv6 except.
+        assert!(compiled.allows(ip6(1, 1), Way::Ingress, ip6(2, 3), tcp, 80));
+        assert!(!compiled.allows(ip6(1, 1), Way::Ingress, ip6(2, 3), tcp, 81));
+        assert!(!compiled.allows(ip6(1, 1), Way::Ingress, ip6(3, 1), tcp, 80));
+        assert!(!compiled.allows(ip6(1, 1), Way::Ingress, ip6(1, 2), tcp, 80));
+        assert!(compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:99::1:7"), tcp, 80));
+        assert!(!compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:99::7"), tcp, 80));
+        // The node's IPv6 address and the IPv6 hairpin address are let in.
+        assert!(compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:18::2"), tcp, 9));
+        assert!(compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:a9fe:2a01::1"), tcp, 9));
+        // IPv4 as before: the IPv4 block is whole (its except is of the other family).
+        assert!(compiled.allows(ip(1, 1), Way::Ingress, ip(2, 3), tcp, 80));
+        assert!(compiled.allows(ip(1, 1), Way::Ingress, a("192.0.2.5"), tcp, 80));
+        assert!(!compiled.allows(ip(1, 1), Way::Ingress, ip(3, 1), tcp, 80));
+        // No entry of one family names an address of the other.
+        assert!(compiled
+            .entries
+            .keys()
+            .all(|k| k.pod.is_ipv4() == matches!(k.peer, IpNet::V4(_))));
+        let (wire, overflows) = to_wire(&state, &compiled);
+        assert!(overflows.is_empty());
+        let pod6 = addr6_to_map("fd00:10:244:1::1".parse().unwrap());
+        assert_eq!(wire.isolated6.get(&pod6), Some(&ISOLATED_INGRESS));
+        assert_eq!(wire.isolated.len(), 1);
+        assert!(wire
+            .entries6
+            .keys()
+            .any(|(k, bits)| k.pod == pod6 && *bits == 120));
+        let explained = state
+            .explain(ip6(1, 1), Way::Ingress, ip6(3, 1), tcp, 80)
+            .unwrap();
+        assert_eq!(explained.verdict, Explained::Denied(vec!["x/p".into()]));
+        assert_eq!(explained.pod, "x/a");
+    }
+
     #[test]
     fn connections_from_the_pods_own_node_are_always_allowed_in() {
         let node = NodeContext {
