@@ -373,9 +373,20 @@ pub fn parse(ctx: &TcContext) -> Option<Packet6> {
     if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
         return None; // extension headers, fragments, others: untouched
     }
-    // The fixed L4 header with its checksum field must be present (TCP: 20 bytes, UDP and
-    // SCTP: 12 bytes cover the ports and the checksum).
-    let (ports, tcp_flags) = if proto == PROTO_TCP {
+    // The fixed L4 header with its checksum field must be present (TCP: 20 bytes, UDP: its 8
+    // bytes, SCTP: 12 bytes cover the ports and the checksum). A UDP datagram with less than 4
+    // bytes of payload is a flow like any other (not passed untouched: it would skip the
+    // services and NetworkPolicy).
+    let (ports, tcp_flags) = if proto == PROTO_UDP {
+        let h: [u8; 8] = ctx.load(l4_off).ok()?;
+        (
+            [
+                u16::from_ne_bytes([h[0], h[1]]),
+                u16::from_ne_bytes([h[2], h[3]]),
+            ],
+            0,
+        )
+    } else if proto == PROTO_TCP {
         let h: [u8; 20] = ctx.load(l4_off).ok()?;
         (
             [
