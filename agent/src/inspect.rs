@@ -63,7 +63,8 @@ pub enum Table {
     Conntrack,
     /// Packets the programs dropped or answered themselves, by reason (`drops` map).
     Drops,
-    /// NetworkPolicy: isolated pods and what their entries allow (`isolated`, `policy`).
+    /// NetworkPolicy: isolated pods and what their entries allow (`isolated`, `policy`,
+    /// `isolated6`, `policy6`).
     Policy,
 }
 
