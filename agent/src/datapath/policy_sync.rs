@@ -402,4 +402,47 @@ mod tests {
         );
         assert!(ops[0].to_string().contains("pod 10.244.0.2"), "{}", ops[0]);
     }
+
+    #[test]
+    fn ipv6_entries_follow_the_same_order_after_the_ipv4_ones_of_each_step() {
+        use sluice_common::PolicyKey6;
+        let addr = |s: &str| crate::datapath::sync6::addr6_to_map(s.parse().unwrap());
+        let pod6 = addr("fd00::a");
+        let key6 = PolicyKey6 {
+            pod: pod6,
+            way: WAY_INGRESS,
+            proto: PROTO_TCP,
+            _pad: 0,
+            peer: addr("fd00::b"),
+        };
+        let old = WirePolicy {
+            entries6: [((key6, 128), ports(80, 80))].into(),
+            isolated6: [(pod6, ISOLATED_INGRESS)].into(),
+            ..policy(&[], &[])
+        };
+        let mut new = policy(&[(key(1, 1), ports(80, 80))], &[(1, ISOLATED_INGRESS)]);
+        new.entries6 = [((key6, 64), ports(81, 81))].into();
+        new.isolated6 = [(pod6, ISOLATED_INGRESS | ISOLATED_EGRESS)].into();
+        let ops = plan(&old, &new);
+        assert_eq!(
+            ops,
+            vec![
+                PolicyOp::PutEntry(key(1, 1), 32, ports(80, 80)),
+                PolicyOp::PutEntry6(key6, 64, ports(81, 81)),
+                PolicyOp::SetIsolated(u32::from_ne_bytes([10, 244, 0, 1]), ISOLATED_INGRESS),
+                PolicyOp::SetIsolated6(pod6, ISOLATED_INGRESS | ISOLATED_EGRESS),
+                PolicyOp::DeleteEntry6(key6, 128),
+            ]
+        );
+        let mut applied = old.clone();
+        for op in &ops {
+            op.record(&mut applied);
+        }
+        assert_eq!(applied, new);
+        assert!(plan(&new, &new).is_empty());
+        assert_eq!(
+            PolicyOp::ClearIsolated6(pod6).to_string(),
+            "pod fd00::a: clearing its isolation"
+        );
+    }
 }
