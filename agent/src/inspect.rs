@@ -27,11 +27,12 @@ use aya::{
 };
 use serde_json::{json, Value};
 use sluice_common::{
-    policy_prefix_len, reason_name, Backend, Backend6, BackendKey, CtKey, CtKey6, CtValue,
-    CtValue6, PolicyKey, PolicyValue, Reason, ServiceKey, ServiceKey6, ServiceValue,
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, DEFAULT_PIN_PATH, ISOLATED_EGRESS, ISOLATED_INGRESS,
-    MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_ISOLATED,
-    MAP_POLICY, MAP_SERVICES, MAP_SERVICES6, REASON_COUNT, WAY_INGRESS,
+    policy6_prefix_len, policy_prefix_len, reason_name, Backend, Backend6, BackendKey, CtKey,
+    CtKey6, CtValue, CtValue6, PolicyKey, PolicyKey6, PolicyValue, Reason, ServiceKey, ServiceKey6,
+    ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, DEFAULT_PIN_PATH, ISOLATED_EGRESS,
+    ISOLATED_INGRESS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS,
+    MAP_ISOLATED, MAP_ISOLATED6, MAP_POLICY, MAP_POLICY6, MAP_SERVICES, MAP_SERVICES6,
+    REASON_COUNT, WAY_INGRESS,
 };
 
 use crate::{
@@ -62,7 +63,8 @@ pub enum Table {
     Conntrack,
     /// Packets the programs dropped or answered themselves, by reason (`drops` map).
     Drops,
-    /// NetworkPolicy: isolated pods and what their entries allow (`isolated`, `policy`).
+    /// NetworkPolicy: isolated pods and what their entries allow (`isolated`, `policy`,
+    /// `isolated6`, `policy6`).
     Policy,
 }
 
@@ -154,6 +156,9 @@ pub struct Snapshot {
     pub isolated: Vec<(u32, u8)>,
     /// `policy`: (key, peer prefix bits) -> allowed ports.
     pub policy: Vec<((PolicyKey, u32), PolicyValue)>,
+    /// `isolated6` and `policy6`: the same for IPv6 pods.
+    pub isolated6: Vec<([u32; 4], u8)>,
+    pub policy6: Vec<((PolicyKey6, u32), PolicyValue)>,
     /// `CLOCK_MONOTONIC` (the clock of `bpf_ktime_get_ns`) when the maps were read.
     pub now_ns: u64,
 }
@@ -232,6 +237,24 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
                 item.with_context(|| format!("reading {}", pin_path.join(MAP_POLICY).display()))?;
             if let Some(bits) = key.prefix_len().checked_sub(policy_prefix_len(0)) {
                 snapshot.policy.push(((key.data(), bits), value));
+            }
+        }
+    }
+    if wants(only, Table::Policy) && pin_path.join(MAP_POLICY6).exists() {
+        let isolated6: HashMap<MapData, [u32; 4], u8> = open_read_only(pin_path, MAP_ISOLATED6)?;
+        snapshot.isolated6 = read_all(&isolated6, pin_path, MAP_ISOLATED6)?;
+        let policy6: LpmTrie<MapData, PolicyKey6, PolicyValue> =
+            LpmTrie::try_from(open_map_read_only(pin_path, MAP_POLICY6)?).with_context(|| {
+                format!(
+                    "{}: not Sluice's policy6 map",
+                    pin_path.join(MAP_POLICY6).display()
+                )
+            })?;
+        for item in policy6.iter() {
+            let (key, value) =
+                item.with_context(|| format!("reading {}", pin_path.join(MAP_POLICY6).display()))?;
+            if let Some(bits) = key.prefix_len().checked_sub(policy6_prefix_len(0)) {
+                snapshot.policy6.push(((key.data(), bits), value));
             }
         }
     }
@@ -915,15 +938,17 @@ fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
 /// `None`: the pod is isolated in that direction and allows nothing).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyRow {
-    pub pod: std::net::Ipv4Addr,
+    pub pod: std::net::IpAddr,
     pub direction: &'static str,
     pub proto: u8,
-    pub peer: Option<ipnet::Ipv4Net>,
+    pub peer: Option<ipnet::IpNet>,
     pub ports: Vec<String>,
 }
 
-/// The `isolated` and `policy` entries as rows, sorted by pod, direction, peer.
+/// The `isolated`/`policy` and `isolated6`/`policy6` entries as rows, sorted by pod,
+/// direction, peer.
 pub fn policy_view(snapshot: &Snapshot) -> Vec<PolicyRow> {
+    use std::net::IpAddr;
     let mut rows = Vec::new();
     let way_name = |way: u8| {
         if way == WAY_INGRESS {
@@ -932,28 +957,50 @@ pub fn policy_view(snapshot: &Snapshot) -> Vec<PolicyRow> {
             "egress"
         }
     };
-    for ((key, bits), value) in &snapshot.policy {
-        let peer = ipnet::Ipv4Net::new(wire::addr_from_map(key.peer), (*bits).min(32) as u8)
-            .expect("a prefix length of at most 32");
+    let ports = |value: &PolicyValue| {
         let count = (value.count as usize).min(value.ranges.len());
-        let ports = value.ranges[..count]
+        value.ranges[..count]
             .iter()
             .map(|r| match (r.first, r.last) {
                 (0, u16::MAX) => "*".to_string(),
                 (a, b) if a == b => a.to_string(),
                 (a, b) => format!("{a}-{b}"),
             })
-            .collect();
+            .collect()
+    };
+    for ((key, bits), value) in &snapshot.policy {
+        let peer = ipnet::Ipv4Net::new(wire::addr_from_map(key.peer), (*bits).min(32) as u8)
+            .expect("a prefix length of at most 32");
         rows.push(PolicyRow {
-            pod: wire::addr_from_map(key.pod),
+            pod: IpAddr::V4(wire::addr_from_map(key.pod)),
             direction: way_name(key.way),
             proto: key.proto,
-            peer: Some(peer),
-            ports,
+            peer: Some(peer.into()),
+            ports: ports(value),
         });
     }
-    for (pod, bits) in &snapshot.isolated {
-        let pod = wire::addr_from_map(*pod);
+    for ((key, bits), value) in &snapshot.policy6 {
+        let peer = ipnet::Ipv6Net::new(sync6::addr6_from_map(key.peer), (*bits).min(128) as u8)
+            .expect("a prefix length of at most 128");
+        rows.push(PolicyRow {
+            pod: IpAddr::V6(sync6::addr6_from_map(key.pod)),
+            direction: way_name(key.way),
+            proto: key.proto,
+            peer: Some(peer.into()),
+            ports: ports(value),
+        });
+    }
+    let isolated = snapshot
+        .isolated
+        .iter()
+        .map(|(pod, bits)| (IpAddr::V4(wire::addr_from_map(*pod)), bits))
+        .chain(
+            snapshot
+                .isolated6
+                .iter()
+                .map(|(pod, bits)| (IpAddr::V6(sync6::addr6_from_map(*pod)), bits)),
+        );
+    for (pod, bits) in isolated {
         for (bit, direction) in [(ISOLATED_INGRESS, "ingress"), (ISOLATED_EGRESS, "egress")] {
             if bits & bit != 0
                 && !rows
@@ -1646,6 +1693,27 @@ UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     un
         assert_eq!(json["drops"]["drop-policy-ingress-denied"], 2);
         assert_eq!(json["policy"][1]["peer"], "10.244.0.0/16");
         assert_eq!(json["policy"][0]["peer"], Value::Null);
+
+        // IPv6 pods: their own maps, the same rows.
+        let v6 = |s: &str| sync6::addr6_to_map(s.parse().unwrap());
+        let key6 = PolicyKey6 {
+            pod: v6("fd00:10:244:1::5"),
+            way: WAY_INGRESS,
+            proto: PROTO_TCP,
+            _pad: 0,
+            peer: v6("fd00:10:244::"),
+        };
+        let snapshot = Snapshot {
+            policy6: vec![((key6, 48), value)],
+            isolated6: vec![(v6("fd00:10:244:1::5"), ISOLATED_INGRESS)],
+            ..snapshot
+        };
+        let rows = policy_view(&snapshot);
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        let table = render_policy(&rows);
+        assert!(table.contains("fd00:10:244:1::5"), "{table}");
+        assert!(table.contains("fd00:10:244::/48"), "{table}");
+        assert!(table.ends_with("2 isolated pods\n"), "{table}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `sluice monitor`: streams the packets NetworkPolicy drops, as the programs report them in
-//! the pinned `policy_events` ring buffer (see `sluice-common`, "NetworkPolicy").
+//! the pinned `policy_events` ring buffer (see `sluice-common`, "NetworkPolicy"): IPv4 drops
+//! as `PolicyEvent`s, IPv6 ones as the longer `PolicyEvent6`s, told apart by their length.
 //!
 //! The ring buffer has one consumer position: run one monitor at a time per node (a second one
 //! takes events from the first). Events the programs could not write because nobody read the
@@ -8,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     io::{self, Write as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
     path::PathBuf,
     process::ExitCode,
@@ -17,10 +18,15 @@ use std::{
 use anyhow::{bail, Context as _};
 use aya::maps::{Map, MapData, RingBuf};
 use sluice_common::{
-    reason_name, PolicyEvent, DEFAULT_PIN_PATH, MAP_POLICY_EVENTS, WAY_EGRESS, WAY_INGRESS,
+    reason_name, PolicyEvent, PolicyEvent6, DEFAULT_PIN_PATH, MAP_POLICY_EVENTS, WAY_EGRESS,
+    WAY_INGRESS,
 };
 
-use crate::{datapath::wire, inspect::proto_name, manifests};
+use crate::{
+    datapath::{sync6::addr6_from_map, wire},
+    inspect::proto_name,
+    manifests,
+};
 
 /// Arguments of `sluice monitor`.
 #[derive(clap::Args, Debug)]
@@ -47,8 +53,8 @@ pub struct MonitorArgs {
 /// A policy drop, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyDrop {
-    pub pod: SocketAddrV4,
-    pub peer: SocketAddrV4,
+    pub pod: SocketAddr,
+    pub peer: SocketAddr,
     pub proto: u8,
     pub way: u8,
     pub reason: u32,
@@ -56,15 +62,32 @@ pub struct PolicyDrop {
 }
 
 impl PolicyDrop {
+    /// A ring record: a [`PolicyEvent6`] when it is that long, else a [`PolicyEvent`].
     pub fn decode(bytes: &[u8]) -> Option<PolicyDrop> {
+        if bytes.len() >= std::mem::size_of::<PolicyEvent6>() {
+            // SAFETY: as below, for the IPv6 record.
+            let event: PolicyEvent6 = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let addr = |ip: [u32; 4], port: u16| {
+                SocketAddr::new(IpAddr::V6(addr6_from_map(ip)), u16::from_be(port))
+            };
+            return Some(PolicyDrop {
+                pod: addr(event.pod, event.pod_port),
+                peer: addr(event.peer, event.peer_port),
+                proto: event.proto,
+                way: event.way,
+                reason: event.reason,
+                time_ns: event.time_ns,
+            });
+        }
         if bytes.len() < std::mem::size_of::<PolicyEvent>() {
             return None;
         }
         // SAFETY: the programs write whole PolicyEvents (plain integers); the length is checked
         // and the read is unaligned.
         let event: PolicyEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let addr =
-            |ip: u32, port: u16| SocketAddrV4::new(wire::addr_from_map(ip), u16::from_be(port));
+        let addr = |ip: u32, port: u16| {
+            SocketAddr::new(IpAddr::V4(wire::addr_from_map(ip)), u16::from_be(port))
+        };
         Some(PolicyDrop {
             pod: addr(event.pod, event.pod_port),
             peer: addr(event.peer, event.peer_port),
@@ -84,7 +107,7 @@ impl PolicyDrop {
     }
 
     /// (client, server): who opened the connection, and to where.
-    fn ends(&self) -> (SocketAddrV4, SocketAddrV4) {
+    fn ends(&self) -> (SocketAddr, SocketAddr) {
         if self.way == WAY_INGRESS {
             (self.peer, self.pod)
         } else {
@@ -93,10 +116,10 @@ impl PolicyDrop {
     }
 
     /// One line: `ingress tcp 10.244.0.20:40001 -> 10.244.0.10:443 pod x/a: drop-policy-...`.
-    pub fn line(&self, names: &BTreeMap<Ipv4Addr, String>) -> String {
+    pub fn line(&self, names: &BTreeMap<IpAddr, String>) -> String {
         let (client, server) = self.ends();
         let pod = names
-            .get(self.pod.ip())
+            .get(&self.pod.ip())
             .cloned()
             .unwrap_or_else(|| self.pod.ip().to_string());
         format!(
@@ -107,7 +130,7 @@ impl PolicyDrop {
         )
     }
 
-    pub fn json(&self, names: &BTreeMap<Ipv4Addr, String>) -> serde_json::Value {
+    pub fn json(&self, names: &BTreeMap<IpAddr, String>) -> serde_json::Value {
         let (client, server) = self.ends();
         serde_json::json!({
             "direction": self.direction(),
@@ -115,7 +138,7 @@ impl PolicyDrop {
             "client": client.to_string(),
             "server": server.to_string(),
             "pod_ip": self.pod.ip().to_string(),
-            "pod": names.get(self.pod.ip()),
+            "pod": names.get(&self.pod.ip()),
             "peer": self.peer.to_string(),
             "reason": reason_name(self.reason),
             "time_ns": self.time_ns,
@@ -123,15 +146,23 @@ impl PolicyDrop {
     }
 }
 
-/// Pod names by IPv4 address, from the manifests.
-fn pod_names(dir: &std::path::Path) -> anyhow::Result<BTreeMap<Ipv4Addr, String>> {
+/// Pod names by address (each of `status.podIPs`), from the manifests.
+fn pod_names(dir: &std::path::Path) -> anyhow::Result<BTreeMap<IpAddr, String>> {
     let (objects, _) = manifests::load_dir(dir)?;
     Ok(objects
         .pods
         .iter()
-        .filter_map(|(key, pod)| {
-            let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
-            Some((ip, key.to_string()))
+        .flat_map(|(key, pod)| {
+            let status = pod.status.as_ref();
+            let ips: Vec<IpAddr> = status
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|p| p.ip.as_str())
+                .chain(status.and_then(|s| s.pod_ip.as_deref()))
+                .filter_map(|ip| ip.parse().ok())
+                .collect();
+            ips.into_iter().map(move |ip| (ip, key.to_string()))
         })
         .collect())
 }
@@ -234,7 +265,7 @@ mod tests {
 
     #[test]
     fn monitor_lines_put_the_connection_opener_first() {
-        let names = BTreeMap::from([(Ipv4Addr::new(10, 244, 0, 10), "x/a".to_string())]);
+        let names = BTreeMap::from([("10.244.0.10".parse().unwrap(), "x/a".to_string())]);
         let ingress = PolicyDrop::decode(&event(WAY_INGRESS, REASON_DROP_POLICY_INGRESS)).unwrap();
         assert_eq!(
             ingress.line(&names),
@@ -249,5 +280,39 @@ mod tests {
         assert_eq!(json["pod"], "x/a");
         assert_eq!(json["server"], "10.244.0.20:40001");
         assert!(PolicyDrop::decode(&[0u8; 8]).is_none());
+    }
+
+    #[test]
+    fn ipv6_drops_are_told_apart_by_their_length() {
+        let e = PolicyEvent6 {
+            pod: addr6("fd00:10:244::a"),
+            peer: addr6("fd00:10:244:1::14"),
+            pod_port: 80u16.to_be(),
+            peer_port: 40_001u16.to_be(),
+            proto: PROTO_TCP,
+            way: WAY_INGRESS,
+            reason: REASON_DROP_POLICY_INGRESS,
+            time_ns: 9,
+            ..Default::default()
+        };
+        // SAFETY: PolicyEvent6 is plain integers without implicit padding.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&e as *const PolicyEvent6).cast::<u8>(),
+                std::mem::size_of::<PolicyEvent6>(),
+            )
+        };
+        let names = BTreeMap::from([("fd00:10:244::a".parse().unwrap(), "x/a".to_string())]);
+        let drop = PolicyDrop::decode(bytes).unwrap();
+        assert_eq!(
+            drop.line(&names),
+            "ingress tcp [fd00:10:244:1::14]:40001 -> [fd00:10:244::a]:80 pod x/a: \
+             drop-policy-ingress-denied"
+        );
+        assert_eq!(drop.time_ns, 9);
+    }
+
+    fn addr6(s: &str) -> [u32; 4] {
+        crate::datapath::sync6::addr6_to_map(s.parse().unwrap())
     }
 }

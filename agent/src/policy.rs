@@ -17,7 +17,10 @@
 //!   ingress, each peer pod for egress (a named port cannot match an ipBlock peer).
 //! * Pods without an IP yet and host-network pods are neither selected nor peers: policies do
 //!   not apply to host-network pods.
-//! * Connections from the pod's own node (its IPv4 node addresses: the kubelet's probes,
+//! * Both families: a pod's every address (`status.podIPs`) is enforced, each on its family's
+//!   maps; pod peers contribute their address of the pod's family, an ipBlock (and its
+//!   `except`s) applies to its own family only.
+//! * Connections from the pod's own node (its node addresses: the kubelet's probes,
 //!   host-network pods, and flows this node masqueraded, hairpin traffic from the service
 //!   loopback address included) are always allowed in, as the Kubernetes documentation has it
 //!   for an ingress-isolated pod.
@@ -28,10 +31,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::{
     api::{
         core::v1::Pod,
@@ -41,8 +44,8 @@ use k8s_openapi::{
 };
 
 use sluice_common::{
-    policy_prefix_len, PolicyKey, PolicyPortRange, PolicyValue, ISOLATED_EGRESS, ISOLATED_INGRESS,
-    MAX_POLICY_PORT_RANGES, WAY_EGRESS, WAY_INGRESS,
+    policy6_prefix_len, policy_prefix_len, PolicyKey, PolicyKey6, PolicyPortRange, PolicyValue,
+    ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_POLICY_PORT_RANGES, WAY_EGRESS, WAY_INGRESS,
 };
 
 use crate::{
@@ -77,8 +80,9 @@ impl fmt::Display for PortRange {
 pub enum Peers {
     /// No `from`/`to`: every address.
     Any,
-    /// Disjoint prefixes (pod IPs as /32s, ipBlocks minus their exceptions).
-    Prefixes(BTreeSet<Ipv4Net>),
+    /// Disjoint prefixes of either family (pod IPs as /32s and /128s, ipBlocks minus their
+    /// exceptions).
+    Prefixes(BTreeSet<IpNet>),
 }
 
 /// What one rule of one policy allows a pod in one direction.
@@ -109,7 +113,7 @@ pub enum Direction {
 impl Direction {
     /// Whether a connection with `peer` to `port` (of the pod for ingress, of the peer for
     /// egress) is allowed; the policy that allows it when isolated.
-    pub fn allows(&self, peer: Ipv4Addr, proto: Protocol, port: u16) -> Verdict<'_> {
+    pub fn allows(&self, peer: impl Into<IpAddr>, proto: Protocol, port: u16) -> Verdict<'_> {
         let Direction::Isolated { policies, .. } = self else {
             return Verdict::Open;
         };
@@ -120,10 +124,11 @@ impl Direction {
     }
 
     /// The first rule that allows the connection, when the direction is isolated.
-    pub fn allowing(&self, peer: Ipv4Addr, proto: Protocol, port: u16) -> Option<&Allow> {
+    pub fn allowing(&self, peer: impl Into<IpAddr>, proto: Protocol, port: u16) -> Option<&Allow> {
         let Direction::Isolated { allows, .. } = self else {
             return None;
         };
+        let peer: IpAddr = peer.into();
         allows.iter().find(|a| {
             let peer_ok = match &a.peers {
                 Peers::Any => true,
@@ -156,19 +161,21 @@ pub struct PodPolicy {
     pub egress: Direction,
 }
 
-/// The policy of every pod the node enforces, by pod IP.
+/// The policy of every pod the node enforces, by pod IP (a dual-stack pod under both).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyState {
-    pub pods: BTreeMap<Ipv4Addr, PodPolicy>,
-    /// This node's IPv4 addresses: connections from them to its pods are always allowed.
-    pub node_addresses: BTreeSet<Ipv4Addr>,
+    pub pods: BTreeMap<IpAddr, PodPolicy>,
+    /// This node's addresses (both families, and the hairpin addresses): connections from
+    /// them to its pods are always allowed.
+    pub node_addresses: BTreeSet<IpAddr>,
 }
 
 /// A pod as policy sees it.
 struct PolicyPod<'a> {
     key: &'a ObjectRef,
     pod: &'a Pod,
-    ip: Ipv4Addr,
+    /// `status.podIPs` (or `status.podIP`): one per family at most.
+    ips: Vec<IpAddr>,
 }
 
 impl PolicyPod<'_> {
@@ -206,18 +213,29 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
             if spec.and_then(|s| s.host_network).unwrap_or(false) {
                 return None;
             }
-            let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => Some(PolicyPod { key, pod, ip }),
-                Ok(IpAddr::V6(_)) => None,
-                Err(_) => {
-                    errors.push(TranslateError {
+            let status = pod.status.as_ref()?;
+            let listed: Vec<&str> = status
+                .pod_ips
+                .iter()
+                .flatten()
+                .map(|p| p.ip.as_str())
+                .chain(status.pod_ip.as_deref())
+                .collect();
+            let mut ips: Vec<IpAddr> = Vec::new();
+            for ip in listed {
+                match ip.parse::<IpAddr>() {
+                    Ok(ip) => {
+                        if !ips.contains(&ip) {
+                            ips.push(ip)
+                        }
+                    }
+                    Err(_) => errors.push(TranslateError {
                         object: format!("Pod {key}"),
-                        message: format!("invalid status.podIP {ip:?}"),
-                    });
-                    None
+                        message: format!("invalid pod IP {ip:?} in status"),
+                    }),
                 }
             }
+            (!ips.is_empty()).then_some(PolicyPod { key, pod, ips })
         })
         .collect();
     let namespace_labels = |namespace: &str| -> BTreeMap<String, String> {
@@ -240,11 +258,11 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
         node_addresses: node
             .node_ips
             .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
-            .chain([Ipv4Addr::from(sluice_common::HAIRPIN_SNAT_ADDR)])
+            .copied()
+            .chain([
+                IpAddr::V4(Ipv4Addr::from(sluice_common::HAIRPIN_SNAT_ADDR)),
+                IpAddr::V6(Ipv6Addr::from(sluice_common::HAIRPIN6_SNAT_ADDR)),
+            ])
             .collect(),
         ..PolicyState::default()
     };
@@ -256,14 +274,16 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
             None => true,
         };
         if local {
-            state.pods.insert(
-                pod.ip,
-                PodPolicy {
-                    pod: pod.key.clone(),
-                    ingress: Direction::Open,
-                    egress: Direction::Open,
-                },
-            );
+            for ip in &pod.ips {
+                state.pods.insert(
+                    *ip,
+                    PodPolicy {
+                        pod: pod.key.clone(),
+                        ingress: Direction::Open,
+                        egress: Direction::Open,
+                    },
+                );
+            }
         }
     }
 
@@ -289,7 +309,7 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
         let selected: Vec<&PolicyPod> = pods
             .iter()
             .filter(|p| p.key.namespace == policy_key.namespace && matches(selector, p.labels()))
-            .filter(|p| state.pods.contains_key(&p.ip))
+            .filter(|p| p.ips.iter().any(|ip| state.pods.contains_key(ip)))
             .collect();
         if selected.is_empty() {
             continue;
@@ -314,11 +334,9 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
         };
 
         for pod in &selected {
-            let entry = state
-                .pods
-                .get_mut(&pod.ip)
-                .expect("selected pods are enforced");
-            if ingress_type {
+            // Resolved once per pod, applied to each of its addresses (the peers keep both
+            // families; compile() keeps the pod's own).
+            let ingress = ingress_type.then(|| {
                 let mut allows = Vec::new();
                 for (index, rule) in spec.ingress.iter().flatten().enumerate() {
                     let peers = peer_sets(rule.from.as_deref(), &mut report);
@@ -326,9 +344,9 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
                     let rule = (name.as_str(), index + 1);
                     allows.extend(rule_allows(rule, peers, ports, Some(pod), &mut report));
                 }
-                isolate(&mut entry.ingress, &name, allows);
-            }
-            if egress_type {
+                allows
+            });
+            let egress = egress_type.then(|| {
                 let mut allows = Vec::new();
                 for (index, rule) in spec.egress.iter().flatten().enumerate() {
                     let peers = peer_sets(rule.to.as_deref(), &mut report);
@@ -336,7 +354,18 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
                     let rule = (name.as_str(), index + 1);
                     allows.extend(rule_allows(rule, peers, ports, None, &mut report));
                 }
-                isolate(&mut entry.egress, &name, allows);
+                allows
+            });
+            for ip in &pod.ips {
+                let Some(entry) = state.pods.get_mut(ip) else {
+                    continue;
+                };
+                if let Some(allows) = &ingress {
+                    isolate(&mut entry.ingress, &name, allows.clone());
+                }
+                if let Some(allows) = &egress {
+                    isolate(&mut entry.egress, &name, allows.clone());
+                }
             }
         }
     }
@@ -378,7 +407,7 @@ fn policy_types(policy: &NetworkPolicy) -> (bool, bool) {
 /// The peers of one `from`/`to` entry: the pods it selects, or address prefixes.
 struct PeerSet<'a> {
     pods: Vec<&'a PolicyPod<'a>>,
-    prefixes: BTreeSet<Ipv4Net>,
+    prefixes: BTreeSet<IpNet>,
 }
 
 fn resolve_peer<'a>(
@@ -524,7 +553,7 @@ fn rule_allows(
                 allows.push(Allow {
                     policy: policy.to_string(),
                     rule,
-                    peers: Peers::Prefixes(BTreeSet::from([Ipv4Net::from(pod.ip)])),
+                    peers: Peers::Prefixes(pod.ips.iter().map(|ip| IpNet::from(*ip)).collect()),
                     ports: Some(ranges),
                 });
             }
@@ -541,7 +570,7 @@ fn peers_of(sets: Option<&[PeerSet]>) -> Peers {
                 .flat_map(|s| {
                     s.pods
                         .iter()
-                        .map(|p| Ipv4Net::from(p.ip))
+                        .flat_map(|p| p.ips.iter().map(|ip| IpNet::from(*ip)))
                         .chain(s.prefixes.iter().copied())
                 })
                 .collect(),
@@ -549,21 +578,20 @@ fn peers_of(sets: Option<&[PeerSet]>) -> Peers {
     }
 }
 
-/// `cidr` minus `except`, as disjoint prefixes.
+/// `cidr` minus `except`, as disjoint prefixes of the cidr's family (an `except` of the
+/// other family cannot be inside it and removes nothing).
 fn ip_block<'s>(
     cidr: &str,
     except: impl Iterator<Item = &'s String>,
-) -> Result<BTreeSet<Ipv4Net>, String> {
-    let net: Ipv4Net = match cidr.parse::<ipnet::IpNet>() {
-        Ok(ipnet::IpNet::V4(net)) => net.trunc(),
-        Ok(ipnet::IpNet::V6(_)) => return Ok(BTreeSet::new()), // IPv6 policy: not yet
+) -> Result<BTreeSet<IpNet>, String> {
+    let net: IpNet = match cidr.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
         Err(e) => return Err(format!("invalid cidr: {e}")),
     };
     let mut prefixes = BTreeSet::from([net]);
     for hole in except {
-        let hole: Ipv4Net = match hole.parse::<ipnet::IpNet>() {
-            Ok(ipnet::IpNet::V4(h)) => h.trunc(),
-            Ok(ipnet::IpNet::V6(_)) => continue,
+        let hole: IpNet = match hole.parse::<IpNet>() {
+            Ok(h) => h.trunc(),
             Err(e) => return Err(format!("invalid except {hole:?}: {e}")),
         };
         prefixes = prefixes
@@ -575,7 +603,7 @@ fn ip_block<'s>(
 }
 
 /// `net` minus `hole`, as disjoint prefixes.
-fn subtract(net: Ipv4Net, hole: Ipv4Net) -> Vec<Ipv4Net> {
+fn subtract(net: IpNet, hole: IpNet) -> Vec<IpNet> {
     if hole.contains(&net) {
         return Vec::new();
     }
@@ -586,11 +614,11 @@ fn subtract(net: Ipv4Net, hole: Ipv4Net) -> Vec<Ipv4Net> {
     let mut kept = Vec::new();
     let mut current = net;
     while current != hole {
-        let halves: Vec<Ipv4Net> = current
+        let halves: Vec<IpNet> = current
             .subnets(current.prefix_len() + 1)
             .expect("a prefix containing a longer one can be split")
             .collect();
-        let (with_hole, without): (Vec<Ipv4Net>, Vec<Ipv4Net>) =
+        let (with_hole, without): (Vec<IpNet>, Vec<IpNet>) =
             halves.into_iter().partition(|h| h.contains(&hole));
         kept.extend(without);
         current = with_hole[0];
@@ -664,10 +692,11 @@ pub enum Way {
 /// with peers in `peer` (longest prefix wins) may use these ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CompiledKey {
-    pub pod: Ipv4Addr,
+    pub pod: IpAddr,
     pub way: Way,
     pub proto: Protocol,
-    pub peer: Ipv4Net,
+    /// Of the pod's family.
+    pub peer: IpNet,
 }
 
 /// The policy in the shape an LPM-trie datapath needs: one lookup of the longest prefix
@@ -676,13 +705,28 @@ pub struct CompiledKey {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompiledPolicy {
     /// (pod, direction) pairs that are isolated: without a matching entry, denied.
-    pub isolated: BTreeSet<(Ipv4Addr, Way)>,
+    pub isolated: BTreeSet<(IpAddr, Way)>,
     /// Merged, sorted, non-overlapping port ranges per prefix (see [`compile`]).
     pub entries: BTreeMap<CompiledKey, Vec<(u16, u16)>>,
 }
 
 /// A rule reduced to one protocol: the peer prefixes and the port ranges it allows them.
-type PrefixesAndPorts = (Vec<Ipv4Net>, Vec<(u16, u16)>);
+type PrefixesAndPorts = (Vec<IpNet>, Vec<(u16, u16)>);
+
+/// Every address of `pod`'s family.
+fn whole_family(pod: IpAddr) -> IpNet {
+    match pod {
+        IpAddr::V4(_) => IpNet::V4(Ipv4Net::default()),
+        IpAddr::V6(_) => IpNet::V6(Ipv6Net::default()),
+    }
+}
+
+fn same_family(net: &IpNet, pod: IpAddr) -> bool {
+    matches!(
+        (net, pod),
+        (IpNet::V4(_), IpAddr::V4(_)) | (IpNet::V6(_), IpAddr::V6(_))
+    )
+}
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
@@ -716,25 +760,30 @@ pub fn compile(state: &PolicyState) -> CompiledPolicy {
                                 .map(|r| (r.first, r.last))
                                 .collect(),
                         };
-                        let prefixes = match &allow.peers {
-                            Peers::Any => vec![Ipv4Net::default()],
-                            Peers::Prefixes(p) => p.iter().copied().collect(),
+                        let prefixes: Vec<IpNet> = match &allow.peers {
+                            Peers::Any => vec![whole_family(pod)],
+                            Peers::Prefixes(p) => {
+                                p.iter().copied().filter(|n| same_family(n, pod)).collect()
+                            }
                         };
                         (!ranges.is_empty() && !prefixes.is_empty()).then_some((prefixes, ranges))
                     })
                     .chain(
                         // The pod's own node may always connect in.
-                        (way == Way::Ingress && !state.node_addresses.is_empty()).then(|| {
-                            let node: Vec<Ipv4Net> = state
-                                .node_addresses
-                                .iter()
-                                .map(|a| Ipv4Net::from(*a))
-                                .collect();
-                            (node, vec![(0, u16::MAX)])
-                        }),
+                        (way == Way::Ingress)
+                            .then(|| {
+                                let node: Vec<IpNet> = state
+                                    .node_addresses
+                                    .iter()
+                                    .map(|a| IpNet::from(*a))
+                                    .filter(|n| same_family(n, pod))
+                                    .collect();
+                                (node, vec![(0, u16::MAX)])
+                            })
+                            .filter(|(node, _)| !node.is_empty()),
                     )
                     .collect();
-                let listed: BTreeSet<Ipv4Net> =
+                let listed: BTreeSet<IpNet> =
                     rules.iter().flat_map(|(p, _)| p.iter().copied()).collect();
                 for peer in listed {
                     let ranges: Vec<(u16, u16)> = rules
@@ -779,12 +828,13 @@ impl CompiledPolicy {
     /// to explain a verdict.
     pub fn allows(
         &self,
-        pod: Ipv4Addr,
+        pod: impl Into<IpAddr>,
         way: Way,
-        peer: Ipv4Addr,
+        peer: impl Into<IpAddr>,
         proto: Protocol,
         port: u16,
     ) -> bool {
+        let (pod, peer): (IpAddr, IpAddr) = (pod.into(), peer.into());
         if !self.isolated.contains(&(pod, way)) {
             return true;
         }
@@ -799,14 +849,18 @@ impl CompiledPolicy {
     }
 }
 
-/// The compiled policy as the `isolated` and `policy` maps hold it (see `sluice-common`,
-/// "NetworkPolicy"): addresses in network byte order, ports in host order.
+/// The compiled policy as the `isolated` and `policy` maps (and `isolated6`, `policy6`) hold
+/// it (see `sluice-common`, "NetworkPolicy"): addresses in network byte order, ports in host
+/// order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WirePolicy {
     /// Pod address (as the maps hold it) -> `ISOLATED_*` bits; pods open both ways are left out.
     pub isolated: BTreeMap<u32, u8>,
     /// (key data, peer prefix bits) -> the allowed port ranges.
     pub entries: BTreeMap<(PolicyKey, u32), PolicyValue>,
+    /// The same for IPv6 pods.
+    pub isolated6: BTreeMap<[u32; 4], u8>,
+    pub entries6: BTreeMap<(PolicyKey6, u32), PolicyValue>,
 }
 
 impl WirePolicy {
@@ -814,6 +868,19 @@ impl WirePolicy {
     pub fn lpm_key(key: &PolicyKey, bits: u32) -> aya::maps::lpm_trie::Key<PolicyKey> {
         aya::maps::lpm_trie::Key::new(policy_prefix_len(bits), *key)
     }
+
+    /// The LPM trie key of a `policy6` entry.
+    pub fn lpm_key6(key: &PolicyKey6, bits: u32) -> aya::maps::lpm_trie::Key<PolicyKey6> {
+        aya::maps::lpm_trie::Key::new(policy6_prefix_len(bits), *key)
+    }
+}
+
+/// An IPv6 address as the maps hold it (the 16 bytes as in the packet).
+fn addr6_to_map(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 fn way_number(way: Way) -> u8 {
@@ -837,10 +904,15 @@ pub fn to_wire(
             Way::Ingress => ISOLATED_INGRESS,
             Way::Egress => ISOLATED_EGRESS,
         };
-        *wire
-            .isolated
-            .entry(u32::from_ne_bytes(pod.octets()))
-            .or_default() |= bit;
+        match pod {
+            IpAddr::V4(v4) => {
+                *wire
+                    .isolated
+                    .entry(u32::from_ne_bytes(v4.octets()))
+                    .or_default() |= bit
+            }
+            IpAddr::V6(v6) => *wire.isolated6.entry(addr6_to_map(*v6)).or_default() |= bit,
+        }
     }
     for (key, ranges) in &compiled.entries {
         let mut value = PolicyValue::default();
@@ -879,15 +951,31 @@ pub fn to_wire(
                 ),
             });
         }
-        let data = PolicyKey {
-            pod: u32::from_ne_bytes(key.pod.octets()),
-            way: way_number(key.way),
-            proto: key.proto.number(),
-            _pad: 0,
-            peer: u32::from_ne_bytes(key.peer.network().octets()),
-        };
-        wire.entries
-            .insert((data, u32::from(key.peer.prefix_len())), value);
+        let bits = u32::from(key.peer.prefix_len());
+        match (key.pod, key.peer) {
+            (IpAddr::V4(pod), IpNet::V4(peer)) => {
+                let data = PolicyKey {
+                    pod: u32::from_ne_bytes(pod.octets()),
+                    way: way_number(key.way),
+                    proto: key.proto.number(),
+                    _pad: 0,
+                    peer: u32::from_ne_bytes(peer.network().octets()),
+                };
+                wire.entries.insert((data, bits), value);
+            }
+            (IpAddr::V6(pod), IpNet::V6(peer)) => {
+                let data = PolicyKey6 {
+                    pod: addr6_to_map(pod),
+                    way: way_number(key.way),
+                    proto: key.proto.number(),
+                    _pad: 0,
+                    peer: addr6_to_map(peer.network()),
+                };
+                wire.entries6.insert((data, bits), value);
+            }
+            // compile() keeps the pod's family only.
+            _ => {}
+        }
     }
     (wire, errors)
 }
@@ -928,12 +1016,13 @@ impl PolicyState {
     /// with `peer` to `port`.
     pub fn explain(
         &self,
-        pod: Ipv4Addr,
+        pod: impl Into<IpAddr>,
         way: Way,
-        peer: Ipv4Addr,
+        peer: impl Into<IpAddr>,
         proto: Protocol,
         port: u16,
     ) -> Option<Explanation> {
+        let (pod, peer): (IpAddr, IpAddr) = (pod.into(), peer.into());
         let policy = self.pods.get(&pod)?;
         let direction = match way {
             Way::Ingress => &policy.ingress,
@@ -989,15 +1078,15 @@ mod tests {
         crate::manifests::parse_valid(&yaml)
     }
 
-    fn ip(ns: usize, pod: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 244, ns as u8, pod as u8)
+    fn ip(ns: usize, pod: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 244, ns as u8, pod as u8))
     }
 
     /// Whether `from` may open a connection to `to`:port, checked on both ends.
     fn reachable(
         state: &PolicyState,
-        from: Ipv4Addr,
-        to: Ipv4Addr,
+        from: IpAddr,
+        to: IpAddr,
         proto: Protocol,
         port: u16,
     ) -> bool {
@@ -1014,7 +1103,7 @@ mod tests {
 
     /// The 9x9 matrix as a string: one line per source, `X` reachable, `.` not.
     fn matrix(state: &PolicyState, proto: Protocol, port: u16) -> String {
-        let all: Vec<Ipv4Addr> = (1..=3)
+        let all: Vec<IpAddr> = (1..=3)
             .flat_map(|n| (1..=3).map(move |p| ip(n, p)))
             .collect();
         all.iter()
@@ -1192,8 +1281,8 @@ spec:
             ["10.1.0.0/16".to_string(), "10.2.3.0/24".to_string()].iter(),
         )
         .unwrap();
-        let addr = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        let covered = |a: Ipv4Addr| prefixes.iter().filter(|p| p.contains(&a)).count();
+        let addr = |s: &str| s.parse::<IpAddr>().unwrap();
+        let covered = |a: IpAddr| prefixes.iter().filter(|p| p.contains(&a)).count();
         assert_eq!(covered(addr("10.0.0.1")), 1);
         assert_eq!(covered(addr("10.1.2.3")), 0);
         assert_eq!(covered(addr("10.2.3.4")), 0);
@@ -1338,7 +1427,7 @@ spec:
             &NodeContext::default(),
         );
         assert!(errors.is_empty(), "{errors:?}");
-        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
         let (ingress, frontend, backend, postgres, redis) = (
             a("10.244.1.100"),
             a("10.244.1.5"),
@@ -1415,11 +1504,11 @@ spec:
 "#,
         );
         let compiled = compile(&state);
-        let mut peers: Vec<Ipv4Addr> = (1..=3)
+        let mut peers: Vec<IpAddr> = (1..=3)
             .flat_map(|n| (1..=3).map(move |p| ip(n, p)))
             .collect();
         peers.extend(
-            ["192.0.2.1", "10.1.2.3", "10.244.2.200"].map(|a| a.parse::<Ipv4Addr>().unwrap()),
+            ["192.0.2.1", "10.1.2.3", "10.244.2.200"].map(|a| a.parse::<IpAddr>().unwrap()),
         );
         let mut checked = 0;
         for (&pod, policy) in &state.pods {
@@ -1450,6 +1539,85 @@ spec:
         );
     }
 
+    /// The model with every pod dual-stack: `status.podIPs` adds fd00:10:244:<ns>::<pod>.
+    fn model_dual_stack(policies: &str) -> Objects {
+        let mut yaml = String::new();
+        for (n, ns) in ["x", "y", "z"].iter().enumerate() {
+            yaml.push_str(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"
+            ));
+            for (p, pod) in ["a", "b", "c"].iter().enumerate() {
+                let (n, p) = (n + 1, p + 1);
+                yaml.push_str(&format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}\n\
+                     spec:\n  nodeName: node-1\n  containers:\n  - name: c\n    ports:\n    - {{name: serve-80-tcp, containerPort: 80}}\n\
+                     status: {{podIP: 10.244.{n}.{p}, podIPs: [{{ip: 10.244.{n}.{p}}}, {{ip: 'fd00:10:244:{n}::{p}'}}]}}\n"
+                ));
+            }
+        }
+        yaml.push_str(policies);
+        crate::manifests::parse_valid(&yaml)
+    }
+
+    fn ip6(ns: usize, pod: usize) -> IpAddr {
+        format!("fd00:10:244:{ns}::{pod}").parse().unwrap()
+    }
+
+    #[test]
+    fn dual_stack_pods_get_both_families_and_ip_blocks_apply_to_their_own() {
+        let node = NodeContext {
+            node_ips: vec!["172.18.0.2".parse().unwrap(), "fd00:18::2".parse().unwrap()],
+            ..Default::default()
+        };
+        let (state, errors) = resolve(
+            &model_dual_stack(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n\
+                 spec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n\
+                 \x20   - ipBlock: {cidr: 'fd00:99::/64', except: ['fd00:99::/120', '192.0.2.0/28']}\n\
+                 \x20   - ipBlock: {cidr: 192.0.2.0/24, except: ['fd00:99::/112']}\n    ports: [{port: named-nothing}, {port: 80}]\n",
+            ),
+            &node,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(state.pods.len(), 18, "9 pods, 2 addresses each");
+        let compiled = compile(&state);
+        let tcp = Protocol::Tcp;
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        // IPv6: pods of y by their IPv6 addresses, the IPv6 block minus its IPv6 except.
+        assert!(compiled.allows(ip6(1, 1), Way::Ingress, ip6(2, 3), tcp, 80));
+        assert!(!compiled.allows(ip6(1, 1), Way::Ingress, ip6(2, 3), tcp, 81));
+        assert!(!compiled.allows(ip6(1, 1), Way::Ingress, ip6(3, 1), tcp, 80));
+        assert!(!compiled.allows(ip6(1, 1), Way::Ingress, ip6(1, 2), tcp, 80));
+        assert!(compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:99::1:7"), tcp, 80));
+        assert!(!compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:99::7"), tcp, 80));
+        // The node's IPv6 address and the IPv6 hairpin address are let in.
+        assert!(compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:18::2"), tcp, 9));
+        assert!(compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:a9fe:2a01::1"), tcp, 9));
+        // IPv4 as before: the IPv4 block is whole (its except is of the other family).
+        assert!(compiled.allows(ip(1, 1), Way::Ingress, ip(2, 3), tcp, 80));
+        assert!(compiled.allows(ip(1, 1), Way::Ingress, a("192.0.2.5"), tcp, 80));
+        assert!(!compiled.allows(ip(1, 1), Way::Ingress, ip(3, 1), tcp, 80));
+        // No entry of one family names an address of the other.
+        assert!(compiled
+            .entries
+            .keys()
+            .all(|k| k.pod.is_ipv4() == matches!(k.peer, IpNet::V4(_))));
+        let (wire, overflows) = to_wire(&state, &compiled);
+        assert!(overflows.is_empty());
+        let pod6 = addr6_to_map("fd00:10:244:1::1".parse().unwrap());
+        assert_eq!(wire.isolated6.get(&pod6), Some(&ISOLATED_INGRESS));
+        assert_eq!(wire.isolated.len(), 1);
+        assert!(wire
+            .entries6
+            .keys()
+            .any(|(k, bits)| k.pod == pod6 && *bits == 120));
+        let explained = state
+            .explain(ip6(1, 1), Way::Ingress, ip6(3, 1), tcp, 80)
+            .unwrap();
+        assert_eq!(explained.verdict, Explained::Denied(vec!["x/p".into()]));
+        assert_eq!(explained.pod, "x/a");
+    }
+
     #[test]
     fn connections_from_the_pods_own_node_are_always_allowed_in() {
         let node = NodeContext {
@@ -1464,7 +1632,7 @@ spec:
         );
         assert!(errors.is_empty(), "{errors:?}");
         let compiled = compile(&state);
-        let node_ip: Ipv4Addr = "172.18.0.2".parse().unwrap();
+        let node_ip: IpAddr = "172.18.0.2".parse().unwrap();
         for proto in PROTOCOLS {
             assert!(compiled.allows(ip(1, 1), Way::Ingress, node_ip, proto, 9));
             assert!(!compiled.allows(ip(1, 1), Way::Ingress, ip(2, 1), proto, 9));
@@ -1496,7 +1664,7 @@ spec:
                 && message.contains("20 separate port ranges"),
             "{message}"
         );
-        let pod = u32::from_ne_bytes(ip(1, 1).octets());
+        let pod = u32::from_ne_bytes([10, 244, 1, 1]);
         let (_, value) = wire
             .entries
             .iter()

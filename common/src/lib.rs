@@ -27,7 +27,10 @@
 //! | `policy`          | LPM trie         | [`PolicyKey`] with a prefix length | [`PolicyValue`] | agent |
 //! | `isolated`        | hash             | `u32` pod IPv4       | `u8` `ISOLATED_*`| agent      |
 //! | `policy_flows`    | LRU hash         | [`PolicyFlowKey`]    | `u64` last seen ns | programs |
-//! | `policy_events`   | ring buffer      | -                    | [`PolicyEvent`]  | programs (`sluice monitor` reads) |
+//! | `policy_events`   | ring buffer      | -                    | [`PolicyEvent`] or [`PolicyEvent6`] | programs (`sluice monitor` reads) |
+//! | `policy6`         | LPM trie         | [`PolicyKey6`] with a prefix length | [`PolicyValue`] | agent |
+//! | `isolated6`       | hash             | `[u32; 4]` pod IPv6  | `u8` `ISOLATED_*`| agent      |
+//! | `policy_flows6`   | LRU hash         | [`PolicyFlowKey6`]   | `u64` last seen ns | programs |
 //!
 //! The programs also have a private per-CPU array, `scratch6` (not pinned, no state between
 //! packets): the IPv6 path's working copies of keys and values, which do not fit in the eBPF
@@ -160,8 +163,15 @@
 //! * Drops: [`REASON_DROP_POLICY_EGRESS`], [`REASON_DROP_POLICY_INGRESS`] in `drops`, and a
 //!   [`PolicyEvent`] in `policy_events` (`sluice monitor` streams them; an event is lost when
 //!   the ring is full, the drop is counted either way).
-//! * IPv4 only: the IPv6 path (`v6.rs`) checks nothing yet, so a dual-stack pod's IPv6
-//!   traffic is not filtered (the IPv6 path is at the eBPF stack limit).
+//! * IPv6 (`policy6`, `isolated6`, `policy_flows6`): the same maps with 128-bit addresses,
+//!   checked at the same points of the IPv6 path (ebpf/src/v6/policy.rs): `isolated6` pod
+//!   IPv6 (`[u32; 4]`) -> `ISOLATED_*`; `policy6` [`PolicyKey6`] with prefix length
+//!   [`policy6_prefix_len`]`(n)` = 160 + n -> [`PolicyValue`]; `policy_flows6`
+//!   [`PolicyFlowKey6`] -> last seen ns. A dual-stack pod has an entry in each family, from
+//!   the same rules: pod peers contribute their address of the family, ipBlocks (and their
+//!   `except`s) apply to their own family only. Keys live in the per-CPU `scratch6`, not on
+//!   the stack. IPv6 drops go to the same `policy_events` ring as a [`PolicyEvent6`]: a reader
+//!   tells the two record types apart by their length (32 and 56 bytes).
 //!
 //! ## IPv6
 //!
@@ -222,6 +232,9 @@ pub const MAP_POLICY: &str = "policy";
 pub const MAP_ISOLATED: &str = "isolated";
 pub const MAP_POLICY_FLOWS: &str = "policy_flows";
 pub const MAP_POLICY_EVENTS: &str = "policy_events";
+pub const MAP_POLICY6: &str = "policy6";
+pub const MAP_ISOLATED6: &str = "isolated6";
+pub const MAP_POLICY_FLOWS6: &str = "policy_flows6";
 
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
@@ -967,6 +980,55 @@ pub struct PolicyEvent {
     pub time_ns: u64,
 }
 
+/// The data part of a `policy6` key: [`PolicyKey`] with IPv6 addresses (the 16 bytes as in
+/// the packet); see [`policy6_prefix_len`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey6 {
+    pub pod: [u32; 4],
+    /// [`WAY_INGRESS`] or [`WAY_EGRESS`].
+    pub way: u8,
+    pub proto: u8,
+    pub _pad: u16,
+    pub peer: [u32; 4],
+}
+
+/// Prefix length of a `policy6` entry for a peer prefix of `bits` bits: the 160 bits of pod,
+/// way, protocol and padding, then the peer's.
+pub const fn policy6_prefix_len(bits: u32) -> u32 {
+    160 + bits
+}
+
+/// [`PolicyFlowKey`] with IPv6 addresses (`policy_flows6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyFlowKey6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub way: u8,
+    pub _pad: u16,
+}
+
+/// [`PolicyEvent`] of an IPv6 packet, in the same `policy_events` ring (56 bytes long where
+/// [`PolicyEvent`] is 32: the record length says which).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyEvent6 {
+    pub pod: [u32; 4],
+    pub peer: [u32; 4],
+    pub pod_port: u16,
+    pub peer_port: u16,
+    pub proto: u8,
+    pub way: u8,
+    pub _pad: u16,
+    pub reason: u32,
+    pub _pad2: u32,
+    pub time_ns: u64,
+}
+
 /// Why a program dropped a packet or answered it itself (index of the `drops` map).
 pub type Reason = u32;
 /// Answered with a TCP RST or an ICMP port unreachable: the service has no endpoints.
@@ -1041,6 +1103,9 @@ mod pod {
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PolicyFlowKey {}
     unsafe impl aya::Pod for PolicyEvent {}
+    unsafe impl aya::Pod for PolicyKey6 {}
+    unsafe impl aya::Pod for PolicyFlowKey6 {}
+    unsafe impl aya::Pod for PolicyEvent6 {}
     unsafe impl aya::Pod for CtTimeouts {}
 }
 
@@ -1081,6 +1146,9 @@ mod tests {
         assert_eq!(size_of::<PolicyValue>(), 4 + 4 * MAX_POLICY_PORT_RANGES);
         assert_eq!(size_of::<PolicyFlowKey>(), 16);
         assert_eq!(size_of::<PolicyEvent>(), 32);
+        assert_eq!(size_of::<PolicyKey6>(), 36);
+        assert_eq!(size_of::<PolicyFlowKey6>(), 40);
+        assert_eq!(size_of::<PolicyEvent6>(), 56);
     }
 
     #[test]

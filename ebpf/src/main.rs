@@ -15,7 +15,8 @@
 //!
 //! ```text
 //!  0. v6::is_ipv6              an IPv6 frame goes to v6::ingress: the same steps on the
-//!                               IPv6 maps (listed in v6/mod.rs), in a stack frame of its own
+//!                               IPv6 maps (listed in v6/mod.rs, NetworkPolicy included), in
+//!                               a stack frame of its own
 //!  1. parse::parse              IPv4 TCP/UDP/SCTP, or an ICMP error quoting such a packet;
 //!                               everything else passes untouched
 //!  2. icmp::ingress             an ICMP error about a translated flow is translated like the
@@ -68,7 +69,7 @@
 //! interfaces): packets leaving the node's routing
 //!
 //! ```text
-//!  0. v6::is_ipv6              (IPv6: v6::egress)
+//!  0. v6::is_ipv6              (IPv6: v6::egress, with policy::to_pod's IPv6 twin)
 //!  1. parse::parse
 //!  2. icmp::egress              an ICMP error about a flow, toward its client (ICMP is not
 //!                               subject to policy here)
@@ -169,7 +170,7 @@ pub fn from_world(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     if v6::is_ipv6(&ctx) {
-        return v6::egress(&ctx);
+        return v6::egress(&ctx, Hook::Pod);
     }
     verdict(&ctx, decode(egress4(&ctx, Hook::Pod)))
 }
@@ -177,7 +178,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_world(ctx: TcContext) -> i32 {
     if v6::is_ipv6(&ctx) {
-        return v6::egress(&ctx);
+        return v6::egress(&ctx, Hook::World);
     }
     verdict(&ctx, decode(egress4(&ctx, Hook::World)))
 }

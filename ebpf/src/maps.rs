@@ -12,11 +12,11 @@ use aya_ebpf::{
 };
 use sluice_common::{
     AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, Backend, Backend6, BackendKey, CtKey,
-    CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, PolicyFlowKey, PolicyKey, PolicyValue,
-    ServiceKey, ServiceKey6, ServiceValue, SockConfig, SockRevKey, SockRevKey6, SockRevValue,
-    SockRevValue6, SourceRangeKey, SourceRangeKey6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_POLICY_ENTRIES, MAX_POLICY_FLOWS, MAX_POLICY_PODS, MAX_SERVICES, MAX_SOCK_REVNAT,
-    MAX_SOURCE_RANGES, POLICY_EVENTS_BYTES, REASON_COUNT,
+    CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, PolicyFlowKey, PolicyFlowKey6, PolicyKey,
+    PolicyKey6, PolicyValue, ServiceKey, ServiceKey6, ServiceValue, SockConfig, SockRevKey,
+    SockRevKey6, SockRevValue, SockRevValue6, SourceRangeKey, SourceRangeKey6, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_POLICY_ENTRIES, MAX_POLICY_FLOWS, MAX_POLICY_PODS,
+    MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, POLICY_EVENTS_BYTES, REASON_COUNT,
 };
 
 use crate::v6::Scratch6;
@@ -94,3 +94,14 @@ pub static POLICY_FLOWS: LruHashMap<PolicyFlowKey, u64> =
 
 #[map(name = "policy_events")]
 pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(POLICY_EVENTS_BYTES, 0);
+
+#[map(name = "policy6")]
+pub static POLICY6: LpmTrie<PolicyKey6, PolicyValue> =
+    LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
+
+#[map(name = "isolated6")]
+pub static ISOLATED6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_POLICY_PODS, 0);
+
+#[map(name = "policy_flows6")]
+pub static POLICY_FLOWS6: LruHashMap<PolicyFlowKey6, u64> =
+    LruHashMap::with_max_entries(MAX_POLICY_FLOWS, 0);

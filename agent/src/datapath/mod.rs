@@ -10,7 +10,8 @@
 //!       services6, backends6, conntrack6, config6,  (IPv6: sync6.rs)
 //!       affinity6, source_ranges6
 //!       policy, isolated, policy_flows,             (NetworkPolicy: policy_sync.rs)
-//!       policy_events
+//!       policy_events, policy6, isolated6,
+//!       policy_flows6
 //! <pin>/links/<ifindex>-ingress                     tcx link running `from_pod` on a pod veth
 //! <pin>/links/<ifindex>-egress                      tcx link running `to_pod`
 //! <pin>/links/<ifindex>-world-ingress               tcx link running `from_world` on an
@@ -59,13 +60,14 @@ use aya::{
 };
 use sluice_common::{
     AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, CtKey, CtKey6, CtValue, CtValue6,
-    NodeConfig, NodeConfig6, PolicyFlowKey, Reason, CB_REASON_MAGIC, CB_REASON_MASK, MAP_AFFINITY,
-    MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG, MAP_CONFIG6, MAP_CONNTRACK,
-    MAP_CONNTRACK6, MAP_DROPS, MAP_ISOLATED, MAP_POLICY, MAP_POLICY_EVENTS, MAP_POLICY_FLOWS,
-    MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_CONFIG, MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6,
-    MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK,
-    MAX_POLICY_ENTRIES, MAX_POLICY_FLOWS, MAX_POLICY_PODS, MAX_SERVICES, MAX_SOCK_REVNAT,
-    MAX_SOURCE_RANGES, POLICY_EVENTS_BYTES, REASON_COUNT,
+    NodeConfig, NodeConfig6, PolicyFlowKey, PolicyFlowKey6, Reason, CB_REASON_MAGIC,
+    CB_REASON_MASK, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG,
+    MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_ISOLATED, MAP_ISOLATED6, MAP_POLICY,
+    MAP_POLICY6, MAP_POLICY_EVENTS, MAP_POLICY_FLOWS, MAP_POLICY_FLOWS6, MAP_SERVICES,
+    MAP_SERVICES6, MAP_SOCK_CONFIG, MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES,
+    MAP_SOURCE_RANGES6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_POLICY_ENTRIES,
+    MAX_POLICY_FLOWS, MAX_POLICY_PODS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+    POLICY_EVENTS_BYTES, REASON_COUNT,
 };
 use tracing::{debug, info, warn};
 
@@ -168,7 +170,7 @@ struct MapSpec {
     max_entries: u32,
 }
 
-const MAPS: [MapSpec; 20] = [
+const MAPS: [MapSpec; 23] = [
     MapSpec {
         name: MAP_SERVICES,
         map_type: MapType::Hash,
@@ -269,6 +271,21 @@ const MAPS: [MapSpec; 20] = [
         map_type: MapType::RingBuf,
         max_entries: POLICY_EVENTS_BYTES,
     },
+    MapSpec {
+        name: MAP_POLICY6,
+        map_type: MapType::LpmTrie,
+        max_entries: MAX_POLICY_ENTRIES,
+    },
+    MapSpec {
+        name: MAP_ISOLATED6,
+        map_type: MapType::Hash,
+        max_entries: MAX_POLICY_PODS,
+    },
+    MapSpec {
+        name: MAP_POLICY_FLOWS6,
+        map_type: MapType::LruHash,
+        max_entries: MAX_POLICY_FLOWS,
+    },
 ];
 
 /// The eBPF object built by `build.rs`.
@@ -303,6 +320,7 @@ pub struct Datapath {
     sock: sock::SockMaps,
     policy: policy_sync::PolicySync,
     policy_flows: HashMap<MapData, PolicyFlowKey, u64>,
+    policy_flows6: HashMap<MapData, PolicyFlowKey6, u64>,
     /// Taken by [`Datapath::take_policy_events`] (tests; `sluice monitor` opens the pin).
     policy_events: Option<RingBuf<MapData>>,
     /// `None` for a datapath with private maps.
@@ -442,7 +460,7 @@ impl Datapath {
             }
             Ok(map)
         });
-        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6, affinity6, source_ranges6, policy, isolated, policy_flows, policy_events] =
+        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6, affinity6, source_ranges6, policy, isolated, policy_flows, policy_events, policy6, isolated6, policy_flows6] =
             maps;
         let stale = |name| {
             format!(
@@ -473,19 +491,25 @@ impl Datapath {
         let affinity6 = HashMap::try_from(affinity6?).with_context(|| stale(MAP_AFFINITY6))?;
         let source_ranges6 =
             LpmTrie::try_from(source_ranges6?).with_context(|| stale(MAP_SOURCE_RANGES6))?;
-        let policy = policy_sync::PolicySync::read_back(
-            LpmTrie::try_from(policy?).with_context(|| stale(MAP_POLICY))?,
-            HashMap::try_from(isolated?).with_context(|| stale(MAP_ISOLATED))?,
-        )
+        let policy = policy_sync::PolicySync::read_back(policy_sync::PolicyMaps {
+            policy: LpmTrie::try_from(policy?).with_context(|| stale(MAP_POLICY))?,
+            isolated: HashMap::try_from(isolated?).with_context(|| stale(MAP_ISOLATED))?,
+            policy6: LpmTrie::try_from(policy6?).with_context(|| stale(MAP_POLICY6))?,
+            isolated6: HashMap::try_from(isolated6?).with_context(|| stale(MAP_ISOLATED6))?,
+        })
         .with_context(|| {
             format!(
-                "reading back {} and {}",
+                "reading back {}, {}, {} and {}",
                 describe(MAP_POLICY),
-                describe(MAP_ISOLATED)
+                describe(MAP_ISOLATED),
+                describe(MAP_POLICY6),
+                describe(MAP_ISOLATED6)
             )
         })?;
         let policy_flows =
             HashMap::try_from(policy_flows?).with_context(|| stale(MAP_POLICY_FLOWS))?;
+        let policy_flows6 =
+            HashMap::try_from(policy_flows6?).with_context(|| stale(MAP_POLICY_FLOWS6))?;
         let policy_events =
             RingBuf::try_from(policy_events?).with_context(|| stale(MAP_POLICY_EVENTS))?;
         let node_config6 = config6
@@ -543,6 +567,7 @@ impl Datapath {
             sock,
             policy,
             policy_flows,
+            policy_flows6,
             policy_events: Some(policy_events),
             pin_path,
             attached: BTreeMap::new(),
@@ -756,7 +781,15 @@ impl Datapath {
             .context("reading the policy_flows map")
     }
 
-    /// Forgets every admitted flow (`sluice trace` between its runs).
+    /// Every IPv6 flow `policy_flows6` remembers, with its last-seen time.
+    pub fn policy_flows6(&self) -> anyhow::Result<Vec<(PolicyFlowKey6, u64)>> {
+        self.policy_flows6
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the policy_flows6 map")
+    }
+
+    /// Forgets every admitted flow of both families (`sluice trace` between its runs).
     pub fn clear_policy_flows(&mut self) -> anyhow::Result<usize> {
         let keys: Vec<PolicyFlowKey> = self.policy_flows()?.into_iter().map(|(k, _)| k).collect();
         for key in &keys {
@@ -766,7 +799,16 @@ impl Datapath {
                 Err(e) => return Err(e).context("deleting a policy_flows entry"),
             }
         }
-        Ok(keys.len())
+        let keys6: Vec<PolicyFlowKey6> =
+            self.policy_flows6()?.into_iter().map(|(k, _)| k).collect();
+        for key in &keys6 {
+            match self.policy_flows6.remove(key) {
+                Ok(()) => {}
+                Err(e) if sync::is_not_found(&e) => {}
+                Err(e) => return Err(e).context("deleting a policy_flows6 entry"),
+            }
+        }
+        Ok(keys.len() + keys6.len())
     }
 
     /// The `policy_events` ring buffer, once (the reader consumes what it reads).

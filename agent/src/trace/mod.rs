@@ -167,11 +167,7 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
     let flow = spec.flow();
     // Pods on this node (a node name tells which): their to_pod is on a forwarded packet's way.
     let local_pods: std::collections::BTreeSet<std::net::IpAddr> = if node.name.is_some() {
-        policy
-            .pods
-            .keys()
-            .map(|ip| std::net::IpAddr::V4(*ip))
-            .collect()
+        policy.pods.keys().copied().collect()
     } else {
         Default::default()
     };

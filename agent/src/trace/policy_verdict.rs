@@ -16,10 +16,11 @@
 //! ```
 //!
 //! Egress is judged against the peer after DNAT (the backend), ingress against the client as
-//! delivered (after any masquerade). Ingress is only known for a receiver on this node (a pod
+//! delivered (after any masquerade). Both families: an IPv6 packet is judged on the pods'
+//! IPv6 addresses and the IPv6 rules (`policy6`). Ingress is only known for a receiver on this node (a pod
 //! whose `spec.nodeName` is `--node-name`): its `to_pod` is then on the packet's way.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 use sluice_common::{REASON_DROP_POLICY_EGRESS, REASON_DROP_POLICY_INGRESS};
@@ -39,7 +40,7 @@ pub struct PolicyReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DirectionReport {
     pub pod: String,
-    pub pod_ip: Ipv4Addr,
+    pub pod_ip: IpAddr,
     pub peer: SocketAddr,
     /// The destination port the rules were matched on (the peer's for egress, the pod's for
     /// ingress).
@@ -58,16 +59,16 @@ impl DirectionReport {
     /// destination's: the peer's for egress, the pod's own for ingress).
     fn new(
         state: &PolicyState,
-        pod: Ipv4Addr,
+        pod: IpAddr,
         way: Way,
         peer: SocketAddr,
         port: u16,
         proto: Protocol,
     ) -> Option<DirectionReport> {
-        let IpAddr::V4(peer_ip) = peer.ip() else {
+        if pod.is_ipv4() != peer.is_ipv4() {
             return None;
-        };
-        let explained = state.explain(pod, way, peer_ip, proto, port)?;
+        }
+        let explained = state.explain(pod, way, peer.ip(), proto, port)?;
         let (verdict, allowed_by, isolated_by) = match explained.verdict {
             Explained::Open => ("open", None, Vec::new()),
             Explained::AllowedBy(policy) => ("allowed", Some(policy), Vec::new()),
@@ -120,9 +121,7 @@ pub fn report(
     state: &PolicyState,
     backends: &[BackendAddr],
 ) -> Option<PolicyReport> {
-    let IpAddr::V4(src) = trace.input.src else {
-        return None;
-    };
+    let src = trace.input.src;
     let proto = Protocol::from_number(trace.input.proto)?;
     let dropped_for = match &trace.first.end {
         End::Dropped { reason, .. } => *reason,
@@ -152,14 +151,11 @@ pub fn report(
     };
     // Ingress: only when the receiver's to_pod ran.
     let ingress = match (&trace.forwarded, trace.receiver_hop) {
-        (Some(rewrite), Some(_)) => match rewrite.flow.dst {
-            IpAddr::V4(receiver) => {
-                let client = SocketAddr::new(rewrite.flow.src, rewrite.flow.sport);
-                let port = rewrite.flow.dport;
-                DirectionReport::new(state, receiver, Way::Ingress, client, port, proto)
-            }
-            IpAddr::V6(_) => None,
-        },
+        (Some(rewrite), Some(_)) => {
+            let client = SocketAddr::new(rewrite.flow.src, rewrite.flow.sport);
+            let port = rewrite.flow.dport;
+            DirectionReport::new(state, rewrite.flow.dst, Way::Ingress, client, port, proto)
+        }
         _ => None,
     };
     if egress.is_none() && ingress.is_none() {

@@ -17,6 +17,7 @@ mod conntrack;
 mod ipv6;
 mod pinning;
 mod policy;
+mod policy6;
 mod services;
 mod sock;
 mod traffic;

@@ -75,6 +75,10 @@ pub fn new_flow(
         // The service lost its backends between the two reads: as if it had none yet.
         return Ok(Some(TC_ACT_OK));
     };
+    if hook == Hook::Pod {
+        // Egress policy judges the backend, not the frontend.
+        super::policy::egress_to_backend(s, pkt, &backend.addr, backend.port)?;
+    }
     let (snat_addr, flags) = masquerade(service, &backend, pkt, hook);
     create(s, pkt, service.id, &backend, slot, snat_addr, flags, now)?;
     Ok(None)

@@ -20,12 +20,17 @@
 //!                               affinity backend)
 //!  5. lb::service               services6; from_pod first tries the SCOPE_POD entry (the
 //!                               cluster-wide backends of an externalTrafficPolicy Local
-//!                               frontend); not a frontend: pass
+//!                               frontend); not a frontend: pass, but from_pod first runs
+//!     policy::from_pod          (a flow policy_flows6 admitted, or its reply, passes; a new
+//!                               one is checked against the pod's egress policy6 and
+//!                               recorded)
 //!  6. lb::source_allowed        loadBalancerSourceRanges (source_ranges6): others dropped
 //!  7. no backends               reject::answer (TCP RST, ICMPv6 port unreachable, bounced)
 //!                               or DROP (SVC_F_DROP_WHEN_EMPTY)
 //!  8. lb::select                the affinity6 backend (per service port, see sluice-common),
 //!                               else a random slot of backends6
+//!     policy::egress_to_backend from_pod: the pod's egress policy6 against the chosen
+//!                               backend and its port
 //!  9. lb::masquerade            hairpin (to HAIRPIN6_SNAT_ADDR), masqueradeAll, external
 //!                               traffic to a remote backend, sources outside the IPv6 cluster
 //!                               CIDRs: to the node's IPv6 address (config6)
@@ -41,7 +46,9 @@
 //!
 //!  to_pod / to_world  (egress): parse; icmp::egress (an error toward the client of a flow);
 //!  a reply (conntrack6 reply entry) gets the frontend back as its source (and, masqueraded,
-//!  the client as its destination)
+//!  the client as its destination); to_pod, any other packet: policy::to_pod (a flow
+//!  policy_flows6 admitted, its reply, or the answer of the pod's own service flow passes; a
+//!  new one is checked against the pod's ingress policy6 with the client as delivered)
 //! ```
 //!
 //! Stack: eBPF gives a call chain 512 bytes of stack. The IPv6 path holds 40-byte keys,
@@ -68,6 +75,7 @@
 mod icmp;
 mod lb;
 mod nat;
+mod policy;
 mod reject;
 
 use aya_ebpf::{
@@ -77,9 +85,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sluice_common::{
-    ct_closed, AffinityKey6, AffinityValue6, CtKey6, CtValue6, Reason, SourceRangeKey6,
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REDIRECT, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    REASON_DROP_REWRITE_FAILED,
+    ct_closed, AffinityKey6, AffinityValue6, CtKey6, CtValue6, PolicyEvent6, PolicyFlowKey6,
+    PolicyKey6, Reason, SourceRangeKey6, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REDIRECT, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, REASON_DROP_REWRITE_FAILED,
 };
 
 use crate::{
@@ -202,6 +210,11 @@ pub struct Scratch6 {
     pub affinity_key: AffinityKey6,
     pub affinity: AffinityValue6,
     pub range_key: Key<SourceRangeKey6>,
+    /// NetworkPolicy (policy.rs): the `policy6` lookup key, a `policy_flows6` key, a drop's
+    /// event.
+    pub policy_key: Key<PolicyKey6>,
+    pub flow_key: PolicyFlowKey6,
+    pub event: PolicyEvent6,
 }
 
 #[inline(always)]
@@ -251,33 +264,31 @@ pub const REJECT: i32 = i32::MIN;
 
 /// `to_pod` and `to_world` for an IPv6 frame.
 #[inline(never)]
-pub fn egress(ctx: &TcContext) -> i32 {
+pub fn egress(ctx: &TcContext, hook: Hook) -> i32 {
     let Some(s) = scratch() else {
         return TC_ACT_OK;
     };
     match parse_into(ctx, s) {
-        PARSED_FLOW => flow_egress(ctx, s),
+        PARSED_FLOW => flow_egress(ctx, s, hook),
         PARSED_ICMP_ERROR => icmp_egress(ctx, s),
         _ => TC_ACT_OK,
     }
 }
 
 #[inline(never)]
-fn flow_egress(ctx: &TcContext, s: &mut Scratch6) -> i32 {
+fn flow_egress(ctx: &TcContext, s: &mut Scratch6, hook: Hook) -> i32 {
     let pkt = s.pkt;
     s.key = ct_key(&pkt, CT_DIR_REPLY);
     let result = if ct_lookup(s) {
         conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags);
-        nat::reverse(ctx, &pkt, &s.entry)
+        nat::reverse(ctx, &pkt, &s.entry).map_err(|()| REASON_DROP_REWRITE_FAILED)
+    } else if hook == Hook::Pod {
+        // Not the reply of a translated flow: the receiving pod's ingress policy.
+        policy::to_pod(s, &pkt)
     } else {
         Ok(())
     };
-    verdict(
-        ctx,
-        result
-            .map(|()| TC_ACT_OK)
-            .map_err(|()| REASON_DROP_REWRITE_FAILED),
-    )
+    verdict(ctx, result.map(|()| TC_ACT_OK))
 }
 
 #[inline(never)]
@@ -362,9 +373,20 @@ pub fn parse(ctx: &TcContext) -> Option<Packet6> {
     if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
         return None; // extension headers, fragments, others: untouched
     }
-    // The fixed L4 header with its checksum field must be present (TCP: 20 bytes, UDP and
-    // SCTP: 12 bytes cover the ports and the checksum).
-    let (ports, tcp_flags) = if proto == PROTO_TCP {
+    // The fixed L4 header with its checksum field must be present (TCP: 20 bytes, UDP: its 8
+    // bytes, SCTP: 12 bytes cover the ports and the checksum). A UDP datagram with less than 4
+    // bytes of payload is a flow like any other (not passed untouched: it would skip the
+    // services and NetworkPolicy).
+    let (ports, tcp_flags) = if proto == PROTO_UDP {
+        let h: [u8; 8] = ctx.load(l4_off).ok()?;
+        (
+            [
+                u16::from_ne_bytes([h[0], h[1]]),
+                u16::from_ne_bytes([h[2], h[3]]),
+            ],
+            0,
+        )
+    } else if proto == PROTO_TCP {
         let h: [u8; 20] = ctx.load(l4_off).ok()?;
         (
             [
@@ -460,6 +482,10 @@ fn ingress_steps(
         // client's affinity backend; a SYN on a connection that is over (RST, FIN both ways)
         // always starts a new one.
         let Some(service) = lb::service(pkt, hook) else {
+            if hook == Hook::Pod {
+                // Not a frontend: the sending pod's egress policy, against the destination.
+                policy::from_pod(s, pkt)?;
+            }
             return Ok(TC_ACT_OK);
         };
         // SAFETY: a helper call without arguments.
