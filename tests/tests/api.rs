@@ -406,7 +406,10 @@ fn a_kube_proxy_configuration_file_configures_the_agent() {
         assert!(log.contains(warning), "no warning {warning:?} in:\n{log}");
     }
     // conntrack.udpTimeout reached the datapath's configuration.
-    assert!(log.contains("udp_ms: 45000"), "udpTimeout not applied:\n{log}");
+    assert!(
+        log.contains("udp_ms: 45000"),
+        "udpTimeout not applied:\n{log}"
+    );
 }
 
 /// A raw HTTP client connection to the test API server, opened inside `node`'s netns.
