@@ -52,9 +52,12 @@ fn chain_hash(text: &str, len: usize) -> String {
     let mut buffer: u32 = 0;
     let mut bits = 0;
     for byte in digest {
+        if out.len() >= len {
+            break;
+        }
         buffer = (buffer << 8) | u32::from(byte);
         bits += 8;
-        while bits >= 5 && out.len() < len {
+        while bits >= 5 {
             bits -= 5;
             out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
         }
