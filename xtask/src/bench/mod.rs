@@ -11,6 +11,8 @@ mod prog_run;
 mod report;
 pub mod rules;
 mod stats;
+#[cfg(test)]
+mod tests;
 mod traffic;
 
 use std::{path::Path, process::Command, time::Duration};
