@@ -73,7 +73,10 @@ fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> any
         builder.build_cartesian_2d((x_min * 0.8..x_max * 1.25).log_scale(), 0.0..y_max)?;
     let mut mesh = chart.configure_mesh();
     if text {
-        mesh.x_desc("services (log scale)").y_desc(y_label);
+        mesh.x_desc("services (log scale)")
+            .y_desc(y_label)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"));
     } else {
         mesh.disable_x_mesh()
             .disable_y_mesh()

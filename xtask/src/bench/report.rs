@@ -171,7 +171,7 @@ fn packet_section(
         (worst, ns.first(), ns.last())
     {
         targets.push((
-            format!("per-packet cost flat from 10 to 100,000 services (within 10%)"),
+            "per-packet cost flat from 10 to 100,000 services (within 10%)".to_string(),
             format!(
                 "from {first} to {last} services{}: worst case \"{case}\" {:+.0}%",
                 if *req > *last {
@@ -250,11 +250,6 @@ fn traffic_section(
     } else {
         *ns.last().expect("one size")
     };
-    let note = if at == 10_000 {
-        "not measured at 10,000 services"
-    } else {
-        ""
-    };
     if let (Some(s), Some(ipt), Some(nft)) = (
         find(rows, at, Dataplane::Sluice),
         find(rows, at, Dataplane::Iptables),
@@ -272,7 +267,6 @@ fn traffic_section(
             },
         ));
     }
-    let _ = note;
     let mut worst: Option<(usize, f64)> = None;
     for &n in &ns {
         if let (Some(s), Some(d)) = (

@@ -174,7 +174,7 @@ pub fn nft_script(services: &[BenchService]) -> String {
             "{}/{}/tcp/p{}",
             service.namespace, service.name, service.port
         );
-        let svc = format!("service-{}-{base}", chain_hash(&format!("{base}"), 8));
+        let svc = format!("service-{}-{base}", chain_hash(&base, 8));
         let (vip, port) = (service.vip, service.port);
         let mut targets = Vec::new();
         for (i, &(ip, eport)) in service.endpoints.iter().enumerate() {
