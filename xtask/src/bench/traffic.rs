@@ -66,7 +66,7 @@ pub struct TrafficResult {
 }
 
 /// A TCP server in a pod: answers each read with `tag` followed by the bytes read, until the
-/// client closes. Stops (bounded) when dropped.
+/// client closes; one connection at a time. Stops (bounded) when dropped.
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -107,9 +107,11 @@ impl EchoServer {
                 }];
                 // SAFETY: poll on one valid descriptor.
                 unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+                // Served inline, one connection at a time: the bench's clients are sequential
+                // (TCP_CRR and TCP_RR both), and a thread per connection would add its own cost
+                // to every connection and blur the dataplanes' differences.
                 while let Ok((stream, _)) = listener.accept() {
-                    let stop = stop_flag.clone();
-                    std::thread::spawn(move || serve(stream, tag, &stop));
+                    serve(stream, tag, &stop_flag);
                 }
             }
         });
