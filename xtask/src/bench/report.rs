@@ -70,7 +70,7 @@ pub fn render(options: &Options, machine: &Machine, results: &Results, plots: &[
          classifier (`r0 = TC_ACT_OK; exit`) loaded by the bench, timed the same way: its figure is BPF_PROG_RUN's own overhead. \
          The services map holds {MAX_SERVICES} services (`MAX_SERVICES`, common/src/lib.rs): a larger N is measured at {MAX_SERVICES}, and the tables say so.\n\
          - Traffic: one node network namespace with a client and a server pod (veth, routed), N ClusterIP services all to the \
-         server pod; the client connects over 16 services spread through the N. Connection rate: connect, 8-byte request, \
+         server pod; the client connects over 16 services spread through the N (direct: over 16 ports of the server pod, so both see 16 destinations). Connection rate: connect, 8-byte request, \
          9-byte response, close, one at a time (like netperf TCP_CRR). Latency: round trips over one connection (like TCP_RR). \
          Each dataplane runs alone in a fresh cluster: the kube-proxy layouts are loaded into the node's network namespace only \
          (nsenter --net=...), measured without the agent, and removed before the agent starts.\n\

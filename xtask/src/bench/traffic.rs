@@ -2,7 +2,7 @@
 //! iptables and nftables layouts, and the pod IP directly (the floor).
 //!
 //! One node (a network namespace), a client pod and a server pod on it. N services, each
-//! ClusterIP:80 -> the server pod:8080. The client spreads its connections over 16 services
+//! ClusterIP:80 -> the server pod:8080. The client (direct: over 16 server ports) spreads its connections over 16 services
 //! spaced evenly through the N (so iptables' linear KUBE-SERVICES walk costs what it costs on
 //! average, not its best case). Per N, in this order, each in a fresh cluster:
 //! (d) direct, (b) iptables-restore into the node netns, measured, flushed; (c) nft -f, measured,
@@ -33,6 +33,11 @@ use super::{
 };
 
 pub const SERVER_PORT: u16 = 8080;
+/// The echo server listens on SERVER_PORT and the next ports, so the direct (floor) client
+/// spreads its connections over as many destinations as the service clients do (16): with
+/// one destination, connect()'s search for a source port not in TIME_WAIT towards it slows
+/// the floor below the services.
+const SERVER_PORTS: u16 = TARGETS as u16;
 pub const SERVICE_PORT: u16 = 80;
 const TARGETS: usize = 16;
 
@@ -79,15 +84,19 @@ impl EchoServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stop_flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let listener = enter_netns(&netns)
-                .and_then(|()| {
-                    TcpListener::bind(("0.0.0.0", SERVER_PORT)).context("binding the echo server")
-                })
-                .and_then(|l| {
-                    l.set_nonblocking(true)?;
-                    Ok(l)
-                });
-            let listener = match listener {
+            let listeners = enter_netns(&netns).and_then(|()| {
+                (0..SERVER_PORTS)
+                    .map(|k| -> anyhow::Result<TcpListener> {
+                        let l =
+                            TcpListener::bind(("0.0.0.0", SERVER_PORT + k)).with_context(|| {
+                                format!("binding the echo server's port {}", SERVER_PORT + k)
+                            })?;
+                        l.set_nonblocking(true)?;
+                        Ok(l)
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()
+            });
+            let listeners = match listeners {
                 Ok(l) => {
                     let _ = ready_tx.send(Ok(()));
                     l
@@ -100,18 +109,23 @@ impl EchoServer {
             while !stop_flag.load(Ordering::Relaxed) {
                 // Wait for a connection (or 100 ms, to see `stop`) without spinning, so an
                 // accept costs no added latency.
-                let mut fds = [libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                }];
-                // SAFETY: poll on one valid descriptor.
-                unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+                let mut fds: Vec<libc::pollfd> = listeners
+                    .iter()
+                    .map(|l| libc::pollfd {
+                        fd: l.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect();
+                // SAFETY: poll on valid descriptors, `fds.len()` of them.
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
                 // Served inline, one connection at a time: the bench's clients are sequential
                 // (TCP_CRR and TCP_RR both), and a thread per connection would add its own cost
                 // to every connection and blur the dataplanes' differences.
-                while let Ok((stream, _)) = listener.accept() {
-                    serve(stream, tag, &stop_flag);
+                for listener in &listeners {
+                    while let Ok((stream, _)) = listener.accept() {
+                        serve(stream, tag, &stop_flag);
+                    }
                 }
             }
         });
@@ -326,10 +340,7 @@ pub fn in_node_netns(
 }
 
 /// The 16 measured frontends, spread over the N.
-fn targets(services: &[BenchService], direct: Option<SocketAddrV4>) -> Vec<SocketAddrV4> {
-    if let Some(direct) = direct {
-        return vec![direct];
-    }
+fn targets(services: &[BenchService]) -> Vec<SocketAddrV4> {
     let n = services.len();
     let count = TARGETS.min(n);
     (0..count)
@@ -367,11 +378,10 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<TrafficResult>> {
             });
         };
 
-        let direct = SocketAddrV4::new(server.ip(), SERVER_PORT);
-        record(
-            Dataplane::Direct,
-            measure(&client, &targets(&services, Some(direct)), duration, rr)?,
-        );
+        let direct: Vec<SocketAddrV4> = (0..SERVER_PORTS)
+            .map(|k| SocketAddrV4::new(server.ip(), SERVER_PORT + k))
+            .collect();
+        record(Dataplane::Direct, measure(&client, &direct, duration, rr)?);
 
         in_node_netns(
             &netns,
@@ -379,7 +389,7 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<TrafficResult>> {
             &[],
             &rules::iptables_restore(&services),
         )?;
-        let measured = measure(&client, &targets(&services, None), duration, rr);
+        let measured = measure(&client, &targets(&services), duration, rr);
         in_node_netns(&netns, "iptables-restore", &[], rules::IPTABLES_FLUSH)?;
         record(
             Dataplane::Iptables,
@@ -387,7 +397,7 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<TrafficResult>> {
         );
 
         in_node_netns(&netns, "nft", &["-f", "-"], &rules::nft_script(&services))?;
-        let measured = measure(&client, &targets(&services, None), duration, rr);
+        let measured = measure(&client, &targets(&services), duration, rr);
         in_node_netns(&netns, "nft", &["-f", "-"], rules::NFT_FLUSH)?;
         record(
             Dataplane::Nftables,
@@ -404,7 +414,7 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<TrafficResult>> {
         )?;
         record(
             Dataplane::Sluice,
-            measure(&client, &targets(&services, None), duration, rr).context("through Sluice")?,
+            measure(&client, &targets(&services), duration, rr).context("through Sluice")?,
         );
     }
     Ok(results)
