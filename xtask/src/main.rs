@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | lint | bench`.
 //!
 //! `setup` installs what a fresh machine lacks and is quick when nothing is missing; `test` and
 //! `demo` run it first, so a newcomer needs only those two commands.
 
+mod bench;
 mod demo;
 
 use std::{
@@ -34,6 +35,10 @@ enum Task {
     Demo,
     /// rustfmt check, clippy for the workspace, and clippy for the eBPF crate on its own target.
     Lint,
+    /// Sluice against kube-proxy's iptables and nftables layouts: per-packet cost, real traffic,
+    /// control plane; writes target/bench/report.md and plots. Quick by default, `--full` for
+    /// the sizes. Needs root.
+    Bench(bench::BenchArgs),
 }
 
 /// The bpf-linker release that links rustc's own LLVM 22 (newer ones need a system LLVM).
@@ -64,6 +69,10 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             setup()?;
             lint()
+        }
+        Task::Bench(args) => {
+            setup()?;
+            bench::run(&workspace_root(), &args)
         }
     }
 }
@@ -194,7 +203,7 @@ fn has_command(name: &str) -> bool {
     })
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
