@@ -44,7 +44,8 @@ enum Task {
 /// The bpf-linker release that links rustc's own LLVM 22 (newer ones need a system LLVM).
 const BPF_LINKER_VERSION: &str = "0.10.2";
 const NIGHTLY_LLVM_MAJOR: u32 = 22;
-/// Debian packages the tests and demo call, by the command that proves each is there.
+/// Debian packages the tests, demo and bench use, by the command (or, starting with `/`, the
+/// file) that proves each is there.
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
@@ -52,6 +53,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    // The bench's plots draw their text with it.
+    (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -196,6 +202,9 @@ fn lint() -> anyhow::Result<()> {
 }
 
 fn has_command(name: &str) -> bool {
+    if name.starts_with('/') {
+        return std::path::Path::new(name).is_file();
+    }
     std::env::var_os("PATH").is_some_and(|paths| {
         std::env::split_paths(&paths)
             .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
