@@ -105,6 +105,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let objects = match &config.source {
         Source::Manifests(dir) => ObjectSource::Manifests {
             dir,
+            cache: Default::default(),
             _watcher: watch_manifests(dir, manifest_tx)?,
         },
         Source::Api(options) => {
@@ -162,6 +163,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                 agent.rescan_interfaces(&netlink).await;
             }
             _ = resync.tick() => {
+                // A full read now and then: nothing a file's timestamps hid stays unseen.
+                objects.forget_parsed();
                 agent.reload_manifests().await;
                 agent.rescan_interfaces(&netlink).await;
             }
@@ -192,16 +195,31 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 enum ObjectSource<'a> {
     Manifests {
         dir: &'a Path,
+        /// Files parsed before, reused while unchanged; cleared by the periodic resync.
+        cache: std::sync::Mutex<manifests::ManifestCache>,
         _watcher: notify::RecommendedWatcher,
     },
     Api(ApiSource),
 }
 
 impl ObjectSource<'_> {
+    /// Makes the next load read every manifest file again.
+    fn forget_parsed(&self) {
+        if let ObjectSource::Manifests { cache, .. } = self {
+            cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
+        }
+    }
+
     /// The objects as the source has them now, and the problems of files that did not parse.
     fn load(&self) -> anyhow::Result<(manifests::Objects, Vec<manifests::ManifestError>)> {
         match self {
-            ObjectSource::Manifests { dir, .. } => manifests::load_dir(dir),
+            ObjectSource::Manifests { dir, cache, .. } => cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .load_dir(dir),
             ObjectSource::Api(api) => Ok((api.objects(), Vec::new())),
         }
     }

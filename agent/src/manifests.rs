@@ -102,16 +102,101 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<(Objects, Vec<ManifestError>)> {
     let mut objects = Objects::default();
     let mut errors = Vec::new();
     for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => parse_into(&file, &text, &mut objects, &mut errors),
-            Err(e) => errors.push(ManifestError {
-                file: file.clone(),
-                object: "file".to_string(),
-                message: e.to_string(),
-            }),
-        }
+        read_into(&file, &mut objects, &mut errors);
     }
     Ok((objects, errors))
+}
+
+/// Parsed manifest files, reused while a file is unchanged (same inode, size and modification
+/// time): with thousands of objects, parsing every file again on each change was most of the
+/// time a change took to reach the datapath. A file replaced by a rename (as editors and
+/// `kubectl`-like tools write) gets a new inode, so it is always read again; the agent's
+/// periodic resync [`clear`](ManifestCache::clear)s the cache, which repairs anything a
+/// timestamp could hide.
+#[derive(Default)]
+pub struct ManifestCache {
+    files: BTreeMap<PathBuf, CachedFile>,
+}
+
+struct CachedFile {
+    stamp: FileStamp,
+    objects: Objects,
+    errors: Vec<ManifestError>,
+}
+
+/// (inode, size, mtime seconds, mtime nanoseconds).
+type FileStamp = (u64, u64, i64, i64);
+
+fn stamp_of(file: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+impl ManifestCache {
+    /// [`load_dir`], parsing only the files that changed since the last call.
+    pub fn load_dir(&mut self, dir: &Path) -> anyhow::Result<(Objects, Vec<ManifestError>)> {
+        let files = manifest_files(dir)
+            .map_err(|e| anyhow::anyhow!("reading manifest directory {}: {e}", dir.display()))?;
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        let mut kept = BTreeMap::new();
+        for file in files {
+            let stamp = stamp_of(&file);
+            let cached = match (stamp, self.files.remove(&file)) {
+                (Some(now), Some(cached)) if cached.stamp == now => cached,
+                _ => {
+                    let mut parsed = CachedFile {
+                        stamp: stamp.unwrap_or_default(),
+                        objects: Objects::default(),
+                        errors: Vec::new(),
+                    };
+                    read_into(&file, &mut parsed.objects, &mut parsed.errors);
+                    parsed
+                }
+            };
+            objects.extend_from(&cached.objects);
+            errors.extend(cached.errors.iter().cloned());
+            if stamp.is_some() {
+                kept.insert(file, cached);
+            }
+        }
+        self.files = kept;
+        Ok((objects, errors))
+    }
+
+    /// Forgets every parsed file: the next load reads them all.
+    pub fn clear(&mut self) {
+        self.files.clear();
+    }
+}
+
+impl Objects {
+    /// Adds `other`'s objects, replacing those with the same name (a later file overrides an
+    /// earlier one, as when one file holds both).
+    fn extend_from(&mut self, other: &Objects) {
+        fn add<K: Ord + Clone, V: Clone>(into: &mut BTreeMap<K, V>, from: &BTreeMap<K, V>) {
+            into.extend(from.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        add(&mut self.services, &other.services);
+        add(&mut self.endpoint_slices, &other.endpoint_slices);
+        add(&mut self.nodes, &other.nodes);
+        add(&mut self.pods, &other.pods);
+        add(&mut self.namespaces, &other.namespaces);
+        add(&mut self.network_policies, &other.network_policies);
+    }
+}
+
+/// Reads and parses one file into `objects`; an unreadable file is reported in `errors`.
+fn read_into(file: &Path, objects: &mut Objects, errors: &mut Vec<ManifestError>) {
+    match std::fs::read_to_string(file) {
+        Ok(text) => parse_into(file, &text, objects, errors),
+        Err(e) => errors.push(ManifestError {
+            file: file.to_path_buf(),
+            object: "file".to_string(),
+            message: e.to_string(),
+        }),
+    }
 }
 
 /// Parses one file's text (YAML, possibly multi-document, or JSON) into `objects`.
@@ -366,5 +451,76 @@ just: a map
         assert!(errors[0]
             .to_string()
             .starts_with("test.yaml: document 1: not valid YAML"));
+    }
+
+    /// The cache gives what a full read gives after files are added, rewritten in place,
+    /// replaced by a rename, broken and removed; unchanged files are not parsed again.
+    #[test]
+    fn the_cache_reads_changed_files_and_matches_a_full_read() {
+        let dir =
+            std::env::temp_dir().join(format!("sluice-manifest-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let service = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let names = |objects: &Objects| -> Vec<String> {
+            objects
+                .services
+                .iter()
+                .map(|(k, v)| {
+                    let ip = v
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.cluster_ip.clone())
+                        .unwrap_or_default();
+                    format!("{k}={ip}")
+                })
+                .collect()
+        };
+        let mut cache = ManifestCache::default();
+        let check = |cache: &mut ManifestCache| {
+            let (cached, cached_errors) = cache.load_dir(&dir).unwrap();
+            let (full, full_errors) = load_dir(&dir).unwrap();
+            assert_eq!(names(&cached), names(&full));
+            assert_eq!(cached_errors, full_errors);
+            names(&cached)
+        };
+        std::fs::write(dir.join("a.yaml"), service("a", "10.96.0.1")).unwrap();
+        std::fs::write(dir.join("b.yaml"), service("b", "10.96.0.2")).unwrap();
+        assert_eq!(
+            check(&mut cache),
+            ["default/a=10.96.0.1", "default/b=10.96.0.2"]
+        );
+        assert_eq!(cache.files.len(), 2);
+        // Rewritten in place with another length, and replaced by a rename.
+        std::fs::write(dir.join("a.yaml"), service("a", "10.96.0.11")).unwrap();
+        std::fs::write(dir.join(".b.tmp"), service("b", "10.96.0.12")).unwrap();
+        std::fs::rename(dir.join(".b.tmp"), dir.join("b.yaml")).unwrap();
+        assert_eq!(
+            check(&mut cache),
+            ["default/a=10.96.0.11", "default/b=10.96.0.12"]
+        );
+        // A later file overrides an earlier one's object of the same name.
+        std::fs::write(dir.join("c.yaml"), service("a", "10.96.0.21")).unwrap();
+        assert_eq!(
+            check(&mut cache),
+            ["default/a=10.96.0.21", "default/b=10.96.0.12"]
+        );
+        // Broken, then removed.
+        std::fs::write(dir.join("c.yaml"), "kind: [").unwrap();
+        let (_, errors) = cache.load_dir(&dir).unwrap();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        std::fs::remove_file(dir.join("c.yaml")).unwrap();
+        assert_eq!(
+            check(&mut cache),
+            ["default/a=10.96.0.11", "default/b=10.96.0.12"]
+        );
+        assert_eq!(cache.files.len(), 2);
+        cache.clear();
+        assert!(cache.files.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
