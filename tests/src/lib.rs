@@ -163,6 +163,7 @@ mod names;
 mod netns;
 mod node;
 mod process;
+pub mod reach;
 pub mod server;
 pub mod sluice;
 

@@ -361,6 +361,22 @@ impl SluiceCluster {
         self.agents.get_mut(i.checked_sub(1)?)?.take()
     }
 
+    /// `sluice <args>` run in node `i` (so it reads that node's pinned maps); its stdout.
+    /// Panics when it fails.
+    pub fn run_sluice(&self, i: usize, args: &[&str]) -> String {
+        let bin = sluice_bin();
+        let mut argv: Vec<&std::ffi::OsStr> = vec![bin.as_os_str()];
+        argv.extend(args.iter().map(std::ffi::OsStr::new));
+        let out = self.cluster.node(i).exec(&argv).expect("running sluice");
+        assert!(
+            out.status.success(),
+            "sluice {args:?}: {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8")
+    }
+
     /// Writes [`NODES_MANIFEST`] again from the cluster's nodes (e.g. to restore it after a
     /// test replaced or removed it).
     pub fn write_node_manifests(&self) -> Result<()> {

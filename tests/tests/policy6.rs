@@ -5,23 +5,15 @@
 //! both nodes, plus an IPv6 ClusterIP judged at its backend, the IPv6 drops in `sluice state`
 //! and `sluice monitor`.
 
-use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use sluice_testbed::{
-    client::RequestError,
     cluster::ClusterOptions,
-    retry_until,
-    sluice::{sluice_bin, SluiceCluster},
+    reach::{assert_answered, assert_dropped, wait_answered, wait_dropped},
+    sluice::SluiceCluster,
     Pod,
 };
 
-const TIMEOUT: Duration = Duration::from_secs(2);
-const SHORT: Duration = Duration::from_millis(600);
-/// How long the agents are given to apply a changed manifest.
-const APPLY: Duration = Duration::from_secs(10);
 const VIP6: &str = "fd00:10:96::61:10";
 
 /// A dual-stack Pod object: namespace `ns`, label pod=`label`, on node-`node`.
@@ -105,60 +97,6 @@ fn to6(pod: &Pod, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(pod.ipv6().unwrap()), port)
 }
 
-fn tcp_ok(from: &Pod, to: SocketAddr, answered_by: &Pod) {
-    let reply = from
-        .tcp_request_any(to, TIMEOUT)
-        .unwrap_or_else(|e| panic!("{} -> {to}: {e}", from.name()));
-    assert_eq!(reply.text, answered_by.name(), "{} -> {to}", from.name());
-}
-
-fn tcp_dropped(from: &Pod, to: SocketAddr) {
-    let answer = from.tcp_request_any(to, SHORT);
-    assert!(
-        matches!(answer, Err(RequestError::Timeout)),
-        "{} -> {to} should be dropped, got {answer:?}",
-        from.name()
-    );
-}
-
-/// Waits until `from` -> `to` is dropped (an agent applies a manifest change asynchronously).
-fn becomes_dropped(from: &Pod, to: SocketAddr) {
-    retry_until(APPLY, Duration::from_millis(100), || {
-        match from.tcp_request_any(to, SHORT) {
-            Err(RequestError::Timeout) => Ok(()),
-            other => Err(anyhow::anyhow!("{} -> {to}: {other:?}", from.name())),
-        }
-    })
-    .unwrap();
-}
-
-/// Waits until `from` -> `to` is answered by `by`.
-fn becomes_allowed(from: &Pod, to: SocketAddr, by: &Pod) {
-    retry_until(APPLY, Duration::from_millis(100), || {
-        let reply = from
-            .tcp_request_any(to, SHORT)
-            .map_err(|e| anyhow::anyhow!("{} -> {to}: {e}", from.name()))?;
-        anyhow::ensure!(reply.text == by.name(), "answered by {}", reply.text);
-        Ok(())
-    })
-    .unwrap();
-}
-
-/// `sluice <args>` run in node 1 (it reads node 1's pinned maps).
-fn sluice_on_node_1(cluster: &SluiceCluster, args: &[&str]) -> String {
-    let bin = sluice_bin();
-    let mut argv: Vec<&std::ffi::OsStr> = vec![bin.as_os_str()];
-    argv.extend(args.iter().map(std::ffi::OsStr::new));
-    let out = cluster.node(1).exec(&argv).expect("running sluice");
-    assert!(
-        out.status.success(),
-        "sluice {args:?}: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
-}
-
 #[test]
 fn ipv6_traffic_obeys_deny_all_ingress_allow_from_namespace_and_ip_blocks_on_both_nodes() {
     let mut cluster =
@@ -198,9 +136,9 @@ fn ipv6_traffic_obeys_deny_all_ingress_allow_from_namespace_and_ip_blocks_on_bot
     let vip6 = SocketAddr::new(VIP6.parse::<IpAddr>().unwrap(), 80);
 
     // No policy: everything reaches everything over IPv6.
-    tcp_ok(&yc, to6(&xa, 80), &xa);
-    tcp_ok(&xb, to6(&xc, 80), &xc);
-    tcp_ok(&yc, vip6, &xa);
+    assert_answered(&yc, to6(&xa, 80), &xa);
+    assert_answered(&xb, to6(&xc, 80), &xc);
+    assert_answered(&yc, vip6, &xa);
 
     // Deny-all ingress in x: no IPv6 connection reaches an x pod, on either node, from
     // either namespace; y's pods still take connections; IPv4 is denied as well.
@@ -208,14 +146,14 @@ fn ipv6_traffic_obeys_deny_all_ingress_allow_from_namespace_and_ip_blocks_on_bot
         .manifests
         .write("policy.yaml", DENY_ALL_INGRESS_X)
         .unwrap();
-    becomes_dropped(&yc, to6(&xa, 80));
-    tcp_dropped(&yb, to6(&xa, 80)); // same node
-    tcp_dropped(&xb, to6(&xa, 80)); // same namespace
-    tcp_dropped(&yb, to6(&xc, 80)); // node 1 -> node 2
-    tcp_dropped(&yc, vip6); // the ClusterIP's backend is x-a
-    tcp_dropped(&yc, SocketAddr::new(xa.ip().into(), 80));
-    tcp_ok(&xa, to6(&yc, 80), &yc);
-    tcp_ok(&xc, to6(&yb, 80), &yb);
+    wait_dropped(&yc, to6(&xa, 80));
+    assert_dropped(&yb, to6(&xa, 80)); // same node
+    assert_dropped(&xb, to6(&xa, 80)); // same namespace
+    assert_dropped(&yb, to6(&xc, 80)); // node 1 -> node 2
+    assert_dropped(&yc, vip6); // the ClusterIP's backend is x-a
+    assert_dropped(&yc, SocketAddr::new(xa.ip().into(), 80));
+    assert_answered(&xa, to6(&yc, 80), &yc);
+    assert_answered(&xc, to6(&yb, 80), &yb);
 
     // Allow from namespace y (deny-all stays): y's pods reach x's over IPv6, across nodes
     // and through the IPv6 ClusterIP; x's own pods still do not.
@@ -226,12 +164,12 @@ fn ipv6_traffic_obeys_deny_all_ingress_allow_from_namespace_and_ip_blocks_on_bot
             &format!("{DENY_ALL_INGRESS_X}{ALLOW_FROM_Y}"),
         )
         .unwrap();
-    becomes_allowed(&yc, to6(&xa, 80), &xa);
-    tcp_ok(&yb, to6(&xa, 80), &xa);
-    tcp_ok(&yb, to6(&xc, 80), &xc);
-    tcp_ok(&yc, vip6, &xa);
-    tcp_dropped(&xb, to6(&xa, 80));
-    tcp_dropped(&xc, to6(&xa, 80));
+    wait_answered(&yc, to6(&xa, 80), &xa);
+    assert_answered(&yb, to6(&xa, 80), &xa);
+    assert_answered(&yb, to6(&xc, 80), &xc);
+    assert_answered(&yc, vip6, &xa);
+    assert_dropped(&xb, to6(&xa, 80));
+    assert_dropped(&xc, to6(&xa, 80));
 
     // An IPv6 ipBlock: x-a takes port 80 from node 2's IPv6 pod range except y-c.
     let node_2_range = cluster.node(2).pod_cidr6().unwrap().to_string();
@@ -242,17 +180,15 @@ fn ipv6_traffic_obeys_deny_all_ingress_allow_from_namespace_and_ip_blocks_on_bot
             &ip_block_policy(&node_2_range, yc.ipv6().unwrap()),
         )
         .unwrap();
-    becomes_dropped(&yc, to6(&xa, 80));
-    tcp_ok(&xc, to6(&xa, 80), &xa); // node 2, in the block
-    tcp_dropped(&yb, to6(&xa, 80)); // node 1, outside it
-    tcp_ok(&yb, to6(&xb, 80), &xb); // x-b is selected by no policy now
+    wait_dropped(&yc, to6(&xa, 80));
+    assert_answered(&xc, to6(&xa, 80), &xa); // node 2, in the block
+    assert_dropped(&yb, to6(&xa, 80)); // node 1, outside it
+    assert_answered(&yb, to6(&xb, 80), &xb); // x-b is selected by no policy now
 
     // The IPv6 entries and drops show in `sluice state`.
-    let state: serde_json::Value = serde_json::from_str(&sluice_on_node_1(
-        &cluster,
-        &["state", "--pin-path", &pin_1, "--json"],
-    ))
-    .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&cluster.run_sluice(1, &["state", "--pin-path", &pin_1, "--json"]))
+            .unwrap();
     let rows = state["policy"].as_array().unwrap();
     // The block minus one /128: 64 disjoint prefixes, all inside node 2's range.
     let range: ipnet::Ipv6Net = node_2_range.parse().unwrap();
@@ -281,8 +217,8 @@ fn ipv6_traffic_obeys_deny_all_ingress_allow_from_namespace_and_ip_blocks_on_bot
     );
     // `sluice monitor` prints the IPv6 drops: nobody read node 1's ring yet, so the first
     // is the first drop there, an IPv6 connection to x-a.
-    let monitor = sluice_on_node_1(
-        &cluster,
+    let monitor = cluster.run_sluice(
+        1,
         &[
             "monitor",
             "--pin-path",
@@ -304,6 +240,6 @@ fn ipv6_traffic_obeys_deny_all_ingress_allow_from_namespace_and_ip_blocks_on_bot
 
     // Deleting the policy opens x again.
     cluster.manifests.remove("policy.yaml").unwrap();
-    becomes_allowed(&yc, to6(&xa, 80), &xa);
-    tcp_ok(&yb, to6(&xa, 80), &xa);
+    wait_answered(&yc, to6(&xa, 80), &xa);
+    assert_answered(&yb, to6(&xa, 80), &xa);
 }

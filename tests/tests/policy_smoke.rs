@@ -11,16 +11,15 @@ use std::{
 
 use sluice_testbed::{
     client::RequestError,
+    reach::{assert_answered, assert_dropped, wait_dropped, APPLY},
     retry_until,
-    sluice::{sluice_bin, SluiceCluster},
+    sluice::SluiceCluster,
     Pod,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const SHORT: Duration = Duration::from_millis(600);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 60, 10);
-/// How long an agent is given to apply a changed manifest.
-const APPLY: Duration = Duration::from_secs(10);
 
 /// A Pod object for a testbed pod: namespace `ns`, label pod=`label`, on node-`node`, with a
 /// named container port serve-80-tcp.
@@ -85,50 +84,8 @@ spec:
     ports: [{port: 80}]
 "#;
 
-fn tcp_ok(from: &Pod, to: SocketAddr, answered_by: &Pod) {
-    let reply = from
-        .tcp_request_any(to, TIMEOUT)
-        .unwrap_or_else(|e| panic!("{} -> {to}: {e}", from.name()));
-    assert_eq!(reply.text, answered_by.name(), "{} -> {to}", from.name());
-}
-
-fn tcp_dropped(from: &Pod, to: SocketAddr) {
-    let answer = from.tcp_request_any(to, SHORT);
-    assert!(
-        matches!(answer, Err(RequestError::Timeout)),
-        "{} -> {to} should be dropped, got {answer:?}",
-        from.name()
-    );
-}
-
-/// Waits until `from` -> `to` is dropped (an agent applies a manifest change asynchronously).
-fn becomes_dropped(from: &Pod, to: SocketAddr) {
-    retry_until(APPLY, Duration::from_millis(100), || {
-        match from.tcp_request_any(to, SHORT) {
-            Err(RequestError::Timeout) => Ok(()),
-            other => Err(anyhow::anyhow!("{} -> {to}: {other:?}", from.name())),
-        }
-    })
-    .unwrap();
-}
-
 fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddrV4::new(ip, port).into()
-}
-
-/// `sluice <args>` run in node 1 (it reads node 1's pinned maps).
-fn sluice_on_node_1(cluster: &SluiceCluster, args: &[&str]) -> String {
-    let bin = sluice_bin();
-    let mut argv: Vec<&std::ffi::OsStr> = vec![bin.as_os_str()];
-    argv.extend(args.iter().map(std::ffi::OsStr::new));
-    let out = cluster.node(1).exec(&argv).expect("running sluice");
-    assert!(
-        out.status.success(),
-        "sluice {args:?}: {:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
 }
 
 #[test]
@@ -159,10 +116,10 @@ fn agents_enforce_network_policy_from_the_manifests() {
     // No policy: everyone reaches everyone.
     let to_a = sock(a.ip(), 80);
     let to_vip = sock(VIP, 80);
-    tcp_ok(&c, to_a, &a);
-    tcp_ok(&b, to_a, &a);
-    tcp_ok(&c, to_vip, &a);
-    tcp_ok(&b, sock(c.ip(), 80), &c);
+    assert_answered(&c, to_a, &a);
+    assert_answered(&b, to_a, &a);
+    assert_answered(&c, to_vip, &a);
+    assert_answered(&b, sock(c.ip(), 80), &c);
 
     // A UDP flow from y-c to x-a, established before the policy that would deny it.
     let established = c
@@ -187,10 +144,10 @@ fn agents_enforce_network_policy_from_the_manifests() {
         .manifests
         .write("policy.yaml", ALLOW_B_TO_A)
         .unwrap();
-    becomes_dropped(&c, to_a);
-    tcp_dropped(&c, to_vip);
-    tcp_ok(&b, to_a, &a);
-    tcp_ok(&b, to_vip, &a);
+    wait_dropped(&c, to_a);
+    assert_dropped(&c, to_vip);
+    assert_answered(&b, to_a, &a);
+    assert_answered(&b, to_vip, &a);
     // The established UDP flow goes on; a new one from y-c does not.
     established.set_read_timeout(Some(TIMEOUT)).unwrap();
     assert_eq!(
@@ -208,16 +165,14 @@ fn agents_enforce_network_policy_from_the_manifests() {
         .manifests
         .write("policy.yaml", &format!("{ALLOW_B_TO_A}{B_ONLY_TO_A}"))
         .unwrap();
-    becomes_dropped(&b, sock(c.ip(), 80));
-    tcp_ok(&b, to_vip, &a);
-    tcp_ok(&b, to_a, &a);
+    wait_dropped(&b, sock(c.ip(), 80));
+    assert_answered(&b, to_vip, &a);
+    assert_answered(&b, to_a, &a);
 
     // The drops are counted by reason and listed with the policy entries.
-    let state: serde_json::Value = serde_json::from_str(&sluice_on_node_1(
-        &cluster,
-        &["state", "--pin-path", &pin_1, "--json"],
-    ))
-    .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&cluster.run_sluice(1, &["state", "--pin-path", &pin_1, "--json"]))
+            .unwrap();
     let ingress = state["drops"]["drop-policy-ingress-denied"]
         .as_u64()
         .unwrap();
@@ -236,8 +191,8 @@ fn agents_enforce_network_policy_from_the_manifests() {
 
     // `sluice monitor` streams the drops; nobody read the ring yet, so the first it prints is
     // the first drop: y-c's connection to x-a once the policy applied.
-    let monitor = sluice_on_node_1(
-        &cluster,
+    let monitor = cluster.run_sluice(
+        1,
         &[
             "monitor",
             "--pin-path",
@@ -264,5 +219,5 @@ fn agents_enforce_network_policy_from_the_manifests() {
             .map_err(|e| anyhow::anyhow!("{e}"))
     })
     .unwrap();
-    tcp_ok(&b, sock(c.ip(), 80), &c);
+    assert_answered(&b, sock(c.ip(), 80), &c);
 }
