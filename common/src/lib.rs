@@ -575,66 +575,47 @@ pub fn ct_closed(state: u8) -> bool {
         || state & (CT_S_FIN_CLIENT | CT_S_FIN_BACKEND) == CT_S_FIN_CLIENT | CT_S_FIN_BACKEND
 }
 
-impl CtKey {
-    /// The key of the other entry of the flow this entry (`self` -> `value`) belongs to: the
-    /// reply key of a forward entry, the forward key of a reply entry. Two entries are one
-    /// flow's when each is the other's peer (after a TCP SYN re-balanced a tuple, the old reply
-    /// entry's peer is the new flow's forward entry, whose peer is another reply key).
-    #[inline(always)]
-    pub fn peer(&self, value: &CtValue) -> CtKey {
-        let snat = value.flags & CT_F_SNAT != 0;
-        if self.dir == CT_DIR_FORWARD {
-            CtKey {
-                saddr: value.nat_addr,
-                daddr: if snat { value.snat_addr } else { self.saddr },
-                sport: value.nat_port,
-                dport: if snat { value.snat_port } else { self.sport },
-                proto: self.proto,
-                dir: CT_DIR_REPLY,
-                _pad: 0,
-            }
-        } else {
-            CtKey {
-                saddr: if snat { value.snat_addr } else { self.daddr },
-                daddr: value.nat_addr,
-                sport: if snat { value.snat_port } else { self.dport },
-                dport: value.nat_port,
-                proto: self.proto,
-                dir: CT_DIR_FORWARD,
-                _pad: 0,
+/// `peer` for a conntrack key type and its value type (the two families' keys differ only in
+/// their address width).
+macro_rules! impl_ct_peer {
+    ($key:ident, $value:ident) => {
+        impl $key {
+            /// The key of the other entry of the flow this entry (`self` -> `value`) belongs
+            /// to: the reply key of a forward entry, the forward key of a reply entry. Two
+            /// entries are one flow's when each is the other's peer (after a TCP SYN
+            /// re-balanced a tuple, the old reply entry's peer is the new flow's forward
+            /// entry, whose peer is another reply key).
+            #[inline(always)]
+            pub fn peer(&self, value: &$value) -> $key {
+                let snat = value.flags & CT_F_SNAT != 0;
+                if self.dir == CT_DIR_FORWARD {
+                    $key {
+                        saddr: value.nat_addr,
+                        daddr: if snat { value.snat_addr } else { self.saddr },
+                        sport: value.nat_port,
+                        dport: if snat { value.snat_port } else { self.sport },
+                        proto: self.proto,
+                        dir: CT_DIR_REPLY,
+                        _pad: 0,
+                    }
+                } else {
+                    $key {
+                        saddr: if snat { value.snat_addr } else { self.daddr },
+                        daddr: value.nat_addr,
+                        sport: if snat { value.snat_port } else { self.dport },
+                        dport: value.nat_port,
+                        proto: self.proto,
+                        dir: CT_DIR_FORWARD,
+                        _pad: 0,
+                    }
+                }
             }
         }
-    }
+    };
 }
 
-impl CtKey6 {
-    /// [`CtKey::peer`] for IPv6.
-    #[inline(always)]
-    pub fn peer(&self, value: &CtValue6) -> CtKey6 {
-        let snat = value.flags & CT_F_SNAT != 0;
-        if self.dir == CT_DIR_FORWARD {
-            CtKey6 {
-                saddr: value.nat_addr,
-                daddr: if snat { value.snat_addr } else { self.saddr },
-                sport: value.nat_port,
-                dport: if snat { value.snat_port } else { self.sport },
-                proto: self.proto,
-                dir: CT_DIR_REPLY,
-                _pad: 0,
-            }
-        } else {
-            CtKey6 {
-                saddr: if snat { value.snat_addr } else { self.daddr },
-                daddr: value.nat_addr,
-                sport: if snat { value.snat_port } else { self.dport },
-                dport: value.nat_port,
-                proto: self.proto,
-                dir: CT_DIR_FORWARD,
-                _pad: 0,
-            }
-        }
-    }
-}
+impl_ct_peer!(CtKey, CtValue);
+impl_ct_peer!(CtKey6, CtValue6);
 
 /// sessionAffinity: a client of a service.
 #[repr(C)]
