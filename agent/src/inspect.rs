@@ -225,38 +225,12 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
     if wants(only, Table::Policy) && pin_path.join(MAP_POLICY).exists() {
         let isolated: HashMap<MapData, u32, u8> = open_read_only(pin_path, MAP_ISOLATED)?;
         snapshot.isolated = read_all(&isolated, pin_path, MAP_ISOLATED)?;
-        let policy: LpmTrie<MapData, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(open_map_read_only(pin_path, MAP_POLICY)?).with_context(|| {
-                format!(
-                    "{}: not Sluice's policy map",
-                    pin_path.join(MAP_POLICY).display()
-                )
-            })?;
-        for item in policy.iter() {
-            let (key, value) =
-                item.with_context(|| format!("reading {}", pin_path.join(MAP_POLICY).display()))?;
-            if let Some(bits) = key.prefix_len().checked_sub(policy_prefix_len(0)) {
-                snapshot.policy.push(((key.data(), bits), value));
-            }
-        }
+        snapshot.policy = read_policy(pin_path, MAP_POLICY, policy_prefix_len(0))?;
     }
     if wants(only, Table::Policy) && pin_path.join(MAP_POLICY6).exists() {
         let isolated6: HashMap<MapData, [u32; 4], u8> = open_read_only(pin_path, MAP_ISOLATED6)?;
         snapshot.isolated6 = read_all(&isolated6, pin_path, MAP_ISOLATED6)?;
-        let policy6: LpmTrie<MapData, PolicyKey6, PolicyValue> =
-            LpmTrie::try_from(open_map_read_only(pin_path, MAP_POLICY6)?).with_context(|| {
-                format!(
-                    "{}: not Sluice's policy6 map",
-                    pin_path.join(MAP_POLICY6).display()
-                )
-            })?;
-        for item in policy6.iter() {
-            let (key, value) =
-                item.with_context(|| format!("reading {}", pin_path.join(MAP_POLICY6).display()))?;
-            if let Some(bits) = key.prefix_len().checked_sub(policy6_prefix_len(0)) {
-                snapshot.policy6.push(((key.data(), bits), value));
-            }
-        }
+        snapshot.policy6 = read_policy(pin_path, MAP_POLICY6, policy6_prefix_len(0))?;
     }
     // After reading: an entry created meanwhile does not get a negative age.
     snapshot.now_ns = monotonic_now_ns()?;
@@ -293,6 +267,27 @@ where
 
 /// Opens the map pinned at `<pin_path>/<name>` read-only. The error's root cause says what is
 /// wrong; the caller adds the context.
+/// Every entry of a pinned policy trie (`policy` or `policy6`), with its peer prefix length:
+/// the key's prefix length past `fixed_len`, the bits of the fixed fields.
+fn read_policy<K: Pod>(
+    pin_path: &Path,
+    name: &str,
+    fixed_len: u32,
+) -> anyhow::Result<Vec<((K, u32), PolicyValue)>> {
+    let path = pin_path.join(name);
+    let trie: LpmTrie<MapData, K, PolicyValue> =
+        LpmTrie::try_from(open_map_read_only(pin_path, name)?)
+            .with_context(|| format!("{}: not Sluice's {name} map", path.display()))?;
+    let mut entries = Vec::new();
+    for item in trie.iter() {
+        let (key, value) = item.with_context(|| format!("reading {}", path.display()))?;
+        if let Some(bits) = key.prefix_len().checked_sub(fixed_len) {
+            entries.push(((key.data(), bits), value));
+        }
+    }
+    Ok(entries)
+}
+
 fn open_read_only<K: Pod, V: Pod>(
     pin_path: &Path,
     name: &str,
