@@ -495,6 +495,25 @@ just: a map
             ["default/a=10.96.0.1", "default/b=10.96.0.2"]
         );
         assert_eq!(cache.files.len(), 2);
+        // An unchanged file is not parsed again: rewritten in place with the same length and
+        // its modification time put back, the cache still has the old object (what the
+        // periodic resync's clear() repairs), while a full read sees the new one.
+        let a = dir.join("a.yaml");
+        let modified = std::fs::metadata(&a).unwrap().modified().unwrap();
+        std::fs::write(&a, service("a", "10.96.0.9")).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+        let (reused, _) = cache.load_dir(&dir).unwrap();
+        assert_eq!(names(&reused)[0], "default/a=10.96.0.1");
+        cache.clear();
+        assert_eq!(
+            check(&mut cache),
+            ["default/a=10.96.0.9", "default/b=10.96.0.2"]
+        );
         // Rewritten in place with another length, and replaced by a rename.
         std::fs::write(dir.join("a.yaml"), service("a", "10.96.0.11")).unwrap();
         std::fs::write(dir.join(".b.tmp"), service("b", "10.96.0.12")).unwrap();
