@@ -32,10 +32,13 @@ use crate::{
     translate,
 };
 
-/// How long a burst of file events is given to settle before the manifests are read again
-/// (an editor or `kubectl`-like tool writes a file in several steps); API changes get the same
-/// (a rollout updates a Service's EndpointSlices in a quick series).
-const MANIFEST_DEBOUNCE: Duration = Duration::from_millis(50);
+/// The least time between two reloads caused by changes. The first change after a quiet
+/// spell is applied at once (kube-proxy's BoundedFrequencyRunner does the same); changes
+/// arriving while a reload runs, or within this time of it (a rollout updating a Service's
+/// EndpointSlices in a quick series, a tool writing several files), are taken together by the
+/// next one. A file is read once it is complete: the watcher wakes on close-after-write and
+/// renames, not on each write (`watch_manifests`).
+const MIN_RELOAD_SPACING: Duration = Duration::from_millis(20);
 /// How long programming may keep failing before `/healthz` turns 503.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -129,6 +132,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         objects: &objects,
         datapath: &mut datapath,
         context: NodeContext::default(),
+        translator: translate::Translator::default(),
         last_problems: Vec::new(),
         attached: BTreeSet::new(),
         external: BTreeSet::new(),
@@ -149,13 +153,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let mut conntrack_gc = tokio::time::interval(config.conntrack_gc_interval);
     conntrack_gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     conntrack_gc.tick().await;
+    let mut last_reload = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             Some(()) = manifest_rx.recv() => {
-                tokio::time::sleep(MANIFEST_DEBOUNCE).await;
+                tokio::time::sleep_until(last_reload + MIN_RELOAD_SPACING).await;
                 while manifest_rx.try_recv().is_ok() {}
                 agent.reload_manifests().await;
+                last_reload = tokio::time::Instant::now();
                 // The node's addresses may have changed with its Node object.
                 agent.rescan_interfaces(&netlink).await;
             }
@@ -214,13 +220,13 @@ impl ObjectSource<'_> {
     }
 
     /// The objects as the source has them now, and the problems of files that did not parse.
-    fn load(&self) -> anyhow::Result<(manifests::Objects, Vec<manifests::ManifestError>)> {
+    fn load(&self) -> anyhow::Result<(Arc<manifests::Objects>, Vec<manifests::ManifestError>)> {
         match self {
             ObjectSource::Manifests { dir, cache, .. } => cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .load_dir(dir),
-            ObjectSource::Api(api) => Ok((api.objects(), Vec::new())),
+            ObjectSource::Api(api) => Ok((Arc::new(api.objects()), Vec::new())),
         }
     }
 }
@@ -240,6 +246,8 @@ struct Agent<'a> {
     datapath: &'a mut Datapath,
     /// This node as the last reload resolved it.
     context: NodeContext,
+    /// Remembers each service's translation while its objects are unchanged.
+    translator: translate::Translator,
     /// Problems reported by the last reload, so a periodic resync does not repeat them.
     last_problems: Vec<String>,
     /// Pod interfaces the programs are attached to.
@@ -255,6 +263,7 @@ impl Agent<'_> {
     /// into the maps and the health servers. Bad files and objects are reported and skipped;
     /// what is valid is still programmed.
     async fn reload_manifests(&mut self) {
+        let started = std::time::Instant::now();
         let (objects, manifest_errors) = match self.objects.load() {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -287,7 +296,7 @@ impl Agent<'_> {
             Ok(false) => {}
             Err(e) => problems.push(format!("programming the node configuration: {e:#}")),
         }
-        let (desired, translate_errors) = translate::translate(&objects, &self.context);
+        let (desired, translate_errors) = self.translator.translate(&objects, &self.context);
         problems.extend(translate_errors.iter().map(ToString::to_string));
         let (wire_policy, policy_errors) = policy::program(&objects, &self.context);
         problems.extend(policy_errors.iter().map(ToString::to_string));
@@ -297,7 +306,7 @@ impl Agent<'_> {
             }
             self.last_problems = problems;
         }
-        let programmed = self.sync(&desired) & self.sync_policy(&wire_policy);
+        let programmed = self.sync(&desired, started) & self.sync_policy(&wire_policy);
         for (port, error) in self.health_checks.sync(&desired.health_checks).await {
             tracing::warn!(port, "{error}");
         }
@@ -308,8 +317,9 @@ impl Agent<'_> {
         }
     }
 
-    /// Programs `desired`; false when anything could not be programmed.
-    fn sync(&mut self, desired: &DesiredState) -> bool {
+    /// Programs `desired`; false when anything could not be programmed. `started`: when the
+    /// reload began (its time to the datapath is logged).
+    fn sync(&mut self, desired: &DesiredState, started: std::time::Instant) -> bool {
         match self.datapath.sync(desired) {
             Ok(stats) => {
                 for (frontend, error) in &stats.failed {
@@ -334,6 +344,7 @@ impl Agent<'_> {
                         removed = stats.removed,
                         map_writes = stats.map_writes,
                         ipv6 = stats.ipv6_programmed,
+                        took_ms = started.elapsed().as_secs_f64() * 1e3,
                         "datapath synced"
                     );
                 }
@@ -422,6 +433,21 @@ impl Agent<'_> {
     }
 }
 
+/// Whether a file event means a manifest may read differently now. A file written in place
+/// counts when it is closed (its writes alone would have it read half-written); creations,
+/// renames and removals count at once.
+fn changes_manifests(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => false,
+        // Create, Remove, renames, and what the watcher cannot classify (say, a queue
+        // overflow): read again.
+        _ => true,
+    }
+}
+
 /// Watches `dir` for changes; each burst of events sends a `()` (coalesced by the channel).
 fn watch_manifests(
     dir: &Path,
@@ -429,7 +455,7 @@ fn watch_manifests(
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if event.kind.is_access() => {}
+            Ok(event) if !changes_manifests(&event.kind) => {}
             Ok(_) => {
                 let _ = changed.try_send(());
             }

@@ -15,7 +15,7 @@
 //! * every change that lands in a store (an object applied or deleted, a relist done) sends a
 //!   `()` on the agent's change channel at once: no periodic resync is needed to see it.
 
-use std::{fmt::Debug, path::PathBuf, time::Duration};
+use std::{fmt::Debug, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -230,7 +230,7 @@ where
     futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
-fn namespaced<K>(store: &Store<K>) -> std::collections::BTreeMap<ObjectRef, K>
+fn namespaced<K>(store: &Store<K>) -> std::collections::BTreeMap<ObjectRef, Arc<K>>
 where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
@@ -242,19 +242,19 @@ where
                 namespace: object.namespace().unwrap_or_else(|| "default".into()),
                 name: object.name_any(),
             };
-            (key, K::clone(&object))
+            (key, object)
         })
         .collect()
 }
 
-fn cluster_scoped<K>(store: &Store<K>) -> std::collections::BTreeMap<String, K>
+fn cluster_scoped<K>(store: &Store<K>) -> std::collections::BTreeMap<String, Arc<K>>
 where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
     store
         .state()
         .into_iter()
-        .map(|object| (object.name_any(), K::clone(&object)))
+        .map(|object| (object.name_any(), object))
         .collect()
 }
 

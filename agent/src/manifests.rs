@@ -9,6 +9,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -44,15 +45,20 @@ impl fmt::Display for ObjectRef {
 }
 
 /// The objects the translation consumes, keyed by namespace/name (Nodes by name).
+///
+/// Objects are shared (`Arc`), never copied: the API source hands out the reflector stores'
+/// own objects and the manifests source its parsed files', so a snapshot costs one map entry
+/// per object, and the translation recognises an object it has seen by pointer
+/// ([`Arc::ptr_eq`]) to reuse what it made of it.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub services: BTreeMap<ObjectRef, Service>,
-    pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
-    pub nodes: BTreeMap<String, Node>,
-    pub pods: BTreeMap<ObjectRef, Pod>,
+    pub services: BTreeMap<ObjectRef, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
+    pub pods: BTreeMap<ObjectRef, Arc<Pod>>,
     /// Namespaces by name.
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub network_policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub network_policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
 }
 
 /// A problem with one file or one object in it. The rest of the directory is still used.
@@ -108,14 +114,18 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<(Objects, Vec<ManifestError>)> {
 }
 
 /// Parsed manifest files, reused while a file is unchanged (same inode, size and modification
-/// time): with thousands of objects, parsing every file again on each change was most of the
-/// time a change took to reach the datapath. A file replaced by a rename (as editors and
-/// `kubectl`-like tools write) gets a new inode, so it is always read again; the agent's
-/// periodic resync [`clear`](ManifestCache::clear)s the cache, which repairs anything a
-/// timestamp could hide.
+/// time), and their merged view kept up to date file by file: with thousands of objects,
+/// parsing every file again, and then copying every object into a fresh view, on each change
+/// was most of the time a change took to reach the datapath. A file replaced by a rename (as
+/// editors and `kubectl`-like tools write) gets a new inode, so it is always read again; the
+/// agent's periodic resync [`clear`](ManifestCache::clear)s the cache, which repairs anything
+/// a timestamp could hide.
 #[derive(Default)]
 pub struct ManifestCache {
     files: BTreeMap<PathBuf, CachedFile>,
+    /// Every file's objects merged (a later file overrides an earlier one), shared with the
+    /// caller: when the caller has let go of the last view, an update changes it in place.
+    merged: Arc<Objects>,
 }
 
 struct CachedFile {
@@ -134,18 +144,22 @@ fn stamp_of(file: &Path) -> Option<FileStamp> {
 }
 
 impl ManifestCache {
-    /// [`load_dir`], parsing only the files that changed since the last call.
-    pub fn load_dir(&mut self, dir: &Path) -> anyhow::Result<(Objects, Vec<ManifestError>)> {
+    /// [`load_dir`], parsing only the files that changed since the last call and updating
+    /// only the objects those files define (or defined).
+    pub fn load_dir(&mut self, dir: &Path) -> anyhow::Result<(Arc<Objects>, Vec<ManifestError>)> {
         let files = manifest_files(dir)
             .map_err(|e| anyhow::anyhow!("reading manifest directory {}: {e}", dir.display()))?;
-        let mut objects = Objects::default();
-        let mut errors = Vec::new();
-        let mut kept = BTreeMap::new();
+        let mut before = std::mem::take(&mut self.files);
+        // The objects of files that changed or went away, as they were.
+        let mut replaced: Vec<CachedFile> = Vec::new();
+        let mut parsed_now: Vec<PathBuf> = Vec::new();
         for file in files {
             let stamp = stamp_of(&file);
-            let cached = match (stamp, self.files.remove(&file)) {
+            let cached = match (stamp, before.remove(&file)) {
                 (Some(now), Some(cached)) if cached.stamp == now => cached,
-                _ => {
+                (_, old) => {
+                    parsed_now.push(file.clone());
+                    replaced.extend(old);
                     let mut parsed = CachedFile {
                         stamp: stamp.unwrap_or_default(),
                         objects: Objects::default(),
@@ -155,35 +169,86 @@ impl ManifestCache {
                     parsed
                 }
             };
-            objects.extend_from(&cached.objects);
-            errors.extend(cached.errors.iter().cloned());
             if stamp.is_some() {
-                kept.insert(file, cached);
+                self.files.insert(file, cached);
+            } else {
+                // Vanished between the listing and the stat: as if it were not listed.
+                replaced.push(cached);
             }
         }
-        self.files = kept;
-        Ok((objects, errors))
+        replaced.extend(before.into_values());
+        if !parsed_now.is_empty() || !replaced.is_empty() {
+            let merged = Arc::make_mut(&mut self.merged);
+            let files: Vec<&Objects> = self.files.values().map(|f| &f.objects).collect();
+            // Only the names a changed file defines, or defined, can have a new winner.
+            let touched: Vec<&Objects> = replaced
+                .iter()
+                .map(|f| &f.objects)
+                .chain(
+                    parsed_now
+                        .iter()
+                        .filter_map(|path| self.files.get(path))
+                        .map(|f| &f.objects),
+                )
+                .collect();
+            merged.refresh(&files, &touched);
+        }
+        let errors = self
+            .files
+            .values()
+            .flat_map(|f| f.errors.iter().cloned())
+            .collect();
+        Ok((Arc::clone(&self.merged), errors))
     }
 
     /// Forgets every parsed file: the next load reads them all.
     pub fn clear(&mut self) {
         self.files.clear();
+        self.merged = Arc::default();
     }
 }
 
 impl Objects {
-    /// Adds `other`'s objects, replacing those with the same name (a later file overrides an
-    /// earlier one, as when one file holds both).
-    fn extend_from(&mut self, other: &Objects) {
-        fn add<K: Ord + Clone, V: Clone>(into: &mut BTreeMap<K, V>, from: &BTreeMap<K, V>) {
-            into.extend(from.iter().map(|(k, v)| (k.clone(), v.clone())));
+    /// Re-decides, for every name in `touched`, which of `files` (in order; a later file
+    /// overrides an earlier one, as when one file holds both) defines it, or that none does.
+    fn refresh(&mut self, files: &[&Objects], touched: &[&Objects]) {
+        fn kind<K: Ord + Clone, V>(
+            into: &mut BTreeMap<K, Arc<V>>,
+            files: &[&BTreeMap<K, Arc<V>>],
+            touched: &[&BTreeMap<K, Arc<V>>],
+        ) {
+            let names: std::collections::BTreeSet<&K> =
+                touched.iter().flat_map(|m| m.keys()).collect();
+            for name in names {
+                match files.iter().rev().find_map(|f| f.get(name)) {
+                    Some(object) => {
+                        if !into.get(name).is_some_and(|o| Arc::ptr_eq(o, object)) {
+                            into.insert(name.clone(), Arc::clone(object));
+                        }
+                    }
+                    None => {
+                        into.remove(name);
+                    }
+                }
+            }
         }
-        add(&mut self.services, &other.services);
-        add(&mut self.endpoint_slices, &other.endpoint_slices);
-        add(&mut self.nodes, &other.nodes);
-        add(&mut self.pods, &other.pods);
-        add(&mut self.namespaces, &other.namespaces);
-        add(&mut self.network_policies, &other.network_policies);
+        macro_rules! refresh {
+            ($($field:ident),*) => {$(
+                kind(
+                    &mut self.$field,
+                    &files.iter().map(|f| &f.$field).collect::<Vec<_>>(),
+                    &touched.iter().map(|f| &f.$field).collect::<Vec<_>>(),
+                );
+            )*};
+        }
+        refresh!(
+            services,
+            endpoint_slices,
+            nodes,
+            pods,
+            namespaces,
+            network_policies
+        );
     }
 }
 
@@ -287,7 +352,7 @@ fn add_value(
         ("v1", "Namespace") => match serde_yaml::from_value::<Namespace>(value) {
             Ok(namespace) => match namespace.metadata.name.clone() {
                 Some(name) => {
-                    objects.namespaces.insert(name, namespace);
+                    objects.namespaces.insert(name, Arc::new(namespace));
                 }
                 None => errors.push(error("metadata.name is missing".into())),
             },
@@ -296,7 +361,7 @@ fn add_value(
         ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
             Ok(node) => match node.metadata.name.clone() {
                 Some(name) => {
-                    objects.nodes.insert(name, node);
+                    objects.nodes.insert(name, Arc::new(node));
                 }
                 None => errors.push(error("metadata.name is missing".into())),
             },
@@ -319,7 +384,7 @@ fn namespaced<K>(
     file: &Path,
     described: &str,
     value: serde_yaml::Value,
-    into: &mut BTreeMap<ObjectRef, K>,
+    into: &mut BTreeMap<ObjectRef, Arc<K>>,
     errors: &mut Vec<ManifestError>,
 ) where
     K: k8s_openapi::Resource
@@ -334,7 +399,7 @@ fn namespaced<K>(
     match serde_yaml::from_value::<K>(value) {
         Ok(object) if object.metadata().name.is_some() => {
             let key = ObjectRef::of(object.metadata());
-            if into.insert(key.clone(), object).is_some() {
+            if into.insert(key.clone(), Arc::new(object)).is_some() {
                 tracing::warn!(file = %file.display(), object = %key, "{} defined twice; the later definition wins", K::KIND);
             }
         }
@@ -528,16 +593,32 @@ just: a map
             check(&mut cache),
             ["default/a=10.96.0.21", "default/b=10.96.0.12"]
         );
-        // Broken, then removed.
+        // Broken: the earlier file's object is back. Then removed.
+        let (before, _) = cache.load_dir(&dir).unwrap();
         std::fs::write(dir.join("c.yaml"), "kind: [").unwrap();
-        let (_, errors) = cache.load_dir(&dir).unwrap();
+        assert_eq!(
+            check(&mut cache),
+            ["default/a=10.96.0.11", "default/b=10.96.0.12"]
+        );
+        let (after, errors) = cache.load_dir(&dir).unwrap();
         assert_eq!(errors.len(), 1, "{errors:?}");
+        // Objects of unchanged files are the same objects (the translation reuses its work
+        // for them by pointer), not copies.
+        let b = ObjectRef {
+            namespace: "default".into(),
+            name: "b".into(),
+        };
+        assert!(Arc::ptr_eq(&before.services[&b], &after.services[&b]));
+        drop((before, after));
         std::fs::remove_file(dir.join("c.yaml")).unwrap();
         assert_eq!(
             check(&mut cache),
             ["default/a=10.96.0.11", "default/b=10.96.0.12"]
         );
         assert_eq!(cache.files.len(), 2);
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert_eq!(check(&mut cache), ["default/a=10.96.0.11"]);
+        std::fs::write(dir.join("b.yaml"), service("b", "10.96.0.12")).unwrap();
         cache.clear();
         assert!(cache.files.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();

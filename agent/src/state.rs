@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -170,7 +171,9 @@ impl ServiceEntry {
 /// Everything the node's datapath and health servers should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub services: BTreeMap<Frontend, ServiceEntry>,
+    /// Shared, not copied: a translation reused from the last pass hands out the same entries
+    /// (`translate::Translator`), and the datapath sync skips an entry it already programmed.
+    pub services: BTreeMap<Frontend, Arc<ServiceEntry>>,
     /// healthCheckNodePort -> what its server reports.
     pub health_checks: BTreeMap<u16, ServiceHealth>,
 }

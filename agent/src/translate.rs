@@ -32,9 +32,10 @@
 //!   has no usable endpoint at all, and drops when a Local policy filtered the endpoints away.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -75,42 +76,171 @@ impl fmt::Display for TranslateError {
 /// Translates every service in `objects` for the node described by `node`. Problems are
 /// returned next to the state; an object with a problem contributes what it correctly can.
 pub fn translate(objects: &Objects, node: &NodeContext) -> (DesiredState, Vec<TranslateError>) {
-    let mut state = DesiredState::default();
+    Translator::default().translate(objects, node)
+}
+
+/// [`translate`] for a long-running agent: each service's translation is remembered and
+/// reused while its Service, its EndpointSlices and the node are the same objects as last
+/// time ([`Arc::ptr_eq`]: the sources hand out a new object for every change), so a change
+/// to one EndpointSlice translates one service, not all of them.
+#[derive(Default)]
+pub struct Translator {
+    /// The node the remembered translations were made for; another node forgets them all.
+    node: Option<NodeContext>,
+    services: HashMap<ObjectRef, Remembered>,
+    /// Incremented each pass; entries not seen in a pass are services that are gone.
+    pass: u64,
+}
+
+struct Remembered {
+    service: Arc<Service>,
+    /// The service's slices as they were, in name order.
+    slices: Vec<Arc<EndpointSlice>>,
+    output: ServiceOutput,
+    pass: u64,
+}
+
+/// An EndpointSlice with its name, as the translation takes it.
+type SliceOf<'a> = (&'a ObjectRef, &'a Arc<EndpointSlice>);
+
+/// What one service translates to, before it meets the other services.
+#[derive(Default)]
+struct ServiceOutput {
+    /// Its frontends in the order it claimed them (a frontend another service already claimed
+    /// is dropped when the outputs are merged).
+    frontends: Vec<(Frontend, Arc<ServiceEntry>)>,
+    health_checks: BTreeMap<u16, ServiceHealth>,
+    errors: Vec<TranslateError>,
+}
+
+impl Translator {
+    /// Translates every service in `objects`, reusing what is unchanged since the last call.
+    pub fn translate(
+        &mut self,
+        objects: &Objects,
+        node: &NodeContext,
+    ) -> (DesiredState, Vec<TranslateError>) {
+        if self.node.as_ref() != Some(node) {
+            self.services.clear();
+            self.node = Some(node.clone());
+        }
+        self.pass += 1;
+        let pass = self.pass;
+
+        // Index slices by the service they belong to, once, without copying names.
+        let mut slices_by_service: BTreeMap<(&str, &str), Vec<SliceOf>> = BTreeMap::new();
+        for (key, slice) in &objects.endpoint_slices {
+            let labels = slice.metadata.labels.as_ref();
+            let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+                continue;
+            };
+            slices_by_service
+                .entry((key.namespace.as_str(), service.as_str()))
+                .or_default()
+                .push((key, slice));
+        }
+
+        let mut state = DesiredState::default();
+        let mut errors = Vec::new();
+        for (key, service) in &objects.services {
+            let slices = slices_by_service
+                .get(&(key.namespace.as_str(), key.name.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let unchanged = |r: &Remembered| {
+                Arc::ptr_eq(&r.service, service)
+                    && r.slices.len() == slices.len()
+                    && r.slices
+                        .iter()
+                        .zip(slices)
+                        .all(|(a, (_, b))| Arc::ptr_eq(a, b))
+            };
+            let remembered = match self.services.get_mut(key) {
+                Some(r) if unchanged(r) => r,
+                _ => {
+                    let fresh = Remembered {
+                        service: Arc::clone(service),
+                        slices: slices.iter().map(|(_, s)| Arc::clone(s)).collect(),
+                        output: translate_service(key, service, slices, node),
+                        pass,
+                    };
+                    match self.services.entry(key.clone()) {
+                        std::collections::hash_map::Entry::Occupied(mut e) => {
+                            e.insert(fresh);
+                            e.into_mut()
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(fresh),
+                    }
+                }
+            };
+            remembered.pass = pass;
+            merge(key, &remembered.output, &mut state, &mut errors);
+        }
+        self.services.retain(|_, r| r.pass == pass);
+        (state, errors)
+    }
+}
+
+/// One service's translation, on its own.
+fn translate_service(
+    key: &ObjectRef,
+    service: &Service,
+    slices: &[SliceOf],
+    node: &NodeContext,
+) -> ServiceOutput {
+    let mut own = DesiredState::default();
     let mut errors = Vec::new();
-
-    // Index slices by the service they belong to, once.
-    let mut slices_by_service: BTreeMap<ObjectRef, Vec<(&ObjectRef, &EndpointSlice)>> =
-        BTreeMap::new();
-    for (key, slice) in &objects.endpoint_slices {
-        let labels = slice.metadata.labels.as_ref();
-        let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            continue;
-        };
-        let owner = ObjectRef {
-            namespace: key.namespace.clone(),
-            name: service.clone(),
-        };
-        slices_by_service
-            .entry(owner)
-            .or_default()
-            .push((key, slice));
+    let slices: Vec<(&ObjectRef, &EndpointSlice)> =
+        slices.iter().map(|(k, s)| (*k, s.as_ref())).collect();
+    ServiceTranslation {
+        key,
+        service,
+        node,
+        state: &mut own,
+        errors: &mut errors,
     }
-
-    for (key, service) in &objects.services {
-        let slices = slices_by_service
-            .get(key)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let mut translation = ServiceTranslation {
-            key,
-            service,
-            node,
-            state: &mut state,
-            errors: &mut errors,
-        };
-        translation.run(slices);
+    .run(&slices);
+    ServiceOutput {
+        frontends: own.services.into_iter().collect(),
+        health_checks: own.health_checks,
+        errors,
     }
-    (state, errors)
+}
+
+/// Adds one service's output to the node's state. Services are merged in name order, so of
+/// two services claiming one frontend (say the same external IP and port) the first keeps it.
+fn merge(
+    key: &ObjectRef,
+    output: &ServiceOutput,
+    state: &mut DesiredState,
+    errors: &mut Vec<TranslateError>,
+) {
+    errors.extend(output.errors.iter().cloned());
+    for (frontend, entry) in &output.frontends {
+        match state.services.entry(*frontend) {
+            std::collections::btree_map::Entry::Occupied(previous) => {
+                errors.push(TranslateError {
+                    object: format!("Service {key}"),
+                    message: format!(
+                        "frontend {frontend} is already used by {}; ignoring it for {}",
+                        previous.get().name,
+                        entry.name
+                    ),
+                });
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(Arc::clone(entry));
+            }
+        }
+    }
+    for (port, health) in &output.health_checks {
+        let merged = state
+            .health_checks
+            .entry(*port)
+            .or_insert_with(|| health.clone());
+        // One health check per service: its ports' local endpoints are the same pods.
+        merged.local_endpoints = merged.local_endpoints.max(health.local_endpoints);
+    }
 }
 
 struct ServiceTranslation<'a> {
@@ -288,7 +418,7 @@ impl ServiceTranslation<'_> {
             self.error(message);
             return;
         }
-        self.state.services.insert(frontend, entry);
+        self.state.services.insert(frontend, Arc::new(entry));
     }
 
     /// The cluster IPs, of both families. clusterIPs (dual stack) supersedes clusterIP; both
@@ -1368,5 +1498,86 @@ ports: [{{port: 80}}]
         );
         // Hints without PreferClose (or the topology-mode annotation) are not used.
         assert_eq!(backends(&service("type: ClusterIP", hinted)).len(), 2);
+    }
+
+    fn service_with_slice(name: &str, ip: &str, external_ip: &str, backend: &str) -> String {
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  clusterIP: {ip}
+  externalIPs: [{external_ip}]
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+endpoints: [{{addresses: ["{backend}"]}}]
+ports: [{{port: 8080}}]
+"#
+        )
+    }
+
+    /// A long-running agent's translator gives what a fresh translation gives, hands out the
+    /// same entries for services whose objects did not change, and redoes the others.
+    #[test]
+    fn the_translator_redoes_only_changed_services() {
+        let a = fe("10.96.0.1", 80, Protocol::Tcp);
+        let b = fe("10.96.0.2", 80, Protocol::Tcp);
+        let shared = fe("198.51.100.1", 80, Protocol::Tcp);
+        let mut objects = objects(&format!(
+            "{}---{}",
+            service_with_slice("a", "10.96.0.1", "198.51.100.1", "10.244.1.1"),
+            service_with_slice("b", "10.96.0.2", "198.51.100.1", "10.244.1.2")
+        ));
+        let node = NodeContext::default();
+        let mut translator = Translator::default();
+        let (first, errors) = translator.translate(&objects, &node);
+        assert_eq!((first.clone(), errors.clone()), translate(&objects, &node));
+        // Both claim the external IP: the first by name keeps it, the other is told.
+        assert_eq!(first.services[&shared].name, "shop/a");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].object, "Service shop/b");
+
+        // b's EndpointSlice changes (a new object, as both sources hand out).
+        let b_slice = ObjectRef {
+            namespace: "shop".into(),
+            name: "b-1".into(),
+        };
+        let mut slice = (*objects.endpoint_slices[&b_slice]).clone();
+        slice.endpoints.as_mut().unwrap()[0].addresses = vec!["10.244.1.9".into()];
+        objects.endpoint_slices.insert(b_slice, Arc::new(slice));
+        let (second, errors) = translator.translate(&objects, &node);
+        assert_eq!((second.clone(), errors), translate(&objects, &node));
+        assert!(Arc::ptr_eq(&first.services[&a], &second.services[&a]));
+        assert!(!Arc::ptr_eq(&first.services[&b], &second.services[&b]));
+        assert_eq!(second.services[&b].backends, vec![be("10.244.1.9", 8080)]);
+
+        // a goes away: b gets the external IP, without b being translated again.
+        objects.services.remove(&ObjectRef {
+            namespace: "shop".into(),
+            name: "a".into(),
+        });
+        let (third, errors) = translator.translate(&objects, &node);
+        assert_eq!((third.clone(), errors.clone()), translate(&objects, &node));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(third.services[&shared].name, "shop/b");
+        assert!(Arc::ptr_eq(&second.services[&b], &third.services[&b]));
+        assert!(!third.services.contains_key(&a));
+
+        // Another node: everything is made again (endpoints' locality depends on it).
+        let elsewhere = NodeContext {
+            name: Some("node-2".into()),
+            ..NodeContext::default()
+        };
+        let (fourth, _) = translator.translate(&objects, &elsewhere);
+        assert_eq!(fourth, translate(&objects, &elsewhere).0);
+        assert!(!Arc::ptr_eq(&third.services[&b], &fourth.services[&b]));
     }
 }

@@ -37,7 +37,10 @@
 //! The maps are reached through the [`ServiceMaps`] trait so this logic is unit-tested against an
 //! in-memory fake that checks the ordering rules after every single write.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    sync::Arc,
+};
 
 use anyhow::{bail, Context as _};
 use aya::maps::{
@@ -54,7 +57,7 @@ use super::{
     affinity::{self, AffinityGroup},
     wire::{self, ServiceSettings},
 };
-use crate::state::{BackendAddr, DesiredState, Frontend};
+use crate::state::{BackendAddr, DesiredState, Frontend, ServiceEntry};
 
 /// One loadBalancerSourceRange of a service, as `source_ranges` holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -392,6 +395,7 @@ impl Mirror {
 }
 
 /// One frontend as the maps should hold it.
+#[derive(Clone)]
 struct DesiredFrontend {
     frontend: Frontend,
     /// With sessionAffinity: the frontends it shares its affinity id with.
@@ -429,6 +433,19 @@ pub struct ServiceSync<M> {
     next_id: u32,
     /// Where the search for a new affinity id starts (round-robin too, `affinity.rs`).
     next_affinity_id: u32,
+    /// Each desired frontend's map entries as last computed, with the [`ServiceEntry`] they
+    /// came from: an entry the translation handed out unchanged (the same `Arc`) is not
+    /// converted again.
+    converted: StdHashMap<Frontend, Converted>,
+    /// The entries the maps hold exactly as last planned (every write succeeded): one handed
+    /// out again (the same `Arc`) is not planned again. With thousands of services, planning
+    /// each one on every change was most of a change's time.
+    in_maps: StdHashMap<ServiceKey, Arc<DesiredFrontend>>,
+}
+
+struct Converted {
+    entry: Arc<ServiceEntry>,
+    keys: Vec<(ServiceKey, Arc<DesiredFrontend>)>,
 }
 
 impl<M: ServiceMaps> ServiceSync<M> {
@@ -474,6 +491,8 @@ impl<M: ServiceMaps> ServiceSync<M> {
             mirror,
             next_id: highest.wrapping_add(1).max(1),
             next_affinity_id,
+            converted: StdHashMap::new(),
+            in_maps: StdHashMap::new(),
         })
     }
 
@@ -539,58 +558,31 @@ impl<M: ServiceMaps> ServiceSync<M> {
     /// Applies the differences between the maps and `desired`.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncStats {
         let mut stats = SyncStats::default();
-        let mut wanted: BTreeMap<ServiceKey, DesiredFrontend> = BTreeMap::new();
+        let mut wanted: BTreeMap<ServiceKey, Arc<DesiredFrontend>> = BTreeMap::new();
         for (frontend, entry) in &desired.services {
-            // IPv6 frontends have maps of their own (sync6.rs).
-            let Some(key) = wire::service_key(frontend) else {
-                continue;
+            let converted = match self.converted.get(frontend) {
+                Some(c) if Arc::ptr_eq(&c.entry, entry) => c,
+                _ => {
+                    let keys = convert(frontend, entry)
+                        .into_iter()
+                        .map(|(key, want)| (key, Arc::new(want)))
+                        .collect();
+                    self.converted.insert(
+                        *frontend,
+                        Converted {
+                            entry: Arc::clone(entry),
+                            keys,
+                        },
+                    );
+                    &self.converted[frontend]
+                }
             };
-            // A frontend's backends are of its family (translate.rs); the filter is a
-            // safety net.
-            let backend_values = |backends: &[BackendAddr]| -> BTreeSet<Backend> {
-                backends
-                    .iter()
-                    .filter_map(|b| wire::backend_value_with(b, entry.local_backends.contains(b)))
-                    .collect()
-            };
-            let ranges: BTreeSet<(u32, u32)> = entry
-                .source_ranges
-                .iter()
-                .filter_map(|net| match net.trunc() {
-                    ipnet::IpNet::V4(net) => Some((
-                        u32::from(net.prefix_len()),
-                        wire::addr_to_map(net.network()),
-                    )),
-                    ipnet::IpNet::V6(_) => None,
-                })
-                .collect();
-            // An externalTrafficPolicy Local frontend's cluster-wide backends for pods: an
-            // entry of its own (SCOPE_POD), synced like any frontend.
-            if let (Some(cluster), Some(pod_key)) =
-                (&entry.cluster_backends, wire::pod_service_key(frontend))
-            {
-                wanted.insert(
-                    pod_key,
-                    DesiredFrontend {
-                        frontend: *frontend,
-                        affinity_group: affinity_group(entry, frontend, cluster),
-                        settings: wire::pod_service_settings(entry),
-                        backends: backend_values(cluster),
-                        ranges: ranges.clone(),
-                    },
-                );
+            for (key, want) in &converted.keys {
+                wanted.insert(*key, Arc::clone(want));
             }
-            wanted.insert(
-                key,
-                DesiredFrontend {
-                    frontend: *frontend,
-                    affinity_group: affinity_group(entry, frontend, &entry.backends),
-                    settings: wire::service_settings(entry),
-                    backends: backend_values(&entry.backends),
-                    ranges,
-                },
-            );
         }
+        self.converted
+            .retain(|frontend, _| desired.services.contains_key(frontend));
         let members: Vec<(ServiceKey, AffinityGroup)> = wanted
             .iter()
             .filter_map(|(key, want)| Some((*key, want.affinity_group.clone()?)))
@@ -602,8 +594,19 @@ impl<M: ServiceMaps> ServiceSync<M> {
             .map(|(key, value)| (*key, value.affinity_id))
             .collect();
         for (key, id) in affinity::assign(&members, &current, &mut self.next_affinity_id) {
-            if let Some(want) = wanted.get_mut(&key) {
-                want.settings.affinity_id = id;
+            let Some(want) = wanted.get_mut(&key) else {
+                continue;
+            };
+            if want.settings.affinity_id != id {
+                Arc::make_mut(want).settings.affinity_id = id;
+                // Remembered with its id, so an unchanged frontend is the same `Arc` next time.
+                if let Some(converted) = self.converted.get_mut(&want.frontend) {
+                    for (k, remembered) in &mut converted.keys {
+                        if *k == key {
+                            *remembered = Arc::clone(want);
+                        }
+                    }
+                }
             }
         }
         let desired = wanted;
@@ -622,6 +625,14 @@ impl<M: ServiceMaps> ServiceSync<M> {
             })
             .partition(|(_, want, value)| want.backends.len() as u64 <= value.backend_count as u64);
         for (key, want, value) in shrinking.into_iter().chain(growing) {
+            if self
+                .in_maps
+                .get(&key)
+                .is_some_and(|programmed| Arc::ptr_eq(programmed, want))
+            {
+                stats.unchanged += 1;
+                continue;
+            }
             let ops = plan_frontend(
                 key,
                 Some(value),
@@ -632,12 +643,15 @@ impl<M: ServiceMaps> ServiceSync<M> {
             );
             if ops.is_empty() {
                 stats.unchanged += 1;
+                self.in_maps.insert(key, Arc::clone(want));
                 continue;
             }
             let before = self.mirror.reachable(&value);
+            self.in_maps.remove(&key);
             match self.run(&ops, &mut stats) {
                 Ok(()) => {
                     stats.updated += 1;
+                    self.in_maps.insert(key, Arc::clone(want));
                     let removed: BTreeSet<BackendAddr> =
                         before.difference(&want.backend_addrs()).copied().collect();
                     if !removed.is_empty() {
@@ -669,7 +683,10 @@ impl<M: ServiceMaps> ServiceSync<M> {
                 want,
             );
             match self.run(&ops, &mut stats) {
-                Ok(()) => stats.added += 1,
+                Ok(()) => {
+                    stats.added += 1;
+                    self.in_maps.insert(*key, Arc::clone(want));
+                }
                 Err(e) => {
                     // Give back what was written under the id so it does not take room from
                     // other frontends; what cannot be deleted now is a leftover for next time.
@@ -745,9 +762,10 @@ impl<M: ServiceMaps> ServiceSync<M> {
 
     fn remove_frontends(
         &mut self,
-        desired: &BTreeMap<ServiceKey, DesiredFrontend>,
+        desired: &BTreeMap<ServiceKey, Arc<DesiredFrontend>>,
         stats: &mut SyncStats,
     ) {
+        self.in_maps.retain(|key, _| desired.contains_key(key));
         let removed: Vec<(ServiceKey, ServiceValue)> = self
             .mirror
             .services
@@ -825,6 +843,62 @@ pub(super) fn affinity_group(
         timeout: entry.affinity_timeout.unwrap_or(0),
         backends,
     })
+}
+
+/// The IPv4 map entries one desired frontend needs: its own and, for an external frontend with
+/// `externalTrafficPolicy: Local`, the pods' entry. None for an IPv6 frontend (sync6.rs).
+fn convert(frontend: &Frontend, entry: &ServiceEntry) -> Vec<(ServiceKey, DesiredFrontend)> {
+    let mut out = Vec::new();
+    // IPv6 frontends have maps of their own (sync6.rs).
+    let Some(key) = wire::service_key(frontend) else {
+        return out;
+    };
+    // A frontend's backends are of its family (translate.rs); the filter is a
+    // safety net.
+    let backend_values = |backends: &[BackendAddr]| -> BTreeSet<Backend> {
+        backends
+            .iter()
+            .filter_map(|b| wire::backend_value_with(b, entry.local_backends.contains(b)))
+            .collect()
+    };
+    let ranges: BTreeSet<(u32, u32)> = entry
+        .source_ranges
+        .iter()
+        .filter_map(|net| match net.trunc() {
+            ipnet::IpNet::V4(net) => Some((
+                u32::from(net.prefix_len()),
+                wire::addr_to_map(net.network()),
+            )),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .collect();
+    // An externalTrafficPolicy Local frontend's cluster-wide backends for pods: an
+    // entry of its own (SCOPE_POD), synced like any frontend.
+    if let (Some(cluster), Some(pod_key)) =
+        (&entry.cluster_backends, wire::pod_service_key(frontend))
+    {
+        out.push((
+            pod_key,
+            DesiredFrontend {
+                frontend: *frontend,
+                affinity_group: affinity_group(entry, frontend, cluster),
+                settings: wire::pod_service_settings(entry),
+                backends: backend_values(cluster),
+                ranges: ranges.clone(),
+            },
+        ));
+    }
+    out.push((
+        key,
+        DesiredFrontend {
+            frontend: *frontend,
+            affinity_group: affinity_group(entry, frontend, &entry.backends),
+            settings: wire::service_settings(entry),
+            backends: backend_values(&entry.backends),
+            ranges,
+        },
+    ));
+    out
 }
 
 fn fail(stats: &mut SyncStats, frontend: Frontend, error: anyhow::Error) {
@@ -1069,7 +1143,10 @@ mod tests {
 
     fn state(services: impl IntoIterator<Item = (Frontend, ServiceEntry)>) -> DesiredState {
         DesiredState {
-            services: services.into_iter().collect(),
+            services: services
+                .into_iter()
+                .map(|(frontend, entry)| (frontend, entry.into()))
+                .collect(),
             ..Default::default()
         }
     }
@@ -1415,6 +1492,38 @@ mod tests {
         assert!(stats.is_complete());
     }
 
+    /// An entry handed out again (the same `Arc`) is neither converted nor planned again; a
+    /// new entry with the same content is planned and found unchanged.
+    #[test]
+    fn entries_handed_out_again_are_skipped() {
+        let fronts: Vec<Frontend> = (0..3).map(|i| frontend(i, 80)).collect();
+        let desired = state(fronts.iter().map(|f| (*f, entry([1, 2]))));
+        let mut sync = new_sync();
+        assert_eq!(sync.sync(&desired).added, 3);
+        assert_eq!(sync.in_maps.len(), 3);
+        let stats = sync.sync(&desired);
+        assert_eq!((stats.unchanged, stats.map_writes), (3, 0));
+        // One frontend changes: only it is written.
+        let mut changed = desired.clone();
+        changed.services.insert(fronts[1], entry([1, 2, 3]).into());
+        sync.maps_mut().log.clear();
+        let stats = sync.sync(&changed);
+        assert_eq!((stats.updated, stats.unchanged), (1, 2));
+        assert_eq!(reachable(&sync, &fronts[1]).len(), 3);
+        assert!(Arc::ptr_eq(
+            &sync.converted[&fronts[0]].entry,
+            &desired.services[&fronts[0]]
+        ));
+        // Equal content in new entries: planned, nothing written.
+        let stats = sync.sync(&state(fronts.iter().map(|f| (*f, entry([1, 2])))));
+        assert_eq!((stats.updated, stats.unchanged), (1, 2));
+        let stats = sync.sync(&state(fronts.iter().map(|f| (*f, entry([1, 2])))));
+        assert_eq!((stats.unchanged, stats.map_writes), (3, 0));
+        // Removed frontends are forgotten.
+        sync.sync(&state([(fronts[0], entry([1, 2]))]));
+        assert_eq!((sync.in_maps.len(), sync.converted.len()), (1, 1));
+    }
+
     #[test]
     fn a_full_backends_map_leaves_a_growing_service_consistent() {
         let f = frontend(1, 80);
@@ -1424,13 +1533,16 @@ mod tests {
         })
         .unwrap();
         sync.sync(&state([(f, entry([1, 2]))]));
-        let stats = sync.sync(&state([(f, entry([1, 2, 3, 4]))]));
+        let grown = state([(f, entry([1, 2, 3, 4]))]);
+        let stats = sync.sync(&grown);
         assert_eq!(stats.failed.len(), 1);
         // The count was not raised over the slot that could not be written.
         assert_eq!(reachable(&sync, &f).len(), 2);
 
+        // The same entry handed out again (as the translator does for an unchanged service)
+        // is retried: only what the maps hold exactly is skipped.
         sync.maps_mut().max_backends = None;
-        let stats = sync.sync(&state([(f, entry([1, 2, 3, 4]))]));
+        let stats = sync.sync(&grown);
         assert!(stats.is_complete());
         // Slot 2 written by the failed attempt is reused, only slot 3 and the count are written.
         assert_eq!(stats.map_writes, 2);

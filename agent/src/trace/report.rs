@@ -610,11 +610,12 @@ mod tests {
                     ip: "10.244.1.10".parse().unwrap(),
                     port: 8080,
                 }],
-            ),
+            )
+            .into(),
         );
         state.services.insert(
             Frontend { port: 443, ..web },
-            ServiceEntry::cluster_ip("shop/web:https", vec![]),
+            ServiceEntry::cluster_ip("shop/web:https", vec![]).into(),
         );
         state
     }
@@ -864,7 +865,7 @@ mod tests {
         entry.kind = crate::state::FrontendKind::LoadBalancer;
         entry.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
         let mut state = DesiredState::default();
-        state.services.insert(lb, entry);
+        state.services.insert(lb, entry.into());
         let input = IpFlow {
             src: "203.0.113.5".parse().unwrap(),
             ..flow("198.51.100.7", 443, PROTO_TCP)
@@ -900,7 +901,7 @@ mod tests {
             port: 80,
             proto: Protocol::Tcp,
         };
-        state.services.get_mut(&web).unwrap().affinity_timeout = Some(60);
+        std::sync::Arc::make_mut(state.services.get_mut(&web).unwrap()).affinity_timeout = Some(60);
         let chosen = SocketAddr::new("10.244.1.10".parse().unwrap(), 8080);
         let mut trace = trace_of(
             input,

@@ -253,7 +253,7 @@ fn ipv6_cluster_ip_flows_are_dnated_and_reverse_natted_with_valid_checksums() {
     assert!(datapath.set_node_config(&node).expect("config"));
     let stats = datapath
         .sync(&DesiredState {
-            services: services.into_iter().collect(),
+            services: services.into_iter().map(|(f, e)| (f, e.into())).collect(),
             ..Default::default()
         })
         .expect("sync");
@@ -405,7 +405,7 @@ fn ipv6_control_traffic_fragments_and_extension_headers_pass_every_program_untou
     assert!(datapath.set_node_config(&node).expect("config"));
     let stats = datapath
         .sync(&DesiredState {
-            services: services.into_iter().collect(),
+            services: services.into_iter().map(|(f, e)| (f, e.into())).collect(),
             ..Default::default()
         })
         .expect("sync");

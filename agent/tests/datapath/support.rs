@@ -216,7 +216,7 @@ pub(crate) fn desired(services: &[(Frontend, Vec<BackendAddr>)]) -> DesiredState
                     format!("default/svc-{}:{}", f.port, f.proto),
                     b.clone(),
                 );
-                (*f, entry)
+                (*f, entry.into())
             })
             .collect(),
         ..Default::default()
@@ -526,7 +526,7 @@ pub(crate) fn node_datapath(
     assert!(datapath.set_node_config(node).expect("config"));
     let stats = datapath
         .sync(&DesiredState {
-            services: services.into_iter().collect(),
+            services: services.into_iter().map(|(f, e)| (f, e.into())).collect(),
             ..Default::default()
         })
         .expect("sync");
@@ -540,7 +540,7 @@ pub(crate) fn resync(
 ) -> sluice::datapath::SyncStats {
     let stats = datapath
         .sync(&DesiredState {
-            services: services.into_iter().collect(),
+            services: services.into_iter().map(|(f, e)| (f, e.into())).collect(),
             ..Default::default()
         })
         .expect("sync");

@@ -69,7 +69,8 @@ pub fn desired(n: usize) -> DesiredState {
                         port: 80,
                         proto: Protocol::Tcp,
                     },
-                    ServiceEntry::cluster_ip(format!("bench/svc-{i}:http"), service_backends(i)),
+                    ServiceEntry::cluster_ip(format!("bench/svc-{i}:http"), service_backends(i))
+                        .into(),
                 )
             })
             .collect(),
