@@ -387,6 +387,15 @@ impl Ipv6Sync {
                 };
                 self.backends
                     .insert(slot_key, backend, 0)
+                    .map_err(|e| {
+                        let capacity = super::resize::capacity_of(&self.backends);
+                        super::resize::update_error(
+                            e,
+                            "backends6",
+                            capacity,
+                            Some("--max-backends"),
+                        )
+                    })
                     .context("writing backends6")?;
                 stats.map_writes += 1;
             }
@@ -399,6 +408,10 @@ impl Ipv6Sync {
             }
             self.services
                 .insert(key, value, 0)
+                .map_err(|e| {
+                    let capacity = super::resize::capacity_of(&self.services);
+                    super::resize::update_error(e, "services6", capacity, Some("--max-services"))
+                })
                 .context("writing services6")?;
             stats.map_writes += 1;
             if let Some(old) = &old {
