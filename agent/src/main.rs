@@ -61,17 +61,17 @@ enum Command {
         cgroup_root: Option<PathBuf>,
         /// Entries of the services maps (IPv4 and IPv6 each): one per frontend (service port
         /// on its ClusterIP, external IP, load-balancer IP, NodePort), two with
-        /// externalTrafficPolicy Local. Hash maps preallocate: ~120 bytes of kernel memory per
-        /// entry and family, used or not. Changing it resizes the pinned maps, keeping their
+        /// externalTrafficPolicy Local. Hash maps preallocate: 96/112 bytes of kernel memory per
+        /// entry (IPv4/IPv6), used or not. Changing it resizes the pinned maps, keeping their
         /// entries.
         #[arg(long, default_value_t = sluice_common::MAX_SERVICES)]
         max_services: u32,
         /// Entries of the backends maps (IPv4 and IPv6 each): one per endpoint of each
-        /// frontend. ~100 bytes per entry and family; resized as --max-services.
+        /// frontend. 80/96 bytes per entry (IPv4/IPv6); resized as --max-services.
         #[arg(long, default_value_t = sluice_common::MAX_BACKENDS)]
         max_backends: u32,
         /// Entries of the conntrack maps (IPv4 and IPv6 each): two per translated flow; the
-        /// least recently used go when full. ~120/170 bytes per entry (IPv4/IPv6); resized as
+        /// least recently used go when full. 120/168 bytes per entry (IPv4/IPv6); resized as
         /// --max-services, keeping the flows.
         #[arg(long, default_value_t = sluice_common::MAX_CONNTRACK)]
         max_conntrack: u32,
