@@ -979,6 +979,7 @@ impl Datapath {
             .context("programming the IPv6 maps")?;
         stats.ipv6_programmed = ipv6.programmed;
         stats.map_writes += ipv6.map_writes;
+        stats.failed.extend(ipv6.failed.iter().cloned());
         if !ipv6.removed_backends.is_empty() {
             stats.purged += self
                 .purge_removed_conntrack6(&ipv6.removed_backends)

@@ -327,3 +327,45 @@ fn a_full_services_or_backends_map_fails_those_frontends_only_and_names_the_flag
     }
     check_programmed(&datapath, &stats.failed);
 }
+
+#[test]
+fn a_full_services6_map_fails_those_ipv6_frontends_only() {
+    use std::net::Ipv6Addr;
+    // Five IPv6 frontends and two IPv4 ones, maps of three entries per family.
+    let mut services = many_services(2, 2);
+    for i in 0..5u16 {
+        let vip = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10 + i);
+        let backend = be(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 7 + i), 8080);
+        services.push((frontend_any(vip.into(), 80), vec![backend]));
+    }
+    let mut datapath = Datapath::load_unpinned_with(&sizes(3, 100)).expect("load");
+    let stats = datapath
+        .sync(&desired(&services))
+        .expect("the sync goes on");
+    assert_eq!(
+        (stats.added, stats.ipv6_programmed, stats.failed.len()),
+        (2, 3, 2),
+        "{stats:?}"
+    );
+    for (frontend, error) in &stats.failed {
+        assert!(frontend.ip.is_ipv6(), "{frontend}");
+        assert!(
+            error.contains("the `services6` map is full (all 3 entries in use); --max-services"),
+            "{error}"
+        );
+    }
+    let programmed6 = datapath.programmed_services6();
+    assert_eq!(programmed6.len(), 3);
+    // The failed ones are retried: still full, still reported, nothing else rewritten.
+    let again = datapath.sync(&desired(&services)).expect("sync");
+    assert_eq!(again.failed.len(), 2, "{again:?}");
+    assert_eq!(datapath.programmed_services6(), programmed6);
+}
+
+fn frontend_any(ip: std::net::IpAddr, port: u16) -> Frontend {
+    Frontend {
+        ip,
+        port,
+        proto: Protocol::Tcp,
+    }
+}
