@@ -369,3 +369,22 @@ fn frontend_any(ip: std::net::IpAddr, port: u16) -> Frontend {
         proto: Protocol::Tcp,
     }
 }
+
+/// Issue #7's largest size: 100,000 services of 10 endpoints fit in maps sized for them, and
+/// their frontends balance.
+#[test]
+fn a_hundred_thousand_services_of_ten_endpoints_fit_in_maps_sized_for_them() {
+    let services = many_services(100_000, 10);
+    let sizes = MapSizes::for_services(100_000, 10);
+    assert_eq!((sizes.services, sizes.backends), (100_000, 1_000_000));
+    let mut datapath = Datapath::load_unpinned_with(&sizes).expect("load");
+    let stats = datapath.sync(&desired(&services)).unwrap();
+    assert!(stats.is_complete(), "{:?}", &stats.failed[..1]);
+    assert_eq!(stats.added, 100_000);
+    for i in [0, 65_536, 99_999] {
+        let (frontend, backends) = &services[i];
+        let flow = Flow::tcp(43_000, v4(frontend.ip), 80);
+        let out = from_pod(&datapath, &tcp_packet(&flow, TCP_SYN));
+        assert!(backends.contains(&dnat_target(&flow, &out)), "{frontend}");
+    }
+}
