@@ -505,8 +505,8 @@ impl Datapath {
     }
 
     /// Loads the programs with their maps pinned under `pin_path`, reusing maps already pinned
-    /// there (an agent restart keeps services, ids and conntrack), the services and backends
-    /// maps sized by `sizes`. A pinned map of another size is replaced by one of the wanted
+    /// there (an agent restart keeps services, ids and conntrack), the services, backends and
+    /// conntrack maps sized by `sizes`. A pinned map of another size is replaced by one of the wanted
     /// size holding its entries (resize.rs; [`Datapath::finish_map_resize`] completes it after
     /// the programs were attached). Mounts bpffs at /sys/fs/bpf first when `pin_path` is below
     /// it and it is not mounted. Attaches nothing.
@@ -637,7 +637,8 @@ impl Datapath {
         Self::load_unpinned_with(&MapSizes::default())
     }
 
-    /// [`Datapath::load_unpinned`] with the services and backends maps sized by `sizes`.
+    /// [`Datapath::load_unpinned`] with the services, backends and conntrack maps sized by
+    /// `sizes`.
     pub fn load_unpinned_with(sizes: &MapSizes) -> anyhow::Result<Datapath> {
         sizes.check()?;
         // The object's maps are not marked as pinned (ebpf/src/maps.rs), so without a pin path
