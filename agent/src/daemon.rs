@@ -21,7 +21,7 @@ use notify::Watcher as _;
 use tokio::sync::mpsc;
 
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, MapSizes},
     health::{self, ProxyHealth, ServiceHealthServers},
     interfaces,
     kube_source::{self, ApiSource},
@@ -56,6 +56,9 @@ pub struct AgentConfig {
     pub source: Source,
     pub node: NodeOptions,
     pub pin_path: PathBuf,
+    /// Capacities of the services, backends and conntrack maps (`--max-services`,
+    /// `--max-backends`, `--max-conntrack`).
+    pub map_sizes: MapSizes,
     pub resync_interval: Duration,
     /// How often expired conntrack entries are deleted (`Datapath::collect_garbage`).
     pub conntrack_gc_interval: Duration,
@@ -71,12 +74,13 @@ pub struct AgentConfig {
 
 /// Runs the agent until `shutdown` completes. The pinned datapath stays in place afterwards.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let mut datapath = Datapath::load(&config.pin_path).with_context(|| {
-        format!(
-            "loading the datapath pinned at {}",
-            config.pin_path.display()
-        )
-    })?;
+    let mut datapath =
+        Datapath::load_with(&config.pin_path, &config.map_sizes).with_context(|| {
+            format!(
+                "loading the datapath pinned at {}",
+                config.pin_path.display()
+            )
+        })?;
     match &config.cgroup_root {
         Some(cgroup) => {
             datapath.attach_cgroup(cgroup).with_context(|| {
@@ -141,6 +145,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     };
     agent.reload_manifests().await;
     agent.rescan_interfaces(&netlink).await;
+    // Every pinned link runs this agent's programs now: maps resized at load get the entries
+    // the previous programs added since.
+    match agent.datapath.finish_map_resize() {
+        Ok(stats) if stats.copied > 0 => {
+            tracing::info!(entries = stats.copied, "map resize: copied late entries")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("map resize: {e:#}"),
+    }
     tracing::info!(
         source = %objects,
         pin_path = %config.pin_path.display(),
@@ -323,7 +336,11 @@ impl Agent<'_> {
         match self.datapath.sync(desired) {
             Ok(stats) => {
                 for (frontend, error) in &stats.failed {
-                    tracing::error!(%frontend, "not programmed: {error}");
+                    let service = desired
+                        .services
+                        .get(frontend)
+                        .map_or("", |e| e.name.as_str());
+                    tracing::error!(%frontend, service, "not programmed: {error}");
                 }
                 for leftover in &stats.leftovers_failed {
                     tracing::error!("could not remove stale map entry: {leftover}");

@@ -66,9 +66,34 @@ pub enum Table {
     /// NetworkPolicy: isolated pods and what their entries allow (`isolated`, `policy`,
     /// `isolated6`, `policy6`).
     Policy,
+    /// Every pinned map's capacity and kernel memory (only shown when asked for).
+    Maps,
 }
 
 pub fn run(args: StateArgs) -> ExitCode {
+    if args.table == Some(Table::Maps) {
+        return print(read_map_sizes(&args.pin_path).map(|maps| {
+            if args.json {
+                let rows: Vec<Value> = maps
+                    .iter()
+                    .map(|m| {
+                        json!({
+                            "name": m.name,
+                            "type": m.map_type,
+                            "max_entries": m.max_entries,
+                            "memlock_bytes": m.memlock_bytes,
+                        })
+                    })
+                    .collect();
+                let mut text = serde_json::to_string_pretty(&json!({ "maps": rows }))
+                    .expect("a JSON value serialises");
+                text.push('\n');
+                text
+            } else {
+                render_map_sizes(&maps)
+            }
+        }));
+    }
     let output = read_pinned(&args.pin_path, args.table).map(|snapshot| {
         // IPv4 frontends and flows first, then IPv6 ones.
         let services = wants(args.table, Table::Services).then(|| {
@@ -115,6 +140,10 @@ pub fn run(args: StateArgs) -> ExitCode {
             text
         }
     });
+    print(output)
+}
+
+fn print(output: anyhow::Result<String>) -> ExitCode {
     match output {
         Ok(text) => {
             match io::stdout().lock().write_all(text.as_bytes()) {
@@ -134,7 +163,11 @@ pub fn run(args: StateArgs) -> ExitCode {
 }
 
 fn wants(selected: Option<Table>, table: Table) -> bool {
-    selected.is_none_or(|s| s == table)
+    match selected {
+        // The maps' sizes are for whoever asks; the default shows the content.
+        None => table != Table::Maps,
+        Some(selected) => selected == table,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -236,6 +269,83 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
     snapshot.now_ns = monotonic_now_ns()?;
     Ok(snapshot)
 }
+
+/// A pinned map's size (`sluice state maps`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapSizeRow {
+    pub name: String,
+    pub map_type: String,
+    pub max_entries: u32,
+    /// Kernel memory charged to the map (`memlock` of its fdinfo).
+    pub memlock_bytes: Option<u64>,
+}
+
+/// The size of every map pinned in `pin_path`, by name.
+pub fn read_map_sizes(pin_path: &Path) -> anyhow::Result<Vec<MapSizeRow>> {
+    if !pin_path.is_dir() {
+        bail!(
+            "no Sluice datapath pinned at {}: is the agent running?",
+            pin_path.display()
+        );
+    }
+    let mut rows = Vec::new();
+    for entry in
+        std::fs::read_dir(pin_path).with_context(|| format!("listing {}", pin_path.display()))?
+    {
+        let entry = entry.with_context(|| format!("listing {}", pin_path.display()))?;
+        // The link directories.
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let fd = bpf_obj_get_read_only(&path)
+            .with_context(|| format!("opening {} as a pinned BPF map", path.display()))?;
+        let memlock_bytes = crate::datapath::resize::memlock_bytes(std::os::fd::AsFd::as_fd(&fd));
+        let data =
+            MapData::from_fd(fd).with_context(|| format!("inspecting {}", path.display()))?;
+        let info = data
+            .info()
+            .with_context(|| format!("inspecting {}", path.display()))?;
+        rows.push(MapSizeRow {
+            name,
+            map_type: info
+                .map_type()
+                .map_or_else(|_| "unknown".into(), |t| format!("{t:?}")),
+            max_entries: info.max_entries(),
+            memlock_bytes,
+        });
+    }
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(rows)
+}
+
+/// The `maps` table: name, type, capacity, memory (MiB).
+pub fn render_map_sizes(maps: &[MapSizeRow]) -> String {
+    let rows: Vec<Vec<String>> = maps
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.map_type.clone(),
+                m.max_entries.to_string(),
+                m.memlock_bytes
+                    .map_or_else(|| "?".into(), |b| format!("{:.1}", b as f64 / MIB)),
+            ]
+        })
+        .collect();
+    let total: u64 = maps.iter().filter_map(|m| m.memlock_bytes).sum();
+    let mut text = render_table(&["MAP", "TYPE", "MAX ENTRIES", "MEMORY MiB"], &rows);
+    text.push_str(&format!(
+        "{} {}, {:.1} MiB of kernel memory\n",
+        maps.len(),
+        plural(maps.len(), "map", "maps"),
+        total as f64 / MIB
+    ));
+    text
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// Every entry of a map. The agent and the programs keep writing while it is read, so a key
 /// may be visited twice (the kernel restarts a walk whose current key was deleted); the last
@@ -1709,6 +1819,31 @@ UDP    10.244.0.10:41000  10.96.0.10:53  10.244.0.22:5353  2           5s     un
         assert!(table.contains("fd00:10:244:1::5"), "{table}");
         assert!(table.contains("fd00:10:244::/48"), "{table}");
         assert!(table.ends_with("2 isolated pods\n"), "{table}");
+    }
+
+    #[test]
+    fn maps_table() {
+        let maps = [
+            MapSizeRow {
+                name: "backends".into(),
+                map_type: "Hash".into(),
+                max_entries: 262_144,
+                memlock_bytes: Some(20_972_560),
+            },
+            MapSizeRow {
+                name: "services".into(),
+                map_type: "Hash".into(),
+                max_entries: 65_536,
+                memlock_bytes: None,
+            },
+        ];
+        assert_eq!(
+            render_map_sizes(&maps),
+            "MAP       TYPE  MAX ENTRIES  MEMORY MiB\n\
+             backends  Hash  262144       20.0\n\
+             services  Hash  65536        ?\n\
+             2 maps, 20.0 MiB of kernel memory\n"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use sluice::{
     config::{AgentSettings, KubeProxyConfig},
     daemon::{self, AgentConfig, Source},
+    datapath::MapSizes,
     kube_source::ApiOptions,
     node::NodeOptions,
 };
@@ -58,6 +59,22 @@ enum Command {
         /// node itself sends to a service is not translated.
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
+        /// Entries of the services maps (IPv4 and IPv6 each): one per frontend (service port
+        /// on its ClusterIP, external IP, load-balancer IP, NodePort), two with
+        /// externalTrafficPolicy Local. Hash maps preallocate: 96/112 bytes of kernel memory per
+        /// entry (IPv4/IPv6), used or not. Changing it resizes the pinned maps, keeping their
+        /// entries.
+        #[arg(long, default_value_t = sluice_common::MAX_SERVICES)]
+        max_services: u32,
+        /// Entries of the backends maps (IPv4 and IPv6 each): one per endpoint of each
+        /// frontend. 80/96 bytes per entry (IPv4/IPv6); resized as --max-services.
+        #[arg(long, default_value_t = sluice_common::MAX_BACKENDS)]
+        max_backends: u32,
+        /// Entries of the conntrack maps (IPv4 and IPv6 each): two per translated flow; the
+        /// least recently used go when full. 120/168 bytes per entry (IPv4/IPv6); resized as
+        /// --max-services, keeping the flows.
+        #[arg(long, default_value_t = sluice_common::MAX_CONNTRACK)]
+        max_conntrack: u32,
     },
     /// Push a synthetic packet through the real programs (BPF_PROG_RUN) with maps filled from
     /// manifests, and show what the datapath does with it. Never touches a running agent.
@@ -97,6 +114,9 @@ fn main() -> ExitCode {
             healthz_bind_address,
             health_check_bind_ip,
             cgroup_root,
+            max_services,
+            max_backends,
+            max_conntrack,
         } => agent_config(
             manifests,
             config,
@@ -116,6 +136,11 @@ fn main() -> ExitCode {
                 health_check_bind_ip,
                 cgroup_root,
                 pin_path,
+                map_sizes: MapSizes {
+                    services: max_services,
+                    backends: max_backends,
+                    conntrack: max_conntrack,
+                },
                 resync_interval: Duration::from_secs(resync_interval.max(1)),
                 conntrack_gc_interval: conntrack_gc_interval.max(Duration::from_millis(100)),
             })

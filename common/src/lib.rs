@@ -236,6 +236,11 @@ pub const MAP_POLICY6: &str = "policy6";
 pub const MAP_ISOLATED6: &str = "isolated6";
 pub const MAP_POLICY_FLOWS6: &str = "policy_flows6";
 
+/// Default capacities of `services`/`services6`, `backends`/`backends6` and
+/// `conntrack`/`conntrack6` (each family gets the same). The agent sets the real ones at load
+/// time (`--max-services`, `--max-backends`, `--max-conntrack`; the programs never depend on
+/// them) and replaces a pinned map of another size by one holding its entries
+/// (agent/src/datapath/resize.rs). Every other map has the size given here.
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_CONNTRACK: u32 = 262_144;

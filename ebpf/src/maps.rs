@@ -5,6 +5,9 @@
 //! so a restarted agent finds them again and traffic keeps flowing; `sluice trace` and the tests
 //! load the same object with private maps. Marking them pinned here would make every loader that
 //! forgets a pin directory create or reuse `/sys/fs/bpf/<name>`, i.e. touch a running agent's maps.
+//!
+//! The sizes of `services*`, `backends*` and `conntrack*` below are defaults: the agent sets
+//! them at load time (`--max-services`, `--max-backends`, `--max-conntrack`).
 
 use aya_ebpf::{
     macros::map,

@@ -21,6 +21,10 @@
 //! <pin>/cgroup-links/<program>                      and cgroup links (sock.rs)
 //! ```
 //!
+//! The services, backends and conntrack maps are sized at load time ([`MapSizes`]); a pinned
+//! map of another size is replaced by a copy of the wanted size, pinned in its place
+//! (`<pin>/resizing-<map>` for an instant; see resize.rs).
+//!
 //! Pins keep the datapath running while no agent runs: dropping a [`Datapath`] detaches nothing,
 //! and a restarted agent reuses the maps (with their services, ids and conntrack entries) and
 //! swaps its freshly loaded programs into the existing links atomically (`bpf_link_update`), so
@@ -34,6 +38,7 @@ pub mod affinity;
 pub mod gc;
 pub mod policy_sync;
 pub mod purge;
+pub mod resize;
 pub mod sock;
 pub mod sync;
 pub mod sync6;
@@ -43,6 +48,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
     fs, io,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -59,19 +65,22 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use sluice_common::{
-    AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, CtKey, CtKey6, CtValue, CtValue6,
-    NodeConfig, NodeConfig6, PolicyFlowKey, PolicyFlowKey6, Reason, CB_REASON_MAGIC,
+    AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, Backend, Backend6, BackendKey, CtKey,
+    CtKey6, CtValue, CtValue6, NodeConfig, NodeConfig6, PolicyFlowKey, PolicyFlowKey6, PolicyKey,
+    PolicyKey6, PolicyValue, Reason, ServiceKey, ServiceKey6, ServiceValue, SockConfig, SockRevKey,
+    SockRevKey6, SockRevValue, SockRevValue6, SourceRangeKey, SourceRangeKey6, CB_REASON_MAGIC,
     CB_REASON_MASK, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG,
     MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_ISOLATED, MAP_ISOLATED6, MAP_POLICY,
     MAP_POLICY6, MAP_POLICY_EVENTS, MAP_POLICY_FLOWS, MAP_POLICY_FLOWS6, MAP_SERVICES,
     MAP_SERVICES6, MAP_SOCK_CONFIG, MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES,
-    MAP_SOURCE_RANGES6, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_POLICY_ENTRIES,
-    MAX_POLICY_FLOWS, MAX_POLICY_PODS, MAX_SERVICES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
-    POLICY_EVENTS_BYTES, REASON_COUNT,
+    MAP_SOURCE_RANGES6, MAX_AFFINITY, MAX_POLICY_ENTRIES, MAX_POLICY_FLOWS, MAX_POLICY_PODS,
+    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, POLICY_EVENTS_BYTES, REASON_COUNT,
 };
 use tracing::{debug, info, warn};
 
 pub use policy_sync::PolicySyncStats;
+use resize::{Capacity, Resized};
+pub use resize::{CopyStats, MapSizes};
 use sync::{KernelServiceMaps, ServiceSync};
 pub use sync::{ProgrammedService, RemovedBackends, SyncStats};
 
@@ -162,129 +171,220 @@ struct Hook {
     direction: &'static str,
 }
 
-/// What the object declares for each map. A pinned map that differs was created by another
-/// Sluice version and cannot be reused.
+/// What the object declares for each map: a pinned map of another type, key size or value size
+/// was created by another Sluice version and cannot be reused; one of another capacity is
+/// replaced by one of the wanted capacity with its entries (resize.rs).
 struct MapSpec {
     name: &'static str,
     map_type: MapType,
-    max_entries: u32,
+    key_size: usize,
+    value_size: usize,
+    capacity: Capacity,
+    /// The programs add entries to it (not only the agent): a resize copies those the old
+    /// programs add until the swap once more ([`Datapath::finish_map_resize`]).
+    written_by_programs: bool,
+}
+
+impl MapSpec {
+    /// Hash maps and LPM tries can be copied entry by entry into a map of another size; the
+    /// arrays and the ring buffer have the size the object gives them.
+    fn resizable(&self) -> bool {
+        matches!(
+            self.map_type,
+            MapType::Hash | MapType::LruHash | MapType::LpmTrie
+        )
+    }
+}
+
+/// An LPM trie's key: the prefix length, then the data.
+const fn lpm_key_size<K>() -> usize {
+    size_of::<u32>() + size_of::<K>()
 }
 
 const MAPS: [MapSpec; 23] = [
     MapSpec {
         name: MAP_SERVICES,
         map_type: MapType::Hash,
-        max_entries: MAX_SERVICES,
+        key_size: size_of::<ServiceKey>(),
+        value_size: size_of::<ServiceValue>(),
+        capacity: Capacity::Services,
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_BACKENDS,
         map_type: MapType::Hash,
-        max_entries: MAX_BACKENDS,
+        key_size: size_of::<BackendKey>(),
+        value_size: size_of::<Backend>(),
+        capacity: Capacity::Backends,
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_CONNTRACK,
         map_type: MapType::LruHash,
-        max_entries: MAX_CONNTRACK,
+        key_size: size_of::<CtKey>(),
+        value_size: size_of::<CtValue>(),
+        capacity: Capacity::Conntrack,
+        written_by_programs: true,
     },
     MapSpec {
         name: MAP_AFFINITY,
         map_type: MapType::LruHash,
-        max_entries: MAX_AFFINITY,
+        key_size: size_of::<AffinityKey>(),
+        value_size: size_of::<AffinityValue>(),
+        capacity: Capacity::Fixed(MAX_AFFINITY),
+        written_by_programs: true,
     },
     MapSpec {
         name: MAP_SOURCE_RANGES,
         map_type: MapType::LpmTrie,
-        max_entries: MAX_SOURCE_RANGES,
+        key_size: lpm_key_size::<SourceRangeKey>(),
+        value_size: size_of::<u8>(),
+        capacity: Capacity::Fixed(MAX_SOURCE_RANGES),
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_CONFIG,
         map_type: MapType::Array,
-        max_entries: 1,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<NodeConfig>(),
+        capacity: Capacity::Fixed(1),
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_DROPS,
         map_type: MapType::PerCpuArray,
-        max_entries: REASON_COUNT,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u64>(),
+        capacity: Capacity::Fixed(REASON_COUNT),
+        written_by_programs: true,
     },
     MapSpec {
         name: MAP_SERVICES6,
         map_type: MapType::Hash,
-        max_entries: MAX_SERVICES,
+        key_size: size_of::<ServiceKey6>(),
+        value_size: size_of::<ServiceValue>(),
+        capacity: Capacity::Services,
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_BACKENDS6,
         map_type: MapType::Hash,
-        max_entries: MAX_BACKENDS,
+        key_size: size_of::<BackendKey>(),
+        value_size: size_of::<Backend6>(),
+        capacity: Capacity::Backends,
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_CONNTRACK6,
         map_type: MapType::LruHash,
-        max_entries: MAX_CONNTRACK,
+        key_size: size_of::<CtKey6>(),
+        value_size: size_of::<CtValue6>(),
+        capacity: Capacity::Conntrack,
+        written_by_programs: true,
     },
     MapSpec {
         name: MAP_CONFIG6,
         map_type: MapType::Array,
-        max_entries: 1,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<NodeConfig6>(),
+        capacity: Capacity::Fixed(1),
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_SOCK_CONFIG,
         map_type: MapType::Array,
-        max_entries: 1,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<SockConfig>(),
+        capacity: Capacity::Fixed(1),
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_SOCK_REVNAT,
         map_type: MapType::LruHash,
-        max_entries: MAX_SOCK_REVNAT,
+        key_size: size_of::<SockRevKey>(),
+        value_size: size_of::<SockRevValue>(),
+        capacity: Capacity::Fixed(MAX_SOCK_REVNAT),
+        written_by_programs: true,
     },
     MapSpec {
         name: MAP_SOCK_REVNAT6,
         map_type: MapType::LruHash,
-        max_entries: MAX_SOCK_REVNAT,
+        key_size: size_of::<SockRevKey6>(),
+        value_size: size_of::<SockRevValue6>(),
+        capacity: Capacity::Fixed(MAX_SOCK_REVNAT),
+        written_by_programs: true,
     },
     MapSpec {
         name: MAP_AFFINITY6,
         map_type: MapType::LruHash,
-        max_entries: MAX_AFFINITY,
+        key_size: size_of::<AffinityKey6>(),
+        value_size: size_of::<AffinityValue6>(),
+        capacity: Capacity::Fixed(MAX_AFFINITY),
+        written_by_programs: true,
     },
     MapSpec {
         name: MAP_SOURCE_RANGES6,
         map_type: MapType::LpmTrie,
-        max_entries: MAX_SOURCE_RANGES,
+        key_size: lpm_key_size::<SourceRangeKey6>(),
+        value_size: size_of::<u8>(),
+        capacity: Capacity::Fixed(MAX_SOURCE_RANGES),
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_POLICY,
         map_type: MapType::LpmTrie,
-        max_entries: MAX_POLICY_ENTRIES,
+        key_size: lpm_key_size::<PolicyKey>(),
+        value_size: size_of::<PolicyValue>(),
+        capacity: Capacity::Fixed(MAX_POLICY_ENTRIES),
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_ISOLATED,
         map_type: MapType::Hash,
-        max_entries: MAX_POLICY_PODS,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u8>(),
+        capacity: Capacity::Fixed(MAX_POLICY_PODS),
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_POLICY_FLOWS,
         map_type: MapType::LruHash,
-        max_entries: MAX_POLICY_FLOWS,
+        key_size: size_of::<PolicyFlowKey>(),
+        value_size: size_of::<u64>(),
+        capacity: Capacity::Fixed(MAX_POLICY_FLOWS),
+        written_by_programs: true,
     },
     MapSpec {
         name: MAP_POLICY_EVENTS,
         map_type: MapType::RingBuf,
-        max_entries: POLICY_EVENTS_BYTES,
+        key_size: 0,
+        value_size: 0,
+        capacity: Capacity::Fixed(POLICY_EVENTS_BYTES),
+        written_by_programs: true,
     },
     MapSpec {
         name: MAP_POLICY6,
         map_type: MapType::LpmTrie,
-        max_entries: MAX_POLICY_ENTRIES,
+        key_size: lpm_key_size::<PolicyKey6>(),
+        value_size: size_of::<PolicyValue>(),
+        capacity: Capacity::Fixed(MAX_POLICY_ENTRIES),
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_ISOLATED6,
         map_type: MapType::Hash,
-        max_entries: MAX_POLICY_PODS,
+        key_size: size_of::<[u32; 4]>(),
+        value_size: size_of::<u8>(),
+        capacity: Capacity::Fixed(MAX_POLICY_PODS),
+        written_by_programs: false,
     },
     MapSpec {
         name: MAP_POLICY_FLOWS6,
         map_type: MapType::LruHash,
-        max_entries: MAX_POLICY_FLOWS,
+        key_size: size_of::<PolicyFlowKey6>(),
+        value_size: size_of::<u64>(),
+        capacity: Capacity::Fixed(MAX_POLICY_FLOWS),
+        written_by_programs: true,
     },
 ];
 
@@ -326,6 +426,20 @@ pub struct Datapath {
     /// `None` for a datapath with private maps.
     pin_path: Option<PathBuf>,
     attached: BTreeMap<u32, (Role, Attachment)>,
+    /// Every map's capacity and memory, as loaded.
+    map_sizes: Vec<MapSize>,
+    /// Pinned maps this load replaced by maps of another size, until
+    /// [`Datapath::finish_map_resize`].
+    resized: Vec<Resized>,
+}
+
+/// A map's capacity and the kernel memory it is charged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapSize {
+    pub name: &'static str,
+    pub max_entries: u32,
+    /// `memlock` of the map's fdinfo (`None`: not readable).
+    pub memlock_bytes: Option<u64>,
 }
 
 /// One `BPF_PROG_RUN` of a program ([`run_program`]).
@@ -385,10 +499,19 @@ pub fn run_program(
 }
 
 impl Datapath {
-    /// Loads the programs with their maps pinned under `pin_path`, reusing maps already pinned
-    /// there (an agent restart keeps services, ids and conntrack). Mounts bpffs at /sys/fs/bpf
-    /// first when `pin_path` is below it and it is not mounted. Attaches nothing.
+    /// [`Datapath::load_with`] the default map sizes.
     pub fn load(pin_path: &Path) -> anyhow::Result<Datapath> {
+        Self::load_with(pin_path, &MapSizes::default())
+    }
+
+    /// Loads the programs with their maps pinned under `pin_path`, reusing maps already pinned
+    /// there (an agent restart keeps services, ids and conntrack), the services, backends and
+    /// conntrack maps sized by `sizes`. A pinned map of another size is replaced by one of the wanted
+    /// size holding its entries (resize.rs; [`Datapath::finish_map_resize`] completes it after
+    /// the programs were attached). Mounts bpffs at /sys/fs/bpf first when `pin_path` is below
+    /// it and it is not mounted. Attaches nothing.
+    pub fn load_with(pin_path: &Path, sizes: &MapSizes) -> anyhow::Result<Datapath> {
+        sizes.check()?;
         if pin_path.starts_with(BPFFS_ROOT) {
             ensure_bpffs_mounted()?;
         }
@@ -402,14 +525,26 @@ impl Datapath {
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
 
-        let map_pins: Vec<(&str, PathBuf)> = MAPS
+        let map_pins: Vec<(&MapSpec, PathBuf)> = MAPS
             .iter()
-            .map(|spec| (spec.name, pin_path.join(spec.name)))
+            .map(|spec| (spec, pin_path.join(spec.name)))
             .collect();
         let mut loader = EbpfLoader::new();
-        for (name, path) in &map_pins {
-            // Opens the map pinned at `path`, or creates and pins it there.
-            loader.map_pin_path(name, path.as_path());
+        // Pinned maps to be replaced: (spec, the pinned map, its capacity).
+        let mut replaced = Vec::new();
+        for (spec, path) in &map_pins {
+            let capacity = spec.capacity.of(sizes);
+            loader.map_max_entries(spec.name, capacity);
+            match pinned_map(spec, path)? {
+                Some((old, old_capacity)) if old_capacity != capacity => {
+                    // Not given a pin path: the loader creates a new map of `capacity`.
+                    replaced.push((*spec, path, old, old_capacity));
+                }
+                // Opens the map pinned at `path`, or creates and pins it there.
+                _ => {
+                    loader.map_pin_path(spec.name, path.as_path());
+                }
+            }
         }
         let ebpf = loader.load(object()).with_context(|| {
             format!(
@@ -417,10 +552,80 @@ impl Datapath {
                 pin_path.display()
             )
         })?;
-        let datapath = Self::from_loaded(ebpf, Some(pin_path.to_owned()))?;
+
+        // The new maps get the pinned ones' entries before anything reads them (the services'
+        // ids are read back from them) or writes them.
+        let mut resized = Vec::new();
+        for (spec, path, old, old_capacity) in replaced {
+            let new = ebpf
+                .map(spec.name)
+                .and_then(|map| map_data(map).ok())
+                .with_context(|| format!("the eBPF object has no map `{}`", spec.name))?
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating a map descriptor")?;
+            let resize = Resized {
+                name: spec.name,
+                pin: path.clone(),
+                old,
+                new,
+                old_capacity,
+                new_capacity: spec.capacity.of(sizes),
+                key_size: spec.key_size as u32,
+                value_size: spec.value_size as u32,
+                written_by_programs: spec.written_by_programs,
+            };
+            let copied = resize::copy_entries(
+                resize.old_map(),
+                resize.new_map(),
+                resize.key_size,
+                resize.value_size,
+                old_capacity,
+                false,
+            )
+            .map_err(|e| {
+                let full = e.raw_os_error() == Some(libc::E2BIG);
+                let hint = match (full, spec.capacity.flag()) {
+                    (true, Some(flag)) => format!(
+                        ": the pinned map holds more entries than {flag} {} leaves room for",
+                        resize.new_capacity
+                    ),
+                    _ => String::new(),
+                };
+                anyhow::Error::new(e).context(format!(
+                    "copying the entries of {} pinned at {} into its replacement{hint}",
+                    resize.describe(),
+                    path.display()
+                ))
+            })?;
+            info!(
+                map = spec.name,
+                from = old_capacity,
+                to = resize.new_capacity,
+                entries = copied.copied,
+                "resizing a pinned map: its entries are copied into a new one"
+            );
+            resized.push(resize);
+        }
+
+        let mut datapath = Self::from_loaded(ebpf, Some(pin_path.to_owned()), sizes)?;
+        // The programs are loaded: the new maps take the old ones' pins.
+        for resize in &resized {
+            resize::pin_in_place(resize.new_map(), &resize.pin)
+                .with_context(|| format!("pinning the resized {}", resize.describe()))?;
+            info!(
+                map = resize.name,
+                pin = %resize.pin.display(),
+                "resized map pinned in place of the old one"
+            );
+        }
+        datapath.resized = resized;
         info!(
             pin_path = %pin_path.display(),
             services = datapath.services.programmed().len(),
+            max_services = sizes.services,
+            max_backends = sizes.backends,
             "datapath loaded"
         );
         Ok(datapath)
@@ -429,35 +634,94 @@ impl Datapath {
     /// Loads the programs with private, unpinned maps, which disappear with the returned value.
     /// For `BPF_PROG_RUN` (tests, `sluice trace`); such a datapath cannot be attached.
     pub fn load_unpinned() -> anyhow::Result<Datapath> {
-        // The object's maps are not marked as pinned (ebpf/src/maps.rs), so without a pin path
-        // the loader creates fresh ones.
-        let ebpf = EbpfLoader::new()
-            .load(object())
-            .context("loading the eBPF object with private maps")?;
-        Self::from_loaded(ebpf, None)
+        Self::load_unpinned_with(&MapSizes::default())
     }
 
-    fn from_loaded(mut ebpf: Ebpf, pin_path: Option<PathBuf>) -> anyhow::Result<Datapath> {
+    /// [`Datapath::load_unpinned`] with the services, backends and conntrack maps sized by
+    /// `sizes`.
+    pub fn load_unpinned_with(sizes: &MapSizes) -> anyhow::Result<Datapath> {
+        sizes.check()?;
+        // The object's maps are not marked as pinned (ebpf/src/maps.rs), so without a pin path
+        // the loader creates fresh ones.
+        let mut loader = EbpfLoader::new();
+        for spec in &MAPS {
+            loader.map_max_entries(spec.name, spec.capacity.of(sizes));
+        }
+        let ebpf = loader
+            .load(object())
+            .context("loading the eBPF object with private maps")?;
+        Self::from_loaded(ebpf, None, sizes)
+    }
+
+    /// After a load that resized pinned maps, and once the programs are swapped into every
+    /// pinned link ([`Datapath::attach`] of each interface): copies the entries the previous
+    /// programs added to the old maps meanwhile (flows they created in conntrack, affinity,
+    /// ...; what the new maps hold already wins), then lets the old maps go. Returns what it
+    /// copied. Nothing to do without a resize.
+    pub fn finish_map_resize(&mut self) -> anyhow::Result<CopyStats> {
+        let mut total = CopyStats::default();
+        for resize in std::mem::take(&mut self.resized) {
+            if !resize.written_by_programs {
+                // The agent writes it, and has rewritten it since: old entries would undo that.
+                continue;
+            }
+            let stats = resize::copy_entries(
+                resize.old_map(),
+                resize.new_map(),
+                resize.key_size,
+                resize.value_size,
+                resize.old_capacity,
+                true,
+            )
+            .with_context(|| {
+                format!(
+                    "copying the late entries of {} into its replacement",
+                    resize.describe()
+                )
+            })?;
+            debug!(map = resize.name, ?stats, "resize finished");
+            total.copied += stats.copied;
+            total.kept += stats.kept;
+        }
+        Ok(total)
+    }
+
+    /// The maps' capacities and the kernel memory each was charged at load (memlock bytes).
+    pub fn map_sizes(&self) -> &[MapSize] {
+        &self.map_sizes
+    }
+
+    fn from_loaded(
+        mut ebpf: Ebpf,
+        pin_path: Option<PathBuf>,
+        sizes: &MapSizes,
+    ) -> anyhow::Result<Datapath> {
         let describe = |name: &str| match &pin_path {
             Some(dir) => format!("map `{name}` pinned at {}", dir.join(name).display()),
             None => format!("map `{name}`"),
         };
+        let mut map_sizes = Vec::new();
         let maps = MAPS.map(|spec| {
             let map = ebpf
                 .take_map(spec.name)
                 .with_context(|| format!("the eBPF object has no map `{}`", spec.name))?;
-            let info = map_info(&map).with_context(|| describe(spec.name))?;
-            if info.0 != spec.map_type || info.1 != spec.max_entries {
+            let data = map_data(&map).with_context(|| describe(spec.name))?;
+            let info = data.info().with_context(|| describe(spec.name))?;
+            // load_with checked the pinned maps already; this also holds MAPS to the object.
+            check_layout(&spec, &info).with_context(|| describe(spec.name))?;
+            let capacity = spec.capacity.of(sizes);
+            if info.max_entries() != capacity {
                 bail!(
-                    "{} is a {:?} of {} entries, this agent needs a {:?} of {}: it was created by \
-                     another Sluice version; `sluice cleanup` removes the old datapath",
+                    "{} has {} entries, not {capacity}",
                     describe(spec.name),
-                    info.0,
-                    info.1,
-                    spec.map_type,
-                    spec.max_entries
+                    info.max_entries()
                 );
             }
+            map_sizes.push(MapSize {
+                name: spec.name,
+                max_entries: capacity,
+                memlock_bytes: resize::memlock_bytes(data.fd().as_fd()),
+            });
             Ok(map)
         });
         let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6, affinity6, source_ranges6, policy, isolated, policy_flows, policy_events, policy6, isolated6, policy_flows6] =
@@ -571,6 +835,8 @@ impl Datapath {
             policy_events: Some(policy_events),
             pin_path,
             attached: BTreeMap::new(),
+            map_sizes,
+            resized: Vec::new(),
         })
     }
 
@@ -714,6 +980,7 @@ impl Datapath {
             .context("programming the IPv6 maps")?;
         stats.ipv6_programmed = ipv6.programmed;
         stats.map_writes += ipv6.map_writes;
+        stats.failed.extend(ipv6.failed.iter().cloned());
         if !ipv6.removed_backends.is_empty() {
             stats.purged += self
                 .purge_removed_conntrack6(&ipv6.removed_backends)
@@ -1136,6 +1403,15 @@ impl Datapath {
         sock::remove_cgroup_links(pin_path)?;
         for spec in &MAPS {
             let path = pin_path.join(spec.name);
+            // A resize's temporary pin, left by an agent stopped in the middle of it.
+            let temporary = resize::temporary_pin(&path)?;
+            match fs::remove_file(&temporary) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("unpinning map {}", temporary.display()))
+                }
+            }
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -1187,20 +1463,68 @@ fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier
         .expect("from_loaded checked the object's classifiers")
 }
 
-/// Type and capacity of a map as the kernel created it (a reused pinned map may differ from the
-/// object's definition).
-fn map_info(map: &aya::maps::Map) -> anyhow::Result<(MapType, u32)> {
-    let data = match map {
+/// The kernel map behind one of the object's maps.
+fn map_data(map: &aya::maps::Map) -> anyhow::Result<&MapData> {
+    match map {
         aya::maps::Map::HashMap(data)
         | aya::maps::Map::LruHashMap(data)
         | aya::maps::Map::LpmTrie(data)
         | aya::maps::Map::Array(data)
         | aya::maps::Map::PerCpuArray(data)
-        | aya::maps::Map::RingBuf(data) => data,
+        | aya::maps::Map::RingBuf(data) => Ok(data),
         other => bail!("unexpected map kind {other:?}"),
-    };
-    let info = data.info()?;
-    Ok((info.map_type()?, info.max_entries()))
+    }
+}
+
+/// Fails unless the kernel's map has the type, key size and value size of `spec` (a pinned
+/// map may have been created by another Sluice version).
+fn check_layout(spec: &MapSpec, info: &aya::maps::MapInfo) -> anyhow::Result<()> {
+    let map_type = info.map_type()?;
+    let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
+    if map_type != spec.map_type || key_size != spec.key_size || value_size != spec.value_size {
+        bail!(
+            "it is a {map_type:?} with {key_size}-byte keys and {value_size}-byte values, this \
+             agent needs a {:?} with {}-byte keys and {}-byte values: it was created by another \
+             Sluice version with another map layout; `sluice cleanup` removes the old datapath",
+            spec.map_type,
+            spec.key_size,
+            spec.value_size
+        );
+    }
+    Ok(())
+}
+
+/// The map pinned at `path` and its capacity, `None` when nothing is pinned there. Fails,
+/// naming the map, when its layout is not `spec`'s, or when it is an array or ring buffer of
+/// another size (those are never resized: another size is another version).
+fn pinned_map(spec: &MapSpec, path: &Path) -> anyhow::Result<Option<(OwnedFd, u32)>> {
+    let describe = || format!("map `{}` pinned at {}", spec.name, path.display());
+    match fs::symlink_metadata(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(describe),
+    }
+    let map = MapData::from_pin(path).with_context(describe)?;
+    let info = map.info().with_context(describe)?;
+    check_layout(spec, &info).with_context(describe)?;
+    if !spec.resizable() {
+        if let Capacity::Fixed(capacity) = spec.capacity {
+            if info.max_entries() != capacity {
+                bail!(
+                    "{} has {} entries, this agent needs {capacity}: it was created by another \
+                     Sluice version; `sluice cleanup` removes the old datapath",
+                    describe(),
+                    info.max_entries()
+                );
+            }
+        }
+    }
+    let fd = map
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(describe)?;
+    Ok(Some((fd, info.max_entries())))
 }
 
 fn link_pin_path(pin_path: &Path, ifindex: u32, direction: &str) -> PathBuf {

@@ -298,14 +298,15 @@ pub fn own_netns_cookie() -> anyhow::Result<u64> {
     Ok(cookie)
 }
 
-// The bpf(2) commands aya does not offer for cgroup links (uapi/linux/bpf.h).
+// The bpf(2) commands aya does not offer for cgroup links (uapi/linux/bpf.h); the helpers
+// below also serve resize.rs.
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `union bpf_attr` is larger; the kernel wants the bytes it does not know zeroed.
-const ATTR_SIZE: usize = 64;
+pub(super) const ATTR_SIZE: usize = 64;
 
-fn sys_bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> io::Result<libc::c_long> {
+pub(super) fn sys_bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> io::Result<libc::c_long> {
     // SAFETY: attr is a valid, initialised buffer of the size passed.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), ATTR_SIZE) };
     if rc < 0 {
@@ -314,11 +315,11 @@ fn sys_bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> io::Result<libc::c_
     Ok(rc)
 }
 
-fn put_u32(attr: &mut [u8; ATTR_SIZE], offset: usize, value: u32) {
+pub(super) fn put_u32(attr: &mut [u8; ATTR_SIZE], offset: usize, value: u32) {
     attr[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
 }
 
-fn put_u64(attr: &mut [u8; ATTR_SIZE], offset: usize, value: u64) {
+pub(super) fn put_u64(attr: &mut [u8; ATTR_SIZE], offset: usize, value: u64) {
     attr[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
 }
 

@@ -232,7 +232,24 @@ impl ServiceMaps for KernelServiceMaps {
             }
         };
         // MapError's Display omits the errno ("bpf_map_update_elem failed"); its source has it.
-        result.map_err(|e| anyhow::Error::new(e).context(op.to_string()))
+        result.map_err(|e| {
+            let (map, capacity, flag) = match op {
+                MapOp::PutBackend(..) | MapOp::DeleteBackend(_) => (
+                    "backends",
+                    super::resize::capacity_of(&self.backends),
+                    Some("--max-backends"),
+                ),
+                MapOp::PutService(..) | MapOp::DeleteService(_) => (
+                    "services",
+                    super::resize::capacity_of(&self.services),
+                    Some("--max-services"),
+                ),
+                MapOp::PutSourceRange(_) | MapOp::DeleteSourceRange(_) => {
+                    ("source_ranges", None, None)
+                }
+            };
+            super::resize::update_error(e, map, capacity, flag).context(op.to_string())
+        })
     }
 }
 

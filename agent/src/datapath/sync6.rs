@@ -185,6 +185,8 @@ pub struct Ipv6SyncStats {
     pub removed_affinity: BTreeSet<(u32, [u32; 4], u16)>,
     /// Affinity ids no IPv6 frontend uses any more: their entries go whole.
     pub retired_affinity_ids: BTreeSet<u32>,
+    /// Frontends that could not be programmed (a full map), with the error; the others are.
+    pub failed: Vec<(Frontend, String)>,
 }
 
 /// Whether an `affinity6` entry goes after a sync (its backend was removed under its
@@ -284,11 +286,15 @@ impl Ipv6Sync {
         let mut want: BTreeMap<ServiceKey6, (ServiceValue, Vec<Backend6>, BTreeSet<SourceRange6>)> =
             BTreeMap::new();
         let mut members: Vec<(ServiceKey6, AffinityGroup)> = Vec::new();
+        // Which frontend each entry is for, to report a failure by it.
+        let mut frontends: BTreeMap<ServiceKey6, Frontend> = BTreeMap::new();
         for (frontend, entry) in &desired.services {
             let (Some(key), Some(pod_key)) = (service_key6(frontend), pod_service_key6(frontend))
             else {
                 continue;
             };
+            frontends.insert(key, *frontend);
+            frontends.insert(pod_key, *frontend);
             let backend_values = |backends: &[BackendAddr]| -> Vec<Backend6> {
                 backends
                     .iter()
@@ -380,49 +386,19 @@ impl Ipv6Sync {
             if old.as_ref() == Some(&new) {
                 continue;
             }
-            for (slot, backend) in new.backends.iter().enumerate() {
-                let slot_key = BackendKey {
-                    service_id: value.id,
-                    slot: slot as u32,
-                };
-                self.backends
-                    .insert(slot_key, backend, 0)
-                    .context("writing backends6")?;
-                stats.map_writes += 1;
-            }
-            let old_ranges = old.as_ref().map(|o| o.ranges.clone()).unwrap_or_default();
-            for range in new.ranges.difference(&old_ranges) {
-                self.source_ranges
-                    .insert(&range_key(value.id, *range), 1, 0)
-                    .context("writing source_ranges6")?;
-                stats.map_writes += 1;
-            }
-            self.services
-                .insert(key, value, 0)
-                .context("writing services6")?;
-            stats.map_writes += 1;
-            if let Some(old) = &old {
-                for b in &old.backends {
-                    if !new
-                        .backends
-                        .iter()
-                        .any(|n| (n.addr, n.port) == (b.addr, b.port))
-                    {
-                        stats.removed_backends.insert((value.id, b.addr, b.port));
-                        if old.value.affinity_id != 0 {
-                            stats
-                                .removed_affinity
-                                .insert((old.value.affinity_id, b.addr, b.port));
-                        }
-                    }
+            // A frontend that cannot be written (a full map) fails alone, as in sync.rs; the
+            // next sync retries it.
+            if let Err(e) = self.program_frontend(key, &new, old.as_ref(), &mut stats) {
+                if old.is_none() {
+                    // Give back the room its slots and ranges took.
+                    let _ = self.delete_slots(value.id, 0, new.backends.len() as u32, &mut stats);
+                    let _ = self.delete_ranges(value.id, &new.ranges, &mut stats);
                 }
+                // Every wanted key was put there with its frontend.
+                let frontend = frontends[&key];
+                tracing::debug!(%frontend, "programming an IPv6 frontend failed: {e:#}");
+                stats.failed.push((frontend, format!("{e:#}")));
             }
-            let old_count = old.as_ref().map_or(0, |o| o.backends.len() as u32);
-            let stale_ranges: BTreeSet<SourceRange6> =
-                old_ranges.difference(&new.ranges).copied().collect();
-            self.mirror.insert(key, new);
-            self.delete_slots(value.id, value.backend_count, old_count, &mut stats)?;
-            self.delete_ranges(value.id, &stale_ranges, &mut stats)?;
         }
         // A backend another frontend with the same affinity id still has keeps its entries.
         let live: BTreeSet<(u32, [u32; 4], u16)> = self
@@ -442,6 +418,70 @@ impl Ipv6Sync {
         );
         stats.programmed = self.mirror.len();
         Ok(stats)
+    }
+
+    /// Writes `new` for the frontend `key` (its slots, its ranges, then its entry), updates the
+    /// mirror, then deletes the slots and ranges it no longer has.
+    fn program_frontend(
+        &mut self,
+        key: ServiceKey6,
+        new: &Programmed,
+        old: Option<&Programmed>,
+        stats: &mut Ipv6SyncStats,
+    ) -> anyhow::Result<()> {
+        let value = new.value;
+        for (slot, backend) in new.backends.iter().enumerate() {
+            let slot_key = BackendKey {
+                service_id: value.id,
+                slot: slot as u32,
+            };
+            self.backends
+                .insert(slot_key, backend, 0)
+                .map_err(|e| {
+                    let capacity = super::resize::capacity_of(&self.backends);
+                    super::resize::update_error(e, "backends6", capacity, Some("--max-backends"))
+                })
+                .context("writing backends6")?;
+            stats.map_writes += 1;
+        }
+        let old_ranges = old.map(|o| o.ranges.clone()).unwrap_or_default();
+        for range in new.ranges.difference(&old_ranges) {
+            self.source_ranges
+                .insert(&range_key(value.id, *range), 1, 0)
+                .context("writing source_ranges6")?;
+            stats.map_writes += 1;
+        }
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| {
+                let capacity = super::resize::capacity_of(&self.services);
+                super::resize::update_error(e, "services6", capacity, Some("--max-services"))
+            })
+            .context("writing services6")?;
+        stats.map_writes += 1;
+        if let Some(old) = old {
+            for b in &old.backends {
+                if !new
+                    .backends
+                    .iter()
+                    .any(|n| (n.addr, n.port) == (b.addr, b.port))
+                {
+                    stats.removed_backends.insert((value.id, b.addr, b.port));
+                    if old.value.affinity_id != 0 {
+                        stats
+                            .removed_affinity
+                            .insert((old.value.affinity_id, b.addr, b.port));
+                    }
+                }
+            }
+        }
+        let old_count = old.map_or(0, |o| o.backends.len() as u32);
+        let stale_ranges: BTreeSet<SourceRange6> =
+            old_ranges.difference(&new.ranges).copied().collect();
+        self.mirror.insert(key, new.clone());
+        self.delete_slots(value.id, value.backend_count, old_count, stats)?;
+        self.delete_ranges(value.id, &stale_ranges, stats)?;
+        Ok(())
     }
 
     fn delete_ranges(

@@ -18,6 +18,7 @@ mod ipv6;
 mod pinning;
 mod policy;
 mod policy6;
+mod resize;
 mod services;
 mod sock;
 mod traffic;

@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use sluice::datapath::MapSizes;
 use sluice_common::{MAX_BACKENDS, MAX_SERVICES};
 use sluice_testbed::{in_netns, sluice::SluiceCluster};
 
@@ -37,7 +38,8 @@ pub struct ControlResult {
     pub change_ms: Summary,
 }
 
-/// The most services of 10 endpoints the maps hold.
+/// The most services of 10 endpoints the maps hold at their default sizes. The bench starts
+/// the agent with maps sized for what it measures (`MapSizes::for_services`).
 pub fn map_limit() -> usize {
     (MAX_SERVICES as usize).min(MAX_BACKENDS as usize / ENDPOINTS_PER_SERVICE)
 }
@@ -61,12 +63,7 @@ fn timed(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
 pub fn run(options: &Options) -> anyhow::Result<Vec<ControlResult>> {
     let mut results = Vec::new();
     for &requested in &options.control_services {
-        let n = requested.min(map_limit());
-        if n < requested {
-            eprintln!(
-                "bench: {requested} services x {ENDPOINTS_PER_SERVICE} endpoints requested, the maps hold {n} ({MAX_SERVICES} services, {MAX_BACKENDS} backends)"
-            );
-        }
+        let n = requested;
         let mut cluster = SluiceCluster::new("bench-cp", 1)?;
         let node = cluster.node(1);
         let netns = node.netns_path().to_owned();
@@ -117,7 +114,10 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<ControlResult>> {
             &traffic::slice_manifest(&probe, 0),
         )?;
         let start = Instant::now();
-        let agent = cluster.spawn_agent(1, &[])?;
+        // Maps for the N services and the probe (`--max-services`, `--max-backends`).
+        let map_args = MapSizes::for_services(n + 1, ENDPOINTS_PER_SERVICE).agent_args();
+        let map_args: Vec<&str> = map_args.iter().map(String::as_str).collect();
+        let agent = cluster.spawn_agent(1, &map_args)?;
         agent.wait_for_log(
             sluice_testbed::sluice::AGENT_READY_LINE,
             Duration::from_secs(900),

@@ -13,14 +13,14 @@ use std::{net::Ipv4Addr, os::fd::RawFd, path::Path, time::Duration};
 use anyhow::{bail, Context as _};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use sluice::{
-    datapath::Datapath,
+    datapath::{Datapath, MapSizes},
     manifests,
     node::NodeContext,
     packet::{self, Flow, TCP_ACK, TCP_PSH, TCP_SYN},
     policy,
     state::{BackendAddr, DesiredState, Frontend, Protocol, ServiceEntry},
 };
-use sluice_common::{MAX_SERVICES, PROTO_TCP};
+use sluice_common::PROTO_TCP;
 
 use super::{stats::Summary, Options};
 
@@ -254,13 +254,10 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<PacketCost>> {
     let samples = options.packets;
     let mut rows = Vec::new();
     for &requested in &options.prog_run_services {
-        let n = requested.min(MAX_SERVICES as usize);
-        if n < requested {
-            eprintln!(
-                "bench: {requested} services requested, the services map holds {MAX_SERVICES}: measuring {n}"
-            );
-        }
-        let mut datapath = Datapath::load_unpinned().context("loading the datapath")?;
+        let n = requested;
+        // Maps sized for the N services of `desired` (two backends each).
+        let sizes = MapSizes::for_services(n, 2);
+        let mut datapath = Datapath::load_unpinned_with(&sizes).context("loading the datapath")?;
         datapath.set_node_config(&node_context())?;
         let stats = datapath.sync(&desired(n))?;
         if !stats.is_complete() {
