@@ -286,8 +286,8 @@ where
             while let Some(event) = events.next().await {
                 match event {
                     Ok(event) => {
-                        // Nothing reads managedFields; they are often most of an object.
-                        let event = event.modify(|object| object.managed_fields_mut().clear());
+                        let event =
+                            event.modify(|object| crate::manifests::slim(object.meta_mut()));
                         writer.apply_watcher_event(&event);
                         match &event {
                             watcher::Event::Init => {

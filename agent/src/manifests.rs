@@ -44,6 +44,27 @@ impl fmt::Display for ObjectRef {
     }
 }
 
+/// Annotations Sluice reads (on Services: topology-aware routing); every other annotation is
+/// dropped when an object is taken in.
+const READ_ANNOTATIONS: &[&str] = &[
+    crate::translate::TOPOLOGY_MODE_ANNOTATION,
+    crate::translate::TOPOLOGY_HINTS_ANNOTATION,
+];
+
+/// Drops what nothing in Sluice reads from an object as it is taken in (from a file or the
+/// API): managedFields and annotations other than [`READ_ANNOTATIONS`]. In real clusters they
+/// are often most of an object (`kubectl apply` stores the whole object in an annotation), and
+/// the agent keeps every object it watches.
+pub fn slim(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|key, _| READ_ANNOTATIONS.contains(&key.as_str()));
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
 /// The objects the translation consumes, keyed by namespace/name (Nodes by name).
 ///
 /// Objects are shared (`Arc`), never copied: the API source hands out the reflector stores'
@@ -266,7 +287,65 @@ fn read_into(file: &Path, objects: &mut Objects, errors: &mut Vec<ManifestError>
 
 /// Parses one file's text (YAML, possibly multi-document, or JSON) into `objects`.
 pub fn parse_into(file: &Path, text: &str, objects: &mut Objects, errors: &mut Vec<ManifestError>) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let chunks = split_documents(text, threads);
+    if chunks.len() < 2 {
+        parse_documents(file, text, objects, errors);
+        return;
+    }
+    // A big file (thousands of objects in one file) is parsed on every CPU: YAML scanning is
+    // most of an agent's start. Each chunk holds whole documents; they are put together in
+    // order afterwards, numbered as one stream.
+    let parsed: Vec<(Objects, Vec<ManifestError>, usize, bool)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut objects = Objects::default();
+                    let mut errors = Vec::new();
+                    let (documents, broken) =
+                        parse_documents(file, chunk, &mut objects, &mut errors);
+                    (objects, errors, documents, broken)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a manifest parsing thread panicked"))
+            .collect()
+    });
+    let mut before = 0;
+    for ((chunk_objects, chunk_errors, documents, broken), chunk) in parsed.into_iter().zip(&chunks)
+    {
+        // Lines before the chunk, for the positions YAML syntax errors give.
+        let lines_before = text[..chunk.as_ptr() as usize - text.as_ptr() as usize]
+            .matches('\n')
+            .count();
+        errors.extend(chunk_errors.into_iter().map(|mut e| {
+            e.object = renumber(&e.object, "document ", before);
+            e.message = renumber_all(&e.message, "line ", lines_before);
+            e
+        }));
+        objects.add_all(chunk_objects, file);
+        before += documents;
+        if broken {
+            // After a syntax error the rest of the stream cannot be trusted.
+            return;
+        }
+    }
+}
+
+/// Parses a run of documents into `objects`; returns how many documents it saw and whether
+/// it stopped at a syntax error.
+fn parse_documents(
+    file: &Path,
+    text: &str,
+    objects: &mut Objects,
+    errors: &mut Vec<ManifestError>,
+) -> (usize, bool) {
+    let mut documents = 0;
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        documents = index + 1;
         let what = format!("document {}", index + 1);
         let value = match serde_yaml::Value::deserialize(document) {
             Ok(serde_yaml::Value::Null) => continue, // empty document, e.g. after a trailing ---
@@ -278,10 +357,119 @@ pub fn parse_into(file: &Path, text: &str, objects: &mut Objects, errors: &mut V
                     message: format!("not valid YAML: {e}"),
                 });
                 // After a syntax error the rest of the stream cannot be trusted.
-                return;
+                return (documents, true);
             }
         };
         add_value(file, &what, value, objects, errors);
+    }
+    (documents, false)
+}
+
+/// Below this size a file is parsed on one thread.
+const PARALLEL_PARSE_BYTES: usize = 1 << 20;
+
+/// Splits a YAML stream into up to `parts` runs of whole documents, cut before a `---` line
+/// (a document start marker at column 0, which YAML forbids inside any scalar, so a cut there
+/// never splits a document).
+fn split_documents(text: &str, parts: usize) -> Vec<&str> {
+    if parts < 2 || text.len() < PARALLEL_PARSE_BYTES {
+        return vec![text];
+    }
+    let mut chunks = Vec::with_capacity(parts);
+    let mut start = 0;
+    for part in 1..parts {
+        let target = text.len() * part / parts;
+        if target <= start {
+            continue;
+        }
+        let Some(cut) = next_document_start(text, target) else {
+            break;
+        };
+        if cut > start {
+            chunks.push(&text[start..cut]);
+            start = cut;
+        }
+    }
+    chunks.push(&text[start..]);
+    chunks
+}
+
+/// The offset of the first `---` line starting at or after `from`.
+fn next_document_start(text: &str, from: usize) -> Option<usize> {
+    let mut at = from;
+    // Move to the start of the next line unless `from` already is one.
+    if at > 0 && text.as_bytes()[at - 1] != b'\n' {
+        at += text[at..].find('\n')? + 1;
+    }
+    while at < text.len() {
+        let line = &text[at..];
+        if let Some(rest) = line.strip_prefix("---") {
+            if rest.is_empty() || rest.starts_with([' ', '\t', '\n', '\r']) {
+                return Some(at);
+            }
+        }
+        at += line.find('\n')? + 1;
+    }
+    None
+}
+
+/// `{word}N...` (say `document 3 item 2`) as numbered in a chunk that follows `before`
+/// documents (or lines) of the file; other text as it is.
+fn renumber(text: &str, word: &str, before: usize) -> String {
+    let Some(rest) = text.strip_prefix(word) else {
+        return text.to_string();
+    };
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    match rest[..digits].parse::<usize>() {
+        Ok(n) => format!("{word}{}{}", n + before, &rest[digits..]),
+        Err(_) => text.to_string(),
+    }
+}
+
+/// [`renumber`] at every `{word}N` in `text` (`at line 12 column 1, ... at line 11`).
+fn renumber_all(text: &str, word: &str, before: usize) -> String {
+    let mut parts = text.split(word);
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for part in parts {
+        out.push_str(&renumber(&format!("{word}{part}"), word, before));
+    }
+    out
+}
+
+impl Objects {
+    /// Adds a later part of `file`'s objects (a later definition wins, as within a file).
+    fn add_all(&mut self, later: Objects, file: &Path) {
+        fn kind<K: Ord + fmt::Display, V>(
+            into: &mut BTreeMap<K, Arc<V>>,
+            from: BTreeMap<K, Arc<V>>,
+            file: &Path,
+            what: &str,
+        ) {
+            for (key, object) in from {
+                if into.contains_key(&key) {
+                    tracing::warn!(file = %file.display(), object = %key, "{what} defined twice; the later definition wins");
+                }
+                into.insert(key, object);
+            }
+        }
+        kind(&mut self.services, later.services, file, "a Service");
+        kind(
+            &mut self.endpoint_slices,
+            later.endpoint_slices,
+            file,
+            "an EndpointSlice",
+        );
+        kind(&mut self.nodes, later.nodes, file, "a Node");
+        kind(&mut self.pods, later.pods, file, "a Pod");
+        kind(&mut self.namespaces, later.namespaces, file, "a Namespace");
+        kind(
+            &mut self.network_policies,
+            later.network_policies,
+            file,
+            "a NetworkPolicy",
+        );
     }
 }
 
@@ -350,8 +538,9 @@ fn add_value(
             );
         }
         ("v1", "Namespace") => match serde_yaml::from_value::<Namespace>(value) {
-            Ok(namespace) => match namespace.metadata.name.clone() {
+            Ok(mut namespace) => match namespace.metadata.name.clone() {
                 Some(name) => {
+                    slim(&mut namespace.metadata);
                     objects.namespaces.insert(name, Arc::new(namespace));
                 }
                 None => errors.push(error("metadata.name is missing".into())),
@@ -359,8 +548,9 @@ fn add_value(
             Err(e) => errors.push(error(format!("invalid Namespace: {e}"))),
         },
         ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
-            Ok(node) => match node.metadata.name.clone() {
+            Ok(mut node) => match node.metadata.name.clone() {
                 Some(name) => {
+                    slim(&mut node.metadata);
                     objects.nodes.insert(name, Arc::new(node));
                 }
                 None => errors.push(error("metadata.name is missing".into())),
@@ -397,7 +587,8 @@ fn namespaced<K>(
         message,
     };
     match serde_yaml::from_value::<K>(value) {
-        Ok(object) if object.metadata().name.is_some() => {
+        Ok(mut object) if object.metadata().name.is_some() => {
+            slim(object.metadata_mut());
             let key = ObjectRef::of(object.metadata());
             if into.insert(key.clone(), Arc::new(object)).is_some() {
                 tracing::warn!(file = %file.display(), object = %key, "{} defined twice; the later definition wins", K::KIND);
@@ -505,6 +696,104 @@ just: a map
             errors[0]
         );
         assert_eq!(errors[1].object, "document 3");
+    }
+
+    /// A big file is parsed in parallel chunks and gives exactly what one pass gives: the
+    /// same objects, the same problems numbered as one stream, a later duplicate winning, and
+    /// nothing after a syntax error.
+    #[test]
+    fn a_big_file_parses_in_parallel_as_in_one_pass() {
+        let service = |i: usize| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
+                 spec:\n  clusterIP: 10.96.{}.{}\n  ports:\n  - {{name: http, port: 80}}\n",
+                i / 250,
+                i % 250
+            )
+        };
+        let mut docs: Vec<String> = (0..9_000).map(service).collect();
+        docs[4_000] =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {ports: [{port: x}]}\n"
+                .into();
+        // A redefinition in another part of the file, and a document with a block scalar.
+        docs[8_500] = service(10).replace("10.96.0.10", "10.96.200.200");
+        docs[6_000] = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns\n  labels: {a: b}\n\
+                       # a comment ---\n"
+            .into();
+        let text = format!("---\n{}", docs.join("---\n"));
+        assert!(text.len() > PARALLEL_PARSE_BYTES);
+        let one_pass = |text: &str| {
+            let mut objects = Objects::default();
+            let mut errors = Vec::new();
+            parse_documents(Path::new("test.yaml"), text, &mut objects, &mut errors);
+            (objects, errors)
+        };
+        let names = |o: &Objects| -> Vec<String> {
+            o.services
+                .iter()
+                .map(|(k, v)| format!("{k}={:?}", v.spec.as_ref().unwrap().cluster_ip))
+                .chain(o.namespaces.keys().cloned())
+                .collect()
+        };
+        assert!(split_documents(&text, 4).len() > 1);
+        let (parallel, parallel_errors) = parse(&text);
+        let (serial, serial_errors) = one_pass(&text);
+        assert_eq!(names(&parallel), names(&serial));
+        assert_eq!(parallel_errors, serial_errors);
+        assert_eq!(parallel_errors.len(), 1);
+        assert_eq!(parallel_errors[0].object, "Service broken");
+        assert_eq!(parallel.services.len(), 8_997);
+        assert!(names(&parallel).contains(&"bench/svc-10=Some(\"10.96.200.200\")".to_string()));
+
+        // A syntax error two thirds in: nothing after it, and it is numbered as one stream.
+        docs[6_000] = "apiVersion: v1\nkind: [unclosed\n".into();
+        let text = format!("---\n{}", docs.join("---\n"));
+        let (parallel, parallel_errors) = parse(&text);
+        let (serial, serial_errors) = one_pass(&text);
+        assert_eq!(names(&parallel), names(&serial));
+        assert_eq!(parallel_errors, serial_errors);
+        assert_eq!(parallel_errors.last().unwrap().object, "document 6001");
+        assert!(parallel.services.len() < 6_000);
+    }
+
+    /// Objects are kept without what Sluice never reads.
+    #[test]
+    fn unread_metadata_is_dropped_on_the_way_in() {
+        let (objects, errors) = parse(
+            r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: '{"big": "object"}'
+    service.kubernetes.io/topology-mode: Auto
+  managedFields: [{manager: kubectl, operation: Apply}]
+spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+  annotations: {endpoints.kubernetes.io/last-change-trigger-time: "2026-01-01T00:00:00Z"}
+addressType: IPv4
+endpoints: []
+"#,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let web = objects.services.values().next().unwrap();
+        assert_eq!(
+            web.metadata.annotations,
+            Some(BTreeMap::from([(
+                "service.kubernetes.io/topology-mode".to_string(),
+                "Auto".to_string()
+            )]))
+        );
+        assert_eq!(web.metadata.managed_fields, None);
+        let slice = objects.endpoint_slices.values().next().unwrap();
+        assert_eq!(slice.metadata.annotations, None);
+        assert!(slice.metadata.labels.is_some());
     }
 
     #[test]
