@@ -6,6 +6,7 @@
 //! control.rs). The report and plots go to target/bench/ (report.rs, plot.rs).
 
 mod control;
+mod estimate;
 mod plot;
 mod prog_run;
 mod report;
@@ -54,9 +55,18 @@ pub struct BenchArgs {
     /// Request/response round trips over one connection per dataplane and size.
     #[arg(long)]
     round_trips: Option<usize>,
-    /// EndpointSlice changes timed per size.
+    /// EndpointSlice changes timed per size and source.
     #[arg(long)]
     changes: Option<usize>,
+    /// Where the agent reads the services from in the control-plane part (default: both,
+    /// side by side).
+    #[arg(long, value_delimiter = ',')]
+    control_sources: Vec<control::Source>,
+    /// Seconds one iptables-restore or `nft -f` of the control-plane part may take before it
+    /// is killed and reported as "> budget" (one nftables transaction of 10,000 services x
+    /// 10 endpoints takes minutes, and grows with the square of N).
+    #[arg(long, default_value_t = 600.0)]
+    kube_proxy_load_timeout: f64,
     /// Where the report and plots go (default: target/bench).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -73,6 +83,8 @@ pub struct Options {
     pub traffic_duration: Duration,
     pub round_trips: usize,
     pub changes: usize,
+    pub control_sources: Vec<control::Source>,
+    pub kube_proxy_load_timeout: Duration,
     pub full: bool,
 }
 
@@ -116,6 +128,12 @@ impl BenchArgs {
                 .round_trips
                 .unwrap_or(if self.full { 20_000 } else { 2_000 }),
             changes: self.changes.unwrap_or(if self.full { 100 } else { 20 }),
+            control_sources: if self.control_sources.is_empty() {
+                vec![control::Source::Manifests, control::Source::Api]
+            } else {
+                self.control_sources.clone()
+            },
+            kube_proxy_load_timeout: Duration::from_secs_f64(self.kube_proxy_load_timeout.max(1.0)),
             full: self.full,
         }
     }
@@ -188,6 +206,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ]))?;
         std::env::set_var("SLUICE_BIN", root.join("target/release/sluice"));
     }
+    eprintln!("{}", estimate::describe(&options));
     let results = run_parts(&options)?;
     let machine = machine();
     let plots = plot::draw(&out, &results)?;
