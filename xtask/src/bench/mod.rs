@@ -187,10 +187,11 @@ pub struct Results {
 }
 
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let options = args.resolve();
+    eprintln!("{}", estimate::describe(&options));
     if !crate::is_root() {
         bail!("the bench loads BPF programs and creates network namespaces: run it as root");
     }
-    let options = args.resolve();
     let out = args
         .out
         .clone()
@@ -206,7 +207,6 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         ]))?;
         std::env::set_var("SLUICE_BIN", root.join("target/release/sluice"));
     }
-    eprintln!("{}", estimate::describe(&options));
     let results = run_parts(&options)?;
     let machine = machine();
     let plots = plot::draw(&out, &results)?;
@@ -219,14 +219,32 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
 
 pub fn run_parts(options: &Options) -> anyhow::Result<Results> {
     let mut results = Results::default();
+    let estimated = estimate::seconds(options);
+    // Each part's time next to its estimate, to keep the estimate honest.
+    let timed = |part: Part, started: std::time::Instant| {
+        let expected = estimated
+            .iter()
+            .find(|(p, _)| *p == part)
+            .map_or(0.0, |e| e.1);
+        eprintln!(
+            "bench: {part:?} part took {:.0} s (estimated {expected:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+    };
     if options.parts.contains(&Part::Packet) {
+        let started = std::time::Instant::now();
         results.packet = prog_run::run(options).context("per-packet part")?;
+        timed(Part::Packet, started);
     }
     if options.parts.contains(&Part::Traffic) {
+        let started = std::time::Instant::now();
         results.traffic = traffic::run(options).context("traffic part")?;
+        timed(Part::Traffic, started);
     }
     if options.parts.contains(&Part::Control) {
+        let started = std::time::Instant::now();
         results.control = control::run(options).context("control-plane part")?;
+        timed(Part::Control, started);
     }
     Ok(results)
 }

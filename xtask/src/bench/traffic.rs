@@ -385,12 +385,17 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<TrafficResult>> {
             .collect();
         record(Dataplane::Direct, measure(&client, &direct, duration, rr)?);
 
+        let loading = Instant::now();
         in_node_netns(
             &netns,
             "iptables-restore",
             &[],
             &rules::iptables_restore(&services),
         )?;
+        eprintln!(
+            "bench: {n} services: iptables layout loaded in {:?}",
+            loading.elapsed()
+        );
         let measured = measure(&client, &targets(&services), duration, rr);
         in_node_netns(&netns, "iptables-restore", &[], rules::IPTABLES_FLUSH)?;
         record(
@@ -401,9 +406,16 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<TrafficResult>> {
         // The same ruleset as kube-proxy's one transaction, loaded in several: only the
         // rules matter here, and one transaction of 10,000 services takes minutes
         // (rules::nft_script).
-        for transaction in rules::nft_transactions(&services, NFT_SERVICES_PER_TRANSACTION) {
-            in_node_netns(&netns, "nft", &["-f", "-"], &transaction)?;
+        let loading = Instant::now();
+        let transactions = rules::nft_transactions(&services, NFT_SERVICES_PER_TRANSACTION);
+        for transaction in &transactions {
+            in_node_netns(&netns, "nft", &["-f", "-"], transaction)?;
         }
+        eprintln!(
+            "bench: {n} services: nftables layout loaded in {:?} ({} transactions)",
+            loading.elapsed(),
+            transactions.len()
+        );
         let measured = measure(&client, &targets(&services), duration, rr);
         in_node_netns(&netns, "nft", &["-f", "-"], rules::NFT_FLUSH)?;
         record(
