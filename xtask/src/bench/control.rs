@@ -61,16 +61,6 @@ pub enum LoadTime {
     Exceeded(Duration),
 }
 
-impl LoadTime {
-    /// Seconds, for ratios; `None` when the load was cut off.
-    pub fn seconds(self) -> Option<f64> {
-        match self {
-            LoadTime::Took(d) => Some(d.as_secs_f64()),
-            LoadTime::Exceeded(_) => None,
-        }
-    }
-}
-
 impl std::fmt::Display for LoadTime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

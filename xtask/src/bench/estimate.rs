@@ -12,9 +12,11 @@ use super::{
     Options, Part,
 };
 
-/// iptables-restore of kube-proxy's nat layout, per service of 10 endpoints (0.8 s for
-/// 1,000, 21 s for 10,000).
-const IPTABLES_RESTORE_PER_SERVICE: f64 = 2.0e-3;
+/// iptables-restore (iptables-nft) of kube-proxy's nat layout of N services of 10
+/// endpoints: a linear and a quadratic part (0.8 s for 1,000, 21 s for 10,000, over 120 s
+/// for 26,214).
+const IPTABLES_RESTORE_PER_SERVICE: f64 = 0.7e-3;
+const IPTABLES_RESTORE_PER_SERVICE_SQUARED: f64 = 1.4e-7;
 /// One nftables transaction of N services of 10 endpoints costs ~1.4 s x (N/1000)^2 (the
 /// anonymous vmaps; see rules::nft_script): 1.1 s for 1,000, 146 s for 10,000.
 const NFT_SECONDS_AT_1000: f64 = 1.4;
@@ -70,7 +72,9 @@ pub fn seconds(options: &Options) -> [(Part, f64); 3] {
         .iter()
         .map(|&requested| {
             let n = requested.min(map_limit()) as f64;
-            let iptables = (n * IPTABLES_RESTORE_PER_SERVICE).min(budget);
+            let iptables = (n * IPTABLES_RESTORE_PER_SERVICE
+                + n * n * IPTABLES_RESTORE_PER_SERVICE_SQUARED)
+                .min(budget);
             let nft = (NFT_SECONDS_AT_1000 * (n / 1000.0).powi(2)).min(budget);
             let sources: f64 = options
                 .control_sources
@@ -120,16 +124,23 @@ pub fn describe(options: &Options) -> String {
     let each: Vec<String> = parts
         .iter()
         .filter(|(part, _)| options.parts.contains(part))
-        .map(|(part, s)| format!("{part:?} ~{}", minutes(*s)).to_lowercase())
+        .map(|(part, s)| {
+            let sizes = match part {
+                Part::Packet => format!("at {:?} services", options.prog_run_services),
+                Part::Traffic => format!("at {:?} services", options.traffic_services),
+                Part::Control => format!(
+                    "at {:?} services x {ENDPOINTS_PER_SERVICE} endpoints, each kube-proxy load capped at {:.0} s",
+                    options.control_services,
+                    options.kube_proxy_load_timeout.as_secs_f64()
+                ),
+            };
+            format!("{} ~{} {sizes}", format!("{part:?}").to_lowercase(), minutes(*s))
+        })
         .collect();
     format!(
-        "bench: estimated time ~{} ({}; per-packet at {:?} services, traffic at {:?}, control at {:?} x {ENDPOINTS_PER_SERVICE} endpoints with each kube-proxy load capped at {:.0} s)",
+        "bench: estimated time ~{} ({})",
         minutes(total),
-        each.join(", "),
-        options.prog_run_services,
-        options.traffic_services,
-        options.control_services,
-        options.kube_proxy_load_timeout.as_secs_f64()
+        each.join("; ")
     )
 }
 
@@ -161,5 +172,10 @@ mod tests {
         assert!(uncapped > capped + 120.0, "{uncapped} vs {capped}");
         assert!(capped < 10.0 + 10.0 + 1.0 + 1.0, "{capped}");
         assert_eq!(seconds(&options(vec![10_000], 10.0))[0].1, 0.0);
+        let line = describe(&options(vec![10_000], 10.0));
+        assert!(
+            line.contains("control ~") && !line.contains("packet"),
+            "{line}"
+        );
     }
 }

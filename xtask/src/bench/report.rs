@@ -1,12 +1,12 @@
 //! The markdown report: the machine, one table per part with the ratios, and the issue's
 //! targets each marked met / not met / not measured (reported here, never asserted).
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, time::Duration};
 
 use sluice_common::{MAX_BACKENDS, MAX_SERVICES};
 
 use super::{
-    control::{ControlResult, Source, ENDPOINTS_PER_SERVICE},
+    control::{ControlResult, LoadTime, Source, ENDPOINTS_PER_SERVICE},
     prog_run::{PacketCost, CASES},
     traffic::{Dataplane, TrafficResult},
     Machine, Options, Results,
@@ -377,15 +377,17 @@ fn control_section(
     }
     let _ = writeln!(
         out,
-        "\nRatios of the load times (Sluice agent start to programmed / kube-proxy's load; below 1 is faster; \"-\" where the load was killed at the budget):\n"
+        "\nRatios of the load times (Sluice agent start to programmed / kube-proxy's load; below 1 is faster; \"< x\" where the load was killed at the budget):\n"
     );
     let _ = writeln!(
         out,
         "| services | source | Sluice/iptables-restore | Sluice/nft -f |\n|---|---|---|---|"
     );
-    let ratio = |a: f64, b: Option<f64>| match b {
-        Some(b) if b > 0.0 => format!("{:.2}", a / b),
-        _ => "-".into(),
+    // A load killed at the budget took longer than the budget: the ratio is at most a/budget.
+    let ratio = |a: f64, b: LoadTime| match b {
+        LoadTime::Took(b) if b > Duration::ZERO => format!("{:.2}", a / b.as_secs_f64()),
+        LoadTime::Exceeded(budget) => format!("< {:.2}", a / budget.as_secs_f64()),
+        LoadTime::Took(_) => "-".into(),
     };
     for r in rows {
         for m in &r.sluice {
@@ -395,8 +397,8 @@ fn control_section(
                 "| {} | {} | {} | {} |",
                 r.services,
                 m.source.label(),
-                ratio(a, r.iptables_restore.seconds()),
-                ratio(a, r.nft_load.seconds())
+                ratio(a, r.iptables_restore),
+                ratio(a, r.nft_load)
             );
         }
     }
@@ -441,5 +443,47 @@ fn control_section(
             ),
             verdict(worst < 50.0),
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{control::SluiceControl, stats::Summary};
+
+    #[test]
+    fn a_load_killed_at_the_budget_is_reported_as_over_it_with_a_bounded_ratio() {
+        let row = ControlResult {
+            services_requested: 100_000,
+            services: 26_214,
+            iptables_restore: LoadTime::Took(Duration::from_secs(70)),
+            nft_load: LoadTime::Exceeded(Duration::from_secs(120)),
+            sluice: vec![SluiceControl {
+                source: Source::Api,
+                agent_ready: Duration::from_secs(6),
+                agent_rss_kib: 1024,
+                change_ms: Summary::of(vec![10.0, 20.0]),
+            }],
+        };
+        let mut out = String::new();
+        let mut targets = Vec::new();
+        control_section(&mut out, &[row], &mut targets);
+        assert!(
+            out.contains("| 26214 (of 100000 asked: map limit) | 70.000 s | > 120 s (killed) |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| 26214 | API server | 0.09 | < 0.05 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("API server: agent start to programmed"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("manifests:"),
+            "only the measured source: {out}"
+        );
+        assert_eq!(targets.len(), 3, "{targets:?}");
     }
 }
