@@ -63,10 +63,11 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     control_sources: Vec<control::Source>,
     /// Seconds one iptables-restore or `nft -f` of the control-plane part may take before it
-    /// is killed and reported as "> budget" (one nftables transaction of 10,000 services x
-    /// 10 endpoints takes minutes, and grows with the square of N).
-    #[arg(long, default_value_t = 600.0)]
-    kube_proxy_load_timeout: f64,
+    /// is killed and reported as "> budget" (default 60, 600 with --full: one nftables
+    /// transaction of 10,000 services x 10 endpoints takes minutes, and grows with the
+    /// square of N).
+    #[arg(long)]
+    kube_proxy_load_timeout: Option<f64>,
     /// Where the report and plots go (default: target/bench).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -133,7 +134,11 @@ impl BenchArgs {
             } else {
                 self.control_sources.clone()
             },
-            kube_proxy_load_timeout: Duration::from_secs_f64(self.kube_proxy_load_timeout.max(1.0)),
+            kube_proxy_load_timeout: Duration::from_secs_f64(
+                self.kube_proxy_load_timeout
+                    .unwrap_or(if self.full { 600.0 } else { 60.0 })
+                    .max(1.0),
+            ),
             full: self.full,
         }
     }
