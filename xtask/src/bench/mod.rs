@@ -2,8 +2,10 @@
 //!
 //! Parts, each runnable alone (`--parts`): `packet` (BPF_PROG_RUN cost per packet,
 //! prog_run.rs), `traffic` (real TCP through a ClusterIP in the netns testbed, traffic.rs),
-//! `control` (agent start, iptables-restore / nft -f, EndpointSlice change latency, RSS,
-//! control.rs). The report and plots go to target/bench/ (report.rs, plot.rs).
+//! `control` (iptables-restore / nft -f under a time budget; agent start, RSS and
+//! EndpointSlice change latency with the objects in a manifests directory and in the test
+//! API server, side by side; control.rs). The expected duration is printed first
+//! (estimate.rs). The report and plots go to target/bench/ (report.rs, plot.rs).
 
 mod control;
 mod estimate;
