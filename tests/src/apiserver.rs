@@ -702,10 +702,15 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
             return;
         }
         if !state.frozen {
-            let pending: Vec<Event> = state
+            // The history is in resourceVersion order: skip what was sent without walking
+            // it (a bench keeps tens of thousands of events, and every change wakes every
+            // watch).
+            let unsent = state
                 .history
+                .partition_point(|e| e.resource_version <= sent_up_to);
+            let pending: Vec<Event> = state.history[unsent..]
                 .iter()
-                .filter(|e| e.resource == resource.path && e.resource_version > sent_up_to)
+                .filter(|e| e.resource == resource.path)
                 .cloned()
                 .collect();
             let current = state.resource_version;

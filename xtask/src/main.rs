@@ -38,7 +38,7 @@ enum Task {
     /// Sluice against kube-proxy's iptables and nftables layouts: per-packet cost, real traffic,
     /// control plane; writes target/bench/report.md and plots. Quick by default, `--full` for
     /// the sizes. Needs root.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 /// The bpf-linker release that links rustc's own LLVM 22 (newer ones need a system LLVM).

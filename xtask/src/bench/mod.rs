@@ -2,10 +2,13 @@
 //!
 //! Parts, each runnable alone (`--parts`): `packet` (BPF_PROG_RUN cost per packet,
 //! prog_run.rs), `traffic` (real TCP through a ClusterIP in the netns testbed, traffic.rs),
-//! `control` (agent start, iptables-restore / nft -f, EndpointSlice change latency, RSS,
-//! control.rs). The report and plots go to target/bench/ (report.rs, plot.rs).
+//! `control` (iptables-restore / nft -f under a time budget; agent start, RSS and
+//! EndpointSlice change latency with the objects in a manifests directory and in the test
+//! API server, side by side; control.rs). The expected duration is printed first
+//! (estimate.rs). The report and plots go to target/bench/ (report.rs, plot.rs).
 
 mod control;
+mod estimate;
 mod plot;
 mod prog_run;
 mod report;
@@ -30,7 +33,7 @@ pub enum Part {
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
     /// The sizes: 10..100,000 services per packet, 100..10,000 for traffic,
-    /// 1,000..100,000 (or the map limit) for the control plane; longer runs.
+    /// 1,000..100,000 for the control plane; longer runs.
     #[arg(long)]
     full: bool,
     /// Which parts to run (default: all).
@@ -54,9 +57,19 @@ pub struct BenchArgs {
     /// Request/response round trips over one connection per dataplane and size.
     #[arg(long)]
     round_trips: Option<usize>,
-    /// EndpointSlice changes timed per size.
+    /// EndpointSlice changes timed per size and source.
     #[arg(long)]
     changes: Option<usize>,
+    /// Where the agent reads the services from in the control-plane part (default: both,
+    /// side by side).
+    #[arg(long, value_delimiter = ',')]
+    control_sources: Vec<control::Source>,
+    /// Seconds one iptables-restore or `nft -f` of the control-plane part may take before it
+    /// is killed and reported as "> budget" (default 60, 600 with --full: one nftables
+    /// transaction of 10,000 services x 10 endpoints takes minutes, and grows with the
+    /// square of N).
+    #[arg(long)]
+    kube_proxy_load_timeout: Option<f64>,
     /// Where the report and plots go (default: target/bench).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -73,6 +86,8 @@ pub struct Options {
     pub traffic_duration: Duration,
     pub round_trips: usize,
     pub changes: usize,
+    pub control_sources: Vec<control::Source>,
+    pub kube_proxy_load_timeout: Duration,
     pub full: bool,
 }
 
@@ -116,6 +131,16 @@ impl BenchArgs {
                 .round_trips
                 .unwrap_or(if self.full { 20_000 } else { 2_000 }),
             changes: self.changes.unwrap_or(if self.full { 100 } else { 20 }),
+            control_sources: if self.control_sources.is_empty() {
+                vec![control::Source::Manifests, control::Source::Api]
+            } else {
+                self.control_sources.clone()
+            },
+            kube_proxy_load_timeout: Duration::from_secs_f64(
+                self.kube_proxy_load_timeout
+                    .unwrap_or(if self.full { 600.0 } else { 60.0 })
+                    .max(1.0),
+            ),
             full: self.full,
         }
     }
@@ -169,10 +194,11 @@ pub struct Results {
 }
 
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let options = args.resolve();
+    eprintln!("{}", estimate::describe(&options));
     if !crate::is_root() {
         bail!("the bench loads BPF programs and creates network namespaces: run it as root");
     }
-    let options = args.resolve();
     let out = args
         .out
         .clone()
@@ -200,14 +226,32 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
 
 pub fn run_parts(options: &Options) -> anyhow::Result<Results> {
     let mut results = Results::default();
+    let estimated = estimate::seconds(options);
+    // Each part's time next to its estimate, to keep the estimate honest.
+    let timed = |part: Part, started: std::time::Instant| {
+        let expected = estimated
+            .iter()
+            .find(|(p, _)| *p == part)
+            .map_or(0.0, |e| e.1);
+        eprintln!(
+            "bench: {part:?} part took {:.0} s (estimated {expected:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+    };
     if options.parts.contains(&Part::Packet) {
+        let started = std::time::Instant::now();
         results.packet = prog_run::run(options).context("per-packet part")?;
+        timed(Part::Packet, started);
     }
     if options.parts.contains(&Part::Traffic) {
+        let started = std::time::Instant::now();
         results.traffic = traffic::run(options).context("traffic part")?;
+        timed(Part::Traffic, started);
     }
     if options.parts.contains(&Part::Control) {
+        let started = std::time::Instant::now();
         results.control = control::run(options).context("control-plane part")?;
+        timed(Part::Control, started);
     }
     Ok(results)
 }

@@ -61,6 +61,83 @@ fn generated_layouts_are_accepted_by_iptables_restore_and_nft() {
     );
 }
 
+/// `nft list ruleset` in `netns`.
+fn ruleset(netns: &std::path::Path) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["nft", "list", "ruleset"])
+        .output()
+        .expect("nft list ruleset");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_nft_layout_in_several_transactions_is_the_same_ruleset_as_in_one() {
+    let one = Node::new("bench-nft1").expect("a test netns");
+    let many = Node::new("bench-nftn").expect("a test netns");
+    let services = services(120);
+    in_node_netns(
+        one.netns_path(),
+        "nft",
+        &["-f", "-"],
+        &rules::nft_script(&services),
+    )
+    .unwrap();
+    let transactions = rules::nft_transactions(&services, 50);
+    assert_eq!(
+        transactions.len(),
+        1 + 3,
+        "the setup, then 50 + 50 + 20 services"
+    );
+    for transaction in &transactions {
+        in_node_netns(many.netns_path(), "nft", &["-f", "-"], transaction).unwrap();
+    }
+    let (a, b) = (ruleset(one.netns_path()), ruleset(many.netns_path()));
+    assert!(a.contains("numgen random mod 3 vmap"), "{a}");
+    assert_eq!(a.matches("chain service-").count(), 120);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn a_kube_proxy_load_over_the_budget_is_killed_and_leaves_nothing() {
+    let node = Node::new("bench-budget").expect("a test netns");
+    let netns = node.netns_path();
+    // 2,000 services x 3 endpoints in one transaction: seconds, far over 100 ms.
+    let script = rules::nft_script(&services(2_000));
+    let took = control::load_with_budget(
+        netns,
+        "nft",
+        &["-f", "-"],
+        &script,
+        Duration::from_millis(100),
+    )
+    .unwrap();
+    assert_eq!(
+        took,
+        control::LoadTime::Exceeded(Duration::from_millis(100))
+    );
+    assert_eq!(took.to_string(), "> 0.1 s (killed)");
+    let left = ruleset(netns);
+    assert!(!left.contains("kube-proxy"), "{left}");
+    // Within the budget it is timed, and a failing load is an error naming the program.
+    let small = rules::nft_script(&services(5));
+    let took =
+        control::load_with_budget(netns, "nft", &["-f", "-"], &small, Duration::from_secs(60))
+            .unwrap();
+    assert!(matches!(took, control::LoadTime::Took(d) if d > Duration::ZERO));
+    assert!(ruleset(netns).contains("service-ips"));
+    let err = control::load_with_budget(
+        netns,
+        "nft",
+        &["-f", "-"],
+        "add rule ip nosuchtable nosuchchain accept\n",
+        Duration::from_secs(60),
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("nft -f -"), "{err:#}");
+}
+
 #[test]
 fn a_tiny_run_of_every_part_writes_the_report() {
     let out = std::env::temp_dir().join(sluice_testbed::unique_name("bench-report"));
@@ -74,6 +151,8 @@ fn a_tiny_run_of_every_part_writes_the_report() {
         traffic_duration: Duration::from_millis(200),
         round_trips: 50,
         changes: 2,
+        control_sources: vec![control::Source::Manifests, control::Source::Api],
+        kube_proxy_load_timeout: Duration::from_secs(60),
         full: false,
     };
     let results = run_parts(&options).expect("a tiny bench run");
@@ -84,7 +163,19 @@ fn a_tiny_run_of_every_part_writes_the_report() {
         .iter()
         .all(|r| r.connections_per_s > 0.0 && r.rr_us.count == 50));
     assert_eq!(results.control.len(), 1);
-    assert_eq!(results.control[0].change_ms.count, 2);
+    let control = &results.control[0];
+    assert!(
+        matches!(control.iptables_restore, control::LoadTime::Took(_))
+            && matches!(control.nft_load, control::LoadTime::Took(_)),
+        "{control:?}"
+    );
+    // Both sources, each with its agent started, measured and every change seen.
+    assert_eq!(control.sluice.len(), 2, "{control:?}");
+    for source in [control::Source::Manifests, control::Source::Api] {
+        let m = control.source(source).expect("each source measured");
+        assert_eq!(m.change_ms.count, 2, "{m:?}");
+        assert!(m.agent_rss_kib > 0 && m.change_ms.p99 > 0.0, "{m:?}");
+    }
     let plots = plot::draw(&out, &results).unwrap();
     let text = report::render(&options, &machine(), &results, &plots);
     for needle in [
@@ -94,6 +185,8 @@ fn a_tiny_run_of_every_part_writes_the_report() {
         "| 10 | kube-proxy nftables |",
         "| 10 | pod IP (floor) |",
         "## Control plane",
+        "API server: agent start to programmed",
+        "manifests: agent start to programmed",
         "## The issue's targets",
         "pkg/proxy/iptables/proxier.go",
     ] {

@@ -5,8 +5,8 @@
 //! ClusterIP:80 -> the server pod:8080. The client (direct: over 16 server ports) spreads its connections over 16 services
 //! spaced evenly through the N (so iptables' linear KUBE-SERVICES walk costs what it costs on
 //! average, not its best case). Per N, in this order, each in a fresh cluster:
-//! (d) direct, (b) iptables-restore into the node netns, measured, flushed; (c) nft -f, measured,
-//! deleted; then (a) the agent started (no rules left) and measured. kube-proxy's rules only
+//! (d) direct, (b) iptables-restore into the node netns, measured, flushed; (c) nft -f (the
+//! same ruleset as kube-proxy's, in transactions of 500 services), measured, deleted; then (a) the agent started (no rules left) and measured. kube-proxy's rules only
 //! ever exist inside the node's network namespace (`nsenter --net=<node netns>`).
 
 use std::{
@@ -40,6 +40,8 @@ pub const SERVER_PORT: u16 = 8080;
 const SERVER_PORTS: u16 = TARGETS as u16;
 pub const SERVICE_PORT: u16 = 80;
 const TARGETS: usize = 16;
+/// Services per `nft -f` when loading the nftables layout for traffic.
+pub const NFT_SERVICES_PER_TRANSACTION: usize = 500;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dataplane {
@@ -383,12 +385,17 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<TrafficResult>> {
             .collect();
         record(Dataplane::Direct, measure(&client, &direct, duration, rr)?);
 
+        let loading = Instant::now();
         in_node_netns(
             &netns,
             "iptables-restore",
             &[],
             &rules::iptables_restore(&services),
         )?;
+        eprintln!(
+            "bench: {n} services: iptables layout loaded in {:?}",
+            loading.elapsed()
+        );
         let measured = measure(&client, &targets(&services), duration, rr);
         in_node_netns(&netns, "iptables-restore", &[], rules::IPTABLES_FLUSH)?;
         record(
@@ -396,7 +403,19 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<TrafficResult>> {
             measured.context("through the iptables layout")?,
         );
 
-        in_node_netns(&netns, "nft", &["-f", "-"], &rules::nft_script(&services))?;
+        // The same ruleset as kube-proxy's one transaction, loaded in several: only the
+        // rules matter here, and one transaction of 10,000 services takes minutes
+        // (rules::nft_script).
+        let loading = Instant::now();
+        let transactions = rules::nft_transactions(&services, NFT_SERVICES_PER_TRANSACTION);
+        for transaction in &transactions {
+            in_node_netns(&netns, "nft", &["-f", "-"], transaction)?;
+        }
+        eprintln!(
+            "bench: {n} services: nftables layout loaded in {:?} ({} transactions)",
+            loading.elapsed(),
+            transactions.len()
+        );
         let measured = measure(&client, &targets(&services), duration, rr);
         in_node_netns(&netns, "nft", &["-f", "-"], rules::NFT_FLUSH)?;
         record(
