@@ -450,12 +450,17 @@ impl Agent<'_> {
     }
 }
 
-/// Whether a file event means a manifest may read differently now. A file written in place
-/// counts when it is closed (its writes alone would have it read half-written); creations,
-/// renames and removals count at once.
-fn changes_manifests(kind: &notify::EventKind) -> bool {
+/// Whether a file event means a manifest may read differently now. Only manifest files count
+/// (a tool's temporary file, renamed into place afterwards, must not cost a reload of its
+/// own). A file written in place counts when it is closed (its writes alone would have it
+/// read half-written); creations, renames and removals count at once.
+fn changes_manifests(event: &notify::Event) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-    match kind {
+    // An event without paths (say, a queue overflow) may hide anything.
+    if !event.paths.is_empty() && !event.paths.iter().any(|p| manifests::is_manifest_file(p)) {
+        return false;
+    }
+    match &event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) => false,
         EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => false,
@@ -472,7 +477,7 @@ fn watch_manifests(
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if !changes_manifests(&event.kind) => {}
+            Ok(event) if !changes_manifests(&event) => {}
             Ok(_) => {
                 let _ = changed.try_send(());
             }

@@ -103,17 +103,21 @@ impl fmt::Display for ManifestError {
     }
 }
 
+/// Whether `path` names a manifest (`*.yaml`, `*.yml`, `*.json`).
+pub fn is_manifest_file(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
 /// The manifest files of `dir`, sorted so a later file deterministically overrides an earlier
 /// one that defines the same object.
 pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let is_manifest = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        );
-        if is_manifest && path.is_file() {
+        if is_manifest_file(&path) && path.is_file() {
             files.push(path);
         }
     }
