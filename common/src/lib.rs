@@ -53,11 +53,14 @@
 //! only, but traffic from a pod uses the service's cluster-wide endpoints (kube-proxy's "pod
 //! traffic for external destinations" rule). Such a frontend has a second `services` entry,
 //! with [`ServiceKey::scope`] [`SCOPE_POD`], its own service id and the cluster-wide backends
-//! (flags without [`SVC_F_EXTERNAL_LOCAL`] and [`SVC_F_DROP_WHEN_EMPTY`]). `from_pod` looks up
-//! that entry first and falls back to the [`SCOPE_ALL`] one; `from_world` only uses the
-//! latter. Each entry is a frontend of its own for the agent's sync (ordering rules included),
-//! so neither depends on the other being present. IPv6 frontends have the same pair in
-//! `services6`.
+//! (flags without [`SVC_F_EXTERNAL_LOCAL`] and [`SVC_F_DROP_WHEN_EMPTY`]). `from_pod` (and the
+//! socket programs) look up the [`SCOPE_ALL`] entry and, only when it has
+//! [`SVC_F_EXTERNAL_LOCAL`] (the frontends that have a pods' entry), the [`SCOPE_POD`] one,
+//! which wins when present: every other packet costs one `services` lookup, a cache miss or two
+//! at scale. `from_world` only uses the [`SCOPE_ALL`] entry. Each entry is a frontend of its
+//! own for the agent's sync (ordering rules included): a pods' entry without its
+//! [`SCOPE_ALL`] entry (a sync in progress) is not used, a [`SCOPE_ALL`] entry without its pods'
+//! entry serves pods too. IPv6 frontends have the same pair in `services6`.
 //!
 //! ## conntrack
 //!
@@ -155,7 +158,8 @@
 //!   receiver's `to_pod`). A packet matching its own tuple (later packets) or the reversed
 //!   tuple recorded the other way (replies) passes without a check, whether or not the pod is
 //!   isolated: flows of open pods are recorded too, so a policy that isolates a pod later does
-//!   not break its established connections. A reply whose flow was already reverse-translated
+//!   not break its established connections. (A TCP SYN of a pod open in its direction is
+//!   recorded without looking for an admitted flow first: it passes either way.) A reply whose flow was already reverse-translated
 //!   (a redirected service flow) is recognised by the client's forward `conntrack` entry. The
 //!   value is when the flow was last seen (bpf_ktime_get_ns, refreshed at most once a second);
 //!   a UDP or SCTP flow idle for 120 s is new again (nf_conntrack's UDP timeout), a TCP flow

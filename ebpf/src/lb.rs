@@ -5,6 +5,7 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use sluice_common::{
     source_range_prefix_len, AffinityKey, AffinityValue, Backend, BackendKey, CtValue, ServiceKey,
     ServiceValue, SourceRangeKey, CT_SLOT_UNKNOWN, SCOPE_ALL, SCOPE_POD, SVC_F_AFFINITY,
+    SVC_F_EXTERNAL_LOCAL,
 };
 
 use crate::{
@@ -21,24 +22,27 @@ pub const SYN_RETRANSMIT_NS: u64 = 1_500_000_000;
 
 /// The frontend the packet is addressed to. A packet from a pod (`hook` [`Hook::Pod`]) uses
 /// the frontend's pods' entry when it has one ([`SCOPE_POD`]: the cluster-wide backends of an
-/// externalTrafficPolicy Local frontend).
+/// externalTrafficPolicy Local frontend). Only such a frontend ([`SVC_F_EXTERNAL_LOCAL`] in its
+/// [`SCOPE_ALL`] entry) can have one, so every other packet costs one lookup: the services map
+/// is large and its entries are cold at scale, each lookup a cache miss or two.
 #[inline(always)]
 pub fn service(pkt: &Ipv4Packet, hook: Hook) -> Option<ServiceValue> {
     let mut key = ServiceKey {
         addr: pkt.daddr,
         port: pkt.dport,
         proto: pkt.proto,
-        scope: SCOPE_POD,
+        scope: SCOPE_ALL,
     };
-    if hook == Hook::Pod {
-        // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    let all = unsafe { SERVICES.get(key).copied() };
+    if hook == Hook::Pod && all.is_some_and(|v| v.flags & SVC_F_EXTERNAL_LOCAL != 0) {
+        key.scope = SCOPE_POD;
+        // SAFETY: as above.
         if let Some(value) = unsafe { SERVICES.get(key) } {
             return Some(*value);
         }
     }
-    key.scope = SCOPE_ALL;
-    // SAFETY: as above.
-    unsafe { SERVICES.get(key).copied() }
+    all
 }
 
 /// Whether `saddr` is in one of the service's loadBalancerSourceRanges.

@@ -16,11 +16,9 @@ use crate::{
     parse::Ipv4Packet,
 };
 
-/// Whether `pod` may have a new `proto` connection with `peer` to `port` (network byte order)
-/// in direction `way`: open when the pod is not isolated for it, else one longest-prefix lookup
-/// and a scan of at most [`MAX_POLICY_PORT_RANGES`] ranges.
+/// Whether a policy isolates `pod` in direction `way` (a small map, the node's pods).
 #[inline(always)]
-fn allowed(pod: u32, way: u8, proto: u8, peer: u32, port: u16) -> bool {
+fn isolated(pod: u32, way: u8) -> bool {
     let bit = if way == WAY_INGRESS {
         ISOLATED_INGRESS
     } else {
@@ -28,7 +26,15 @@ fn allowed(pod: u32, way: u8, proto: u8, peer: u32, port: u16) -> bool {
     };
     // SAFETY: a u8 copied out at once.
     let isolated = unsafe { ISOLATED.get(pod).copied() }.unwrap_or(0);
-    if isolated & bit == 0 {
+    isolated & bit != 0
+}
+
+/// Whether `pod` may have a new `proto` connection with `peer` to `port` (network byte order)
+/// in direction `way`: open when the pod is not isolated for it, else one longest-prefix lookup
+/// and a scan of at most [`MAX_POLICY_PORT_RANGES`] ranges.
+#[inline(always)]
+fn allowed(pod: u32, way: u8, proto: u8, peer: u32, port: u16) -> bool {
+    if !isolated(pod, way) {
         return true;
     }
     let key = Key::new(
@@ -162,12 +168,25 @@ pub fn egress_to_backend(pkt: &Ipv4Packet, backend: u32, port: u16) -> Result<()
     Err(REASON_DROP_POLICY_EGRESS)
 }
 
+/// A TCP SYN opening a connection of a pod that no policy isolates in direction `way`: it
+/// passes (and is recorded) whatever an admitted flow would say, so the lookups for one are
+/// skipped. (A SYN can only match the reversed tuple of a flow admitted the other way in a
+/// simultaneous open, which passes either way.)
+#[inline(always)]
+fn open_syn(pkt: &Ipv4Packet, pod: u32, way: u8) -> bool {
+    pkt.is_tcp_syn() && !isolated(pod, way)
+}
+
 /// A packet a pod sends that is not a service flow's (`from_pod`): passes when its flow was
 /// admitted, else it opens one, checked against the pod's egress policy and recorded.
 #[inline(always)]
 pub fn from_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if open_syn(pkt, pkt.saddr, WAY_EGRESS) {
+        record(pkt, WAY_EGRESS, now);
+        return Ok(());
+    }
     if admitted(pkt, WAY_EGRESS, now) {
         return Ok(());
     }
@@ -195,6 +214,10 @@ pub fn from_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
 pub fn to_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if open_syn(pkt, pkt.daddr, WAY_INGRESS) {
+        record(pkt, WAY_INGRESS, now);
+        return Ok(());
+    }
     if admitted(pkt, WAY_INGRESS, now) {
         return Ok(());
     }

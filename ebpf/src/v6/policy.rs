@@ -19,6 +19,26 @@ const IDLE_FLOW_NS: u64 = 120_000_000_000;
 /// A flow's last-seen time is refreshed at most this often.
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Whether a policy isolates `pod` in direction `way`.
+#[inline(always)]
+fn isolated(pod: &[u32; 4], way: u8) -> bool {
+    let bit = if way == WAY_INGRESS {
+        ISOLATED_INGRESS
+    } else {
+        ISOLATED_EGRESS
+    };
+    // SAFETY: a u8 copied out at once.
+    let isolated = unsafe { ISOLATED6.get(pod).copied() }.unwrap_or(0);
+    isolated & bit != 0
+}
+
+/// A TCP SYN of a pod open in direction `way`: passes and is recorded without the lookups for
+/// an admitted flow (as policy.rs `open_syn`).
+#[inline(always)]
+fn open_syn(pkt: &Ipv6Packet, pod: &[u32; 4], way: u8) -> bool {
+    pkt.is_tcp_syn() && !isolated(pod, way)
+}
+
 /// Whether `pod` may have a new `proto` connection with `peer` to `port` (network byte order)
 /// in direction `way`: open when not isolated for it, else one longest-prefix lookup (the key
 /// in `s.policy_key`) and a scan of at most [`MAX_POLICY_PORT_RANGES`] ranges.
@@ -31,14 +51,7 @@ fn allowed(
     peer: &[u32; 4],
     port: u16,
 ) -> bool {
-    let bit = if way == WAY_INGRESS {
-        ISOLATED_INGRESS
-    } else {
-        ISOLATED_EGRESS
-    };
-    // SAFETY: a u8 copied out at once.
-    let isolated = unsafe { ISOLATED6.get(pod).copied() }.unwrap_or(0);
-    if isolated & bit == 0 {
+    if !isolated(pod, way) {
         return true;
     }
     s.policy_key.prefix_len = policy6_prefix_len(128);
@@ -230,6 +243,10 @@ fn egress_to_backend_check(
 fn from_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if open_syn(pkt, &pkt.saddr, WAY_EGRESS) {
+        record(s, pkt, WAY_EGRESS, now);
+        return PASS;
+    }
     if admitted(s, pkt, WAY_EGRESS, now) {
         return PASS;
     }
@@ -258,6 +275,10 @@ fn from_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
 fn to_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if open_syn(pkt, &pkt.daddr, WAY_INGRESS) {
+        record(s, pkt, WAY_INGRESS, now);
+        return PASS;
+    }
     if admitted(s, pkt, WAY_INGRESS, now) {
         return PASS;
     }
