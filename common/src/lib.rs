@@ -43,7 +43,13 @@
 //! slot) for slots `0..backend_count`; a program picks `prandom % backend_count`. The agent
 //! grows a service by writing new slots before raising `backend_count`, and shrinks it by
 //! lowering `backend_count` before deleting slots, so a packet never sees a count with a
-//! missing slot behind it (see `agent/src/datapath/sync.rs`). [`ServiceValue::flags`] carry
+//! missing slot behind it (see `agent/src/datapath/sync.rs`). The `services` entry also
+//! carries copies of the first [`INLINE_BACKENDS`] slots ([`ServiceValue::inline_backends`],
+//! IPv4), rewritten with the entry whenever one of them changes (after the slot, before
+//! anything is deleted): a new flow picking one of those slots reads no `backends` entry. At
+//! scale every lookup of a random key is one or two cache misses (the bucket, the element),
+//! so this takes a new flow of a small service from four misses to two.
+//! [`ServiceValue::flags`] carry
 //! kube-proxy's per-service behaviours ([`SVC_F_EXTERNAL`], ...), [`Backend::flags`] whether
 //! the backend runs on this node ([`BACKEND_F_LOCAL`]).
 //!
@@ -342,7 +348,16 @@ pub struct ServiceValue {
     /// [`AffinityKey6`]s), shared by the frontends of its service port with the same backends
     /// (see "affinity"); 0 otherwise.
     pub affinity_id: u32,
+    /// `services` (IPv4): copies of the backends in slots `0..min(backend_count,`
+    /// [`INLINE_BACKENDS`]`)`, written with the count, so a new flow picking one of them needs
+    /// no `backends` lookup (see "services and backends"); the rest zero. `services6`: zero
+    /// (an IPv6 backend does not fit).
+    pub inline_backends: [Backend; INLINE_BACKENDS],
 }
+
+/// How many of a service's first backends its `services` entry carries
+/// ([`ServiceValue::inline_backends`]).
+pub const INLINE_BACKENDS: usize = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -363,6 +378,16 @@ pub struct Backend {
     /// `BACKEND_F_*`.
     pub flags: u8,
     pub _pad: u8,
+}
+
+impl Backend {
+    /// An unused [`ServiceValue::inline_backends`] entry.
+    pub const NONE: Backend = Backend {
+        addr: 0,
+        port: 0,
+        flags: 0,
+        _pad: 0,
+    };
 }
 
 /// A flow tuple as seen on the wire, plus the direction it was recorded for.
@@ -1104,7 +1129,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 36);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);

@@ -4,8 +4,8 @@
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use sluice_common::{
     source_range_prefix_len, AffinityKey, AffinityValue, Backend, BackendKey, CtValue, ServiceKey,
-    ServiceValue, SourceRangeKey, CT_SLOT_UNKNOWN, SCOPE_ALL, SCOPE_POD, SVC_F_AFFINITY,
-    SVC_F_EXTERNAL_LOCAL,
+    ServiceValue, SourceRangeKey, CT_SLOT_UNKNOWN, INLINE_BACKENDS, SCOPE_ALL, SCOPE_POD,
+    SVC_F_AFFINITY, SVC_F_EXTERNAL_LOCAL,
 };
 
 use crate::{
@@ -150,6 +150,10 @@ fn still_in_slot(service: &ServiceValue, entry: &CtValue) -> bool {
     if entry.backend_slot >= service.backend_count {
         return false;
     }
+    if (entry.backend_slot as usize) < INLINE_BACKENDS {
+        let b = service.inline_backends[entry.backend_slot as usize];
+        return b.addr == entry.nat_addr && b.port == entry.nat_port;
+    }
     let key = BackendKey {
         service_id: service.id,
         slot: entry.backend_slot,
@@ -162,13 +166,18 @@ fn still_in_slot(service: &ServiceValue, entry: &CtValue) -> bool {
 }
 
 /// The service's slot `pick % backend_count` (`pick` random: uniformly at random), with its
-/// slot.
+/// slot: one of the entry's own copies of the first slots when it is one of them
+/// ([`ServiceValue::inline_backends`], written with the count: no `backends` lookup), else
+/// the `backends` entry.
 #[inline(always)]
 fn random_backend(service: &ServiceValue, pick: u32) -> Option<(Backend, u32)> {
     if service.backend_count == 0 {
         return None;
     }
     let slot = pick % service.backend_count;
+    if (slot as usize) < INLINE_BACKENDS {
+        return Some((service.inline_backends[slot as usize], slot));
+    }
     let mut bkey = BackendKey {
         service_id: service.id,
         slot,

@@ -48,6 +48,7 @@
 //!  7. no backends               reject::build (TCP RST, ICMP port unreachable, sent back by
 //!                               route::bounce) or drop, as the service says
 //!  8. lb::select                sessionAffinity's backend, else a random slot of `backends`
+//!                               (the first slots: the service entry's own copies)
 //!     policy::egress_to_backend from_pod: the pod's egress NetworkPolicy against the chosen
 //!                               backend and its port (not the frontend), before conntrack
 //!                               remembers the flow
