@@ -60,7 +60,7 @@ use aya::{
 };
 use sluice_common::{
     AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, CtKey, CtKey6, CtValue, CtValue6,
-    NodeConfig, NodeConfig6, PolicyFlowKey, PolicyFlowKey6, Reason, CB_REASON_MAGIC,
+    NodeConfig, NodeConfig6, PolicyFlowKey, PolicyFlowKey6, Reason, ServiceValue, CB_REASON_MAGIC,
     CB_REASON_MASK, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG,
     MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_ISOLATED, MAP_ISOLATED6, MAP_POLICY,
     MAP_POLICY6, MAP_POLICY_EVENTS, MAP_POLICY_FLOWS, MAP_POLICY_FLOWS6, MAP_SERVICES,
@@ -457,6 +457,19 @@ impl Datapath {
                     spec.map_type,
                     spec.max_entries
                 );
+            }
+            // aya reuses a pinned map without comparing its layout, and the programs would
+            // then fail the verifier without naming it.
+            if let Some(want) = value_size_of(spec.name) {
+                if info.2 != want {
+                    bail!(
+                        "{} has values of {} bytes, this agent needs {}: it was created by \
+                         another Sluice version; `sluice cleanup` removes the old datapath",
+                        describe(spec.name),
+                        info.2,
+                        want
+                    );
+                }
             }
             Ok(map)
         });
@@ -1189,7 +1202,18 @@ fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier
 
 /// Type and capacity of a map as the kernel created it (a reused pinned map may differ from the
 /// object's definition).
-fn map_info(map: &aya::maps::Map) -> anyhow::Result<(MapType, u32)> {
+/// The value size of the maps whose values grew since pinned maps could be left by an older
+/// agent (`services` and `services6`: [`ServiceValue::inline_backends`]); extend this when
+/// another map's value changes.
+fn value_size_of(name: &str) -> Option<u32> {
+    match name {
+        MAP_SERVICES | MAP_SERVICES6 => Some(std::mem::size_of::<ServiceValue>() as u32),
+        _ => None,
+    }
+}
+
+/// A map's type, max_entries and value size as the kernel has them.
+fn map_info(map: &aya::maps::Map) -> anyhow::Result<(MapType, u32, u32)> {
     let data = match map {
         aya::maps::Map::HashMap(data)
         | aya::maps::Map::LruHashMap(data)
@@ -1200,7 +1224,7 @@ fn map_info(map: &aya::maps::Map) -> anyhow::Result<(MapType, u32)> {
         other => bail!("unexpected map kind {other:?}"),
     };
     let info = data.info()?;
-    Ok((info.map_type()?, info.max_entries()))
+    Ok((info.map_type()?, info.max_entries(), info.value_size()))
 }
 
 fn link_pin_path(pin_path: &Path, ifindex: u32, direction: &str) -> PathBuf {
