@@ -34,7 +34,13 @@ fn isolated(pod: u32, way: u8) -> bool {
 /// and a scan of at most [`MAX_POLICY_PORT_RANGES`] ranges.
 #[inline(always)]
 fn allowed(pod: u32, way: u8, proto: u8, peer: u32, port: u16) -> bool {
-    if !isolated(pod, way) {
+    allowed_when(isolated(pod, way), pod, way, proto, peer, port)
+}
+
+/// [`allowed`], with whether the pod is isolated in `way` already known.
+#[inline(always)]
+fn allowed_when(isolated: bool, pod: u32, way: u8, proto: u8, peer: u32, port: u16) -> bool {
+    if !isolated {
         return true;
     }
     let key = Key::new(
@@ -168,13 +174,14 @@ pub fn egress_to_backend(pkt: &Ipv4Packet, backend: u32, port: u16) -> Result<()
     Err(REASON_DROP_POLICY_EGRESS)
 }
 
-/// A TCP SYN opening a connection of a pod that no policy isolates in direction `way`: it
-/// passes (and is recorded) whatever an admitted flow would say, so the lookups for one are
-/// skipped. (A SYN can only match the reversed tuple of a flow admitted the other way in a
-/// simultaneous open, which passes either way.)
+/// For a TCP SYN, whether `pod` is isolated in direction `way` (looked up once, reused by the
+/// check); `None` for other packets, which look it up only when they are not of an admitted
+/// flow. A SYN of a pod that is not isolated passes (and is recorded) whatever an admitted flow
+/// would say, so the lookups for one are skipped: a SYN can only match the reversed tuple of
+/// a flow admitted the other way in a simultaneous open, which passes either way.
 #[inline(always)]
-fn open_syn(pkt: &Ipv4Packet, pod: u32, way: u8) -> bool {
-    pkt.is_tcp_syn() && !isolated(pod, way)
+fn syn_isolation(pkt: &Ipv4Packet, pod: u32, way: u8) -> Option<bool> {
+    pkt.is_tcp_syn().then(|| isolated(pod, way))
 }
 
 /// A packet a pod sends that is not a service flow's (`from_pod`): passes when its flow was
@@ -183,14 +190,18 @@ fn open_syn(pkt: &Ipv4Packet, pod: u32, way: u8) -> bool {
 pub fn from_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if open_syn(pkt, pkt.saddr, WAY_EGRESS) {
+    let syn_isolated = syn_isolation(pkt, pkt.saddr, WAY_EGRESS);
+    if syn_isolated == Some(false) {
         record(pkt, WAY_EGRESS, now);
         return Ok(());
     }
     if admitted(pkt, WAY_EGRESS, now) {
         return Ok(());
     }
-    if !allowed(pkt.saddr, WAY_EGRESS, pkt.proto, pkt.daddr, pkt.dport) {
+    let isolated = syn_isolated.unwrap_or_else(|| isolated(pkt.saddr, WAY_EGRESS));
+    if !allowed_when(
+        isolated, pkt.saddr, WAY_EGRESS, pkt.proto, pkt.daddr, pkt.dport,
+    ) {
         report(
             pkt.saddr,
             pkt.daddr,
@@ -214,7 +225,8 @@ pub fn from_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
 pub fn to_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if open_syn(pkt, pkt.daddr, WAY_INGRESS) {
+    let syn_isolated = syn_isolation(pkt, pkt.daddr, WAY_INGRESS);
+    if syn_isolated == Some(false) {
         record(pkt, WAY_INGRESS, now);
         return Ok(());
     }
@@ -229,7 +241,15 @@ pub fn to_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
     if conntrack::lookup(&answered).is_some() {
         return Ok(());
     }
-    if !allowed(pkt.daddr, WAY_INGRESS, pkt.proto, pkt.saddr, pkt.dport) {
+    let isolated = syn_isolated.unwrap_or_else(|| isolated(pkt.daddr, WAY_INGRESS));
+    if !allowed_when(
+        isolated,
+        pkt.daddr,
+        WAY_INGRESS,
+        pkt.proto,
+        pkt.saddr,
+        pkt.dport,
+    ) {
         report(
             pkt.daddr,
             pkt.saddr,

@@ -394,7 +394,7 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
 }
 
 /// A TCP SYN of a pod no policy isolates passes without the lookups for an admitted flow
-/// (ebpf policy.rs `open_syn`), but its connection is still recorded: a policy isolating the
+/// (ebpf policy.rs `syn_isolation`), but its connection is still recorded: a policy isolating the
 /// pod later keeps it, both ways, in both directions.
 #[test]
 fn connections_an_open_pod_opens_or_accepts_survive_a_policy_that_isolates_it_later() {

@@ -32,11 +32,12 @@ fn isolated(pod: &[u32; 4], way: u8) -> bool {
     isolated & bit != 0
 }
 
-/// A TCP SYN of a pod open in direction `way`: passes and is recorded without the lookups for
-/// an admitted flow (as policy.rs `open_syn`).
+/// For a TCP SYN, whether `pod` is isolated in direction `way`; `None` for other packets (as
+/// policy.rs `syn_isolation`: a SYN of an open pod passes without the lookups for an admitted
+/// flow).
 #[inline(always)]
-fn open_syn(pkt: &Ipv6Packet, pod: &[u32; 4], way: u8) -> bool {
-    pkt.is_tcp_syn() && !isolated(pod, way)
+fn syn_isolation(pkt: &Ipv6Packet, pod: &[u32; 4], way: u8) -> Option<bool> {
+    pkt.is_tcp_syn().then(|| isolated(pod, way))
 }
 
 /// Whether `pod` may have a new `proto` connection with `peer` to `port` (network byte order)
@@ -51,7 +52,21 @@ fn allowed(
     peer: &[u32; 4],
     port: u16,
 ) -> bool {
-    if !isolated(pod, way) {
+    allowed_when(s, isolated(pod, way), pod, way, proto, peer, port)
+}
+
+/// [`allowed`], with whether the pod is isolated in `way` already known.
+#[inline(always)]
+fn allowed_when(
+    s: &mut Scratch6,
+    isolated: bool,
+    pod: &[u32; 4],
+    way: u8,
+    proto: u8,
+    peer: &[u32; 4],
+    port: u16,
+) -> bool {
+    if !isolated {
         return true;
     }
     s.policy_key.prefix_len = policy6_prefix_len(128);
@@ -243,14 +258,18 @@ fn egress_to_backend_check(
 fn from_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if open_syn(pkt, &pkt.saddr, WAY_EGRESS) {
+    let syn_isolated = syn_isolation(pkt, &pkt.saddr, WAY_EGRESS);
+    if syn_isolated == Some(false) {
         record(s, pkt, WAY_EGRESS, now);
         return PASS;
     }
     if admitted(s, pkt, WAY_EGRESS, now) {
         return PASS;
     }
-    if !allowed(s, &pkt.saddr, WAY_EGRESS, pkt.proto, &pkt.daddr, pkt.dport) {
+    let isolated = syn_isolated.unwrap_or_else(|| isolated(&pkt.saddr, WAY_EGRESS));
+    if !allowed_when(
+        s, isolated, &pkt.saddr, WAY_EGRESS, pkt.proto, &pkt.daddr, pkt.dport,
+    ) {
         report(
             s,
             &pkt.saddr,
@@ -275,7 +294,8 @@ fn from_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
 fn to_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if open_syn(pkt, &pkt.daddr, WAY_INGRESS) {
+    let syn_isolated = syn_isolation(pkt, &pkt.daddr, WAY_INGRESS);
+    if syn_isolated == Some(false) {
         record(s, pkt, WAY_INGRESS, now);
         return PASS;
     }
@@ -290,7 +310,16 @@ fn to_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
     if ct_lookup(s) {
         return PASS;
     }
-    if !allowed(s, &pkt.daddr, WAY_INGRESS, pkt.proto, &pkt.saddr, pkt.dport) {
+    let isolated = syn_isolated.unwrap_or_else(|| isolated(&pkt.daddr, WAY_INGRESS));
+    if !allowed_when(
+        s,
+        isolated,
+        &pkt.daddr,
+        WAY_INGRESS,
+        pkt.proto,
+        &pkt.saddr,
+        pkt.dport,
+    ) {
         report(
             s,
             &pkt.daddr,
