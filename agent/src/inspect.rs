@@ -1290,6 +1290,7 @@ mod tests {
             _pad: 0,
             affinity_timeout: 0,
             affinity_id: 0,
+            inline_backends: [sluice_common::Backend::NONE; sluice_common::INLINE_BACKENDS],
         }
     }
 

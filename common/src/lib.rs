@@ -43,7 +43,13 @@
 //! slot) for slots `0..backend_count`; a program picks `prandom % backend_count`. The agent
 //! grows a service by writing new slots before raising `backend_count`, and shrinks it by
 //! lowering `backend_count` before deleting slots, so a packet never sees a count with a
-//! missing slot behind it (see `agent/src/datapath/sync.rs`). [`ServiceValue::flags`] carry
+//! missing slot behind it (see `agent/src/datapath/sync.rs`). The `services` entry also
+//! carries copies of the first [`INLINE_BACKENDS`] slots ([`ServiceValue::inline_backends`],
+//! IPv4), rewritten with the entry whenever one of them changes (after the slot, before
+//! anything is deleted): a new flow picking one of those slots reads no `backends` entry. At
+//! scale every lookup of a random key is one or two cache misses (the bucket, the element),
+//! so this takes a new flow of a small service from four misses to two.
+//! [`ServiceValue::flags`] carry
 //! kube-proxy's per-service behaviours ([`SVC_F_EXTERNAL`], ...), [`Backend::flags`] whether
 //! the backend runs on this node ([`BACKEND_F_LOCAL`]).
 //!
@@ -53,11 +59,14 @@
 //! only, but traffic from a pod uses the service's cluster-wide endpoints (kube-proxy's "pod
 //! traffic for external destinations" rule). Such a frontend has a second `services` entry,
 //! with [`ServiceKey::scope`] [`SCOPE_POD`], its own service id and the cluster-wide backends
-//! (flags without [`SVC_F_EXTERNAL_LOCAL`] and [`SVC_F_DROP_WHEN_EMPTY`]). `from_pod` looks up
-//! that entry first and falls back to the [`SCOPE_ALL`] one; `from_world` only uses the
-//! latter. Each entry is a frontend of its own for the agent's sync (ordering rules included),
-//! so neither depends on the other being present. IPv6 frontends have the same pair in
-//! `services6`.
+//! (flags without [`SVC_F_EXTERNAL_LOCAL`] and [`SVC_F_DROP_WHEN_EMPTY`]). `from_pod` (and the
+//! socket programs) look up the [`SCOPE_ALL`] entry and, only when it has
+//! [`SVC_F_EXTERNAL_LOCAL`] (the frontends that have a pods' entry), the [`SCOPE_POD`] one,
+//! which wins when present: every other packet costs one `services` lookup, a cache miss or two
+//! at scale. `from_world` only uses the [`SCOPE_ALL`] entry. Each entry is a frontend of its
+//! own for the agent's sync (ordering rules included): a pods' entry without its
+//! [`SCOPE_ALL`] entry (a sync in progress) is not used, a [`SCOPE_ALL`] entry without its pods'
+//! entry serves pods too. IPv6 frontends have the same pair in `services6`.
 //!
 //! ## conntrack
 //!
@@ -155,7 +164,8 @@
 //!   receiver's `to_pod`). A packet matching its own tuple (later packets) or the reversed
 //!   tuple recorded the other way (replies) passes without a check, whether or not the pod is
 //!   isolated: flows of open pods are recorded too, so a policy that isolates a pod later does
-//!   not break its established connections. A reply whose flow was already reverse-translated
+//!   not break its established connections. (A TCP SYN of a pod open in its direction is
+//!   recorded without looking for an admitted flow first: it passes either way.) A reply whose flow was already reverse-translated
 //!   (a redirected service flow) is recognised by the client's forward `conntrack` entry. The
 //!   value is when the flow was last seen (bpf_ktime_get_ns, refreshed at most once a second);
 //!   a UDP or SCTP flow idle for 120 s is new again (nf_conntrack's UDP timeout), a TCP flow
@@ -343,7 +353,16 @@ pub struct ServiceValue {
     /// [`AffinityKey6`]s), shared by the frontends of its service port with the same backends
     /// (see "affinity"); 0 otherwise.
     pub affinity_id: u32,
+    /// `services` (IPv4): copies of the backends in slots `0..min(backend_count,`
+    /// [`INLINE_BACKENDS`]`)`, written with the count, so a new flow picking one of them needs
+    /// no `backends` lookup (see "services and backends"); the rest zero. `services6`: zero
+    /// (an IPv6 backend does not fit).
+    pub inline_backends: [Backend; INLINE_BACKENDS],
 }
+
+/// How many of a service's first backends its `services` entry carries
+/// ([`ServiceValue::inline_backends`]).
+pub const INLINE_BACKENDS: usize = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -364,6 +383,16 @@ pub struct Backend {
     /// `BACKEND_F_*`.
     pub flags: u8,
     pub _pad: u8,
+}
+
+impl Backend {
+    /// An unused [`ServiceValue::inline_backends`] entry.
+    pub const NONE: Backend = Backend {
+        addr: 0,
+        port: 0,
+        flags: 0,
+        _pad: 0,
+    };
 }
 
 /// A flow tuple as seen on the wire, plus the direction it was recorded for.
@@ -1105,7 +1134,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 36);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);

@@ -37,23 +37,21 @@ pub fn key(pkt: &Ipv4Packet, dir: u8) -> CtKey {
     }
 }
 
-/// Whether an entry of protocol `proto` in `state`, last seen at `last_seen_ns`, has expired,
-/// by the configured timeouts (`config` map; the defaults until the agent writes it). Out of
-/// line (a BPF-to-BPF call, scalars only) so its spills stay out of the callers' frames.
+/// Whether an entry of protocol `proto` in `state`, last seen at `last_seen_ns`, has expired
+/// at `now`, by the configured timeouts (`config` map; the defaults until the agent writes it).
+/// Out of line (a BPF-to-BPF call, scalars only) so its spills stay out of the callers' frames.
 #[inline(never)]
-fn expired(proto: u8, state: u8, last_seen_ns: u64) -> bool {
-    let now = now();
+fn expired(proto: u8, state: u8, last_seen_ns: u64, now: u64) -> bool {
     match CONFIG.get(0) {
         Some(config) => config.ct_timeouts.expired(proto, state, last_seen_ns, now),
         None => CtTimeouts::DEFAULT.expired(proto, state, last_seen_ns, now),
     }
 }
 
-/// Whether a packet now refreshes an entry of protocol `proto` in `state` last seen at
+/// Whether a packet at `now` refreshes an entry of protocol `proto` in `state` last seen at
 /// `last_seen_ns` ([`CtTimeouts::refresh_due`]). Out of line, as [`expired`].
 #[inline(never)]
-fn refresh_due(proto: u8, state: u8, last_seen_ns: u64) -> bool {
-    let now = now();
+fn refresh_due(proto: u8, state: u8, last_seen_ns: u64, now: u64) -> bool {
     match CONFIG.get(0) {
         Some(config) => config
             .ct_timeouts
@@ -62,8 +60,10 @@ fn refresh_due(proto: u8, state: u8, last_seen_ns: u64) -> bool {
     }
 }
 
+/// The clock the entries' times are on. Read once per packet where it can: in a VM a read
+/// costs tens of ns (a serialised TSC read).
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: a helper call without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
@@ -137,27 +137,34 @@ impl Entry for CtValue6 {
     }
 }
 
-/// The live entry under `key` of `map`: an expired one counts as absent.
+/// The live entry under `key` of `map` (an expired one counts as absent), with the time it
+/// was judged at (for [`seen_in`]: the clock is read only when there is an entry).
 #[inline(always)]
-fn lookup_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<V> {
+fn lookup_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<(V, u64)> {
     // SAFETY: the value is read at once.
     let entry = unsafe { map.get(key)? };
-    if expired(V::proto(key), entry.state(), entry.last_seen_ns()) {
+    let now = now();
+    if expired(V::proto(key), entry.state(), entry.last_seen_ns(), now) {
         return None;
     }
-    Some(*entry)
+    Some((*entry, now))
 }
 
 /// Records that a packet with TCP flags `tcp_flags` (0: not TCP) went through the entry
-/// `entry` found under `key`: its state moves on and it is seen now. Writes only when the
+/// `entry` found under `key` at `now`: its state moves on and it is seen then. Writes only when the
 /// state changes or a refresh is due (`sluice_common::CT_REFRESH_NS`), and then writes the
 /// flow's other entry too (when it still is this entry's peer), so both expire together
 /// whichever direction the traffic goes.
 #[inline(always)]
-fn seen_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key, entry: &V, tcp_flags: u8) {
-    let now = now();
+fn seen_in<V: Entry>(
+    map: &LruHashMap<V::Key, V>,
+    key: &V::Key,
+    entry: &V,
+    tcp_flags: u8,
+    now: u64,
+) {
     let state = ct_next_state(entry.state(), V::proto(key), V::dir(key), tcp_flags);
-    if state == entry.state() && !refresh_due(V::proto(key), state, entry.last_seen_ns()) {
+    if state == entry.state() && !refresh_due(V::proto(key), state, entry.last_seen_ns(), now) {
         return;
     }
     // Plain writes: two CPUs updating one flow at once may lose a bit of state, which only
@@ -180,27 +187,34 @@ fn seen_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key, entry: &V, tcp_f
 /// The live IPv4 entry under `key`.
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<CtValue> {
+    lookup_in(&CONNTRACK, key).map(|(entry, _)| entry)
+}
+
+/// The live IPv4 entry under `key`, with the time it was judged at (pass it on to [`seen`]).
+#[inline(always)]
+pub fn lookup_at(key: &CtKey) -> Option<(CtValue, u64)> {
     lookup_in(&CONNTRACK, key)
 }
 
-/// A packet of the flow went through `entry` (found under `key`): see [`seen_in`].
+/// A packet of the flow went through `entry` (found under `key`) at `now`: see [`seen_in`].
 #[inline(always)]
-pub fn seen(key: &CtKey, entry: &CtValue, tcp_flags: u8) {
-    seen_in(&CONNTRACK, key, entry, tcp_flags)
+pub fn seen(key: &CtKey, entry: &CtValue, tcp_flags: u8, now: u64) {
+    seen_in(&CONNTRACK, key, entry, tcp_flags, now)
 }
 
-/// Whether the IPv6 entry `entry` found under `key` has expired (it then counts as absent).
-/// The IPv6 path copies entries into its per-CPU scratch itself (v6/mod.rs `ct_lookup`).
+/// Whether the IPv6 entry `entry` found under `key` has expired at `now` (it then counts as
+/// absent). The IPv6 path copies entries into its per-CPU scratch itself (v6/mod.rs
+/// `ct_lookup`).
 #[inline(always)]
-pub fn expired6(key: &CtKey6, entry: &CtValue6) -> bool {
-    expired(key.proto, entry.state, entry.last_seen_ns)
+pub fn expired6(key: &CtKey6, entry: &CtValue6, now: u64) -> bool {
+    expired(key.proto, entry.state, entry.last_seen_ns, now)
 }
 
 /// [`seen`] for IPv6. (Out of line it would need a scalar result: the verifier refuses a
 /// subprogram returning with a stack pointer left in its return register.)
 #[inline(always)]
-pub fn seen6(key: &CtKey6, entry: &CtValue6, tcp_flags: u8) {
-    seen_in(&CONNTRACK6, key, entry, tcp_flags)
+pub fn seen6(key: &CtKey6, entry: &CtValue6, tcp_flags: u8, now: u64) {
+    seen_in(&CONNTRACK6, key, entry, tcp_flags, now)
 }
 
 /// Claims the IPv6 reply entry `key` for a new masqueraded flow: free, or held by an expired
@@ -212,7 +226,7 @@ pub fn claim6(key: &CtKey6, reply: &CtValue6) -> bool {
     }
     // SAFETY: the fields are read at once.
     let stale = match unsafe { CONNTRACK6.get(key) } {
-        Some(held) => expired6(key, held),
+        Some(held) => expired6(key, held, now()),
         None => true,
     };
     stale && CONNTRACK6.insert(key, reply, 0).is_ok()

@@ -4,7 +4,8 @@
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
 use sluice_common::{
     source_range_prefix_len, AffinityKey, AffinityValue, Backend, BackendKey, CtValue, ServiceKey,
-    ServiceValue, SourceRangeKey, CT_SLOT_UNKNOWN, SCOPE_ALL, SCOPE_POD, SVC_F_AFFINITY,
+    ServiceValue, SourceRangeKey, CT_SLOT_UNKNOWN, INLINE_BACKENDS, SCOPE_ALL, SCOPE_POD,
+    SVC_F_AFFINITY, SVC_F_EXTERNAL_LOCAL,
 };
 
 use crate::{
@@ -21,24 +22,27 @@ pub const SYN_RETRANSMIT_NS: u64 = 1_500_000_000;
 
 /// The frontend the packet is addressed to. A packet from a pod (`hook` [`Hook::Pod`]) uses
 /// the frontend's pods' entry when it has one ([`SCOPE_POD`]: the cluster-wide backends of an
-/// externalTrafficPolicy Local frontend).
+/// externalTrafficPolicy Local frontend). Only such a frontend ([`SVC_F_EXTERNAL_LOCAL`] in its
+/// [`SCOPE_ALL`] entry) can have one, so every other packet costs one lookup: the services map
+/// is large and its entries are cold at scale, each lookup a cache miss or two.
 #[inline(always)]
 pub fn service(pkt: &Ipv4Packet, hook: Hook) -> Option<ServiceValue> {
     let mut key = ServiceKey {
         addr: pkt.daddr,
         port: pkt.dport,
         proto: pkt.proto,
-        scope: SCOPE_POD,
+        scope: SCOPE_ALL,
     };
-    if hook == Hook::Pod {
-        // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    let all = unsafe { SERVICES.get(key).copied() };
+    if hook == Hook::Pod && all.is_some_and(|v| v.flags & SVC_F_EXTERNAL_LOCAL != 0) {
+        key.scope = SCOPE_POD;
+        // SAFETY: as above.
         if let Some(value) = unsafe { SERVICES.get(key) } {
             return Some(*value);
         }
     }
-    key.scope = SCOPE_ALL;
-    // SAFETY: as above.
-    unsafe { SERVICES.get(key).copied() }
+    all
 }
 
 /// Whether `saddr` is in one of the service's loadBalancerSourceRanges.
@@ -146,6 +150,10 @@ fn still_in_slot(service: &ServiceValue, entry: &CtValue) -> bool {
     if entry.backend_slot >= service.backend_count {
         return false;
     }
+    if (entry.backend_slot as usize) < INLINE_BACKENDS {
+        let b = service.inline_backends[entry.backend_slot as usize];
+        return b.addr == entry.nat_addr && b.port == entry.nat_port;
+    }
     let key = BackendKey {
         service_id: service.id,
         slot: entry.backend_slot,
@@ -158,13 +166,18 @@ fn still_in_slot(service: &ServiceValue, entry: &CtValue) -> bool {
 }
 
 /// The service's slot `pick % backend_count` (`pick` random: uniformly at random), with its
-/// slot.
+/// slot: one of the entry's own copies of the first slots when it is one of them
+/// ([`ServiceValue::inline_backends`], written with the count: no `backends` lookup), else
+/// the `backends` entry.
 #[inline(always)]
 fn random_backend(service: &ServiceValue, pick: u32) -> Option<(Backend, u32)> {
     if service.backend_count == 0 {
         return None;
     }
     let slot = pick % service.backend_count;
+    if (slot as usize) < INLINE_BACKENDS {
+        return Some((service.inline_backends[slot as usize], slot));
+    }
     let mut bkey = BackendKey {
         service_id: service.id,
         slot,

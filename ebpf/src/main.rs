@@ -37,9 +37,9 @@
 //!                               the client's affinity backend; never when the connection is
 //!                               over: RST or FIN both ways); conntrack::seen records it
 //!  5. lb::service               (address, port, proto) in `services`; not a frontend: pass.
-//!                               from_pod first tries the frontend's pods' entry (SCOPE_POD:
-//!                               an externalTrafficPolicy Local frontend's cluster-wide
-//!                               backends)
+//!                               from_pod takes the frontend's pods' entry (SCOPE_POD: an
+//!                               externalTrafficPolicy Local frontend's cluster-wide
+//!                               backends) when the frontend has SVC_F_EXTERNAL_LOCAL and one
 //!     policy::from_pod          from_pod, not a frontend: a packet of a flow `policy_flows`
 //!                               admitted (or its reply) passes; else a new flow, checked
 //!                               against the pod's egress NetworkPolicy (drop:
@@ -48,6 +48,7 @@
 //!  7. no backends               reject::build (TCP RST, ICMP port unreachable, sent back by
 //!                               route::bounce) or drop, as the service says
 //!  8. lb::select                sessionAffinity's backend, else a random slot of `backends`
+//!                               (the first slots: the service entry's own copies)
 //!     policy::egress_to_backend from_pod: the pod's egress NetworkPolicy against the chosen
 //!                               backend and its port (not the frontend), before conntrack
 //!                               remembers the flow
@@ -92,7 +93,7 @@
 //!  sock_connect4/6, sock_sendmsg4/6 (connect(), unconnected UDP sendmsg())
 //!  1. sock::host_socket         TCP/UDP sockets of the node's namespace (`sock_config`);
 //!                               pods' sockets in the same cgroup keep the tc path
-//!  2. sock::service4/6          the frontend, its pods' entry (SCOPE_POD) first; an IPv4-mapped
+//!  2. sock::service4/6          the frontend, its pods' entry (SCOPE_POD) if any; an IPv4-mapped
 //!                               address on an IPv6 socket uses the IPv4 maps (balance4)
 //!  3. source ranges, no backends the call fails: EPERM (kube-proxy drops), ECONNREFUSED
 //!                               (no endpoints: kube-proxy rejects)
@@ -126,7 +127,6 @@ mod v6;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
@@ -249,22 +249,22 @@ fn ingress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
 fn ingress_flow(ctx: &TcContext, hook: Hook, pkt: &Ipv4Packet) -> Result<i32, Reason> {
     // A reply: translated here when its flow skips the host's routing.
     let reply_key = conntrack::key(pkt, CT_DIR_REPLY);
-    if let Some(entry) = conntrack::lookup(&reply_key) {
+    if let Some((entry, now)) = conntrack::lookup_at(&reply_key) {
         if entry.flags & CT_F_REDIRECT == 0 {
             // Tracked and translated on the way out (`egress`).
             return Ok(TC_ACT_OK);
         }
-        conntrack::seen(&reply_key, &entry, pkt.tcp_flags);
+        conntrack::seen(&reply_key, &entry, pkt.tcp_flags, now);
         nat::reverse(ctx, pkt, &entry).map_err(rewrite_failed)?;
         let (saddr, daddr) = nat::reversed_addrs(pkt, &entry);
         return route::send(ctx, &entry, saddr, daddr).map_err(rewrite_failed);
     }
 
     let fwd_key = conntrack::key(pkt, CT_DIR_FORWARD);
-    let known = conntrack::lookup(&fwd_key);
+    let known = conntrack::lookup_at(&fwd_key);
     let entry = match known {
-        Some(entry) if !pkt.is_tcp_syn() => {
-            conntrack::seen(&fwd_key, &entry, pkt.tcp_flags);
+        Some((entry, now)) if !pkt.is_tcp_syn() => {
+            conntrack::seen(&fwd_key, &entry, pkt.tcp_flags, now);
             entry
         }
         known => {
@@ -277,14 +277,18 @@ fn ingress_flow(ctx: &TcContext, hook: Hook, pkt: &Ipv4Packet) -> Result<i32, Re
                 }
                 return Ok(TC_ACT_OK);
             };
-            // SAFETY: a helper call without arguments.
-            let now = unsafe { bpf_ktime_get_ns() };
+            // The clock read by the lookup, if it found an entry.
+            let now = match known {
+                Some((_, now)) => now,
+                None => conntrack::now(),
+            };
+            let known = known.map(|(entry, _)| entry);
             match known {
                 Some(entry)
                     if !ct_closed(entry.state)
                         && lb::keep_on_syn(&service, &entry, pkt.saddr, now) =>
                 {
-                    conntrack::seen(&fwd_key, &entry, pkt.tcp_flags);
+                    conntrack::seen(&fwd_key, &entry, pkt.tcp_flags, now);
                     entry
                 }
                 _ => match new_flow(ctx, pkt, &fwd_key, &service, hook, now, known.as_ref())? {
@@ -364,9 +368,9 @@ fn egress(ctx: &TcContext, hook: Hook) -> Result<i32, Reason> {
         Some(Packet::Flow(pkt)) => pkt,
     };
     let reply_key = conntrack::key(&pkt, CT_DIR_REPLY);
-    match conntrack::lookup(&reply_key) {
-        Some(entry) => {
-            conntrack::seen(&reply_key, &entry, pkt.tcp_flags);
+    match conntrack::lookup_at(&reply_key) {
+        Some((entry, now)) => {
+            conntrack::seen(&reply_key, &entry, pkt.tcp_flags, now);
             nat::reverse(ctx, &pkt, &entry).map_err(rewrite_failed)?
         }
         None if hook == Hook::Pod => policy::to_pod(&pkt)?,

@@ -16,11 +16,9 @@ use crate::{
     parse::Ipv4Packet,
 };
 
-/// Whether `pod` may have a new `proto` connection with `peer` to `port` (network byte order)
-/// in direction `way`: open when the pod is not isolated for it, else one longest-prefix lookup
-/// and a scan of at most [`MAX_POLICY_PORT_RANGES`] ranges.
+/// Whether a policy isolates `pod` in direction `way` (a small map, the node's pods).
 #[inline(always)]
-fn allowed(pod: u32, way: u8, proto: u8, peer: u32, port: u16) -> bool {
+fn isolated(pod: u32, way: u8) -> bool {
     let bit = if way == WAY_INGRESS {
         ISOLATED_INGRESS
     } else {
@@ -28,7 +26,21 @@ fn allowed(pod: u32, way: u8, proto: u8, peer: u32, port: u16) -> bool {
     };
     // SAFETY: a u8 copied out at once.
     let isolated = unsafe { ISOLATED.get(pod).copied() }.unwrap_or(0);
-    if isolated & bit == 0 {
+    isolated & bit != 0
+}
+
+/// Whether `pod` may have a new `proto` connection with `peer` to `port` (network byte order)
+/// in direction `way`: open when the pod is not isolated for it, else one longest-prefix lookup
+/// and a scan of at most [`MAX_POLICY_PORT_RANGES`] ranges.
+#[inline(always)]
+fn allowed(pod: u32, way: u8, proto: u8, peer: u32, port: u16) -> bool {
+    allowed_when(isolated(pod, way), pod, way, proto, peer, port)
+}
+
+/// [`allowed`], with whether the pod is isolated in `way` already known.
+#[inline(always)]
+fn allowed_when(isolated: bool, pod: u32, way: u8, proto: u8, peer: u32, port: u16) -> bool {
+    if !isolated {
         return true;
     }
     let key = Key::new(
@@ -162,16 +174,34 @@ pub fn egress_to_backend(pkt: &Ipv4Packet, backend: u32, port: u16) -> Result<()
     Err(REASON_DROP_POLICY_EGRESS)
 }
 
+/// For a TCP SYN, whether `pod` is isolated in direction `way` (looked up once, reused by the
+/// check); `None` for other packets, which look it up only when they are not of an admitted
+/// flow. A SYN of a pod that is not isolated passes (and is recorded) whatever an admitted flow
+/// would say, so the lookups for one are skipped: a SYN can only match the reversed tuple of
+/// a flow admitted the other way in a simultaneous open, which passes either way.
+#[inline(always)]
+fn syn_isolation(pkt: &Ipv4Packet, pod: u32, way: u8) -> Option<bool> {
+    pkt.is_tcp_syn().then(|| isolated(pod, way))
+}
+
 /// A packet a pod sends that is not a service flow's (`from_pod`): passes when its flow was
 /// admitted, else it opens one, checked against the pod's egress policy and recorded.
 #[inline(always)]
 pub fn from_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let syn_isolated = syn_isolation(pkt, pkt.saddr, WAY_EGRESS);
+    if syn_isolated == Some(false) {
+        record(pkt, WAY_EGRESS, now);
+        return Ok(());
+    }
     if admitted(pkt, WAY_EGRESS, now) {
         return Ok(());
     }
-    if !allowed(pkt.saddr, WAY_EGRESS, pkt.proto, pkt.daddr, pkt.dport) {
+    let isolated = syn_isolated.unwrap_or_else(|| isolated(pkt.saddr, WAY_EGRESS));
+    if !allowed_when(
+        isolated, pkt.saddr, WAY_EGRESS, pkt.proto, pkt.daddr, pkt.dport,
+    ) {
         report(
             pkt.saddr,
             pkt.daddr,
@@ -195,6 +225,11 @@ pub fn from_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
 pub fn to_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let syn_isolated = syn_isolation(pkt, pkt.daddr, WAY_INGRESS);
+    if syn_isolated == Some(false) {
+        record(pkt, WAY_INGRESS, now);
+        return Ok(());
+    }
     if admitted(pkt, WAY_INGRESS, now) {
         return Ok(());
     }
@@ -206,7 +241,15 @@ pub fn to_pod(pkt: &Ipv4Packet) -> Result<(), Reason> {
     if conntrack::lookup(&answered).is_some() {
         return Ok(());
     }
-    if !allowed(pkt.daddr, WAY_INGRESS, pkt.proto, pkt.saddr, pkt.dport) {
+    let isolated = syn_isolated.unwrap_or_else(|| isolated(pkt.daddr, WAY_INGRESS));
+    if !allowed_when(
+        isolated,
+        pkt.daddr,
+        WAY_INGRESS,
+        pkt.proto,
+        pkt.saddr,
+        pkt.dport,
+    ) {
         report(
             pkt.daddr,
             pkt.saddr,

@@ -16,8 +16,8 @@
 //! the tc path) by comparing the socket's namespace cookie with `sock_config`'s.
 //!
 //! What the service decides, as kube-proxy does for the node's own traffic:
-//! * the frontend's pods' entry ([`SCOPE_POD`]) first: an externalTrafficPolicy Local
-//!   frontend reached from the node uses the cluster-wide endpoints;
+//! * the frontend's pods' entry ([`SCOPE_POD`]) when it has one: an externalTrafficPolicy
+//!   Local frontend reached from the node uses the cluster-wide endpoints;
 //! * loadBalancerSourceRanges are checked against the node's IP (the source the node's
 //!   packets get), sessionAffinity is kept per node IP (one client: the node);
 //! * no endpoints at all: the call fails at once with ECONNREFUSED (kube-proxy's REJECT);
@@ -46,7 +46,7 @@ use aya_ebpf::{
 use sluice_common::{
     source_range_prefix_len, Backend6, BackendKey, ServiceKey, ServiceKey6, ServiceValue,
     SockRevKey, SockRevKey6, SockRevValue, SockRevValue6, SourceRangeKey6, PROTO_TCP, PROTO_UDP,
-    SCOPE_ALL, SCOPE_POD, SVC_F_DROP_WHEN_EMPTY, SVC_F_SOURCE_RANGES,
+    SCOPE_ALL, SCOPE_POD, SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL_LOCAL, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -170,22 +170,26 @@ fn no_backend(service: &ServiceValue) -> Result<(), i32> {
     }
 }
 
-/// The IPv4 frontend (address, port, protocol): its pods' entry first (see the module).
+/// The IPv4 frontend (address, port, protocol): its pods' entry when it has one (see the
+/// module; only a frontend with [`SVC_F_EXTERNAL_LOCAL`] can, as in lb::service).
 #[inline(always)]
 fn service4(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
     let mut key = ServiceKey {
         addr,
         port,
         proto,
-        scope: SCOPE_POD,
+        scope: SCOPE_ALL,
     };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
-    if let Some(value) = unsafe { SERVICES.get(key) } {
-        return Some(*value);
+    let all = unsafe { SERVICES.get(key).copied() };
+    if all.is_some_and(|v| v.flags & SVC_F_EXTERNAL_LOCAL != 0) {
+        key.scope = SCOPE_POD;
+        // SAFETY: as above.
+        if let Some(value) = unsafe { SERVICES.get(key) } {
+            return Some(*value);
+        }
     }
-    key.scope = SCOPE_ALL;
-    // SAFETY: as above.
-    unsafe { SERVICES.get(key).copied() }
+    all
 }
 
 #[inline(always)]
@@ -325,7 +329,7 @@ fn set_user6(ctx: &SockAddrContext, addr: &[u32; 4], port: u16) {
     }
 }
 
-/// The IPv6 frontend: its pods' entry first (the node's own traffic uses an
+/// The IPv6 frontend: its pods' entry when it has one (the node's own traffic uses an
 /// externalTrafficPolicy Local frontend's endpoints on every node, as [`service4`]).
 #[inline(always)]
 fn service6(addr: [u32; 4], port: u16, proto: u8) -> Option<ServiceValue> {
@@ -333,15 +337,18 @@ fn service6(addr: [u32; 4], port: u16, proto: u8) -> Option<ServiceValue> {
         addr,
         port,
         proto,
-        scope: SCOPE_POD,
+        scope: SCOPE_ALL,
     };
     // SAFETY: the values are copied out at once.
-    if let Some(service) = unsafe { SERVICES6.get(key).copied() } {
-        return Some(service);
+    let all = unsafe { SERVICES6.get(key).copied() };
+    if all.is_some_and(|v| v.flags & SVC_F_EXTERNAL_LOCAL != 0) {
+        key.scope = SCOPE_POD;
+        // SAFETY: as above.
+        if let Some(service) = unsafe { SERVICES6.get(key).copied() } {
+            return Some(service);
+        }
     }
-    key.scope = SCOPE_ALL;
-    // SAFETY: as above.
-    unsafe { SERVICES6.get(key).copied() }
+    all
 }
 
 /// loadBalancerSourceRanges for the node's own IPv6 address (its packets' source).

@@ -394,7 +394,7 @@ impl Datapath {
     ) -> anyhow::Result<SocketDecision> {
         use sluice_common::{
             ServiceKey, SCOPE_ALL, SCOPE_POD, SVC_F_AFFINITY, SVC_F_DROP_WHEN_EMPTY,
-            SVC_F_SOURCE_RANGES,
+            SVC_F_EXTERNAL_LOCAL, SVC_F_SOURCE_RANGES,
         };
         use std::net::{IpAddr, Ipv4Addr, SocketAddr};
         if proto != sluice_common::PROTO_TCP && proto != sluice_common::PROTO_UDP {
@@ -430,22 +430,24 @@ impl Datapath {
             addr: u32::from_ne_bytes(ip.octets()),
             port: dport.to_be(),
             proto,
-            scope: SCOPE_POD,
+            scope: SCOPE_ALL,
         };
         let lookup = |key: &ServiceKey| match maps.services.get(key, 0) {
             Ok(value) => Ok(Some(value)),
             Err(e) if super::sync::is_not_found(&e) => Ok(None),
             Err(e) => Err(e).context("reading the services map"),
         };
-        let (service, pod_scope) = match lookup(&key)? {
-            Some(value) => (value, true),
-            None => {
-                key.scope = SCOPE_ALL;
-                match lookup(&key)? {
-                    Some(value) => (value, false),
-                    None => return Ok(SocketDecision::Untranslated),
-                }
-            }
+        // As the program: the pods' entry only for a frontend with SVC_F_EXTERNAL_LOCAL.
+        let Some(all) = lookup(&key)? else {
+            return Ok(SocketDecision::Untranslated);
+        };
+        key.scope = SCOPE_POD;
+        let (service, pod_scope) = match all.flags & SVC_F_EXTERNAL_LOCAL {
+            0 => (all, false),
+            _ => match lookup(&key)? {
+                Some(value) => (value, true),
+                None => (all, false),
+            },
         };
         if service.flags & SVC_F_SOURCE_RANGES != 0 {
             let node_ip = self.node_config.node_ip;

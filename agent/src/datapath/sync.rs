@@ -50,6 +50,7 @@ use aya::maps::{
 use ipnet::Ipv4Net;
 use sluice_common::{
     source_range_prefix_len, Backend, BackendKey, ServiceKey, ServiceValue, SourceRangeKey,
+    INLINE_BACKENDS,
 };
 use tracing::{debug, warn};
 
@@ -966,11 +967,21 @@ fn plan_frontend(
     let mut to_place = desired.backends.iter().filter(|b| !placed.contains(*b));
 
     let mut ops = Vec::new();
+    // The entry's copies of its first slots, as they are once the slots are written.
+    let mut inline_backends = [Backend::NONE; INLINE_BACKENDS];
+    for (&slot, backend) in present.range(..count) {
+        if kept_slots.contains(&slot) && (slot as usize) < INLINE_BACKENDS {
+            inline_backends[slot as usize] = *backend;
+        }
+    }
     for slot in (0..count).filter(|slot| !kept_slots.contains(slot)) {
         let backend = to_place
             .next()
             .expect("as many backends to place as free slots");
         ops.push(MapOp::PutBackend(slot_key(slot), *backend));
+        if (slot as usize) < INLINE_BACKENDS {
+            inline_backends[slot as usize] = *backend;
+        }
     }
     let ranges = desired.ranges_for(id);
     for range in ranges.difference(present_ranges) {
@@ -984,6 +995,7 @@ fn plan_frontend(
         _pad: 0,
         affinity_timeout: desired.settings.affinity_timeout,
         affinity_id: desired.settings.affinity_id,
+        inline_backends,
     };
     if current != Some(value) {
         ops.push(MapOp::PutService(key, value));
@@ -1030,6 +1042,7 @@ mod tests {
             _pad: 0,
             affinity_timeout: 0,
             affinity_id: 0,
+            inline_backends: [Backend::NONE; INLINE_BACKENDS],
         }
     }
 
@@ -1082,6 +1095,26 @@ mod tests {
                         value.backend_count,
                         self.log
                     );
+                }
+                // The entry's copies of its first slots are the slots (once it is written).
+                if let MapOp::PutService(..) = op {
+                    for (i, copy) in value.inline_backends.iter().enumerate() {
+                        let slot = BackendKey {
+                            service_id: value.id,
+                            slot: i as u32,
+                        };
+                        let want = match (i as u32) < value.backend_count {
+                            true => self.backends.get(&slot).copied(),
+                            false => Some(Backend::NONE),
+                        };
+                        assert_eq!(
+                            Some(*copy),
+                            want,
+                            "service {} copies slot {i} wrong; writes: {:?}",
+                            wire::describe_key(key),
+                            self.log
+                        );
+                    }
                 }
             }
         }
@@ -1143,6 +1176,11 @@ mod tests {
             port,
             proto: Protocol::Tcp,
         }
+    }
+
+    /// A `services` entry's copies of its first slots holding `backend(i)` for each `i`.
+    fn copies(backends: [u32; INLINE_BACKENDS]) -> [Backend; INLINE_BACKENDS] {
+        backends.map(|i| wire::backend_value(&backend(i)).unwrap())
     }
 
     fn backend(i: u32) -> BackendAddr {
@@ -1338,6 +1376,7 @@ mod tests {
                     ServiceValue {
                         id,
                         backend_count: 4,
+                        inline_backends: copies([1, 2]),
                         ..value_of(0)
                     }
                 ),
@@ -1375,6 +1414,7 @@ mod tests {
                     ServiceValue {
                         id,
                         backend_count: 2,
+                        inline_backends: copies([3, 5]),
                         ..value_of(0)
                     }
                 ),
@@ -1391,14 +1431,28 @@ mod tests {
     }
 
     #[test]
-    fn replacing_one_backend_rewrites_one_slot() {
+    fn replacing_one_backend_rewrites_one_slot_and_the_entry_when_it_copies_the_slot() {
         let f = frontend(1, 80);
         let mut sync = new_sync();
         sync.sync(&state([(f, entry([1, 2, 3]))]));
+        // Slot 2 is not among the entry's copies (INLINE_BACKENDS = 2): one write.
+        sync.maps_mut().log.clear();
+        let stats = sync.sync(&state([(f, entry([1, 2, 4]))]));
+        assert_eq!(stats.map_writes, 1);
+        assert!(matches!(sync.maps().log[..], [MapOp::PutBackend(k, _)] if k.slot == 2));
+        // Slot 1 is: the slot, then the entry with the new copy (FakeMaps checks the copies).
         sync.maps_mut().log.clear();
         let stats = sync.sync(&state([(f, entry([1, 3, 4]))]));
-        assert_eq!(stats.map_writes, 1);
-        assert!(matches!(sync.maps().log[..], [MapOp::PutBackend(k, _)] if k.slot == 1));
+        assert_eq!(stats.map_writes, 2);
+        let log = &sync.maps().log;
+        assert!(
+            matches!(log[0], MapOp::PutBackend(k, _) if k.slot == 1),
+            "{log:?}"
+        );
+        assert!(
+            matches!(log[1], MapOp::PutService(_, v) if v.inline_backends[1] == wire::backend_value(&backend(3)).unwrap()),
+            "{log:?}"
+        );
     }
 
     #[test]
@@ -1577,6 +1631,7 @@ mod tests {
             ServiceValue {
                 id: 7,
                 backend_count: 2,
+                inline_backends: copies([1, 2]),
                 ..value_of(0)
             },
         );

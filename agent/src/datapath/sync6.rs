@@ -317,6 +317,8 @@ impl Ipv6Sync {
                 _pad: 0,
                 affinity_timeout: settings.affinity_timeout,
                 affinity_id: 0, // assigned below
+                // IPv4 only (an IPv6 backend does not fit): the IPv6 programs use `backends6`.
+                inline_backends: [sluice_common::Backend::NONE; sluice_common::INLINE_BACKENDS],
             };
             // An externalTrafficPolicy Local frontend's cluster-wide backends for pods.
             if let Some(cluster) = &entry.cluster_backends {

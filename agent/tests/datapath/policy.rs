@@ -393,6 +393,54 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
     );
 }
 
+/// A TCP SYN of a pod no policy isolates passes without the lookups for an admitted flow
+/// (ebpf policy.rs `syn_isolation`), but its connection is still recorded: a policy isolating the
+/// pod later keeps it, both ways, in both directions.
+#[test]
+fn connections_an_open_pod_opens_or_accepts_survive_a_policy_that_isolates_it_later() {
+    let mut datapath = policy_datapath(vec![], false, "");
+    // x/a opens a connection to y/c (egress), and y/c one to x/a (ingress); only their SYNs
+    // are seen before the policy (the SYN-ACK would record the flow the other way).
+    let opened = flow(PROTO_TCP, XA, 41_000, YC, 80);
+    let accepted = flow(PROTO_TCP, YC, 42_000, XA, 80);
+    passes(datapath.from_pod(), &tcp_packet(&opened, TCP_SYN));
+    passes(datapath.to_pod(), &tcp_packet(&accepted, TCP_SYN));
+
+    program_policy(
+        &mut datapath,
+        r#"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
+"#,
+    );
+    for established in [opened, accepted] {
+        let (program, back) = if established.src == XA {
+            (datapath.from_pod(), datapath.to_pod())
+        } else {
+            (datapath.to_pod(), datapath.from_pod())
+        };
+        passes(
+            back,
+            &tcp_packet(&established.reversed(), TCP_SYN | TCP_ACK),
+        );
+        passes(program, &tcp_packet(&established, TCP_PSH_ACK));
+        passes(back, &tcp_packet(&established.reversed(), TCP_PSH_ACK));
+    }
+    // New connections of the now isolated pod are checked, and denied.
+    denied(
+        datapath.from_pod(),
+        &tcp_packet(&flow(PROTO_TCP, XA, 41_001, YC, 80), TCP_SYN),
+        REASON_DROP_POLICY_EGRESS,
+    );
+    denied(
+        datapath.to_pod(),
+        &tcp_packet(&flow(PROTO_TCP, YC, 42_001, XA, 80), TCP_SYN),
+        REASON_DROP_POLICY_INGRESS,
+    );
+}
+
 /// Another node of the cluster.
 const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 4);
 

@@ -1154,11 +1154,12 @@ fn node_config_and_service_settings_are_written_only_when_they_change() {
     assert_eq!((stats.updated, stats.map_writes), (1, 1), "{stats:?}");
     let stats = resync(&mut datapath, vec![(vip, changed.clone())]);
     assert_eq!((stats.unchanged, stats.map_writes), (1, 0), "{stats:?}");
-    // A backend becoming local rewrites its slot only.
+    // A backend becoming local rewrites its slot and the entry's copy of it (the first slots
+    // are copied into the entry, INLINE_BACKENDS), nothing else.
     let mut local = changed.clone();
     local.local_backends = [two_backends()[0]].into();
     let stats = resync(&mut datapath, vec![(vip, local)]);
-    assert_eq!((stats.updated, stats.map_writes), (1, 1), "{stats:?}");
+    assert_eq!((stats.updated, stats.map_writes), (1, 2), "{stats:?}");
     let programmed = &datapath.programmed_services()[0];
     assert_eq!(programmed.local_backends, vec![two_backends()[0]]);
     assert_eq!(programmed.settings.affinity_timeout, 60);

@@ -20,24 +20,26 @@ use crate::{
 };
 
 /// The frontend the packet is addressed to; a packet from a pod uses the frontend's pods'
-/// entry ([`SCOPE_POD`]) when it has one, as lb::service.
+/// entry ([`SCOPE_POD`]) when it has one (only a frontend with [`SVC_F_EXTERNAL_LOCAL`] can),
+/// as lb::service.
 #[inline(always)]
 pub fn service(pkt: &Ipv6Packet, hook: Hook) -> Option<ServiceValue> {
     let mut key = ServiceKey6 {
         addr: pkt.daddr,
         port: pkt.dport,
         proto: pkt.proto,
-        scope: SCOPE_POD,
+        scope: SCOPE_ALL,
     };
-    if hook == Hook::Pod {
-        // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    // SAFETY: the value is copied out at once; the agent replaces entries whole.
+    let all = unsafe { SERVICES6.get(key).copied() };
+    if hook == Hook::Pod && all.is_some_and(|v| v.flags & SVC_F_EXTERNAL_LOCAL != 0) {
+        key.scope = SCOPE_POD;
+        // SAFETY: as above.
         if let Some(value) = unsafe { SERVICES6.get(key) } {
             return Some(*value);
         }
     }
-    key.scope = SCOPE_ALL;
-    // SAFETY: as above.
-    unsafe { SERVICES6.get(key).copied() }
+    all
 }
 
 /// Whether the packet's source is in one of the service's loadBalancerSourceRanges.

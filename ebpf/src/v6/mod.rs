@@ -18,9 +18,10 @@
 //!  4. conntrack6 (forward)      a known flow keeps its backend (a TCP SYN is balanced again
 //!                               unless lb::keep_on_syn: a retransmission, or the client's
 //!                               affinity backend)
-//!  5. lb::service               services6; from_pod first tries the SCOPE_POD entry (the
+//!  5. lb::service               services6; from_pod takes the SCOPE_POD entry (the
 //!                               cluster-wide backends of an externalTrafficPolicy Local
-//!                               frontend); not a frontend: pass, but from_pod first runs
+//!                               frontend, SVC_F_EXTERNAL_LOCAL) when there is one; not a
+//!                               frontend: pass, but from_pod first runs
 //!     policy::from_pod          (a flow policy_flows6 admitted, or its reply, passes; a new
 //!                               one is checked against the pod's egress policy6 and
 //!                               recorded)
@@ -80,7 +81,6 @@ mod reject;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, TC_ACT_OK},
-    helpers::bpf_ktime_get_ns,
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -206,6 +206,8 @@ pub struct Scratch6 {
     pub entry: CtValue6,
     /// A new flow's reply entry.
     pub reply: CtValue6,
+    /// When [`ct_lookup`] found `entry` (bpf_ktime_get_ns), for conntrack::seen6.
+    pub now: u64,
     pub fib: bpf_fib_lookup,
     pub affinity_key: AffinityKey6,
     pub affinity: AffinityValue6,
@@ -280,7 +282,7 @@ fn flow_egress(ctx: &TcContext, s: &mut Scratch6, hook: Hook) -> i32 {
     let pkt = s.pkt;
     s.key = ct_key(&pkt, CT_DIR_REPLY);
     let result = if ct_lookup(s) {
-        conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags);
+        conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags, s.now);
         nat::reverse(ctx, &pkt, &s.entry).map_err(|()| REASON_DROP_REWRITE_FAILED)
     } else if hook == Hook::Pod {
         // Not the reply of a translated flow: the receiving pod's ingress policy.
@@ -432,18 +434,21 @@ fn ct_key(pkt: &Ipv6Packet, dir: u8) -> CtKey6 {
     }
 }
 
-/// Looks `s.key` up in conntrack6 and copies the entry to `s.entry`; whether there was a live
-/// one (an expired entry counts as absent, as conntrack::lookup).
+/// Looks `s.key` up in conntrack6 and copies the entry to `s.entry` (and the time it was
+/// judged at to `s.now`); whether there was a live one (an expired entry counts as absent, as
+/// conntrack::lookup).
 #[inline(always)]
 fn ct_lookup(s: &mut Scratch6) -> bool {
     // SAFETY: the value is copied out at once.
-    match unsafe { CONNTRACK6.get(&s.key) } {
-        Some(entry) if !conntrack::expired6(&s.key, entry) => {
-            s.entry = *entry;
-            true
-        }
-        _ => false,
+    let Some(entry) = (unsafe { CONNTRACK6.get(&s.key) }) else {
+        return false;
+    };
+    s.now = conntrack::now();
+    if conntrack::expired6(&s.key, entry, s.now) {
+        return false;
     }
+    s.entry = *entry;
+    true
 }
 
 /// Steps 3 to 12 of `from_pod` and `from_world` for an IPv6 flow's packet; a frame of its own
@@ -468,7 +473,7 @@ fn ingress_steps(
         if s.entry.flags & CT_F_REDIRECT == 0 {
             return Ok(TC_ACT_OK);
         }
-        conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags);
+        conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags, s.now);
         nat::reverse(ctx, pkt, &s.entry).map_err(|()| REASON_DROP_REWRITE_FAILED)?;
         let (saddr, daddr) = nat::reversed_addrs(pkt, &s.entry);
         let flags = s.entry.flags;
@@ -488,15 +493,15 @@ fn ingress_steps(
             }
             return Ok(TC_ACT_OK);
         };
-        // SAFETY: a helper call without arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
+        // The clock read by the lookup, if it found an entry.
+        let now = if known { s.now } else { conntrack::now() };
         if known && !ct_closed(s.entry.state) && lb::keep_on_syn(s, &service, pkt.saddr, now) {
-            conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags);
+            conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags, s.now);
         } else if let Some(action) = lb::new_flow(s, pkt, &service, hook, now)? {
             return Ok(action);
         }
     } else {
-        conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags);
+        conntrack::seen6(&s.key, &s.entry, pkt.tcp_flags, s.now);
     }
     nat::forward(ctx, pkt, &s.entry).map_err(|()| REASON_DROP_REWRITE_FAILED)?;
     let (saddr, daddr) = nat::forwarded_addrs(pkt, &s.entry);

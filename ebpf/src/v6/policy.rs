@@ -19,6 +19,27 @@ const IDLE_FLOW_NS: u64 = 120_000_000_000;
 /// A flow's last-seen time is refreshed at most this often.
 const REFRESH_NS: u64 = 1_000_000_000;
 
+/// Whether a policy isolates `pod` in direction `way`.
+#[inline(always)]
+fn isolated(pod: &[u32; 4], way: u8) -> bool {
+    let bit = if way == WAY_INGRESS {
+        ISOLATED_INGRESS
+    } else {
+        ISOLATED_EGRESS
+    };
+    // SAFETY: a u8 copied out at once.
+    let isolated = unsafe { ISOLATED6.get(pod).copied() }.unwrap_or(0);
+    isolated & bit != 0
+}
+
+/// For a TCP SYN, whether `pod` is isolated in direction `way`; `None` for other packets (as
+/// policy.rs `syn_isolation`: a SYN of an open pod passes without the lookups for an admitted
+/// flow).
+#[inline(always)]
+fn syn_isolation(pkt: &Ipv6Packet, pod: &[u32; 4], way: u8) -> Option<bool> {
+    pkt.is_tcp_syn().then(|| isolated(pod, way))
+}
+
 /// Whether `pod` may have a new `proto` connection with `peer` to `port` (network byte order)
 /// in direction `way`: open when not isolated for it, else one longest-prefix lookup (the key
 /// in `s.policy_key`) and a scan of at most [`MAX_POLICY_PORT_RANGES`] ranges.
@@ -31,14 +52,21 @@ fn allowed(
     peer: &[u32; 4],
     port: u16,
 ) -> bool {
-    let bit = if way == WAY_INGRESS {
-        ISOLATED_INGRESS
-    } else {
-        ISOLATED_EGRESS
-    };
-    // SAFETY: a u8 copied out at once.
-    let isolated = unsafe { ISOLATED6.get(pod).copied() }.unwrap_or(0);
-    if isolated & bit == 0 {
+    allowed_when(s, isolated(pod, way), pod, way, proto, peer, port)
+}
+
+/// [`allowed`], with whether the pod is isolated in `way` already known.
+#[inline(always)]
+fn allowed_when(
+    s: &mut Scratch6,
+    isolated: bool,
+    pod: &[u32; 4],
+    way: u8,
+    proto: u8,
+    peer: &[u32; 4],
+    port: u16,
+) -> bool {
+    if !isolated {
         return true;
     }
     s.policy_key.prefix_len = policy6_prefix_len(128);
@@ -230,10 +258,18 @@ fn egress_to_backend_check(
 fn from_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let syn_isolated = syn_isolation(pkt, &pkt.saddr, WAY_EGRESS);
+    if syn_isolated == Some(false) {
+        record(s, pkt, WAY_EGRESS, now);
+        return PASS;
+    }
     if admitted(s, pkt, WAY_EGRESS, now) {
         return PASS;
     }
-    if !allowed(s, &pkt.saddr, WAY_EGRESS, pkt.proto, &pkt.daddr, pkt.dport) {
+    let isolated = syn_isolated.unwrap_or_else(|| isolated(&pkt.saddr, WAY_EGRESS));
+    if !allowed_when(
+        s, isolated, &pkt.saddr, WAY_EGRESS, pkt.proto, &pkt.daddr, pkt.dport,
+    ) {
         report(
             s,
             &pkt.saddr,
@@ -258,6 +294,11 @@ fn from_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
 fn to_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let syn_isolated = syn_isolation(pkt, &pkt.daddr, WAY_INGRESS);
+    if syn_isolated == Some(false) {
+        record(s, pkt, WAY_INGRESS, now);
+        return PASS;
+    }
     if admitted(s, pkt, WAY_INGRESS, now) {
         return PASS;
     }
@@ -269,7 +310,16 @@ fn to_pod_check(s: &mut Scratch6, pkt: &Ipv6Packet) -> Reason {
     if ct_lookup(s) {
         return PASS;
     }
-    if !allowed(s, &pkt.daddr, WAY_INGRESS, pkt.proto, &pkt.saddr, pkt.dport) {
+    let isolated = syn_isolated.unwrap_or_else(|| isolated(&pkt.daddr, WAY_INGRESS));
+    if !allowed_when(
+        s,
+        isolated,
+        &pkt.daddr,
+        WAY_INGRESS,
+        pkt.proto,
+        &pkt.saddr,
+        pkt.dport,
+    ) {
         report(
             s,
             &pkt.daddr,
