@@ -183,7 +183,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             }
             _ = resync.tick() => {
                 // A full read now and then: nothing a file's timestamps hid stays unseen.
-                objects.forget_parsed();
+                objects.verify_files();
                 agent.reload_manifests().await;
                 agent.rescan_interfaces(&netlink).await;
             }
@@ -222,13 +222,13 @@ enum ObjectSource<'a> {
 }
 
 impl ObjectSource<'_> {
-    /// Makes the next load read every manifest file again.
-    fn forget_parsed(&self) {
+    /// Makes the next load read every manifest file and parse those whose content changed.
+    fn verify_files(&self) {
         if let ObjectSource::Manifests { cache, .. } = self {
             cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clear();
+                .verify();
         }
     }
 

@@ -143,20 +143,32 @@ pub fn load_dir(dir: &Path) -> anyhow::Result<(Objects, Vec<ManifestError>)> {
 /// parsing every file again, and then copying every object into a fresh view, on each change
 /// was most of the time a change took to reach the datapath. A file replaced by a rename (as
 /// editors and `kubectl`-like tools write) gets a new inode, so it is always read again; the
-/// agent's periodic resync [`clear`](ManifestCache::clear)s the cache, which repairs anything
-/// a timestamp could hide.
+/// agent's periodic resync asks to [`verify`](ManifestCache::verify) every file, which reads
+/// them all and parses those whose content differs: that repairs anything a timestamp could
+/// hide without parsing thousands of unchanged objects (and translating them) again.
 #[derive(Default)]
 pub struct ManifestCache {
     files: BTreeMap<PathBuf, CachedFile>,
     /// Every file's objects merged (a later file overrides an earlier one), shared with the
     /// caller: when the caller has let go of the last view, an update changes it in place.
     merged: Arc<Objects>,
+    /// The next load compares every file's content, not only its stamp.
+    verify: bool,
 }
 
 struct CachedFile {
     stamp: FileStamp,
+    /// A hash of the content the objects were parsed from.
+    content: u64,
     objects: Objects,
     errors: Vec<ManifestError>,
+}
+
+fn content_hash(text: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// (inode, size, mtime seconds, mtime nanoseconds).
@@ -178,20 +190,33 @@ impl ManifestCache {
         // The objects of files that changed or went away, as they were.
         let mut replaced: Vec<CachedFile> = Vec::new();
         let mut parsed_now: Vec<PathBuf> = Vec::new();
+        let verify = std::mem::take(&mut self.verify);
         for file in files {
             let stamp = stamp_of(&file);
             let cached = match (stamp, before.remove(&file)) {
-                (Some(now), Some(cached)) if cached.stamp == now => cached,
+                (Some(now), Some(cached)) if cached.stamp == now && !verify => cached,
                 (_, old) => {
-                    parsed_now.push(file.clone());
-                    replaced.extend(old);
-                    let mut parsed = CachedFile {
-                        stamp: stamp.unwrap_or_default(),
-                        objects: Objects::default(),
-                        errors: Vec::new(),
-                    };
-                    read_into(&file, &mut parsed.objects, &mut parsed.errors);
-                    parsed
+                    let read = std::fs::read(&file);
+                    let content = read.as_deref().map(content_hash).unwrap_or_default();
+                    match old {
+                        // Touched or verified, but the same content: the same objects.
+                        Some(mut old) if read.is_ok() && old.content == content => {
+                            old.stamp = stamp.unwrap_or_default();
+                            old
+                        }
+                        old => {
+                            parsed_now.push(file.clone());
+                            replaced.extend(old);
+                            let mut parsed = CachedFile {
+                                stamp: stamp.unwrap_or_default(),
+                                content,
+                                objects: Objects::default(),
+                                errors: Vec::new(),
+                            };
+                            parse_read(&file, read, &mut parsed.objects, &mut parsed.errors);
+                            parsed
+                        }
+                    }
                 }
             };
             if stamp.is_some() {
@@ -226,10 +251,16 @@ impl ManifestCache {
         Ok((Arc::clone(&self.merged), errors))
     }
 
-    /// Forgets every parsed file: the next load reads them all.
+    /// Forgets every parsed file: the next load parses them all.
     pub fn clear(&mut self) {
         self.files.clear();
         self.merged = Arc::default();
+    }
+
+    /// Makes the next load read every file and parse those whose content changed, whatever
+    /// their stamps say.
+    pub fn verify(&mut self) {
+        self.verify = true;
     }
 }
 
@@ -279,7 +310,25 @@ impl Objects {
 
 /// Reads and parses one file into `objects`; an unreadable file is reported in `errors`.
 fn read_into(file: &Path, objects: &mut Objects, errors: &mut Vec<ManifestError>) {
-    match std::fs::read_to_string(file) {
+    parse_read(file, std::fs::read(file), objects, errors);
+}
+
+/// Parses what reading `file` gave; an unreadable or non-UTF-8 file is reported in `errors`.
+fn parse_read(
+    file: &Path,
+    read: std::io::Result<Vec<u8>>,
+    objects: &mut Objects,
+    errors: &mut Vec<ManifestError>,
+) {
+    let text = read.and_then(|bytes| {
+        String::from_utf8(bytes).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "stream did not contain valid UTF-8",
+            )
+        })
+    });
+    match text {
         Ok(text) => parse_into(file, &text, objects, errors),
         Err(e) => errors.push(ManifestError {
             file: file.to_path_buf(),
@@ -867,6 +916,29 @@ endpoints: []
             .unwrap();
         let (reused, _) = cache.load_dir(&dir).unwrap();
         assert_eq!(names(&reused)[0], "default/a=10.96.0.1");
+        drop(reused);
+        // Verifying reads the content: the changed file is parsed, the unchanged one's
+        // objects stay the same objects.
+        let key = |name: &str| ObjectRef {
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        let (before, _) = cache.load_dir(&dir).unwrap();
+        cache.verify();
+        assert_eq!(
+            check(&mut cache),
+            ["default/a=10.96.0.9", "default/b=10.96.0.2"]
+        );
+        let (after, _) = cache.load_dir(&dir).unwrap();
+        assert!(Arc::ptr_eq(
+            &before.services[&key("b")],
+            &after.services[&key("b")]
+        ));
+        assert!(!Arc::ptr_eq(
+            &before.services[&key("a")],
+            &after.services[&key("a")]
+        ));
+        drop((before, after));
         cache.clear();
         assert_eq!(
             check(&mut cache),

@@ -128,7 +128,9 @@ impl Translator {
         let pass = self.pass;
 
         // Index slices by the service they belong to, once, without copying names.
-        let mut slices_by_service: BTreeMap<(&str, &str), Vec<SliceOf>> = BTreeMap::new();
+        // (A hash map: with thousands of slices, this index is rebuilt on every pass.)
+        let mut slices_by_service: HashMap<(&str, &str), Vec<SliceOf>> =
+            HashMap::with_capacity(objects.endpoint_slices.len());
         for (key, slice) in &objects.endpoint_slices {
             let labels = slice.metadata.labels.as_ref();
             let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
