@@ -32,13 +32,6 @@ use crate::{
     translate,
 };
 
-/// The least time between two reloads caused by changes. The first change after a quiet
-/// spell is applied at once (kube-proxy's BoundedFrequencyRunner does the same); changes
-/// arriving while a reload runs, or within this time of it (a rollout updating a Service's
-/// EndpointSlices in a quick series, a tool writing several files), are taken together by the
-/// next one. A file is read once it is complete: the watcher wakes on close-after-write and
-/// renames, not on each write (`watch_manifests`).
-const MIN_RELOAD_SPACING: Duration = Duration::from_millis(20);
 /// How long programming may keep failing before `/healthz` turns 503.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -166,15 +159,17 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let mut conntrack_gc = tokio::time::interval(config.conntrack_gc_interval);
     conntrack_gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     conntrack_gc.tick().await;
-    let mut last_reload = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            // A change is applied at once, with no settling delay: a file is read once it is
+            // complete (`changes_manifests`), and changes arriving during a reload are taken
+            // together by the next one, so a burst (a rollout updating many EndpointSlices)
+            // costs as many reloads as the agent has time for, not one per change. A reload
+            // is a diff writing only what changed (kube-proxy with minSyncPeriod 0).
             Some(()) = manifest_rx.recv() => {
-                tokio::time::sleep_until(last_reload + MIN_RELOAD_SPACING).await;
                 while manifest_rx.try_recv().is_ok() {}
                 agent.reload_manifests().await;
-                last_reload = tokio::time::Instant::now();
                 // The node's addresses may have changed with its Node object.
                 agent.rescan_interfaces(&netlink).await;
             }
@@ -455,13 +450,17 @@ impl Agent<'_> {
 /// own). A file written in place counts when it is closed (its writes alone would have it
 /// read half-written); creations, renames and removals count at once.
 fn changes_manifests(event: &notify::Event) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
     // An event without paths (say, a queue overflow) may hide anything.
     if !event.paths.is_empty() && !event.paths.iter().any(|p| manifests::is_manifest_file(p)) {
         return false;
     }
     match &event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        // A rename within the directory also comes as its two halves (From, To), each
+        // counted on its own; counting the pair as well cost every rename a second reload,
+        // and a change arriving during it waited for it.
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => false,
         EventKind::Access(_) => false,
         EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => false,
         // Create, Remove, renames, and what the watcher cannot classify (say, a queue
@@ -488,4 +487,80 @@ fn watch_manifests(
         .watch(dir, notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("watching manifest directory {}", dir.display()))?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, Event, EventKind, ModifyKind, RemoveKind,
+        RenameMode,
+    };
+
+    use super::changes_manifests;
+
+    fn event(kind: EventKind, paths: &[&str]) -> Event {
+        paths
+            .iter()
+            .fold(Event::new(kind), |e, p| e.add_path(p.into()))
+    }
+
+    /// What inotify reports while a tool writes `.svc.yaml.tmp` and renames it to `svc.yaml`
+    /// (as `kubectl`-like tools and the testbed do) costs exactly one reload.
+    #[test]
+    fn a_file_renamed_into_place_costs_one_reload() {
+        let tmp = "/m/.svc.yaml.tmp";
+        let yaml = "/m/svc.yaml";
+        let events = [
+            event(EventKind::Create(CreateKind::File), &[tmp]),
+            event(EventKind::Access(AccessKind::Open(AccessMode::Any)), &[tmp]),
+            event(EventKind::Modify(ModifyKind::Data(DataChange::Any)), &[tmp]),
+            event(
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                &[tmp],
+            ),
+            event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+                &[tmp],
+            ),
+            event(EventKind::Modify(ModifyKind::Name(RenameMode::To)), &[yaml]),
+            event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+                &[tmp, yaml],
+            ),
+        ];
+        let reloads: Vec<&Event> = events.iter().filter(|e| changes_manifests(e)).collect();
+        assert_eq!(reloads.len(), 1, "{reloads:?}");
+        assert_eq!(
+            reloads[0].kind,
+            EventKind::Modify(ModifyKind::Name(RenameMode::To))
+        );
+    }
+
+    /// A manifest written in place counts once it is closed, not at each write; removals and
+    /// renames out of the directory count; an event without paths (an overflow) counts.
+    #[test]
+    fn in_place_writes_count_when_closed() {
+        let yaml = "/m/svc.yaml";
+        assert!(!changes_manifests(&event(
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            &[yaml]
+        )));
+        assert!(changes_manifests(&event(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            &[yaml]
+        )));
+        assert!(changes_manifests(&event(
+            EventKind::Remove(RemoveKind::File),
+            &[yaml]
+        )));
+        assert!(changes_manifests(&event(
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+            &[yaml]
+        )));
+        assert!(changes_manifests(&event(EventKind::Other, &[])));
+        assert!(!changes_manifests(&event(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            &["/m/notes.txt"]
+        )));
+    }
 }
