@@ -234,7 +234,7 @@ impl ObjectSource<'_> {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .load_dir(dir),
-            ObjectSource::Api(api) => Ok((Arc::new(api.objects()), Vec::new())),
+            ObjectSource::Api(api) => Ok((api.objects(), Vec::new())),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! One reflector per watched resource ([`WATCHED_RESOURCES`]): a kube-rs watcher (list, then
 //! watch from the list's resourceVersion, resumed from the last seen version when a
 //! connection ends, relisted from scratch on 410 Gone, with kube-rs' default backoff after
-//! errors) feeding a reflector store. The agent reads the stores into an [`Objects`] (the
+//! errors) feeding a reflector store; each event also updates a shared [`Objects`] (the
 //! same struct the manifests produce, so the pure translation does not know where its input
 //! came from).
 //!
@@ -113,9 +113,113 @@ pub struct ApiSource {
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     network_policies: Store<NetworkPolicy>,
+    /// The stores' objects in the form the translation takes, kept up to date by the
+    /// reflector tasks event by event, so taking a snapshot costs nothing however many
+    /// objects there are (rebuilding it from the stores on every change was a large part of
+    /// a change's time with thousands of services). A task changes it in place unless the
+    /// agent still holds the last snapshot.
+    snapshot: Snapshot,
     /// The resources the reflectors were started for, in start order.
     started: Vec<WatchedResource>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+type Snapshot = Arc<std::sync::Mutex<SnapshotState>>;
+
+#[derive(Default)]
+struct SnapshotState {
+    objects: Arc<Objects>,
+    /// The resources whose complete list is in `objects` (the stores are ready a moment
+    /// before: a snapshot taken in between would miss a whole kind).
+    listed: std::collections::BTreeSet<&'static str>,
+}
+
+/// A watched kind's place in [`Objects`].
+trait Reflected:
+    kube::Resource<DynamicType = ()>
+    + k8s_openapi::Resource
+    + Clone
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    type Key: Ord;
+    fn key(object: &Self) -> Self::Key;
+    fn map(objects: &mut Objects) -> &mut std::collections::BTreeMap<Self::Key, Arc<Self>>;
+}
+
+macro_rules! reflected {
+    (namespaced $kind:ty => $field:ident) => {
+        impl Reflected for $kind {
+            type Key = ObjectRef;
+            fn key(object: &Self) -> ObjectRef {
+                ObjectRef {
+                    namespace: object.namespace().unwrap_or_else(|| "default".into()),
+                    name: object.name_any(),
+                }
+            }
+            fn map(objects: &mut Objects) -> &mut std::collections::BTreeMap<ObjectRef, Arc<Self>> {
+                &mut objects.$field
+            }
+        }
+    };
+    (cluster $kind:ty => $field:ident) => {
+        impl Reflected for $kind {
+            type Key = String;
+            fn key(object: &Self) -> String {
+                object.name_any()
+            }
+            fn map(objects: &mut Objects) -> &mut std::collections::BTreeMap<String, Arc<Self>> {
+                &mut objects.$field
+            }
+        }
+    };
+}
+reflected!(namespaced Service => services);
+reflected!(namespaced EndpointSlice => endpoint_slices);
+reflected!(cluster Node => nodes);
+reflected!(namespaced Pod => pods);
+reflected!(cluster Namespace => namespaces);
+reflected!(namespaced NetworkPolicy => network_policies);
+
+/// Brings `K`'s part of the snapshot up to date with what `event` did to `store`.
+fn update_snapshot<K: Reflected>(snapshot: &Snapshot, store: &Store<K>, event: &watcher::Event<K>) {
+    let mut guard = snapshot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if matches!(event, watcher::Event::InitDone) {
+        guard
+            .listed
+            .insert(<K as k8s_openapi::Resource>::URL_PATH_SEGMENT);
+    }
+    let objects = Arc::make_mut(&mut guard.objects);
+    match event {
+        // The store now holds the complete new list.
+        watcher::Event::InitDone => {
+            *K::map(objects) = store
+                .state()
+                .into_iter()
+                .map(|object| (K::key(&object), object))
+                .collect();
+        }
+        watcher::Event::Apply(object) => {
+            // The store's own object, shared rather than copied.
+            match store.get(&kube::runtime::reflector::ObjectRef::from_obj(object)) {
+                Some(stored) => {
+                    K::map(objects).insert(K::key(object), stored);
+                }
+                None => {
+                    K::map(objects).insert(K::key(object), Arc::new(object.clone()));
+                }
+            }
+        }
+        watcher::Event::Delete(object) => {
+            K::map(objects).remove(&K::key(object));
+        }
+        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+    }
 }
 
 impl ApiSource {
@@ -124,10 +228,14 @@ impl ApiSource {
     pub fn start(client: Client, changed: mpsc::Sender<()>) -> ApiSource {
         let mut started = Vec::new();
         let mut tasks = Vec::new();
+        let snapshot = Snapshot::default();
         macro_rules! reflect {
             ($kind:ty) => {{
-                let (store, task) =
-                    spawn_reflector::<$kind>(Api::all(client.clone()), changed.clone());
+                let (store, task) = spawn_reflector::<$kind>(
+                    Api::all(client.clone()),
+                    changed.clone(),
+                    Arc::clone(&snapshot),
+                );
                 started.push(WatchedResource::of::<$kind>());
                 tasks.push(task);
                 store
@@ -140,6 +248,7 @@ impl ApiSource {
             pods: reflect!(Pod),
             namespaces: reflect!(Namespace),
             network_policies: reflect!(NetworkPolicy),
+            snapshot,
             started,
             tasks,
         };
@@ -170,6 +279,13 @@ impl ApiSource {
                 self.namespaces.wait_until_ready(),
                 self.network_policies.wait_until_ready(),
             );
+        };
+        let all = async {
+            all.await;
+            // The reflector tasks put each list into the snapshot right after their store.
+            while !self.snapshot_complete() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         };
         tokio::pin!(all);
         loop {
@@ -202,15 +318,25 @@ impl ApiSource {
     }
 
     /// A snapshot of the stores, in the form the translation takes.
-    pub fn objects(&self) -> Objects {
-        Objects {
-            services: namespaced(&self.services),
-            endpoint_slices: namespaced(&self.endpoint_slices),
-            nodes: cluster_scoped(&self.nodes),
-            pods: namespaced(&self.pods),
-            namespaces: cluster_scoped(&self.namespaces),
-            network_policies: namespaced(&self.network_policies),
-        }
+    pub fn objects(&self) -> Arc<Objects> {
+        Arc::clone(
+            &self
+                .snapshot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .objects,
+        )
+    }
+
+    /// Whether every resource's complete list is in the snapshot.
+    fn snapshot_complete(&self) -> bool {
+        let state = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        WATCHED_RESOURCES
+            .iter()
+            .all(|r| state.listed.contains(r.plural))
     }
 }
 
@@ -230,52 +356,19 @@ where
     futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
 }
 
-fn namespaced<K>(store: &Store<K>) -> std::collections::BTreeMap<ObjectRef, Arc<K>>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + 'static,
-{
-    store
-        .state()
-        .into_iter()
-        .map(|object| {
-            let key = ObjectRef {
-                namespace: object.namespace().unwrap_or_else(|| "default".into()),
-                name: object.name_any(),
-            };
-            (key, object)
-        })
-        .collect()
-}
-
-fn cluster_scoped<K>(store: &Store<K>) -> std::collections::BTreeMap<String, Arc<K>>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + 'static,
-{
-    store
-        .state()
-        .into_iter()
-        .map(|object| (object.name_any(), object))
-        .collect()
-}
-
 /// Lists and watches `K` into a store until aborted. Errors are logged and retried with
 /// kube-rs' default backoff (0.8 s doubling to 30 s, jittered). A watch the server refuses
 /// to start with HTTP 410 Gone (the resourceVersion is too old; a Gone *event* in the stream
 /// is already handled by the watcher) restarts the watcher, which relists: kube-rs alone would
 /// retry the same resourceVersion forever.
-fn spawn_reflector<K>(api: Api<K>, changed: mpsc::Sender<()>) -> (Store<K>, JoinHandle<()>)
-where
-    K: kube::Resource<DynamicType = ()>
-        + k8s_openapi::Resource
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
-{
+fn spawn_reflector<K: Reflected>(
+    api: Api<K>,
+    changed: mpsc::Sender<()>,
+    snapshot: Snapshot,
+) -> (Store<K>, JoinHandle<()>) {
     let mut writer = Writer::<K>::default();
     let store = writer.as_reader();
+    let store_for_snapshot = writer.as_reader();
     let resource = <K as k8s_openapi::Resource>::URL_PATH_SEGMENT;
     let task = tokio::spawn(async move {
         let mut restart_backoff = DefaultBackoff::default();
@@ -289,6 +382,7 @@ where
                         let event =
                             event.modify(|object| crate::manifests::slim(object.meta_mut()));
                         writer.apply_watcher_event(&event);
+                        update_snapshot(&snapshot, &store_for_snapshot, &event);
                         match &event {
                             watcher::Event::Init => {
                                 tracing::debug!(resource, "listing");
