@@ -93,6 +93,14 @@ fn drops(datapath: &Datapath, reason: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Isolates every pod of namespace x both ways.
+const DENY_ALL_X: &str = r#"---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
+"#;
+
 const ALLOW_B_TO_A_80: &str = r#"---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -346,15 +354,7 @@ fn a_policy_change_keeps_established_flows_and_applies_to_new_ones() {
     passes(datapath.from_pod(), &udp_packet(&open, true));
 
     // Now deny everything both ways for every pod of x (no program reload).
-    let stats = program_policy(
-        &mut datapath,
-        r#"---
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
-"#,
-    );
+    let stats = program_policy(&mut datapath, DENY_ALL_X);
     assert!(stats.map_writes > 0);
     // The established connection goes on both ways.
     passes(datapath.to_pod(), &tcp_packet(&established, TCP_PSH_ACK));
@@ -406,15 +406,7 @@ fn connections_an_open_pod_opens_or_accepts_survive_a_policy_that_isolates_it_la
     passes(datapath.from_pod(), &tcp_packet(&opened, TCP_SYN));
     passes(datapath.to_pod(), &tcp_packet(&accepted, TCP_SYN));
 
-    program_policy(
-        &mut datapath,
-        r#"---
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
-"#,
-    );
+    program_policy(&mut datapath, DENY_ALL_X);
     for established in [opened, accepted] {
         let (program, back) = if established.src == XA {
             (datapath.from_pod(), datapath.to_pod())
@@ -616,15 +608,7 @@ fn an_idle_udp_flow_is_checked_again_an_idle_tcp_connection_is_not() {
     let tcp = flow(PROTO_TCP, XB, 40_000, XA, 80);
     passes(datapath.from_pod(), &udp_packet(&udp, true));
     passes(datapath.to_pod(), &tcp_packet(&tcp, TCP_SYN));
-    program_policy(
-        &mut datapath,
-        r#"---
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny-all, namespace: x}
-spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
-"#,
-    );
+    program_policy(&mut datapath, DENY_ALL_X);
     // Both still flow while recent.
     passes(datapath.from_pod(), &udp_packet(&udp, true));
     passes(datapath.to_pod(), &tcp_packet(&tcp, TCP_PSH_ACK));

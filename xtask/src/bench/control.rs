@@ -18,7 +18,7 @@ use std::{
     io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -122,16 +122,7 @@ pub fn load_with_budget(
     budget: Duration,
 ) -> anyhow::Result<LoadTime> {
     let start = Instant::now();
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("--")
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program} in {}", netns.display()))?;
+    let mut child = traffic::spawn_in_netns(netns, program, args, Stdio::null())?;
     let mut stdin = child.stdin.take().expect("stdin");
     let outcome = std::thread::scope(|scope| -> anyhow::Result<LoadTime> {
         // Fed from a thread: the program may stop reading (killed) before the input ends.

@@ -313,16 +313,7 @@ pub fn in_node_netns(
     args: &[&str],
     input: &str,
 ) -> anyhow::Result<()> {
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("--")
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program} in {}", netns.display()))?;
+    let mut child = spawn_in_netns(netns, program, args, Stdio::piped())?;
     child
         .stdin
         .take()
@@ -339,6 +330,25 @@ pub fn in_node_netns(
         );
     }
     Ok(())
+}
+
+/// Starts `program args` inside the network namespace at `netns`, its stdin and stderr piped.
+pub fn spawn_in_netns(
+    netns: &Path,
+    program: &str,
+    args: &[&str],
+    stdout: Stdio,
+) -> anyhow::Result<std::process::Child> {
+    Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program} in {}", netns.display()))
 }
 
 /// The 16 measured frontends, spread over the N.
