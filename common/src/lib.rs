@@ -609,8 +609,23 @@ pub fn ct_closed(state: u8) -> bool {
         || state & (CT_S_FIN_CLIENT | CT_S_FIN_BACKEND) == CT_S_FIN_CLIENT | CT_S_FIN_BACKEND
 }
 
-/// `peer` for a conntrack key type and its value type (the two families' keys differ only in
-/// their address width).
+/// A conntrack entry of either family, as the programs (lookup, refresh) and the agent
+/// (garbage collection) read it: one set of accessors for both, implemented by
+/// `impl_ct_peer!`.
+pub trait CtEntry: Copy {
+    type Key: Copy + PartialEq;
+    fn proto(key: &Self::Key) -> u8;
+    fn dir(key: &Self::Key) -> u8;
+    /// [`CtKey::peer`] / [`CtKey6::peer`].
+    fn peer(key: &Self::Key, value: &Self) -> Self::Key;
+    fn state(&self) -> u8;
+    fn last_seen_ns(&self) -> u64;
+    /// Records the flow's new state, seen at `now`.
+    fn mark(&mut self, state: u8, now: u64);
+}
+
+/// `peer` and [`CtEntry`] for a conntrack key type and its value type (the two families'
+/// keys differ only in their address width).
 macro_rules! impl_ct_peer {
     ($key:ident, $value:ident) => {
         impl $key {
@@ -643,6 +658,35 @@ macro_rules! impl_ct_peer {
                         _pad: 0,
                     }
                 }
+            }
+        }
+
+        impl CtEntry for $value {
+            type Key = $key;
+            #[inline(always)]
+            fn proto(key: &$key) -> u8 {
+                key.proto
+            }
+            #[inline(always)]
+            fn dir(key: &$key) -> u8 {
+                key.dir
+            }
+            #[inline(always)]
+            fn peer(key: &$key, value: &Self) -> $key {
+                key.peer(value)
+            }
+            #[inline(always)]
+            fn state(&self) -> u8 {
+                self.state
+            }
+            #[inline(always)]
+            fn last_seen_ns(&self) -> u64 {
+                self.last_seen_ns
+            }
+            #[inline(always)]
+            fn mark(&mut self, state: u8, now: u64) {
+                self.state = state;
+                self.last_seen_ns = now;
             }
         }
     };

@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 use sluice_common::{
-    ct_next_state, Backend, CtKey, CtKey6, CtTimeouts, CtValue, CtValue6, NodeConfig, Reason,
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, REASON_DROP_NO_SNAT_PORT,
+    ct_next_state, Backend, CtEntry, CtKey, CtKey6, CtTimeouts, CtValue, CtValue6, NodeConfig,
+    Reason, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, REASON_DROP_NO_SNAT_PORT,
 };
 
 use crate::{
@@ -68,79 +68,10 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// What the programs need of both families' keys and entries.
-pub trait Entry: Copy {
-    type Key: Copy + PartialEq;
-    fn proto(key: &Self::Key) -> u8;
-    fn dir(key: &Self::Key) -> u8;
-    fn peer(key: &Self::Key, value: &Self) -> Self::Key;
-    fn state(&self) -> u8;
-    fn last_seen_ns(&self) -> u64;
-    fn mark(&mut self, state: u8, now: u64);
-}
-
-impl Entry for CtValue {
-    type Key = CtKey;
-    #[inline(always)]
-    fn proto(key: &CtKey) -> u8 {
-        key.proto
-    }
-    #[inline(always)]
-    fn dir(key: &CtKey) -> u8 {
-        key.dir
-    }
-    #[inline(always)]
-    fn peer(key: &CtKey, value: &Self) -> CtKey {
-        key.peer(value)
-    }
-    #[inline(always)]
-    fn state(&self) -> u8 {
-        self.state
-    }
-    #[inline(always)]
-    fn last_seen_ns(&self) -> u64 {
-        self.last_seen_ns
-    }
-    #[inline(always)]
-    fn mark(&mut self, state: u8, now: u64) {
-        self.state = state;
-        self.last_seen_ns = now;
-    }
-}
-
-impl Entry for CtValue6 {
-    type Key = CtKey6;
-    #[inline(always)]
-    fn proto(key: &CtKey6) -> u8 {
-        key.proto
-    }
-    #[inline(always)]
-    fn dir(key: &CtKey6) -> u8 {
-        key.dir
-    }
-    #[inline(always)]
-    fn peer(key: &CtKey6, value: &Self) -> CtKey6 {
-        key.peer(value)
-    }
-    #[inline(always)]
-    fn state(&self) -> u8 {
-        self.state
-    }
-    #[inline(always)]
-    fn last_seen_ns(&self) -> u64 {
-        self.last_seen_ns
-    }
-    #[inline(always)]
-    fn mark(&mut self, state: u8, now: u64) {
-        self.state = state;
-        self.last_seen_ns = now;
-    }
-}
-
 /// The live entry under `key` of `map` (an expired one counts as absent), with the time it
 /// was judged at (for [`seen_in`]: the clock is read only when there is an entry).
 #[inline(always)]
-fn lookup_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<(V, u64)> {
+fn lookup_in<V: CtEntry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<(V, u64)> {
     // SAFETY: the value is read at once.
     let entry = unsafe { map.get(key)? };
     let now = now();
@@ -156,7 +87,7 @@ fn lookup_in<V: Entry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<(V, 
 /// flow's other entry too (when it still is this entry's peer), so both expire together
 /// whichever direction the traffic goes.
 #[inline(always)]
-fn seen_in<V: Entry>(
+fn seen_in<V: CtEntry>(
     map: &LruHashMap<V::Key, V>,
     key: &V::Key,
     entry: &V,

@@ -10,58 +10,20 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sluice_common::{CtKey, CtKey6, CtTimeouts, CtValue, CtValue6};
-
-/// What the programs record in both families' entries.
-pub trait Tracked {
-    type Key: Copy + Eq + std::hash::Hash;
-    fn proto(key: &Self::Key) -> u8;
-    fn peer(key: &Self::Key, value: &Self) -> Self::Key;
-    fn state(&self) -> u8;
-    fn last_seen_ns(&self) -> u64;
-}
-
-impl Tracked for CtValue {
-    type Key = CtKey;
-    fn proto(key: &CtKey) -> u8 {
-        key.proto
-    }
-    fn peer(key: &CtKey, value: &Self) -> CtKey {
-        key.peer(value)
-    }
-    fn state(&self) -> u8 {
-        self.state
-    }
-    fn last_seen_ns(&self) -> u64 {
-        self.last_seen_ns
-    }
-}
-
-impl Tracked for CtValue6 {
-    type Key = CtKey6;
-    fn proto(key: &CtKey6) -> u8 {
-        key.proto
-    }
-    fn peer(key: &CtKey6, value: &Self) -> CtKey6 {
-        key.peer(value)
-    }
-    fn state(&self) -> u8 {
-        self.state
-    }
-    fn last_seen_ns(&self) -> u64 {
-        self.last_seen_ns
-    }
-}
+use sluice_common::{CtEntry, CtTimeouts};
 
 /// The keys to delete at `now_ns` (CLOCK_MONOTONIC, the programs' bpf_ktime_get_ns()): every
 /// expired entry and, when it still is that entry's peer, the other entry of its flow.
 /// Entries with `last_seen_ns` 0 are not tracked (the programs no longer write such entries;
 /// an older datapath did for IPv6) and are left to LRU eviction.
-pub fn expired<V: Tracked>(
+pub fn expired<V: CtEntry>(
     entries: &[(V::Key, V)],
     timeouts: &CtTimeouts,
     now_ns: u64,
-) -> Vec<V::Key> {
+) -> Vec<V::Key>
+where
+    V::Key: Eq + std::hash::Hash,
+{
     let by_key: HashMap<V::Key, &V> = entries.iter().map(|(k, v)| (*k, v)).collect();
     let mut doomed: Vec<V::Key> = Vec::new();
     let mut seen: HashSet<V::Key> = HashSet::new();
@@ -111,6 +73,7 @@ mod tests {
     use sluice_common::{CT_DIR_FORWARD, CT_S_CLOSED, CT_S_SEEN_REPLY, PROTO_TCP, PROTO_UDP};
 
     use super::*;
+    use sluice_common::{CtKey, CtValue};
 
     const SEC: u64 = 1_000_000_000;
 
