@@ -1059,22 +1059,10 @@ impl Datapath {
     /// Forgets every admitted flow of both families (`sluice trace` between its runs).
     pub fn clear_policy_flows(&mut self) -> anyhow::Result<usize> {
         let keys: Vec<PolicyFlowKey> = self.policy_flows()?.into_iter().map(|(k, _)| k).collect();
-        for key in &keys {
-            match self.policy_flows.remove(key) {
-                Ok(()) => {}
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting a policy_flows entry"),
-            }
-        }
+        remove_keys(&mut self.policy_flows, &keys, "a policy_flows entry")?;
         let keys6: Vec<PolicyFlowKey6> =
             self.policy_flows6()?.into_iter().map(|(k, _)| k).collect();
-        for key in &keys6 {
-            match self.policy_flows6.remove(key) {
-                Ok(()) => {}
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting a policy_flows6 entry"),
-            }
-        }
+        remove_keys(&mut self.policy_flows6, &keys6, "a policy_flows6 entry")?;
         Ok(keys.len() + keys6.len())
     }
 
@@ -1114,13 +1102,7 @@ impl Datapath {
             .filter(|(key, value)| selection.affinity(key, value))
             .map(|(key, _)| key)
             .collect();
-        for key in &doomed {
-            match self.affinity.remove(key) {
-                Ok(()) => {}
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting an affinity entry"),
-            }
-        }
+        remove_keys(&mut self.affinity, &doomed, "an affinity entry")?;
         debug!(
             conntrack = flows,
             affinity = doomed.len(),
@@ -1202,14 +1184,7 @@ impl Datapath {
             .filter(|(key, value)| remove(key, value))
             .map(|(key, _)| key)
             .collect();
-        for key in &doomed {
-            match self.conntrack6.remove(key) {
-                Ok(()) => {}
-                // Evicted by the LRU meanwhile.
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting an IPv6 conntrack entry"),
-            }
-        }
+        remove_keys(&mut self.conntrack6, &doomed, "an IPv6 conntrack entry")?;
         Ok(doomed.len())
     }
 
@@ -1220,22 +1195,14 @@ impl Datapath {
         let timeouts = self.node_config.ct_timeouts;
         let entries = self.conntrack_entries()?;
         let doomed = gc::expired(&entries, &timeouts, now);
-        for key in &doomed {
-            match self.conntrack.remove(key) {
-                Ok(()) => {}
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting an expired conntrack entry"),
-            }
-        }
+        remove_keys(&mut self.conntrack, &doomed, "an expired conntrack entry")?;
         let entries6 = self.conntrack6_entries()?;
         let doomed6 = gc::expired(&entries6, &timeouts, now);
-        for key in &doomed6 {
-            match self.conntrack6.remove(key) {
-                Ok(()) => {}
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting an expired IPv6 conntrack entry"),
-            }
-        }
+        remove_keys(
+            &mut self.conntrack6,
+            &doomed6,
+            "an expired IPv6 conntrack entry",
+        )?;
         Ok(gc::GcStats {
             removed: doomed.len(),
             removed6: doomed6.len(),
@@ -1264,14 +1231,7 @@ impl Datapath {
             .filter(|(key, value)| remove(key, value))
             .map(|(key, _)| key)
             .collect();
-        for key in &doomed {
-            match self.conntrack.remove(key) {
-                Ok(()) => {}
-                // Evicted by the LRU meanwhile.
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting a conntrack entry"),
-            }
-        }
+        remove_keys(&mut self.conntrack, &doomed, "a conntrack entry")?;
         Ok(doomed.len())
     }
 
@@ -1283,13 +1243,7 @@ impl Datapath {
             .into_iter()
             .map(|(key, _)| key)
             .collect();
-        for key in &keys {
-            match self.affinity.remove(key) {
-                Ok(()) => {}
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting an affinity entry"),
-            }
-        }
+        remove_keys(&mut self.affinity, &keys, "an affinity entry")?;
         Ok(keys.len() + self.purge_affinity6(|_, _| true)?)
     }
 
@@ -1312,13 +1266,7 @@ impl Datapath {
             .filter(|(key, value)| remove(key, value))
             .map(|(key, _)| key)
             .collect();
-        for key in &doomed {
-            match self.affinity6.remove(key) {
-                Ok(()) => {}
-                Err(e) if sync::is_not_found(&e) => {}
-                Err(e) => return Err(e).context("deleting an IPv6 affinity entry"),
-            }
-        }
+        remove_keys(&mut self.affinity6, &doomed, "an IPv6 affinity entry")?;
         Ok(doomed.len())
     }
 
@@ -1455,6 +1403,23 @@ fn classifier<'a>(ebpf: &'a Ebpf, name: &str) -> &'a SchedClassifier {
     ebpf.program(name)
         .and_then(|p| p.try_into().ok())
         .expect("from_loaded checked the object's classifiers")
+}
+
+/// Deletes `keys` from `map`. A key already gone is fine: the LRU may have evicted it, or
+/// the programs replaced the flow, since the map was read.
+fn remove_keys<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    keys: &[K],
+    what: &str,
+) -> anyhow::Result<()> {
+    for key in keys {
+        match map.remove(key) {
+            Ok(()) => {}
+            Err(e) if sync::is_not_found(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("deleting {what}")),
+        }
+    }
+    Ok(())
 }
 
 fn classifier_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
