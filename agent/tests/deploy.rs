@@ -320,7 +320,7 @@ fn const_str(text: &str, name: &str) -> String {
 #[test]
 fn the_image_builds_the_toolchain_xtask_setup_checks_for() {
     let dockerfile = read("Dockerfile");
-    let xtask = read("xtask/src/main.rs");
+    let xtask = read("xtask/src/setup.rs");
     let linker = const_str(&xtask, "BPF_LINKER_VERSION");
     assert!(
         dockerfile.contains(&format!("ARG BPF_LINKER_VERSION={linker}\n")),

@@ -1,18 +1,14 @@
-//! Project tasks: `cargo xtask setup | test | demo | lint | bench`.
+//! Project tasks: `cargo xtask setup | test | demo | lint | bench | kernels`.
 //!
 //! `setup` installs what a fresh machine lacks and is quick when nothing is missing; `test` and
-//! `demo` run it first, so a newcomer needs only those two commands.
+//! `demo` run it first, so a newcomer needs only those two commands. This binary never links
+//! the agent: `demo` and `bench` build and run `sluice-lab` (xtask/lab/) after setup.
 
-mod bench;
-mod demo;
+use std::process::Command;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
-
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
+use xtask::{is_root, kernels, run, setup::setup, workspace_root};
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -25,11 +21,20 @@ struct Cli {
 enum Task {
     /// Install the toolchain pieces and packages the build and tests need.
     Setup,
-    /// Run the whole test suite (unit, BPF_PROG_RUN and network-namespace tests). Needs root.
+    /// Run the whole test suite (unit, BPF_PROG_RUN and network-namespace tests), then the
+    /// kernel matrix (`kernels`). Needs root. Extra arguments go to `cargo test` and skip the
+    /// kernel matrix.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// The kernel matrix: boot Linux 5.10, 6.1 and 6.12 (Debian's cloud kernels) in QEMU and
+    /// run the datapath tests, the trace corpus and a real-traffic test in each. Needs root.
+    Kernels {
+        /// Which kernels (default: all), e.g. `--kernels 5.10,6.1`.
+        #[arg(long, value_delimiter = ',')]
+        kernels: Vec<String>,
     },
     /// Build Sluice and run the e-commerce platform's Services in a network-namespace node.
     Demo,
@@ -37,28 +42,13 @@ enum Task {
     Lint,
     /// Sluice against kube-proxy's iptables and nftables layouts: per-packet cost, real traffic,
     /// control plane; writes target/bench/report.md and plots. Quick by default, `--full` for
-    /// the issue's sizes. Needs root.
-    Bench(Box<bench::BenchArgs>),
+    /// the issue's sizes (`cargo xtask bench --help` lists the options). Needs root.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
-
-/// The bpf-linker release that links rustc's own LLVM 22 (newer ones need a system LLVM).
-const BPF_LINKER_VERSION: &str = "0.10.2";
-const NIGHTLY_LLVM_MAJOR: u32 = 22;
-/// Debian packages the tests, demo and bench use, by the command (or, starting with `/`, the
-/// file) that proves each is there.
-const PACKAGES: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("nsenter", "util-linux"),
-    ("ethtool", "ethtool"),
-    ("bpftool", "bpftool"),
-    ("iptables", "iptables"),
-    ("nft", "nftables"),
-    // The bench's plots draw their text with it.
-    (
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "fonts-dejavu-core",
-    ),
-];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -68,111 +58,54 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             test(&args)
         }
+        Task::Kernels { kernels } => {
+            setup()?;
+            require_root("the kernel matrix")?;
+            kernels::run_matrix(&kernels)
+        }
         Task::Demo => {
             setup()?;
-            demo::run(&workspace_root())
+            lab(&["demo".to_string()])
         }
         Task::Lint => {
             setup()?;
             lint()
         }
-        Task::Bench(args) => {
+        Task::Bench { args } => {
             setup()?;
-            bench::run(&workspace_root(), &args)
+            lab(&[vec!["bench".to_string()], args].concat())
         }
     }
 }
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+/// Builds and runs `sluice-lab` (the demo and the bench), which links the agent and so could
+/// not be built before setup.
+fn lab(args: &[String]) -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "-p", "sluice-lab", "--"])
+        .args(args))
 }
 
-fn setup() -> anyhow::Result<()> {
-    // The nightly toolchain is part of the machine image; rustup cannot fetch a new one here,
-    // and `rustup update` must never run (it would replace the toolchains the project pins to).
-    let toolchains = output("rustup", &["toolchain", "list"])?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        bail!("no nightly toolchain: the eBPF programs need one (`rustup toolchain install nightly`), with LLVM {NIGHTLY_LLVM_MAJOR}");
-    }
-    let version = output("rustc", &["+nightly", "-vV"])?;
-    let llvm_major = version
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.parse::<u32>().ok());
-    if llvm_major != Some(NIGHTLY_LLVM_MAJOR) {
-        bail!(
-            "the nightly toolchain uses LLVM {llvm_major:?}, but bpf-linker {BPF_LINKER_VERSION} links LLVM {NIGHTLY_LLVM_MAJOR}: \
-             install a nightly built on LLVM {NIGHTLY_LLVM_MAJOR} (e.g. `rustup toolchain install nightly-2026-05-19`) \
-             and make it the `nightly` the build uses; do not run `rustup update`"
-        );
-    }
-
-    let components = output(
-        "rustup",
-        &["component", "list", "--toolchain", "nightly", "--installed"],
-    )?;
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("setup: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-    }
-
-    let linker_ok = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
-        .unwrap_or(false);
-    if !linker_ok {
-        eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION}");
-        run(Command::new("cargo").args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            "--locked",
-            "--force",
-        ]))?;
-    }
-
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(command, _)| !has_command(command))
-        .map(|(_, package)| *package)
-        .collect();
-    if !missing.is_empty() {
-        if !is_root() {
-            bail!(
-                "missing packages {missing:?}: run `apt-get install -y {}` as root",
-                missing.join(" ")
-            );
-        }
-        eprintln!("setup: installing {missing:?}");
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    require_root("the test suite")?;
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        // The default members: the eBPF crate only builds for its own target (agent/build.rs).
+        .arg("test")
+        .args(extra))?;
+    if extra.is_empty() {
+        // The whole suite: the datapath on the kernels users run too.
+        kernels::run_matrix(&[])?;
     }
     Ok(())
 }
 
-fn test(extra: &[String]) -> anyhow::Result<()> {
+fn require_root(what: &str) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the test suite creates network namespaces and loads BPF programs: run it as root");
+        bail!("{what} creates network namespaces and loads BPF programs: run it as root");
     }
-    let root = workspace_root();
-    run(Command::new("cargo")
-        .current_dir(&root)
-        // The default members: the eBPF crate only builds for its own target (agent/build.rs).
-        .arg("test")
-        .args(extra))
+    Ok(())
 }
 
 fn lint() -> anyhow::Result<()> {
@@ -199,43 +132,4 @@ fn lint() -> anyhow::Result<()> {
             "build-std=core",
         ])
         .args(["--", "-D", "warnings"]))
-}
-
-fn has_command(name: &str) -> bool {
-    if name.starts_with('/') {
-        return std::path::Path::new(name).is_file();
-    }
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths)
-            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-            .any(|dir| dir.join(name).is_file())
-    })
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
 }

@@ -196,7 +196,7 @@ pub struct Results {
 pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     let options = args.resolve();
     eprintln!("{}", estimate::describe(&options));
-    if !crate::is_root() {
+    if !xtask::is_root() {
         bail!("the bench loads BPF programs and creates network namespaces: run it as root");
     }
     let out = args
@@ -206,7 +206,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     if options.parts.iter().any(|p| *p != Part::Packet) {
         // The agent the testbed starts: a release build, as users run it.
-        crate::run(Command::new("cargo").current_dir(root).args([
+        xtask::run(Command::new("cargo").current_dir(root).args([
             "build",
             "--release",
             "-p",

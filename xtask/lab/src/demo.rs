@@ -42,7 +42,7 @@ const PODS: &[(&str, usize, [u8; 4], u16)] = &[
 ];
 
 pub fn run(root: &Path) -> Result<()> {
-    crate::run(Command::new("cargo").current_dir(root).args([
+    xtask::run(Command::new("cargo").current_dir(root).args([
         "build",
         "--quiet",
         "-p",
