@@ -67,6 +67,9 @@ pub struct AgentConfig {
 
 /// Runs the agent until `shutdown` completes. The pinned datapath stays in place afterwards.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    for line in crate::datapath::features::KernelFeatures::get().missing() {
+        tracing::warn!("{line}");
+    }
     let mut datapath =
         Datapath::load_with(&config.pin_path, &config.map_sizes).with_context(|| {
             format!(
@@ -74,7 +77,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                 config.pin_path.display()
             )
         })?;
-    match &config.cgroup_root {
+    let cgroup_root = config
+        .cgroup_root
+        .as_ref()
+        .filter(|_| crate::datapath::features::KernelFeatures::get().netns_cookie);
+    match cgroup_root {
         Some(cgroup) => {
             datapath.attach_cgroup(cgroup).with_context(|| {
                 format!(

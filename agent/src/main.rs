@@ -84,6 +84,9 @@ enum Command {
     State(sluice::inspect::StateArgs),
     /// Stream the packets NetworkPolicy drops (pod, peer, port, direction, reason).
     Monitor(sluice::monitor::MonitorArgs),
+    /// Say which kernel features the datapath uses this kernel lacks, and what Sluice does
+    /// without each (the agent logs the same lines at start).
+    Kernel,
     /// Remove the pinned datapath (detaches the programs from every pod interface).
     Cleanup {
         #[arg(long, default_value = sluice_common::DEFAULT_PIN_PATH)]
@@ -148,6 +151,17 @@ fn main() -> ExitCode {
         Command::Trace(args) => return sluice::trace::run(args),
         Command::State(args) => return sluice::inspect::run(args),
         Command::Monitor(args) => return sluice::monitor::run(args),
+        Command::Kernel => {
+            let release = sluice::datapath::features::kernel_release();
+            let missing = sluice::datapath::features::KernelFeatures::get().missing();
+            if missing.is_empty() {
+                println!("Linux {release}: has every kernel feature the datapath uses");
+            }
+            for line in missing {
+                println!("Linux {release}: {line}");
+            }
+            Ok(())
+        }
         Command::Cleanup { pin_path } => sluice::datapath::Datapath::cleanup(&pin_path),
     };
     match result {

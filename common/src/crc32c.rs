@@ -77,6 +77,11 @@ pub static ZEROS_HI: [u32; 256] = power_table(256);
 
 #[inline(always)]
 fn table(t: &'static [u32; 256], i: u32) -> u32 {
+    // LLVM folds the mask into the operands it knows are bytes (`(c ^ byte) & 0xff` becomes
+    // `(c & 0xff) ^ byte`), and verifiers before 6.2 lose the bound of a XOR: hidden from LLVM,
+    // the mask is applied to the register that indexes (5.10 and 6.1 refused it otherwise).
+    #[cfg(target_arch = "bpf")]
+    let i = core::hint::black_box(i);
     // SAFETY: the index is masked to the table's size.
     unsafe { *t.get_unchecked((i & 0xff) as usize) }
 }

@@ -144,6 +144,18 @@ pub fn keep_on_syn(service: &ServiceValue, entry: &CtValue, client: u32, now: u6
     }
 }
 
+/// The service entry's copy of backend `slot` (< [`INLINE_BACKENDS`]). Indexed by constants:
+/// 5.10 refuses any variable-offset read of the stack, and 6.1 one it cannot bound.
+#[inline(always)]
+fn inline_backend(service: &ServiceValue, slot: u32) -> Backend {
+    const _: () = assert!(INLINE_BACKENDS == 2);
+    if slot == 0 {
+        service.inline_backends[0]
+    } else {
+        service.inline_backends[1]
+    }
+}
+
 /// Whether the entry's backend is still in the slot it was picked from.
 #[inline(always)]
 fn still_in_slot(service: &ServiceValue, entry: &CtValue) -> bool {
@@ -151,7 +163,7 @@ fn still_in_slot(service: &ServiceValue, entry: &CtValue) -> bool {
         return false;
     }
     if (entry.backend_slot as usize) < INLINE_BACKENDS {
-        let b = service.inline_backends[entry.backend_slot as usize];
+        let b = inline_backend(service, entry.backend_slot);
         return b.addr == entry.nat_addr && b.port == entry.nat_port;
     }
     let key = BackendKey {
@@ -176,7 +188,7 @@ fn random_backend(service: &ServiceValue, pick: u32) -> Option<(Backend, u32)> {
     }
     let slot = pick % service.backend_count;
     if (slot as usize) < INLINE_BACKENDS {
-        return Some((service.inline_backends[slot as usize], slot));
+        return Some((inline_backend(service, slot), slot));
     }
     let mut bkey = BackendKey {
         service_id: service.id,

@@ -222,6 +222,25 @@ fn tcp_reset(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Answer, ()> {
     Ok(Answer::Built)
 }
 
+/// Loads `into.len()` words of the packet at `offset` (a length the verifier sees as a constant).
+#[inline(always)]
+fn load_bytes(ctx: &TcContext, offset: usize, into: &mut [u32]) -> Result<(), ()> {
+    // SAFETY: `into` has room for the bytes loaded.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            offset as u32,
+            into.as_mut_ptr() as *mut _,
+            (into.len() * 4) as u32,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
 #[inline(always)]
 fn icmp_port_unreachable(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<(), ()> {
     // ihl is 20..=60 and a multiple of 4: so is the quote's length, as bpf_csum_diff wants.
@@ -245,18 +264,18 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<(), ()> {
     }
 
     let quote_off = ETH_HLEN + IPV4_HLEN + ICMP_HLEN;
+    // Loaded in fixed-size pieces: the header without options, then each word of options the
+    // packet has. Verifiers before 6.13 (seen on 6.1 and 6.12) refuse a variable-length write
+    // to the stack when LLVM checked the length on a copy of the register it passes, and 5.10
+    // refuses variable-length stack access outright. Words past the quote stay zero, so the
+    // whole buffer sums to the quote's sum.
     let mut quote = [0u32; MAX_QUOTE / 4];
-    // SAFETY: `quote` has room for MAX_QUOTE >= quote_len bytes.
-    let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            quote_off as u32,
-            quote.as_mut_ptr() as *mut _,
-            quote_len as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(());
+    load_bytes(ctx, quote_off, &mut quote[..(IPV4_HLEN + 8) / 4])?;
+    for word in (IPV4_HLEN + 8) / 4..MAX_QUOTE / 4 {
+        if word * 4 >= quote_len {
+            break;
+        }
+        load_bytes(ctx, quote_off + word * 4, &mut quote[word..word + 1])?;
     }
     let mut icmp = IcmpHeader {
         icmp_type: ICMP_DEST_UNREACH,
@@ -264,7 +283,7 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<(), ()> {
         csum: 0,
         unused: 0,
     };
-    let quoted = sum(quote.as_ptr() as *const u8, quote_len as u32, 0)?;
+    let quoted = sum(quote.as_ptr() as *const u8, MAX_QUOTE as u32, 0)?;
     icmp.csum = checksum(sum(
         &icmp as *const IcmpHeader as *const u8,
         ICMP_HLEN as u32,

@@ -63,6 +63,12 @@ use crate::{
 const PROCEED: i32 = 1;
 const REJECT: i32 = 0;
 
+/// Whether `bpf_set_retval` may be called (Linux >= 5.18). The agent clears it on older kernels
+/// before loading (a read-only global: the verifier sees the constant and skips the call, which
+/// 5.10's verifier would refuse as an unknown helper); the calls then fail with EPERM.
+#[no_mangle]
+static SOCK_SET_RETVAL: u8 = 1;
+
 const EPERM: i32 = 1;
 const ECONNREFUSED: i32 = 111;
 
@@ -116,9 +122,12 @@ fn verdict(result: Result<(), i32>) -> i32 {
     match result {
         Ok(()) => PROCEED,
         Err(errno) => {
-            // SAFETY: a helper call on plain integers. Should it fail, the call still fails,
-            // with EPERM.
-            unsafe { bpf_set_retval(-errno) };
+            // SAFETY: reading a global the loader set.
+            if unsafe { core::ptr::read_volatile(&SOCK_SET_RETVAL) } != 0 {
+                // SAFETY: a helper call on plain integers. Should it fail, the call still
+                // fails, with EPERM.
+                unsafe { bpf_set_retval(-errno) };
+            }
             REJECT
         }
     }

@@ -35,6 +35,7 @@
 //! `sluice trace`): it never touches a running agent's maps or bpffs at all.
 
 pub mod affinity;
+pub mod features;
 pub mod gc;
 pub mod policy_sync;
 pub mod purge;
@@ -42,6 +43,7 @@ pub mod resize;
 pub mod sock;
 pub mod sync;
 pub mod sync6;
+pub mod verify;
 pub mod wire;
 
 use std::{
@@ -52,7 +54,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
@@ -62,7 +64,7 @@ use aya::{
     },
     sys::SyscallError,
     util::KernelVersion,
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use sluice_common::{
     AffinityKey, AffinityKey6, AffinityValue, AffinityValue6, Backend, Backend6, BackendKey, CtKey,
@@ -388,6 +390,49 @@ const MAPS: [MapSpec; 23] = [
     },
 ];
 
+/// What of a pin directory existed before a load: the map pins, the links directory and the
+/// pin directory itself.
+struct PinsBefore {
+    maps: Vec<bool>,
+    links_dir: bool,
+    dir: bool,
+}
+
+impl PinsBefore {
+    fn take(pin_path: &Path) -> PinsBefore {
+        let exists = |p: &Path| fs::symlink_metadata(p).is_ok();
+        PinsBefore {
+            maps: MAPS
+                .iter()
+                .map(|m| exists(&pin_path.join(m.name)))
+                .collect(),
+            links_dir: exists(&pin_path.join(LINKS_DIR)),
+            dir: exists(pin_path),
+        }
+    }
+
+    /// Removes the map pins and directories that did not exist before; returns what it removed.
+    fn remove_new(&self, pin_path: &Path) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for (spec, existed) in MAPS.iter().zip(&self.maps) {
+            let pin = pin_path.join(spec.name);
+            if !existed && fs::remove_file(&pin).is_ok() {
+                removed.push(pin);
+            }
+        }
+        // Directories only when empty: another process may have put something there.
+        for (dir, existed) in [
+            (pin_path.join(LINKS_DIR), self.links_dir),
+            (pin_path.to_owned(), self.dir),
+        ] {
+            if !existed && fs::remove_dir(&dir).is_ok() {
+                removed.push(dir);
+            }
+        }
+        removed
+    }
+}
+
 /// The eBPF object built by `build.rs`.
 fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"))
@@ -521,6 +566,23 @@ impl Datapath {
             .find(|dir| dir.exists())
             .unwrap_or(Path::new("/"));
         ensure_on_bpffs(existing, pin_path)?;
+        // A load that fails (a kernel whose verifier refuses a program, a full map...) removes
+        // the pins it made itself, so nothing of it outlives the agent; pins an earlier agent
+        // left are kept: its programs may still be running on them.
+        let before = PinsBefore::take(pin_path);
+        Self::load_pinned(pin_path, sizes).inspect_err(|_| {
+            let removed = before.remove_new(pin_path);
+            if !removed.is_empty() {
+                warn!(
+                    pin_path = %pin_path.display(),
+                    removed = ?removed,
+                    "the datapath did not load: removed the pins this load made"
+                );
+            }
+        })
+    }
+
+    fn load_pinned(pin_path: &Path, sizes: &MapSizes) -> anyhow::Result<Datapath> {
         let links_dir = pin_path.join(LINKS_DIR);
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating the pin directory {}", links_dir.display()))?;
@@ -529,7 +591,7 @@ impl Datapath {
             .iter()
             .map(|spec| (spec, pin_path.join(spec.name)))
             .collect();
-        let mut loader = EbpfLoader::new();
+        let mut loader = features::loader();
         // Pinned maps to be replaced: (spec, the pinned map, its capacity).
         let mut replaced = Vec::new();
         for (spec, path) in &map_pins {
@@ -643,7 +705,7 @@ impl Datapath {
         sizes.check()?;
         // The object's maps are not marked as pinned (ebpf/src/maps.rs), so without a pin path
         // the loader creates fresh ones.
-        let mut loader = EbpfLoader::new();
+        let mut loader = features::loader();
         for spec in &MAPS {
             loader.map_max_entries(spec.name, spec.capacity.of(sizes));
         }
@@ -789,8 +851,7 @@ impl Datapath {
                 .with_context(|| format!("the eBPF object has no program `{}`", hook.program))?
                 .try_into()
                 .with_context(|| format!("program `{}` is not a classifier", hook.program))?;
-            load_program(program)
-                .with_context(|| format!("loading program `{}` into the kernel", hook.program))?;
+            load_program(program).map_err(|e| refused(hook.program, &e))?;
         }
 
         let services = ServiceSync::read_back(KernelServiceMaps {
@@ -1377,6 +1438,17 @@ impl Datapath {
         info!(pin_path = %pin_path.display(), "datapath removed");
         Ok(())
     }
+}
+
+/// A program the kernel would not load, in a few lines: the program, the kernel, the
+/// verifier's last lines, and the kernels Sluice supports.
+pub(crate) fn refused(program: &str, error: &ProgramError) -> anyhow::Error {
+    anyhow!(
+        "loading program `{program}` into the kernel (Linux {}; Sluice needs Linux 5.10 or \
+         later) failed: {}",
+        features::kernel_release(),
+        verify::describe_load_error(error)
+    )
 }
 
 /// How many times a program load interrupted by a signal is tried.

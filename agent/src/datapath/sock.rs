@@ -105,8 +105,7 @@ impl Datapath {
                 .try_into()
                 .with_context(|| format!("program `{name}` is not a cgroup sock_addr program"))?;
             if program.fd().is_err() {
-                load_retrying(program)
-                    .with_context(|| format!("loading program `{name}` into the kernel"))?;
+                load_retrying(program).map_err(|e| super::refused(name, &e))?;
             }
             let link_pin = links_dir.join(name);
             let swapped = attach_one(program, cgroup, cgroup_id, &link_pin).with_context(|| {

@@ -15,6 +15,7 @@ mod affinity;
 mod clusterip;
 mod conntrack;
 mod ipv6;
+mod kernel;
 mod layout;
 mod pinning;
 mod policy;

@@ -11,7 +11,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use sluice::datapath::{sock::own_netns_cookie, sock::SOCK_PROGRAMS, Datapath};
+use sluice::datapath::{
+    features::KernelFeatures, sock::own_netns_cookie, sock::SOCK_PROGRAMS, Datapath,
+};
 
 use crate::support::{unique_name, PrivateBpffs};
 
@@ -65,6 +67,17 @@ fn cgroup_links_are_pinned_swapped_on_restart_moved_and_removed() {
 
     let mut datapath = Datapath::load(&pin).unwrap();
     assert!(datapath.cgroup_links().unwrap().is_empty());
+    if !KernelFeatures::get().netns_cookie {
+        // Linux before 5.14: the socket programs cannot tell the node's sockets from pods',
+        // so they are not attached, and attaching says why.
+        let error = datapath.attach_cgroup(&first.path).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("kernel 5.14 or later needed"),
+            "{error:#}"
+        );
+        assert!(datapath.cgroup_links().unwrap().is_empty());
+        return;
+    }
     let attached = datapath.attach_cgroup(&first.path).unwrap();
     assert_eq!(attached.replaced, 0);
     assert_eq!(attached.netns_cookie, own_netns_cookie().unwrap());
