@@ -67,7 +67,7 @@ pub(crate) fn enter_netns_on_exec(cmd: &mut Command, netns: &Path) -> Result<()>
 
 /// Runs `cmd` to completion with stdin closed and stdout/stderr captured; kills it after
 /// `timeout`. A non-zero exit is not an error here (see [`check`]).
-pub(crate) fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     let desc = describe(cmd);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

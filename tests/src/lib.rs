@@ -174,7 +174,7 @@ pub use ipnet;
 
 pub use client::{tally, Reply, ReplyAny, RequestError, Unreachable, UnreachableKind};
 pub use cluster::{Cluster, ClusterOptions, Host};
-pub use cmd::EXEC_TIMEOUT;
+pub use cmd::{run as run_with_timeout, EXEC_TIMEOUT};
 pub use names::{sweep_stale, sweep_stale_paths, unique_name, PREFIX};
 pub use netns::{enter_netns, in_netns};
 pub use node::{Node, Offload, Pod, DEFAULT_GATEWAY, DEFAULT_GATEWAY6, DEFAULT_NODE_NAME};
