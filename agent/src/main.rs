@@ -84,6 +84,9 @@ enum Command {
     State(sluice::inspect::StateArgs),
     /// Stream the packets NetworkPolicy drops (pod, peer, port, direction, reason).
     Monitor(sluice::monitor::MonitorArgs),
+    /// Mount bpffs at /sys/fs/bpf unless it is mounted (the DaemonSet's init container runs
+    /// this, so the image needs no shell or mount(8)).
+    MountBpffs,
     /// Say which kernel features the datapath uses this kernel lacks, and what Sluice does
     /// without each (the agent logs the same lines at start).
     Kernel,
@@ -151,6 +154,7 @@ fn main() -> ExitCode {
         Command::Trace(args) => return sluice::trace::run(args),
         Command::State(args) => return sluice::inspect::run(args),
         Command::Monitor(args) => return sluice::monitor::run(args),
+        Command::MountBpffs => sluice::datapath::ensure_bpffs_mounted(),
         Command::Kernel => {
             let release = sluice::datapath::features::kernel_release();
             let missing = sluice::datapath::features::KernelFeatures::get().missing();

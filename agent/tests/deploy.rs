@@ -297,6 +297,26 @@ fn the_agent_accepts_the_daemon_set_command_line() {
         .output()
         .unwrap();
     assert!(!output.status.success(), "the check above cannot fail");
+
+    // The init container runs the same image, whose only file is the binary.
+    let init = daemonset
+        .spec
+        .template
+        .spec
+        .and_then(|s| s.init_containers)
+        .expect("an init container");
+    let command = init[0].command.clone().unwrap();
+    assert_eq!(command[..], ["/usr/local/bin/sluice", "mount-bpffs"]);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(&command[1..])
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
@@ -337,10 +357,29 @@ fn the_image_builds_the_toolchain_xtask_setup_checks_for() {
         "the Dockerfile must install {nightly}"
     );
     assert!(dockerfile.contains("--component rust-src"));
-    // Multi-stage: the runtime image is not the builder.
-    let stages = dockerfile
+    // The static agent: the target and the C toolchain setup installs for it.
+    let target = const_str(&xtask, "IMAGE_TARGET");
+    assert!(
+        dockerfile.contains(&format!("ARG TARGET={target}\n")),
+        "the Dockerfile must build for {target}"
+    );
+    assert!(xtask.contains("\"musl-tools\")") && dockerfile.contains("musl-tools"));
+    // Multi-stage: the builder pinned by digest, the runtime image is the binary alone (`cargo
+    // xtask image` runs it in an empty root).
+    let stages: Vec<&str> = dockerfile
         .lines()
-        .filter(|l| l.starts_with("FROM "))
-        .count();
-    assert_eq!(stages, 2);
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .collect();
+    assert_eq!(stages.len(), 2, "{stages:?}");
+    let digest = stages[0]
+        .split_whitespace()
+        .next()
+        .and_then(|image| image.split_once("@sha256:"))
+        .map(|(_, digest)| digest)
+        .unwrap_or_else(|| panic!("the builder is not pinned by digest: {}", stages[0]));
+    assert!(
+        digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{digest}"
+    );
+    assert_eq!(stages[1], "scratch");
 }

@@ -154,35 +154,32 @@ fn trace_corpus() {
     );
 
     let bin = sluice_bin();
-    let mut failures = Vec::new();
-    let mut runs = 0;
-    for file in &files {
-        let name = file
-            .strip_prefix(repo_root())
-            .unwrap_or(file)
-            .display()
-            .to_string();
-        let text = fs::read_to_string(file).unwrap_or_else(|e| panic!("reading {name}: {e}"));
-        let corpus: CorpusFile =
-            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{name}: bad corpus file: {e}"));
-        assert!(!corpus.cases.is_empty(), "{name}: no cases");
-        let manifests = TempDir::new();
-        write_manifests(&corpus, &manifests.0, &name);
-        for case in &corpus.cases {
-            check_case_format(case, &name);
-            let packets: Vec<Option<&str>> = if case.packets.is_empty() {
-                vec![case.packet.as_deref()]
-            } else {
-                case.packets.iter().map(|p| Some(p.as_str())).collect()
-            };
-            for packet in packets {
-                runs += 1;
-                if let Err(failure) = run_case(&bin, &corpus, case, packet, &manifests.0) {
-                    failures.push(format!("{name}: {}: {failure}", case.name));
-                }
-            }
-        }
-    }
+    // Files run side by side (each trace is a process that loads the programs: under the
+    // kernel matrix's emulated CPUs that is seconds, and the CPUs are otherwise idle).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<(usize, Vec<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(file) = files.get(i) else {
+                            return done;
+                        };
+                        done.push(run_file(&bin, file));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a corpus worker panicked"))
+            .collect()
+    });
+    let runs: usize = results.iter().map(|(runs, _)| runs).sum();
+    let failures: Vec<String> = results.into_iter().flat_map(|(_, f)| f).collect();
     eprintln!("trace corpus: {runs} traces from {} files", files.len());
     assert!(
         failures.is_empty(),
@@ -190,6 +187,37 @@ fn trace_corpus() {
         failures.len(),
         failures.join("\n\n")
     );
+}
+
+/// Runs one corpus file's cases: how many traces ran, and the failures.
+fn run_file(bin: &Path, file: &Path) -> (usize, Vec<String>) {
+    let name = file
+        .strip_prefix(repo_root())
+        .unwrap_or(file)
+        .display()
+        .to_string();
+    let text = fs::read_to_string(file).unwrap_or_else(|e| panic!("reading {name}: {e}"));
+    let corpus: CorpusFile =
+        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{name}: bad corpus file: {e}"));
+    assert!(!corpus.cases.is_empty(), "{name}: no cases");
+    let manifests = TempDir::new();
+    write_manifests(&corpus, &manifests.0, &name);
+    let (mut runs, mut failures) = (0, Vec::new());
+    for case in &corpus.cases {
+        check_case_format(case, &name);
+        let packets: Vec<Option<&str>> = if case.packets.is_empty() {
+            vec![case.packet.as_deref()]
+        } else {
+            case.packets.iter().map(|p| Some(p.as_str())).collect()
+        };
+        for packet in packets {
+            runs += 1;
+            if let Err(failure) = run_case(bin, &corpus, case, packet, &manifests.0) {
+                failures.push(format!("{name}: {}: {failure}", case.name));
+            }
+        }
+    }
+    (runs, failures)
 }
 
 fn write_manifests(corpus: &CorpusFile, dir: &Path, name: &str) {

@@ -408,11 +408,11 @@ impl Binaries {
     }
 }
 
-/// Builds what `cargo test` and `cargo build` build (the same features as the suite's own run,
-/// so nothing is rebuilt) and picks the guest's binaries from cargo's messages.
+/// Builds what `cargo test` builds (the same features as the suite's own run, so nothing is
+/// built twice) and picks the guest's binaries from cargo's messages.
 fn build(root: &Path) -> anyhow::Result<Binaries> {
     let targets: BTreeSet<(&str, &str)> = STEPS.iter().map(|s| (s.1, s.2)).collect();
-    let mut tests = Vec::new();
+    let (mut tests, mut others) = (Vec::new(), Vec::new());
     let mut cargo = Command::new("cargo");
     cargo.current_dir(root).args([
         "test",
@@ -423,6 +423,12 @@ fn build(root: &Path) -> anyhow::Result<Binaries> {
         let Some(executable) = json_str(&message, "executable") else {
             continue;
         };
+        // `cargo test` builds the binaries the integration tests run, too.
+        let name = Path::new(executable).file_name().and_then(|n| n.to_str());
+        if message.contains("\"kind\":[\"bin\"]") && matches!(name, Some("sluice" | "sluice-probe"))
+        {
+            others.push(PathBuf::from(executable));
+        }
         for (package, target) in &targets {
             if message.contains(&format!("\"name\":\"{target}\""))
                 && message.contains("\"kind\":[\"test\"]")
@@ -435,19 +441,6 @@ fn build(root: &Path) -> anyhow::Result<Binaries> {
     for (package, target) in &targets {
         if !tests.iter().any(|(p, t, _)| p == package && t == target) {
             bail!("cargo built no test {target} of {package}");
-        }
-    }
-    let mut others = Vec::new();
-    let mut cargo = Command::new("cargo");
-    cargo
-        .current_dir(root)
-        .args(["build", "--message-format=json-render-diagnostics"]);
-    for message in cargo_messages(&mut cargo)? {
-        if let Some(executable) = json_str(&message, "executable") {
-            let name = Path::new(executable).file_name().and_then(|n| n.to_str());
-            if matches!(name, Some("sluice" | "sluice-probe")) {
-                others.push(PathBuf::from(executable));
-            }
         }
     }
     if others.len() != 2 {

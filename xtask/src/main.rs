@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use xtask::{is_root, kernels, run, setup::setup, workspace_root};
+use xtask::{image, is_root, kernels, run, setup::setup, workspace_root};
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -36,6 +36,9 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         kernels: Vec<String>,
     },
+    /// Build the agent as the Dockerfile does (static, musl) and run it in an empty root with
+    /// only what the image's last stage copies. Needs root (chroot).
+    Image,
     /// Build Sluice and run the e-commerce platform's Services in a network-namespace node.
     Demo,
     /// rustfmt check, clippy for the workspace, and clippy for the eBPF crate on its own target.
@@ -62,6 +65,11 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             require_root("the kernel matrix")?;
             kernels::run_matrix(&kernels)
+        }
+        Task::Image => {
+            setup()?;
+            require_root("the image check")?;
+            image::check()
         }
         Task::Demo => {
             setup()?;
@@ -95,7 +103,9 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .arg("test")
         .args(extra))?;
     if extra.is_empty() {
-        // The whole suite: the datapath on the kernels users run too.
+        // The whole suite: the image's binary alone in its root, and the datapath on the
+        // kernels users run too.
+        image::check()?;
         kernels::run_matrix(&[])?;
     }
     Ok(())

@@ -29,7 +29,12 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("/bin/busybox", "busybox-static"),
     ("dpkg-deb", "dpkg"),
+    // The image's static agent (`cargo xtask image`, the Dockerfile): ring's C for musl.
+    ("musl-gcc", "musl-tools"),
 ];
+
+/// The target the image's agent is built for (static: the image has nothing else).
+pub const IMAGE_TARGET: &str = "x86_64-unknown-linux-musl";
 
 pub fn setup() -> anyhow::Result<()> {
     ebpf_toolchain()?;
@@ -77,6 +82,17 @@ fn ebpf_toolchain() -> anyhow::Result<()> {
             "the nightly toolchain's rust-src component (the eBPF build compiles core from it) \
              could not be installed; install it with `rustup component add rust-src --toolchain nightly`",
         )?;
+    }
+
+    let targets = output("rustup", &["target", "list", "--installed"])?;
+    if !targets.lines().any(|l| l.trim() == IMAGE_TARGET) {
+        eprintln!("setup: adding the {IMAGE_TARGET} target (the image's static agent)");
+        run(Command::new("rustup").args(["target", "add", IMAGE_TARGET])).with_context(|| {
+            format!(
+                "the {IMAGE_TARGET} standard library (for the container image's static agent) \
+                     could not be installed; install it with `rustup target add {IMAGE_TARGET}`"
+            )
+        })?;
     }
 
     let linker_ok = Command::new("bpf-linker")

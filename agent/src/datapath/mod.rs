@@ -671,7 +671,7 @@ impl Datapath {
             resized.push(resize);
         }
 
-        let mut datapath = Self::from_loaded(ebpf, Some(pin_path.to_owned()), sizes)?;
+        let mut datapath = Self::from_loaded(ebpf, Some(pin_path.to_owned()), sizes, true)?;
         // The programs are loaded: the new maps take the old ones' pins.
         for resize in &resized {
             resize::pin_in_place(resize.new_map(), &resize.pin)
@@ -712,7 +712,32 @@ impl Datapath {
         let ebpf = loader
             .load(object())
             .context("loading the eBPF object with private maps")?;
-        Self::from_loaded(ebpf, None, sizes)
+        Self::from_loaded(ebpf, None, sizes, true)
+    }
+
+    /// [`Datapath::load_unpinned`] whose programs are loaded when first asked for
+    /// ([`Datapath::classifier`]): `sluice trace` runs two or three of the four, and a
+    /// program's verification is most of a trace's time (seconds on older kernels' verifiers).
+    pub fn load_unpinned_lazily() -> anyhow::Result<Datapath> {
+        let sizes = MapSizes::default();
+        let mut loader = features::loader();
+        for spec in &MAPS {
+            loader.map_max_entries(spec.name, spec.capacity.of(&sizes));
+        }
+        let ebpf = loader
+            .load(object())
+            .context("loading the eBPF object with private maps")?;
+        Self::from_loaded(ebpf, None, &sizes, false)
+    }
+
+    /// The tc program `name` (one of the hooks' programs), loaded into the kernel now if it
+    /// was not yet.
+    pub fn classifier(&mut self, name: &str) -> anyhow::Result<&SchedClassifier> {
+        let program = classifier_mut(&mut self.ebpf, name);
+        if program.fd().is_err() {
+            load_program(program).map_err(|e| refused(name, &e))?;
+        }
+        Ok(classifier(&self.ebpf, name))
     }
 
     /// After a load that resized pinned maps, and once the programs are swapped into every
@@ -757,6 +782,7 @@ impl Datapath {
         mut ebpf: Ebpf,
         pin_path: Option<PathBuf>,
         sizes: &MapSizes,
+        load_programs: bool,
     ) -> anyhow::Result<Datapath> {
         let describe = |name: &str| match &pin_path {
             Some(dir) => format!("map `{name}` pinned at {}", dir.join(name).display()),
@@ -851,7 +877,9 @@ impl Datapath {
                 .with_context(|| format!("the eBPF object has no program `{}`", hook.program))?
                 .try_into()
                 .with_context(|| format!("program `{}` is not a classifier", hook.program))?;
-            load_program(program).map_err(|e| refused(hook.program, &e))?;
+            if load_programs {
+                load_program(program).map_err(|e| refused(hook.program, &e))?;
+            }
         }
 
         let services = ServiceSync::read_back(KernelServiceMaps {
@@ -1721,7 +1749,8 @@ fn ifindex_of(ifname: &str) -> anyhow::Result<u32> {
     Ok(ifindex)
 }
 
-fn ensure_bpffs_mounted() -> anyhow::Result<()> {
+/// Mounts bpffs at /sys/fs/bpf unless one is mounted there.
+pub fn ensure_bpffs_mounted() -> anyhow::Result<()> {
     let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     let mounted = mounts.lines().any(|line| {
         let mut fields = line.split_whitespace();

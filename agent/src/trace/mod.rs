@@ -143,7 +143,7 @@ fn trace(args: &TraceArgs) -> Result<String, Failure> {
         .from
         .unwrap_or_else(|| EntryPoint::default_for(spec.src, &node));
 
-    let mut datapath = Datapath::load_unpinned()
+    let mut datapath = Datapath::load_unpinned_lazily()
         .context("loading the datapath with private maps (this needs root or CAP_BPF)")
         .map_err(failed)?;
     // The node's context exactly as the agent writes it.
@@ -296,12 +296,7 @@ struct BpfRunner<'a> {
 
 impl ProgramRunner for BpfRunner<'_> {
     fn run(&mut self, program: Program, packet: &[u8]) -> anyhow::Result<ProgramRun> {
-        let classifier = match program {
-            Program::FromPod => self.datapath.from_pod(),
-            Program::ToPod => self.datapath.to_pod(),
-            Program::FromWorld => self.datapath.from_world(),
-            Program::ToWorld => self.datapath.to_world(),
-        };
+        let classifier = self.datapath.classifier(program.name())?;
         datapath::run_program(classifier, packet, None)
             .with_context(|| format!("BPF_PROG_RUN of {}", program.name()))
     }
