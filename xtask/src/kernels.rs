@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::{run, which, workspace_root};
+use crate::{command_output, run, which, workspace_root};
 
 /// A kernel of the matrix: Debian's cloud kernel of one release.
 pub struct Kernel {
@@ -359,19 +359,7 @@ impl Apt {
     }
 
     fn output(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(program)
-            .args(&self.options)
-            .args(args)
-            .output()
-            .with_context(|| format!("running {program}"))?;
-        if !out.status.success() {
-            bail!(
-                "{program} {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        command_output(Command::new(program).args(&self.options).args(args))
     }
 
     fn run_in(&self, dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {

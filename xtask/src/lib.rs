@@ -46,16 +46,14 @@ pub fn which(name: &str) -> Option<PathBuf> {
 /// Runs `program args`, returning its standard output; a failure names the command and its
 /// standard error.
 pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
+    command_output(Command::new(program).args(args))
+}
+
+/// [`output`] of a command built by the caller.
+pub fn command_output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

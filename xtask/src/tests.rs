@@ -12,7 +12,15 @@ fn xtask_builds_without_the_ebpf_toolchain() {
     // machine's target, as cargo resolves them when it builds xtask.
     let out = Command::new(env!("CARGO"))
         .current_dir(workspace_root())
-        .args(["tree", "-p", "xtask", "-e", "normal,build", "--prefix", "none"])
+        .args([
+            "tree",
+            "-p",
+            "xtask",
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+        ])
         .args(["--format", "{p}"])
         .output()
         .expect("cargo tree");
