@@ -460,7 +460,8 @@ fn json_str<'a>(message: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// The guest's /init: mounts what the tests need, loads the modules, runs [`STEPS`] and
-/// powers off. Each step's start and exit status are marked on the console for [`boot`].
+/// powers off. The root is the initramfs itself (writable): /tmp and /run are its directories,
+/// not mounts that would hide the binaries of a checkout below /tmp. Each step's start and exit status are marked on the console for [`boot`].
 fn init_script(binaries: &Binaries) -> String {
     let mut script = String::from(
         "#!/bin/busybox sh\n\
@@ -469,10 +470,7 @@ fn init_script(binaries: &Binaries) -> String {
          mount -t proc proc /proc\n\
          mount -t sysfs sysfs /sys\n\
          mount -t devtmpfs dev /dev\n\
-         mkdir -p /tmp /run /dev/pts /root\n\
-         mount -t tmpfs tmp /tmp\n\
-         mount -t tmpfs run /run\n\
-         mkdir -p /run/netns /sys/fs/bpf /sys/fs/cgroup\n\
+         mkdir -p /tmp /run/netns /dev/pts /root /sys/fs/bpf /sys/fs/cgroup\n\
          mount -t bpf bpf /sys/fs/bpf\n\
          mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          for m in /modules/*.ko; do insmod $m || echo \"SLUICE-VM insmod $m failed\"; done\n\
@@ -730,7 +728,12 @@ fn boot(
     for line in console.lines() {
         // The console may hold bytes that are not UTF-8 (firmware escape sequences).
         let Ok(line) = line else { continue };
-        let line = line.trim_end_matches('\r').to_owned();
+        // A marker may follow the firmware's escape sequences on the same line.
+        let line = line.trim_end_matches('\r');
+        let line = match line.find("SLUICE-VM ") {
+            Some(at) => line[at..].to_owned(),
+            None => line.to_owned(),
+        };
         if let Some(release) = line.strip_prefix("SLUICE-VM release ") {
             report.release = release.to_owned();
         } else if let Some(rest) = line.strip_prefix("SLUICE-VM step ") {
