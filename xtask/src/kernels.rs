@@ -74,7 +74,9 @@ const STEPS: &[(&str, &str, &str, &str)] = &[
         "datapath tests (BPF_PROG_RUN)",
         "sluice",
         "datapath",
-        "--test-threads=2 --skip kernel::",
+        // Not the scale test (100,000 services written one syscall at a time: minutes of
+        // emulated CPU, and nothing a kernel version changes; the host runs it).
+        "--test-threads=2 --skip kernel:: --skip resize::a_hundred_thousand_services",
     ),
     (
         "trace corpus",
@@ -91,7 +93,7 @@ const STEPS: &[(&str, &str, &str, &str)] = &[
 ];
 
 /// How long one kernel may take from boot to power-off.
-const VM_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+const VM_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// Tools the tests run, copied into the initramfs with their libraries.
 const TOOLS: &[&str] = &["ip", "ethtool", "nsenter"];

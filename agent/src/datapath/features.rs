@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use aya::{
     programs::ProgramType,
     sys::{is_helper_supported, BpfHelper},
-    EbpfLoader,
+    EbpfLoader, VerifierLogLevel,
 };
 
 /// The kernel features the datapath adapts to.
@@ -76,6 +76,11 @@ impl KernelFeatures {
 pub fn loader<'a>() -> EbpfLoader<'a> {
     let features = KernelFeatures::get();
     let mut loader = EbpfLoader::new();
+    // No verifier log: aya's default (every instruction logged, the load repeated with a
+    // bigger buffer each time the log fills) costs several verifications per program, which
+    // made older kernels' loads take many seconds. A refusal is explained by loading the
+    // program again with the log on (verify::describe_load_error).
+    loader.verifier_log_level(VerifierLogLevel::DISABLE);
     let set_retval: &'static u8 = if features.sock_set_retval { &1 } else { &0 };
     loader.override_global("SOCK_SET_RETVAL", set_retval, true);
     loader

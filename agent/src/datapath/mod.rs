@@ -1475,7 +1475,7 @@ pub(crate) fn refused(program: &str, error: &ProgramError) -> anyhow::Error {
         "loading program `{program}` into the kernel (Linux {}; Sluice needs Linux 5.10 or \
          later) failed: {}",
         features::kernel_release(),
-        verify::describe_load_error(error)
+        verify::describe_load_error(program, error)
     )
 }
 
