@@ -702,6 +702,17 @@ impl Datapath {
     /// [`Datapath::load_unpinned`] with the services, backends and conntrack maps sized by
     /// `sizes`.
     pub fn load_unpinned_with(sizes: &MapSizes) -> anyhow::Result<Datapath> {
+        Self::load_private(sizes, true)
+    }
+
+    /// [`Datapath::load_unpinned`] whose programs are loaded when first asked for
+    /// ([`Datapath::classifier`]): `sluice trace` runs two or three of the four, and a
+    /// program's verification is most of a trace's time (seconds on older kernels' verifiers).
+    pub fn load_unpinned_lazily() -> anyhow::Result<Datapath> {
+        Self::load_private(&MapSizes::default(), false)
+    }
+
+    fn load_private(sizes: &MapSizes, load_programs: bool) -> anyhow::Result<Datapath> {
         sizes.check()?;
         // The object's maps are not marked as pinned (ebpf/src/maps.rs), so without a pin path
         // the loader creates fresh ones.
@@ -712,22 +723,7 @@ impl Datapath {
         let ebpf = loader
             .load(object())
             .context("loading the eBPF object with private maps")?;
-        Self::from_loaded(ebpf, None, sizes, true)
-    }
-
-    /// [`Datapath::load_unpinned`] whose programs are loaded when first asked for
-    /// ([`Datapath::classifier`]): `sluice trace` runs two or three of the four, and a
-    /// program's verification is most of a trace's time (seconds on older kernels' verifiers).
-    pub fn load_unpinned_lazily() -> anyhow::Result<Datapath> {
-        let sizes = MapSizes::default();
-        let mut loader = features::loader();
-        for spec in &MAPS {
-            loader.map_max_entries(spec.name, spec.capacity.of(&sizes));
-        }
-        let ebpf = loader
-            .load(object())
-            .context("loading the eBPF object with private maps")?;
-        Self::from_loaded(ebpf, None, &sizes, false)
+        Self::from_loaded(ebpf, None, sizes, load_programs)
     }
 
     /// The tc program `name` (one of the hooks' programs), loaded into the kernel now if it

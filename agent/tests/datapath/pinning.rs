@@ -260,20 +260,12 @@ fn attach_external_runs_the_world_programs_with_their_own_links() {
 fn has_tcx() -> bool {
     let tcx = sluice::datapath::features::KernelFeatures::get().tcx;
     if !tcx {
-        let release = sluice::datapath::features::kernel_release();
-        let (major, minor) = release
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|n| n.parse::<u32>().ok())
-            .fold((None, None), |(a, b), n| match (a, b) {
-                (None, _) => (Some(n), None),
-                (Some(a), None) => (Some(a), Some(n)),
-                done => done,
-            });
+        let version = aya::util::KernelVersion::current().expect("the kernel's version");
         assert!(
-            (major.unwrap(), minor.unwrap()) < (6, 6),
-            "Linux {release} has tcx, but the agent would not use it"
+            version < aya::util::KernelVersion::new(6, 6, 0),
+            "Linux {version:?} has tcx, but the agent would not use it"
         );
-        eprintln!("Linux {release} has no tcx links: the agent attaches with clsact here");
+        eprintln!("Linux {version:?} has no tcx links: the agent attaches with clsact here");
     }
     tcx
 }
