@@ -105,6 +105,14 @@ impl ServerThread {
                     Ok((tcp, udp)) => {
                         let _ = tx.send(Ok(()));
                         serve_loop(&stop2, answer.as_bytes(), &tcp, &udp, &seen);
+                        // Stop listening now, not when the last reference goes: a process
+                        // another test thread is spawning holds a copy of every descriptor
+                        // until it execs, and a listener closed only by `drop` keeps
+                        // accepting (then resets) connections until then. `shutdown` on a
+                        // listening socket closes it whoever else holds it.
+                        for l in &tcp {
+                            let _ = socket2::SockRef::from(l).shutdown(std::net::Shutdown::Both);
+                        }
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e));
