@@ -14,6 +14,7 @@ mod support;
 mod affinity;
 mod clusterip;
 mod conntrack;
+mod fuzz;
 mod ipv6;
 mod kernel;
 mod layout;
