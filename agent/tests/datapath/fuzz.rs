@@ -1430,3 +1430,520 @@ fn fuzz_truncated_frames_of_every_kind_pass_untouched_or_drop_at_every_length() 
         fuzz.finish("truncation", started);
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// 2. Random frames
+
+// A seeded PRNG (xorshift64*)
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+
+    fn port(&mut self) -> u16 {
+        self.next() as u16
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.byte()).collect()
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+}
+
+fn seed() -> u64 {
+    match std::env::var("SLUICE_FUZZ_SEED") {
+        Ok(seed) => seed.parse().expect("SLUICE_FUZZ_SEED: a u64"),
+        Err(_) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            (now.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+        }
+    }
+}
+
+/// Frames per program of the random test (`SLUICE_FUZZ_FRAMES=<n>` for a longer run).
+const RANDOM_FRAMES: usize = 20_000;
+
+const HAIRPIN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa9fe, 0x2a01, 0, 0, 0, 0, 1);
+
+const POOL4: [Ipv4Addr; 12] = [
+    VIP,
+    VIP_REJECT,
+    NODE_IP,
+    LOCAL_POD,
+    REMOTE_POD,
+    LOCAL_CLIENT,
+    OUTSIDER,
+    XA,
+    YA,
+    HAIRPIN_ADDR,
+    ROUTER,
+    NOWHERE,
+];
+
+const POOL6: [Ipv6Addr; 12] = [
+    VIP6,
+    VIP6_REJECT,
+    NODE6,
+    LOCAL_POD6,
+    REMOTE_POD6,
+    CLIENT6,
+    OUTSIDER6,
+    XA6,
+    YA6,
+    HAIRPIN6,
+    ROUTER6,
+    NOWHERE6,
+];
+
+const PORTS: [u16; 9] = [
+    TCP_PORT,
+    UDP_PORT,
+    SCTP_PORT,
+    NODE_PORT,
+    DROP_NODE_PORT,
+    TARGET_PORT,
+    41_000,
+    0,
+    65_535,
+];
+
+/// A frame of the random test: what it is, and the frame it was cut from (when it was).
+struct Generated {
+    frame: Vec<u8>,
+    full: Option<Vec<u8>>,
+    what: String,
+}
+
+impl Tuple {
+    fn is_v6(&self) -> bool {
+        self.src.is_ipv6()
+    }
+}
+
+fn random_addr(rng: &mut Rng, v6: bool) -> IpAddr {
+    match (v6, rng.chance(80)) {
+        (false, true) => rng.pick(&POOL4).into(),
+        (true, true) => rng.pick(&POOL6).into(),
+        (false, false) => IpAddr::from(<[u8; 4]>::try_from(rng.bytes(4)).unwrap()),
+        (true, false) => IpAddr::from(<[u8; 16]>::try_from(rng.bytes(16)).unwrap()),
+    }
+}
+
+fn random_port(rng: &mut Rng) -> u16 {
+    if rng.chance(50) {
+        rng.pick(&PORTS)
+    } else {
+        rng.port()
+    }
+}
+
+/// A payload length: mostly short, now and then most of a frame.
+fn random_len(rng: &mut Rng) -> usize {
+    match rng.below(10) {
+        0..=5 => rng.below(65),
+        6..=8 => rng.below(513),
+        _ => rng.below(1301),
+    }
+}
+
+fn random_payload(rng: &mut Rng) -> Vec<u8> {
+    let len = random_len(rng);
+    rng.bytes(len)
+}
+
+fn random_tcp_flags(rng: &mut Rng) -> u8 {
+    if rng.chance(50) {
+        rng.pick(&[
+            TCP_SYN,
+            TCP_SYN | TCP_ACK,
+            TCP_ACK,
+            TCP_PSH_ACK,
+            TCP_RST,
+            TCP_RST | TCP_ACK,
+            packet::TCP_FIN | TCP_ACK,
+        ])
+    } else {
+        rng.byte()
+    }
+}
+
+impl Model {
+    /// A tuple to build a packet of: to a frontend, of a tracked flow (either way), or made
+    /// of the addresses and ports the datapath knows, or random ones.
+    fn random_tuple(&self, rng: &mut Rng, v6: bool) -> Tuple {
+        let family = |t: &&Tuple| t.is_v6() == v6;
+        let tracked = match rng.below(10) {
+            0..=2 => {
+                let frontends: Vec<_> = self
+                    .frontend_list
+                    .iter()
+                    .filter(|(_, ip, _)| ip.is_ipv6() == v6)
+                    .collect();
+                let &(proto, dst, dport) = frontends[rng.below(frontends.len())];
+                Some(Tuple {
+                    proto,
+                    src: random_addr(rng, v6),
+                    sport: random_port(rng),
+                    dst,
+                    dport,
+                })
+            }
+            3..=4 => {
+                let replies: Vec<_> = self.reply_list.iter().filter(family).collect();
+                (!replies.is_empty()).then(|| *replies[rng.below(replies.len())])
+            }
+            5 => {
+                let forward: Vec<_> = self.forward_list.iter().filter(family).collect();
+                (!forward.is_empty()).then(|| *forward[rng.below(forward.len())])
+            }
+            _ => None,
+        };
+        tracked.unwrap_or_else(|| Tuple {
+            proto: rng.pick(&[PROTO_TCP, PROTO_UDP, PROTO_SCTP]),
+            src: random_addr(rng, v6),
+            sport: random_port(rng),
+            dst: random_addr(rng, v6),
+            dport: random_port(rng),
+        })
+    }
+
+    /// A packet of a random tuple (TCP/UDP/SCTP, an ICMP error quoting one, another ICMP
+    /// message, another protocol) with a random payload, checksums valid.
+    fn random_packet(&self, rng: &mut Rng, v6: bool) -> (Vec<u8>, String) {
+        match rng.below(10) {
+            0..=5 => {
+                let t = self.random_tuple(rng, v6);
+                let flags = match t.proto {
+                    PROTO_TCP => random_tcp_flags(rng),
+                    _ => rng.byte() & TCP_ACK,
+                };
+                let payload = random_payload(rng);
+                let mut frame = flow_frame(&t, flags, &payload);
+                if t.proto == PROTO_UDP && !v6 && rng.chance(10) {
+                    let at = ETH_HLEN + IPV4_HLEN + 6;
+                    frame[at..at + 2].copy_from_slice(&[0, 0]); // no checksum
+                }
+                (frame, format!("{t} flags {flags:#04x}"))
+            }
+            6..=7 => {
+                // The quoted packet: one toward a tracked flow's backend or its client as it
+                // got it (both travel back to their sender), or any other.
+                let quoted = match rng.below(3) {
+                    0 => self.random_tuple(rng, v6),
+                    _ => {
+                        let t = self.random_tuple(rng, v6);
+                        if rng.chance(50) {
+                            t.reversed()
+                        } else {
+                            t
+                        }
+                    }
+                };
+                let flags = if quoted.proto == PROTO_TCP {
+                    random_tcp_flags(rng)
+                } else {
+                    0
+                };
+                let mut about = flow_frame(&quoted, flags, &random_payload(rng));
+                if !v6 && rng.chance(10) {
+                    about = with_ip_options(&about, &IP_OPTIONS);
+                }
+                let ip = &about[ETH_HLEN..];
+                let quote_len = match rng.below(5) {
+                    0 => ip.len(),
+                    1 => (if v6 { 48 } else { 28 }).min(ip.len()),
+                    2 => (if v6 { 44 } else { 24 }).min(ip.len()),
+                    _ => rng.below(ip.len() + 1),
+                };
+                let any = (rng.byte(), rng.byte());
+                let kind = if v6 {
+                    rng.pick(&[
+                        (1, 4),
+                        (1, 0),
+                        (2, 0),
+                        (3, 0),
+                        (4, 0),
+                        (ICMPV6_ECHO_REQUEST, 0),
+                        (129, 0),
+                        any,
+                    ])
+                } else {
+                    rng.pick(&[
+                        (3, 3),
+                        (3, 4),
+                        (3, 1),
+                        (11, 0),
+                        (12, 0),
+                        (4, 0),
+                        (5, 1),
+                        any,
+                    ])
+                };
+                let (src, dst) = if rng.chance(70) {
+                    (quoted.dst, quoted.src)
+                } else {
+                    (random_addr(rng, v6), random_addr(rng, v6))
+                };
+                let frame = icmp_frame(src, dst, kind, rng.next() as u32, &ip[..quote_len]);
+                (
+                    frame,
+                    format!("ICMP {kind:?} quoting {quote_len} bytes of {quoted}"),
+                )
+            }
+            8 => {
+                let kind = if v6 {
+                    (rng.pick(&[ICMPV6_ECHO_REQUEST, 129, 133, 135, 136]), 0)
+                } else {
+                    (rng.pick(&[ICMP_ECHO_REQUEST, 0, 13]), 0)
+                };
+                let (src, dst) = (random_addr(rng, v6), random_addr(rng, v6));
+                let body = random_payload(rng);
+                let frame = icmp_frame(src, dst, kind, rng.next() as u32, &body);
+                (frame, format!("ICMP {kind:?} {src} -> {dst}"))
+            }
+            _ => {
+                let proto = rng.byte();
+                let (src, dst) = (random_addr(rng, v6), random_addr(rng, v6));
+                let frame = ip_frame(src, dst, proto, random_payload(rng), None);
+                (frame, format!("protocol {proto} {src} -> {dst}"))
+            }
+        }
+    }
+
+    /// [`Model::random_packet`], its IP header mutated now and then (options, fragments, TTL,
+    /// lengths, version, IPv6 extension headers), trailing bytes added, VLAN tags pushed or
+    /// the other family's ethertype put in front of it, or cut short.
+    fn random_structured(&self, rng: &mut Rng) -> Generated {
+        let v6 = rng.chance(50);
+        let (mut frame, mut what) = self.random_packet(rng, v6);
+        let ip = ETH_HLEN;
+        if v6 {
+            if rng.chance(15) {
+                for _ in 0..1 + rng.below(3) {
+                    let ext =
+                        rng.pick(&[IPV6_HOP_BY_HOP, IPV6_ROUTING, IPV6_DEST_OPTS, IPV6_FRAGMENT]);
+                    let fragment = ((rng.port() & 0x1fff), rng.chance(50));
+                    frame = with_ipv6_extension(&frame, ext, fragment);
+                    what.push_str(&format!(", extension header {ext}"));
+                }
+            }
+            if rng.chance(25) {
+                frame[ip + 7] = rng.pick(&[0, 1, 2, 255]);
+            }
+            if rng.chance(8) {
+                frame[ip + 4..ip + 6].copy_from_slice(&rng.port().to_be_bytes());
+            }
+            if rng.chance(5) {
+                frame[ip + 1..ip + 4].copy_from_slice(&rng.bytes(3));
+            }
+            if rng.chance(4) {
+                frame[ip] = rng.byte();
+            }
+        } else {
+            if rng.chance(12) {
+                let len = 4 * (1 + rng.below(10));
+                let options = rng.bytes(len);
+                frame = with_ip_options(&frame, &options);
+                what.push_str(&format!(", {} bytes of IP options", options.len()));
+            }
+            match rng.below(20) {
+                0..=1 => frame[ip + 6..ip + 8].copy_from_slice(&rng.port().to_be_bytes()),
+                2 => frame[ip + 6..ip + 8].copy_from_slice(&0x2000u16.to_be_bytes()),
+                _ => {}
+            }
+            if rng.chance(25) {
+                frame[ip + 8] = rng.pick(&[0, 1, 2, 255]);
+            }
+            if rng.chance(8) {
+                frame[ip + 2..ip + 4].copy_from_slice(&rng.port().to_be_bytes());
+            }
+            if rng.chance(4) {
+                frame[ip] = (frame[ip] & 0x0f) | (rng.byte() & 0xf0);
+            }
+            if rng.chance(4) {
+                frame[ip] = (frame[ip] & 0xf0) | (rng.byte() & 0x0f);
+            }
+            if rng.chance(90) {
+                fix_ipv4_checksum(&mut frame);
+            }
+        }
+        if rng.chance(10) {
+            let len = 1 + rng.below(64);
+            let junk = rng.bytes(len);
+            frame.extend_from_slice(&junk);
+            what.push_str(", trailing bytes");
+        }
+        match rng.below(20) {
+            0 => {
+                frame = vlan_tagged(&frame, ETH_P_8021Q);
+                what.push_str(", VLAN-tagged");
+            }
+            1 => {
+                frame = vlan_tagged(&vlan_tagged(&frame, ETH_P_8021Q), ETH_P_8021AD);
+                what.push_str(", QinQ-tagged");
+            }
+            2 => {
+                frame = with_ethertype(&frame, if v6 { 0x0800 } else { ETH_P_IPV6 });
+                what.push_str(", the other family's ethertype");
+            }
+            _ => {}
+        }
+        let mut full = None;
+        if frame.len() > FRAME_MAX || rng.chance(15) {
+            let len = rng.below(frame.len().min(FRAME_MAX));
+            full = Some(frame.clone());
+            frame.truncate(len);
+            what.push_str(&format!(", cut to {len} bytes"));
+        }
+        Generated { frame, full, what }
+    }
+
+    /// Random bytes behind an IPv4 or IPv6 header's first bytes: version, a protocol the
+    /// datapath handles, often a frontend's address and port.
+    fn random_ip_like(&self, rng: &mut Rng) -> Generated {
+        let v6 = rng.chance(50);
+        let len = ETH_HLEN + 44 + rng.below(FRAME_MAX - ETH_HLEN - 44 + 1);
+        let mut frame = rng.bytes(len);
+        let ip = ETH_HLEN;
+        let (_, dst, dport) = if rng.chance(60) {
+            let frontends: Vec<_> = self
+                .frontend_list
+                .iter()
+                .filter(|(_, ip, _)| ip.is_ipv6() == v6)
+                .collect();
+            *frontends[rng.below(frontends.len())]
+        } else {
+            (0, random_addr(rng, v6), random_port(rng))
+        };
+        let proto = rng.pick(&[PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_ICMP, PROTO_ICMPV6]);
+        if v6 {
+            frame[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+            frame[ip] = 0x60 | (frame[ip] & 0x0f);
+            frame[ip + 6] = proto;
+            if let IpAddr::V6(dst) = dst {
+                frame[ip + 24..ip + 40].copy_from_slice(&dst.octets());
+            }
+            frame[ip + 42..ip + 44].copy_from_slice(&dport.to_be_bytes());
+        } else {
+            frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+            let ihl = if rng.chance(80) { 5 } else { rng.byte() & 0x0f };
+            frame[ip] = 0x40 | ihl;
+            frame[ip + 9] = proto;
+            if rng.chance(80) {
+                frame[ip + 6] &= 0xe0; // no fragment offset
+            }
+            if let IpAddr::V4(dst) = dst {
+                frame[ip + 16..ip + 20].copy_from_slice(&dst.octets());
+            }
+            let l4 = ip + usize::from(ihl) * 4;
+            if l4 + 4 <= frame.len() {
+                frame[l4 + 2..l4 + 4].copy_from_slice(&dport.to_be_bytes());
+            }
+        }
+        let what = format!("random bytes behind an IP header to {dst}:{dport}, protocol {proto}");
+        Generated {
+            frame,
+            full: None,
+            what,
+        }
+    }
+
+    fn random_frame(&self, rng: &mut Rng) -> Generated {
+        match rng.below(100) {
+            0..=54 => self.random_structured(rng),
+            55..=74 => self.random_ip_like(rng),
+            _ => {
+                let len = if rng.chance(40) {
+                    rng.below(65)
+                } else {
+                    rng.below(FRAME_MAX + 1)
+                };
+                let mut frame = rng.bytes(len);
+                if len >= ETH_HLEN && rng.chance(50) {
+                    let ethertype =
+                        rng.pick(&[0x0800, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD, 0x0806]);
+                    frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
+                }
+                Generated {
+                    frame,
+                    full: None,
+                    what: format!("{len} random bytes"),
+                }
+            }
+        }
+    }
+}
+
+/// [`RANDOM_FRAMES`] random frames through every program: packets of random tuples (to the
+/// frontends, of the tracked flows, of the pods, random) with random payloads and mutated
+/// headers, cut short now and then; random bytes behind an IP header; random bytes.
+///
+/// `SLUICE_FUZZ_SEED=<n>` replays a run (up to the datapath's own random choices: backends,
+/// masquerade ports), `SLUICE_FUZZ_FRAMES=<n>` runs that many frames; a failure names the seed.
+#[test]
+fn fuzz_random_frames_that_are_not_ours_pass_untouched() {
+    let seed = seed();
+    let node = dual_stack_node();
+    node.run(|ifs| {
+        let started = Instant::now();
+        let (datapath, model) = fuzz_datapath();
+        let before = datapath.drop_counts().expect("drop counters");
+        let mut fuzz = Fuzz {
+            datapath: &datapath,
+            ifs,
+            model,
+            seed: Some(seed),
+            tally: Tally::default(),
+            failed: BTreeMap::new(),
+            examples: Vec::new(),
+        };
+        fuzz.open_flows();
+        let mut rng = Rng::new(seed);
+        let frames = std::env::var("SLUICE_FUZZ_FRAMES")
+            .map(|n| n.parse().expect("SLUICE_FUZZ_FRAMES: a number"))
+            .unwrap_or(RANDOM_FRAMES);
+        for i in 0..frames {
+            let generated = fuzz.model.random_frame(&mut rng);
+            for prog in PROGRAMS {
+                fuzz.check(
+                    prog,
+                    &generated.frame,
+                    generated.full.as_deref(),
+                    "random frame",
+                    &format!("{i}: {}", generated.what),
+                );
+            }
+        }
+        fuzz.check_counters(&before);
+        fuzz.finish("random", started);
+    });
+}
