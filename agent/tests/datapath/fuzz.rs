@@ -1362,11 +1362,7 @@ fn frames_of_every_kind(f: &Family, o: &Opened) -> Vec<(String, Vec<u8>)> {
     frames
         .into_iter()
         .map(|(what, frame)| {
-            assert!(
-                frame.len() <= FRAME_MAX + 8,
-                "{what}: {} bytes",
-                frame.len()
-            );
+            assert_eq!(frame.len(), FRAME_MAX, "{what}");
             (format!("{fam} {what}"), frame)
         })
         .collect()
