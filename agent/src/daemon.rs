@@ -66,7 +66,10 @@ pub struct AgentConfig {
 }
 
 /// Runs the agent until `shutdown` completes. The pinned datapath stays in place afterwards.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    mut config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     for line in crate::datapath::features::KernelFeatures::get().missing() {
         tracing::warn!("{line}");
     }
@@ -97,8 +100,19 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         }
     }
 
-    if let Some(warning) = node::masquerade_port_warning(&config.node.masquerade_port_range) {
-        tracing::warn!("{warning}");
+    match node::ephemeral_ports() {
+        Ok(ports) => config.node.ephemeral_ports = Some(ports),
+        Err(e) => tracing::warn!(
+            "cannot read the node's ephemeral ports ({e:#}): masquerading uses all of \
+             --masquerade-port-range, and may collide with connections of the node itself"
+        ),
+    }
+    match node::describe_masquerade_ports(
+        &config.node.masquerade_port_range,
+        config.node.ephemeral_ports.as_ref(),
+    ) {
+        (line, true) => tracing::warn!("{line}"),
+        (line, false) => tracing::info!("{line}"),
     }
     let proxy_health = Arc::new(ProxyHealth::new(HEALTH_TIMEOUT));
     let _healthz = match config.healthz_bind_address {
@@ -166,6 +180,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let mut conntrack_gc = tokio::time::interval(config.conntrack_gc_interval);
     conntrack_gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     conntrack_gc.tick().await;
+    let mut pressure =
+        crate::pressure::Pressure::new(&agent.datapath.drop_counts().unwrap_or_default());
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -191,19 +207,36 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             }
             _ = conntrack_gc.tick() => {
                 match agent.datapath.collect_garbage() {
-                    Ok(stats) if stats.removed + stats.removed6 > 0 => tracing::info!(
-                        removed = stats.removed,
-                        removed_ipv6 = stats.removed6,
-                        live = stats.live,
-                        live_ipv6 = stats.live6,
-                        "conntrack gc: removed expired entries"
-                    ),
+                    Ok(stats) if stats.removed + stats.removed6 + stats.policy_removed > 0 => {
+                        tracing::info!(
+                            removed = stats.removed,
+                            removed_ipv6 = stats.removed6,
+                            live = stats.live,
+                            live_ipv6 = stats.live6,
+                            policy_flows_removed = stats.policy_removed,
+                            "conntrack gc: removed expired entries"
+                        )
+                    }
                     Ok(stats) => tracing::debug!(
                         live = stats.live,
                         live_ipv6 = stats.live6,
                         "conntrack gc: nothing expired"
                     ),
                     Err(e) => tracing::warn!("conntrack gc: {e:#}"),
+                }
+                match agent.datapath.drop_counts() {
+                    Ok(counts) => {
+                        for moved in pressure.check(&counts) {
+                            tracing::warn!(
+                                reason = moved.reason,
+                                new = moved.new,
+                                total = moved.total,
+                                "{}",
+                                moved.meaning
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!("reading the drop counters: {e:#}"),
                 }
             }
         }

@@ -30,9 +30,9 @@ use sluice_common::{
     policy6_prefix_len, policy_prefix_len, reason_name, Backend, Backend6, BackendKey, CtKey,
     CtKey6, CtValue, CtValue6, PolicyKey, PolicyKey6, PolicyValue, Reason, ServiceKey, ServiceKey6,
     ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, DEFAULT_PIN_PATH, ISOLATED_EGRESS,
-    ISOLATED_INGRESS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS,
-    MAP_ISOLATED, MAP_ISOLATED6, MAP_POLICY, MAP_POLICY6, MAP_SERVICES, MAP_SERVICES6,
-    REASON_COUNT, WAY_INGRESS,
+    ISOLATED_INGRESS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_CT_ANSWERED,
+    MAP_CT_ANSWERED6, MAP_DROPS, MAP_ISOLATED, MAP_ISOLATED6, MAP_POLICY, MAP_POLICY6,
+    MAP_SERVICES, MAP_SERVICES6, REASON_LAST, WAY_INGRESS,
 };
 
 use crate::{
@@ -221,7 +221,15 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
         snapshot.backends = read_all(&backends, pin_path, MAP_BACKENDS)?;
     }
     if wants(only, Table::Conntrack) {
-        snapshot.conntrack = read_all(&conntrack, pin_path, MAP_CONNTRACK)?;
+        // Answered flows first (an agent from before `ct_answered` has none).
+        if pin_path.join(MAP_CT_ANSWERED).exists() {
+            let answered: HashMap<MapData, CtKey, CtValue> =
+                open_read_only(pin_path, MAP_CT_ANSWERED)?;
+            snapshot.conntrack = read_all(&answered, pin_path, MAP_CT_ANSWERED)?;
+        }
+        snapshot
+            .conntrack
+            .extend(read_all(&conntrack, pin_path, MAP_CONNTRACK)?);
     }
     // The IPv6 maps, when pinned (an agent from before IPv6 support has none).
     if pin_path.join(MAP_SERVICES6).exists() {
@@ -236,7 +244,14 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
             snapshot.backends6 = read_all(&backends6, pin_path, MAP_BACKENDS6)?;
         }
         if wants(only, Table::Conntrack) {
-            snapshot.conntrack6 = read_all(&conntrack6, pin_path, MAP_CONNTRACK6)?;
+            if pin_path.join(MAP_CT_ANSWERED6).exists() {
+                let answered6: HashMap<MapData, CtKey6, CtValue6> =
+                    open_read_only(pin_path, MAP_CT_ANSWERED6)?;
+                snapshot.conntrack6 = read_all(&answered6, pin_path, MAP_CT_ANSWERED6)?;
+            }
+            snapshot
+                .conntrack6
+                .extend(read_all(&conntrack6, pin_path, MAP_CONNTRACK6)?);
         }
     }
     // The drops and NetworkPolicy maps, when pinned (an agent from before policy has none).
@@ -248,7 +263,8 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
                     pin_path.join(MAP_DROPS).display()
                 )
             })?;
-        for reason in 1..REASON_COUNT {
+        // A drops map pinned by an older agent may have fewer reasons.
+        for reason in 1..=REASON_LAST.min(drops.len().saturating_sub(1)) {
             let per_cpu = drops
                 .get(&reason, 0)
                 .with_context(|| format!("reading {}", pin_path.join(MAP_DROPS).display()))?;

@@ -24,6 +24,7 @@ pub mod monitor;
 pub mod node;
 pub mod packet;
 pub mod policy;
+pub mod pressure;
 pub mod state;
 pub mod trace;
 pub mod translate;

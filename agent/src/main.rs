@@ -70,11 +70,18 @@ enum Command {
         /// frontend. 80/96 bytes per entry (IPv4/IPv6); resized as --max-services.
         #[arg(long, default_value_t = sluice_common::MAX_BACKENDS)]
         max_backends: u32,
-        /// Entries of the conntrack maps (IPv4 and IPv6 each): two per translated flow; the
-        /// least recently used go when full. 120/168 bytes per entry (IPv4/IPv6); resized as
-        /// --max-services, keeping the flows.
+        /// Entries of the conntrack maps (IPv4 and IPv6 each, two maps each: flows the
+        /// backend answered, which nothing evicts, and the others, the least recently used
+        /// of which go when full): two per translated flow. When the answered map is full, a
+        /// newly answered flow stays evictable (counted: conntrack-answered-full). 120/168
+        /// bytes per entry (IPv4/IPv6); resized as --max-services, keeping the flows.
         #[arg(long, default_value_t = sluice_common::MAX_CONNTRACK)]
         max_conntrack: u32,
+        /// Entries of the NetworkPolicy flow maps (IPv4 and IPv6 each, two maps each as
+        /// conntrack's): one per direction of each connection a pod of this node opens or
+        /// accepts. Resized as --max-services, keeping the flows.
+        #[arg(long, default_value_t = sluice_common::MAX_POLICY_FLOWS)]
+        max_policy_flows: u32,
     },
     /// Push a synthetic packet through the real programs (BPF_PROG_RUN) with maps filled from
     /// manifests, and show what the datapath does with it. Never touches a running agent.
@@ -123,6 +130,7 @@ fn main() -> ExitCode {
             max_services,
             max_backends,
             max_conntrack,
+            max_policy_flows,
         } => agent_config(
             manifests,
             config,
@@ -146,6 +154,7 @@ fn main() -> ExitCode {
                     services: max_services,
                     backends: max_backends,
                     conntrack: max_conntrack,
+                    policy_flows: max_policy_flows,
                 },
                 resync_interval: Duration::from_secs(resync_interval.max(1)),
                 conntrack_gc_interval: conntrack_gc_interval.max(Duration::from_millis(100)),

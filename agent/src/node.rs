@@ -35,11 +35,17 @@ pub struct NodeOptions {
     /// rest), written to the `config` map.
     #[command(flatten)]
     pub conntrack: ConntrackOptions,
-    /// The source ports masquerading to a node address uses, `FIRST-LAST`: keep it outside
-    /// the node's ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by default), so
-    /// a masqueraded flow never shares a tuple with a connection the node opens itself.
-    #[arg(long, default_value = "61000-65535")]
+    /// The source ports masquerading to a node address uses, `FIRST-LAST`, less the node's
+    /// ephemeral ports (net.ipv4.ip_local_port_range, 32768-60999 by default), which are
+    /// skipped so a masqueraded flow never shares a tuple with a connection the node opens
+    /// itself. A port is needed per (node address, backend address and port, protocol): the
+    /// default leaves 36,280 concurrent masqueraded connections per backend port.
+    #[arg(long, default_value = "1024-65535")]
     pub masquerade_port_range: PortRange,
+    /// The node's ephemeral ports, skipped by masquerading: read by the agent at start
+    /// ([`ephemeral_ports`]), not a flag.
+    #[arg(skip)]
+    pub ephemeral_ports: Option<PortRange>,
 }
 
 /// How long a silent flow stays in conntrack, by protocol and TCP state. Durations as
@@ -168,17 +174,40 @@ pub fn ephemeral_ports() -> anyhow::Result<PortRange> {
     }
 }
 
-/// A warning when the masquerade ports overlap the node's ephemeral ports: a masqueraded flow
-/// could then take the tuple of a connection the node opens to the same backend.
-pub fn masquerade_port_warning(masquerade: &PortRange) -> Option<String> {
-    match ephemeral_ports() {
-        Ok(ephemeral) if ephemeral.overlaps(masquerade) => Some(format!(
-            "--masquerade-port-range {masquerade} overlaps the node's ephemeral ports \
-             {ephemeral} (net.ipv4.ip_local_port_range): a masqueraded flow may collide with a \
-             connection of the node itself"
-        )),
-        Ok(_) => None,
-        Err(e) => Some(format!("cannot check the masquerade port range: {e:#}")),
+/// What masquerading uses: `masquerade` less `ephemeral` (the node's ephemeral ports), as a
+/// log line; a warning when nothing would be left (the range is then used whole).
+pub fn describe_masquerade_ports(
+    masquerade: &PortRange,
+    ephemeral: Option<&PortRange>,
+) -> (String, bool) {
+    let config = sluice_common::NodeConfig {
+        snat_port_min: masquerade.first,
+        snat_port_max: masquerade.last,
+        skip_port_min: ephemeral.map_or(0, |r| r.first),
+        skip_port_max: ephemeral.map_or(0, |r| r.last),
+        ..Default::default()
+    };
+    let (_, usable, _, skipped) = config.snat_port_space();
+    match ephemeral {
+        Some(ephemeral) if ephemeral.overlaps(masquerade) && skipped == 0 => (
+            format!(
+                "--masquerade-port-range {masquerade} lies inside the node's ephemeral ports \
+                 {ephemeral} (net.ipv4.ip_local_port_range): all of it is used, and a \
+                 masqueraded flow may collide with a connection of the node itself"
+            ),
+            true,
+        ),
+        Some(ephemeral) if skipped != 0 => (
+            format!(
+                "masquerade ports {masquerade} less the node's ephemeral ports {ephemeral}: \
+                 {usable} per backend address and port"
+            ),
+            false,
+        ),
+        _ => (
+            format!("masquerade ports {masquerade}: {usable} per backend address and port"),
+            false,
+        ),
     }
 }
 
@@ -197,6 +226,8 @@ pub struct NodeContext {
     pub conntrack: CtTimeouts,
     /// The masquerade source ports; `None`: the datapath's default range.
     pub masquerade_ports: Option<PortRange>,
+    /// Ports masquerading skips (the node's ephemeral ports); `None`: none.
+    pub skip_ports: Option<PortRange>,
 }
 
 impl NodeContext {
@@ -227,6 +258,7 @@ pub fn resolve(options: &NodeOptions, objects: &Objects) -> Result<NodeContext, 
         masquerade_all: options.masquerade_all,
         conntrack: options.conntrack.timeouts(),
         masquerade_ports: Some(options.masquerade_port_range),
+        skip_ports: options.ephemeral_ports,
     };
     if let Some(name) = &options.node_name {
         let Some(node) = objects.nodes.get(name) else {
@@ -350,6 +382,15 @@ status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
             .parse::<PortRange>()
             .unwrap()
             .overlaps(&ephemeral));
+
+        let (line, warn) = describe_masquerade_ports(&PortRange::default(), Some(&ephemeral));
+        assert!(!warn);
+        assert!(line.contains("36280 per backend"), "{line}");
+        let (line, warn) =
+            describe_masquerade_ports(&"40000-50000".parse().unwrap(), Some(&ephemeral));
+        assert!(warn, "{line}");
+        let (line, _) = describe_masquerade_ports(&range, None);
+        assert!(line.contains("4536 per backend"), "{line}");
 
         assert_eq!(parse_timeout("24h").unwrap(), Duration::from_secs(86_400));
         assert_eq!(parse_timeout("500ms").unwrap(), Duration::from_millis(500));

@@ -11,6 +11,7 @@
 //! | `services`        | hash             | [`ServiceKey`]       | [`ServiceValue`] | agent      |
 //! | `backends`        | hash             | [`BackendKey`]       | [`Backend`]      | agent      |
 //! | `conntrack`       | LRU hash         | [`CtKey`]            | [`CtValue`]      | programs (agent purges) |
+//! | `ct_answered`     | hash             | [`CtKey`]            | [`CtValue`]      | programs (agent expires) |
 //! | `affinity`        | LRU hash         | [`AffinityKey`]      | [`AffinityValue`]| programs (agent purges) |
 //! | `source_ranges`   | LPM trie         | [`SourceRangeKey`] with a prefix length | `u8` (1) | agent |
 //! | `config`          | array, 1 entry   | `u32` 0              | [`NodeConfig`]   | agent      |
@@ -18,6 +19,7 @@
 //! | `services6`       | hash             | [`ServiceKey6`]      | [`ServiceValue`] | agent      |
 //! | `backends6`       | hash             | [`BackendKey`]       | [`Backend6`]     | agent      |
 //! | `conntrack6`      | LRU hash         | [`CtKey6`]           | [`CtValue6`]     | programs (agent purges) |
+//! | `ct_answered6`    | hash             | [`CtKey6`]           | [`CtValue6`]     | programs (agent expires) |
 //! | `affinity6`       | LRU hash         | [`AffinityKey6`]     | [`AffinityValue6`]| programs (agent purges) |
 //! | `source_ranges6`  | LPM trie         | [`SourceRangeKey6`] with a prefix length | `u8` (1) | agent |
 //! | `config6`         | array, 1 entry   | `u32` 0              | [`NodeConfig6`]  | agent      |
@@ -27,10 +29,12 @@
 //! | `policy`          | LPM trie         | [`PolicyKey`] with a prefix length | [`PolicyValue`] | agent |
 //! | `isolated`        | hash             | `u32` pod IPv4       | `u8` `ISOLATED_*`| agent      |
 //! | `policy_flows`    | LRU hash         | [`PolicyFlowKey`]    | `u64` last seen ns | programs |
+//! | `policy_replied`  | hash             | [`PolicyFlowKey`]    | `u64` last seen ns | programs (agent expires) |
 //! | `policy_events`   | ring buffer      | -                    | [`PolicyEvent`] or [`PolicyEvent6`] | programs (`sluice monitor` reads) |
 //! | `policy6`         | LPM trie         | [`PolicyKey6`] with a prefix length | [`PolicyValue`] | agent |
 //! | `isolated6`       | hash             | `[u32; 4]` pod IPv6  | `u8` `ISOLATED_*`| agent      |
 //! | `policy_flows6`   | LRU hash         | [`PolicyFlowKey6`]   | `u64` last seen ns | programs |
+//! | `policy_replied6` | hash             | [`PolicyFlowKey6`]   | `u64` last seen ns | programs (agent expires) |
 //!
 //! The programs also have a private per-CPU array, `scratch6` (not pinned, no state between
 //! packets): the IPv6 path's working copies of keys and values, which do not fit in the eBPF
@@ -78,6 +82,20 @@
 //!   SNAT address and port) to the frontend address to restore as source and, when source-NATed,
 //!   the original client to restore as destination (reverse NAT).
 //!
+//! A flow lives in one of two maps, as nf_conntrack tells "assured" flows from the rest:
+//! * `conntrack` (LRU): new flows, until the backend answers. A flood of new flows evicts
+//!   only such flows (as nf_conntrack's early drop of unassured entries does).
+//! * `ct_answered` (plain hash, never evicted): flows the backend answered
+//!   ([`CT_S_SEEN_REPLY`]). The packet that records the answer moves both entries there
+//!   (`ebpf/src/conntrack.rs`); a connection that is over (RST, FIN both ways) moves back to
+//!   `conntrack`, and the agent's garbage collection deletes them when they expire.
+//!   When it is full the flow stays in `conntrack`, evictable, and the move is counted
+//!   ([`REASON_CT_ANSWERED_FULL`]): established flows are never evicted to make room.
+//!
+//! Lookups try `ct_answered` first. A TCP segment to a frontend that is not a SYN and has no
+//! entry in either map is dropped ([`REASON_DROP_TCP_NO_FLOW`]), never balanced again: its
+//! connection lives on another backend. `conntrack6` and `ct_answered6` are the same for IPv6.
+//!
 //! ICMP errors about a flow (destination unreachable, time exceeded, parameter problem) are
 //! found through the same entries by the tuple they quote.
 //!
@@ -95,8 +113,12 @@
 //! entries have the same state and timeouts. An entry with `last_seen_ns` 0 is untracked
 //! (never expired; none is written any more).
 //!
-//! Masqueraded flows take their source port from [`NodeConfig::snat_ports`] (the client's own
-//! when it is in that range and free, else random ones), outside the node's ephemeral ports.
+//! Masqueraded flows take their source port from [`NodeConfig::snat_port`] (the client's own
+//! when it is in that range and free, else a search of the range from a random start, as
+//! nf_nat's: 128 ports in a row, then 64 from another random start, and so on down to 1),
+//! skipping the node's ephemeral ports so a masqueraded flow never takes the tuple of a
+//! connection the node itself opens. A port only has to be unique per (masquerade address,
+//! backend address, backend port, protocol): that is the reply entry's key.
 //!
 //! ## affinity
 //!
@@ -170,6 +192,12 @@
 //!   value is when the flow was last seen (bpf_ktime_get_ns, refreshed at most once a second);
 //!   a UDP or SCTP flow idle for 120 s is new again (nf_conntrack's UDP timeout), a TCP flow
 //!   does not expire (a new TCP connection is a SYN, which is always checked).
+//! * Flows that had a reply move to `policy_replied` (a plain hash nothing evicts; `*6` for
+//!   IPv6), as conntrack's answered flows do, so a flood of new flows evicts only unanswered
+//!   ones; a TCP FIN or RST moves a flow back to the LRU (a closing connection needs no
+//!   protection). The agent deletes replied flows idle longer than the TCP established
+//!   timeout (TCP) or 120 s (the rest). When it is full a replied flow stays in the LRU,
+//!   counted ([`REASON_POLICY_REPLIED_FULL`]). Lookups try `policy_replied` first.
 //! * Drops: [`REASON_DROP_POLICY_EGRESS`], [`REASON_DROP_POLICY_INGRESS`] in `drops`, and a
 //!   [`PolicyEvent`] in `policy_events` (`sluice monitor` streams them; an event is lost when
 //!   the ring is full, the drop is counted either way).
@@ -225,6 +253,7 @@ pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/sluice";
 pub const MAP_SERVICES: &str = "services";
 pub const MAP_BACKENDS: &str = "backends";
 pub const MAP_CONNTRACK: &str = "conntrack";
+pub const MAP_CT_ANSWERED: &str = "ct_answered";
 pub const MAP_AFFINITY: &str = "affinity";
 pub const MAP_SOURCE_RANGES: &str = "source_ranges";
 pub const MAP_CONFIG: &str = "config";
@@ -232,6 +261,7 @@ pub const MAP_DROPS: &str = "drops";
 pub const MAP_SERVICES6: &str = "services6";
 pub const MAP_BACKENDS6: &str = "backends6";
 pub const MAP_CONNTRACK6: &str = "conntrack6";
+pub const MAP_CT_ANSWERED6: &str = "ct_answered6";
 pub const MAP_CONFIG6: &str = "config6";
 pub const MAP_SOCK_CONFIG: &str = "sock_config";
 pub const MAP_SOCK_REVNAT: &str = "sock_revnat";
@@ -245,6 +275,8 @@ pub const MAP_POLICY_EVENTS: &str = "policy_events";
 pub const MAP_POLICY6: &str = "policy6";
 pub const MAP_ISOLATED6: &str = "isolated6";
 pub const MAP_POLICY_FLOWS6: &str = "policy_flows6";
+pub const MAP_POLICY_REPLIED: &str = "policy_replied";
+pub const MAP_POLICY_REPLIED6: &str = "policy_replied6";
 
 /// Default capacities of `services`/`services6`, `backends`/`backends6` and
 /// `conntrack`/`conntrack6` (each family gets the same). The agent sets the real ones at load
@@ -262,7 +294,7 @@ pub const MAX_SOCK_REVNAT: u32 = 65_536;
 pub const MAX_POLICY_ENTRIES: u32 = 65_536;
 /// Pods of this node `isolated` can hold.
 pub const MAX_POLICY_PODS: u32 = 16_384;
-/// Flows `policy_flows` remembers (LRU: the oldest are forgotten first).
+/// Default entries of `policy_flows` and `policy_replied` (each family): `--max-policy-flows`.
 pub const MAX_POLICY_FLOWS: u32 = 262_144;
 /// Bytes of the `policy_events` ring buffer (a power of two, a multiple of the page size).
 pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
@@ -622,6 +654,9 @@ pub trait CtEntry: Copy {
     fn last_seen_ns(&self) -> u64;
     /// Records the flow's new state, seen at `now`.
     fn mark(&mut self, state: u8, now: u64);
+    /// Sets the key's destination port (network order): a masquerade port candidate of a
+    /// reply key.
+    fn set_dport(key: &mut Self::Key, port: u16);
 }
 
 /// `peer` and [`CtEntry`] for a conntrack key type and its value type (the two families'
@@ -687,6 +722,10 @@ macro_rules! impl_ct_peer {
             fn mark(&mut self, state: u8, now: u64) {
                 self.state = state;
                 self.last_seen_ns = now;
+            }
+            #[inline(always)]
+            fn set_dport(key: &mut $key, port: u16) {
+                key.dport = port;
             }
         }
     };
@@ -924,17 +963,20 @@ pub struct NodeConfig {
     /// Conntrack timeouts, for both families' maps (0: the default).
     pub ct_timeouts: CtTimeouts,
     /// The source ports masquerading to the node's address picks from, inclusive, host
-    /// order (`--masquerade-port-range`): outside the node's ephemeral port range, so a
-    /// masqueraded flow never takes the tuple of a connection the node itself opens. Both 0:
+    /// order (`--masquerade-port-range`). Both 0:
     /// [`SNAT_PORT_MIN_DEFAULT`]-[`SNAT_PORT_MAX_DEFAULT`].
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad2: u32,
+    /// Ports of that range never used: the node's ephemeral ports
+    /// (net.ipv4.ip_local_port_range), inclusive, host order, so a masqueraded flow never
+    /// takes the tuple of a connection the node itself opens. Both 0: none.
+    pub skip_port_min: u16,
+    pub skip_port_max: u16,
 }
 
-/// The default masquerade port range: above Linux's default ephemeral port range
-/// (net.ipv4.ip_local_port_range 32768-60999).
-pub const SNAT_PORT_MIN_DEFAULT: u16 = 61_000;
+/// The default masquerade port range: every unprivileged port (less the node's ephemeral
+/// ones, [`NodeConfig::skip_port_min`]), as nf_nat's MASQUERADE.
+pub const SNAT_PORT_MIN_DEFAULT: u16 = 1_024;
 pub const SNAT_PORT_MAX_DEFAULT: u16 = 65_535;
 
 impl NodeConfig {
@@ -952,6 +994,46 @@ impl NodeConfig {
                 (self.snat_port_max - self.snat_port_min) as u32 + 1,
             )
         }
+    }
+
+    /// The masquerade ports as one run of indices: (first port, usable ports, first skipped
+    /// port, skipped ports), host order. Index `i < usable` is port [`NodeConfig::snat_port`].
+    #[inline(always)]
+    pub fn snat_port_space(&self) -> (u32, u32, u32, u32) {
+        let (min, count) = self.snat_ports();
+        let (min, max) = (min as u32, min as u32 + count - 1);
+        let (skip_min, skip_max) = (self.skip_port_min as u32, self.skip_port_max as u32);
+        // The part of the skipped ports inside the range.
+        let lo = if skip_min > min { skip_min } else { min };
+        let hi = if skip_max < max { skip_max } else { max };
+        if skip_max == 0 || skip_max < skip_min || lo > hi || hi - lo + 1 >= count {
+            // Nothing to skip, or nothing would be left: the whole range.
+            return (min, count, 0, 0);
+        }
+        (min, count - (hi - lo + 1), lo, hi - lo + 1)
+    }
+
+    /// The masquerade port of index `index` (below the usable count of
+    /// [`NodeConfig::snat_port_space`] `space`), host order.
+    #[inline(always)]
+    pub fn snat_port(space: (u32, u32, u32, u32), index: u32) -> u16 {
+        let (min, _, skip_first, skipped) = space;
+        let port = min + index;
+        if skipped != 0 && port >= skip_first {
+            (port + skipped) as u16
+        } else {
+            port as u16
+        }
+    }
+
+    /// Whether `port` (host order) is one masquerading may use.
+    #[inline(always)]
+    pub fn is_snat_port(space: (u32, u32, u32, u32), port: u16) -> bool {
+        let (min, usable, skip_first, skipped) = space;
+        let port = port as u32;
+        port >= min
+            && port < min + usable + skipped
+            && !(skipped != 0 && port >= skip_first && port < skip_first + skipped)
     }
 }
 
@@ -1106,8 +1188,25 @@ pub const REASON_DROP_REWRITE_FAILED: Reason = 6;
 pub const REASON_DROP_POLICY_EGRESS: Reason = 7;
 /// Dropped: a new connection the receiving pod's ingress NetworkPolicy does not allow.
 pub const REASON_DROP_POLICY_INGRESS: Reason = 8;
-/// Entries of the `drops` map (reason 0 is unused).
-pub const REASON_COUNT: u32 = 9;
+/// Dropped: a TCP segment to a frontend that is not a SYN and belongs to no flow (its
+/// connection was balanced to a backend nobody remembers; a new one would answer with a RST).
+pub const REASON_DROP_TCP_NO_FLOW: Reason = 9;
+/// Counted, not dropped: a flow the backend answered could not move to `ct_answered` (full);
+/// it stays in `conntrack`, where new flows can evict it (`--max-conntrack`).
+pub const REASON_CT_ANSWERED_FULL: Reason = 10;
+/// Counted, not dropped: an answered NetworkPolicy flow could not move to
+/// `policy_replied` (full); new flows can evict it.
+pub const REASON_POLICY_REPLIED_FULL: Reason = 11;
+/// Entries of the `drops` map (reason 0 is unused; room for reasons to come, so the pinned
+/// map keeps its size).
+pub const REASON_COUNT: u32 = 16;
+/// The last reason in use.
+pub const REASON_LAST: Reason = REASON_POLICY_REPLIED_FULL;
+
+/// Whether `reason` only counts an event (the packet went on).
+pub const fn reason_is_count_only(reason: Reason) -> bool {
+    matches!(reason, REASON_CT_ANSWERED_FULL | REASON_POLICY_REPLIED_FULL)
+}
 
 /// `skb->cb[0]` of a packet a program dropped or answered: this magic | the [`Reason`].
 pub const CB_REASON_MAGIC: u32 = 0x5c1c_e000;
@@ -1124,6 +1223,9 @@ pub const fn reason_name(reason: Reason) -> &'static str {
         REASON_DROP_REWRITE_FAILED => "drop-rewrite-failed",
         REASON_DROP_POLICY_EGRESS => "drop-policy-egress-denied",
         REASON_DROP_POLICY_INGRESS => "drop-policy-ingress-denied",
+        REASON_DROP_TCP_NO_FLOW => "drop-tcp-no-flow",
+        REASON_CT_ANSWERED_FULL => "conntrack-answered-full",
+        REASON_POLICY_REPLIED_FULL => "policy-replied-full",
         _ => "unknown",
     }
 }
@@ -1170,6 +1272,9 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
     use super::*;
     use core::mem::size_of;
 
@@ -1302,17 +1407,66 @@ mod tests {
     #[test]
     fn the_masquerade_port_range_defaults_when_unset() {
         let mut config = NodeConfig::default();
-        assert_eq!(config.snat_ports(), (61_000, 4_536));
+        assert_eq!(config.snat_ports(), (1_024, 64_512));
         config.snat_port_min = 62_000;
         config.snat_port_max = 62_000;
         assert_eq!(config.snat_ports(), (62_000, 1));
     }
 
+    /// Every index maps to a distinct usable port, the skipped ports are never produced, and
+    /// `is_snat_port` agrees, for ranges around, inside, overlapping and outside the skipped
+    /// ones.
+    #[test]
+    fn the_masquerade_port_space_skips_the_ephemeral_ports() {
+        let config = |min, max, skip_min, skip_max| NodeConfig {
+            snat_port_min: min,
+            snat_port_max: max,
+            skip_port_min: skip_min,
+            skip_port_max: skip_max,
+            ..NodeConfig::default()
+        };
+        // The default: 1024-65535 less Linux's default 32768-60999.
+        let space = config(0, 0, 32_768, 60_999).snat_port_space();
+        assert_eq!(space.1, 36_280);
+        assert_eq!(NodeConfig::snat_port(space, 0), 1_024);
+        assert_eq!(NodeConfig::snat_port(space, 31_743), 32_767);
+        assert_eq!(NodeConfig::snat_port(space, 31_744), 61_000);
+        assert_eq!(NodeConfig::snat_port(space, 36_279), 65_535);
+        let cases = [
+            (100, 200, 0, 0),
+            (100, 200, 150, 160),
+            (100, 200, 50, 120),
+            (100, 200, 180, 300),
+            (100, 200, 300, 400),
+            (100, 200, 100, 200), // all skipped: the whole range is used
+            (100, 200, 99, 199),
+            (100, 200, 160, 150), // not a range: nothing skipped
+        ];
+        for (min, max, skip_min, skip_max) in cases {
+            let space = config(min, max, skip_min, skip_max).snat_port_space();
+            let ports: Vec<u16> = (0..space.1)
+                .map(|i| NodeConfig::snat_port(space, i))
+                .collect();
+            let usable: Vec<u16> = (min..=max)
+                .filter(|p| NodeConfig::is_snat_port(space, *p))
+                .collect();
+            assert_eq!(ports, usable, "{min}-{max} less {skip_min}-{skip_max}");
+            let whole = skip_max < skip_min || (skip_min <= min && skip_max >= max);
+            for p in min..=max {
+                let skipped = !whole && p >= skip_min && p <= skip_max;
+                assert_eq!(ports.contains(&p), !skipped, "{p} of {min}-{max}");
+            }
+            assert!(!NodeConfig::is_snat_port(space, min - 1));
+            assert!(!NodeConfig::is_snat_port(space, max + 1));
+        }
+    }
+
     #[test]
     fn every_reason_has_a_name() {
-        for reason in 1..REASON_COUNT {
+        for reason in 1..=REASON_LAST {
             assert_ne!(reason_name(reason), "unknown", "{reason}");
         }
-        assert_eq!(reason_name(REASON_COUNT), "unknown");
+        assert_eq!(reason_name(REASON_LAST + 1), "unknown");
+        assert!(REASON_LAST < REASON_COUNT);
     }
 }

@@ -6,21 +6,48 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    maps::LruHashMap,
+    maps::{HashMap, LruHashMap},
 };
 use sluice_common::{
-    ct_next_state, Backend, CtEntry, CtKey, CtKey6, CtTimeouts, CtValue, CtValue6, NodeConfig,
-    Reason, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, REASON_DROP_NO_SNAT_PORT,
+    ct_closed, ct_next_state, Backend, CtEntry, CtKey, CtKey6, CtTimeouts, CtValue, CtValue6,
+    NodeConfig, Reason, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, CT_S_SEEN_REPLY,
+    REASON_CT_ANSWERED_FULL, REASON_DROP_NO_SNAT_PORT,
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, CONNTRACK6},
+    maps::{CONFIG, CONNTRACK, CONNTRACK6, CT_ANSWERED, CT_ANSWERED6},
     parse::Ipv4Packet,
+    stats,
 };
 
-/// How many source ports a masqueraded flow tries: the client's own when it may keep it, then
-/// random ones from the masquerade range.
-const SNAT_ATTEMPTS: u32 = 5;
+/// A family's two conntrack maps (see "conntrack" in `sluice-common`): flows the backend
+/// answered in a plain hash nothing evicts, the others in an LRU.
+pub trait CtMaps: CtEntry + 'static {
+    fn answered() -> &'static HashMap<Self::Key, Self>;
+    fn unanswered() -> &'static LruHashMap<Self::Key, Self>;
+}
+
+impl CtMaps for CtValue {
+    #[inline(always)]
+    fn answered() -> &'static HashMap<CtKey, CtValue> {
+        &CT_ANSWERED
+    }
+    #[inline(always)]
+    fn unanswered() -> &'static LruHashMap<CtKey, CtValue> {
+        &CONNTRACK
+    }
+}
+
+impl CtMaps for CtValue6 {
+    #[inline(always)]
+    fn answered() -> &'static HashMap<CtKey6, CtValue6> {
+        &CT_ANSWERED6
+    }
+    #[inline(always)]
+    fn unanswered() -> &'static LruHashMap<CtKey6, CtValue6> {
+        &CONNTRACK6
+    }
+}
 
 /// The packet's own tuple as a key for direction `dir`: a forward key for a client's packet,
 /// a reply key for a backend's.
@@ -68,17 +95,63 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The live entry under `key` of `map` (an expired one counts as absent), with the time it
-/// was judged at (for [`seen_in`]: the clock is read only when there is an entry).
+/// The entry under `key`, answered or not (live or expired): a pointer into its map.
 #[inline(always)]
-fn lookup_in<V: CtEntry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<(V, u64)> {
+fn find<V: CtMaps>(key: &V::Key) -> Option<*mut V> {
+    match V::answered().get_ptr_mut(key) {
+        Some(entry) => Some(entry),
+        None => V::unanswered().get_ptr_mut(key),
+    }
+}
+
+/// The live entry under `key` (an expired one counts as absent), with the time it was judged
+/// at (for [`seen_in`]: the clock is read only when there is an entry).
+#[inline(always)]
+fn lookup_in<V: CtMaps>(key: &V::Key) -> Option<(V, u64)> {
     // SAFETY: the value is read at once.
-    let entry = unsafe { map.get(key)? };
+    let entry = unsafe { *find::<V>(key)? };
     let now = now();
     if expired(V::proto(key), entry.state(), entry.last_seen_ns(), now) {
         return None;
     }
-    Some((*entry, now))
+    Some((entry, now))
+}
+
+/// Records `state` at `now` in the entry under `key`. An unanswered entry the backend has now
+/// answered moves to the answered map, out of reach of the LRU's evictions; when that map is
+/// full it stays where it is, counted ([`REASON_CT_ANSWERED_FULL`]). A connection that is
+/// over (RST, FIN both ways) moves back to the LRU.
+#[inline(always)]
+fn mark<V: CtMaps>(key: &V::Key, state: u8, now: u64) {
+    if let Some(entry) = V::answered().get_ptr_mut(key) {
+        // SAFETY: a pointer to the map's value, valid for the program's run.
+        unsafe { (*entry).mark(state, now) };
+        if ct_closed(state) {
+            // A connection that is over needs no protection: back to the LRU, until its
+            // close timeout (or a new flow) frees it.
+            // SAFETY: as above; the kernel copies the value.
+            #[allow(clippy::needless_borrows_for_generic_args)]
+            if V::unanswered().insert(key, unsafe { &*entry }, 0).is_ok() {
+                let _ = V::answered().remove(key);
+            }
+        }
+        return;
+    }
+    let Some(entry) = V::unanswered().get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: as above.
+    unsafe { (*entry).mark(state, now) };
+    if state & CT_S_SEEN_REPLY != 0 && !ct_closed(state) {
+        // SAFETY: as above; the kernel copies the value from the map itself (by reference:
+        // no copy of it on the stack).
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        if V::answered().insert(key, unsafe { &*entry }, 0).is_ok() {
+            let _ = V::unanswered().remove(key);
+        } else {
+            stats::count(REASON_CT_ANSWERED_FULL);
+        }
+    }
 }
 
 /// Records that a packet with TCP flags `tcp_flags` (0: not TCP) went through the entry
@@ -87,55 +160,161 @@ fn lookup_in<V: CtEntry>(map: &LruHashMap<V::Key, V>, key: &V::Key) -> Option<(V
 /// flow's other entry too (when it still is this entry's peer), so both expire together
 /// whichever direction the traffic goes.
 #[inline(always)]
-fn seen_in<V: CtEntry>(
-    map: &LruHashMap<V::Key, V>,
-    key: &V::Key,
-    entry: &V,
-    tcp_flags: u8,
-    now: u64,
-) {
+fn seen_in<V: CtMaps>(key: &V::Key, entry: &V, tcp_flags: u8, now: u64) {
     let state = ct_next_state(entry.state(), V::proto(key), V::dir(key), tcp_flags);
     if state == entry.state() && !refresh_due(V::proto(key), state, entry.last_seen_ns(), now) {
         return;
     }
     // Plain writes: two CPUs updating one flow at once may lose a bit of state, which only
     // changes which timeout the flow gets.
-    if let Some(own) = map.get_ptr_mut(key) {
-        // SAFETY: a pointer to the map's value, valid for the program's run.
-        unsafe { (*own).mark(state, now) };
-    }
+    mark::<V>(key, state, now);
     let peer_key = V::peer(key, entry);
-    if let Some(peer) = map.get_ptr_mut(peer_key) {
-        // SAFETY: as above.
-        unsafe {
-            if V::peer(&peer_key, &*peer) == *key {
-                (*peer).mark(state, now);
-            }
+    if let Some(peer) = find::<V>(&peer_key) {
+        // SAFETY: a pointer to the map's value, valid for the program's run.
+        if V::peer(&peer_key, unsafe { &*peer }) == *key {
+            mark::<V>(&peer_key, state, now);
         }
     }
+}
+
+/// Deletes the entry under `key` from whichever map holds it.
+#[inline(always)]
+fn remove<V: CtMaps>(key: &V::Key) {
+    let _ = V::answered().remove(key);
+    let _ = V::unanswered().remove(key);
+}
+
+/// Claims the reply entry `key` for a new masqueraded flow: free, or held by an expired flow
+/// (an answered one is deleted first: the new flow starts unanswered).
+#[inline(always)]
+fn claim_in<V: CtMaps>(key: &V::Key, reply: &V) -> bool {
+    // SAFETY: the fields are read at once.
+    if let Some(held) = unsafe { V::answered().get(key) } {
+        if !expired(V::proto(key), held.state(), held.last_seen_ns(), now()) {
+            return false;
+        }
+        let _ = V::answered().remove(key);
+    }
+    if V::unanswered()
+        .insert(key, reply, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        return true;
+    }
+    // SAFETY: as above.
+    let stale = match unsafe { V::unanswered().get(key) } {
+        Some(held) => expired(V::proto(key), held.state(), held.last_seen_ns(), now()),
+        None => true,
+    };
+    stale && V::unanswered().insert(key, reply, 0).is_ok()
+}
+
+/// Whether the reply key `key` is free, claiming it for `reply` if so: one probe of the
+/// masquerade search. Cheaper than [`claim_in`] (an expired entry counts as taken: the
+/// agent's garbage collection frees it), as the search runs it up to [`SEARCH_PORTS`] times
+/// and the verifier walks every iteration.
+#[inline(always)]
+fn probe<V: CtMaps>(key: &V::Key, reply: &V) -> bool {
+    // SAFETY: a presence check; nothing is read.
+    if unsafe { V::answered().get(key) }.is_some() {
+        return false;
+    }
+    V::unanswered()
+        .insert(key, reply, BPF_NOEXIST as u64)
+        .is_ok()
+}
+
+/// How many ports a masquerade search probes after the client's own: runs of consecutive
+/// ports from random starts, 32, then 16, 8, 4, 2, 1 and 1 (nf_nat's search, halved twice:
+/// the verifier walks each probe). Free ports are found while a fair share of them is free,
+/// whatever the order they were taken in: at 80% of a backend's masquerade ports in use,
+/// 64 probes all miss about once in a hundred thousand flows (less than 0.8^64 for random
+/// probes; runs cost a little against clusters).
+const SEARCH_PORTS: u32 = 64;
+/// Where a new run of the search starts from another random index.
+const SEARCH_RUNS: [u32; 6] = [32, 48, 56, 60, 62, 63];
+
+/// Claims a source port for a new masqueraded flow in the reply key `key` (its `dport`), with
+/// the reply entry `reply`: the client's port `sport` (network order) first when it is a
+/// masquerade port ([`NodeConfig::snat_port_space`]) or `keep_client_port`, else a search of
+/// the masquerade ports from random starts ([`SEARCH_PORTS`]). A port only has to be unique
+/// per (masquerade address, backend, protocol): the reply key.
+#[inline(always)]
+fn claim_port_in<V: CtMaps>(
+    key: &mut V::Key,
+    reply: &V,
+    sport: u16,
+    keep_client_port: bool,
+) -> bool {
+    let space = match CONFIG.get(0) {
+        Some(config) => config.snat_port_space(),
+        None => NodeConfig::default().snat_port_space(),
+    };
+    let usable = space.1;
+    if keep_client_port || NodeConfig::is_snat_port(space, u16::from_be(sport)) {
+        V::set_dport(key, sport);
+        if claim_in::<V>(key, reply) {
+            return true;
+        }
+    }
+    if usable == 0 {
+        return false;
+    }
+    // SAFETY: a helper call without arguments.
+    let mut start = unsafe { bpf_get_prandom_u32() } % usable;
+    for n in 0..SEARCH_PORTS {
+        if SEARCH_RUNS.contains(&n) {
+            // SAFETY: as above.
+            start = (unsafe { bpf_get_prandom_u32() } % usable).wrapping_sub(n);
+        }
+        let index = start.wrapping_add(n) % usable;
+        V::set_dport(key, NodeConfig::snat_port(space, index).to_be());
+        if probe::<V>(key, reply) {
+            return true;
+        }
+    }
+    false
+}
+
+/// [`claim_port_in`] for IPv4. Out of line: the search loop is verified once per caller.
+#[inline(never)]
+fn claim_port(key: &mut CtKey, reply: &CtValue, sport: u16, keep_client_port: bool) -> bool {
+    claim_port_in::<CtValue>(key, reply, sport, keep_client_port)
+}
+
+/// [`claim_port_in`] for IPv6 (the keys and values live in the per-CPU scratch).
+#[inline(never)]
+pub fn claim_port6(key: &mut CtKey6, reply: &CtValue6, sport: u16, keep_client_port: bool) -> bool {
+    claim_port_in::<CtValue6>(key, reply, sport, keep_client_port)
 }
 
 /// The live IPv4 entry under `key`.
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<CtValue> {
-    lookup_in(&CONNTRACK, key).map(|(entry, _)| entry)
+    lookup_in::<CtValue>(key).map(|(entry, _)| entry)
 }
 
 /// The live IPv4 entry under `key`, with the time it was judged at (pass it on to [`seen`]).
 #[inline(always)]
 pub fn lookup_at(key: &CtKey) -> Option<(CtValue, u64)> {
-    lookup_in(&CONNTRACK, key)
+    lookup_in::<CtValue>(key)
 }
 
 /// A packet of the flow went through `entry` (found under `key`) at `now`: see [`seen_in`].
 #[inline(always)]
 pub fn seen(key: &CtKey, entry: &CtValue, tcp_flags: u8, now: u64) {
-    seen_in(&CONNTRACK, key, entry, tcp_flags, now)
+    seen_in::<CtValue>(key, entry, tcp_flags, now)
+}
+
+/// The IPv6 entry under `key`, answered or not, live or expired (the IPv6 path copies it into
+/// its per-CPU scratch itself and judges it with [`expired6`]: v6/mod.rs `ct_lookup`).
+#[inline(always)]
+pub fn find6(key: &CtKey6) -> Option<*mut CtValue6> {
+    find::<CtValue6>(key)
 }
 
 /// Whether the IPv6 entry `entry` found under `key` has expired at `now` (it then counts as
-/// absent). The IPv6 path copies entries into its per-CPU scratch itself (v6/mod.rs
-/// `ct_lookup`).
+/// absent).
 #[inline(always)]
 pub fn expired6(key: &CtKey6, entry: &CtValue6, now: u64) -> bool {
     expired(key.proto, entry.state, entry.last_seen_ns, now)
@@ -145,22 +324,16 @@ pub fn expired6(key: &CtKey6, entry: &CtValue6, now: u64) -> bool {
 /// subprogram returning with a stack pointer left in its return register.)
 #[inline(always)]
 pub fn seen6(key: &CtKey6, entry: &CtValue6, tcp_flags: u8, now: u64) {
-    seen_in(&CONNTRACK6, key, entry, tcp_flags, now)
+    seen_in::<CtValue6>(key, entry, tcp_flags, now)
 }
 
-/// Claims the IPv6 reply entry `key` for a new masqueraded flow: free, or held by an expired
-/// flow. Out of line, as [`expired`].
-#[inline(never)]
-pub fn claim6(key: &CtKey6, reply: &CtValue6) -> bool {
-    if CONNTRACK6.insert(key, reply, BPF_NOEXIST as u64).is_ok() {
-        return true;
-    }
-    // SAFETY: the fields are read at once.
-    let stale = match unsafe { CONNTRACK6.get(key) } {
-        Some(held) => expired6(key, held, now()),
-        None => true,
-    };
-    stale && CONNTRACK6.insert(key, reply, 0).is_ok()
+/// Records a new IPv6 entry (unanswered: the LRU map), replacing whatever the key held.
+#[inline(always)]
+pub fn insert6(key: &CtKey6, entry: &CtValue6) {
+    let _ = CT_ANSWERED6.remove(key);
+    // An LRU map evicts instead of failing when full; without its entry this packet is
+    // translated and the next one retries.
+    let _ = CONNTRACK6.insert(key, entry, 0);
 }
 
 /// Deletes the reply entry of the forward entry `old` (under `fwd_key`) when it still is its
@@ -168,13 +341,14 @@ pub fn claim6(key: &CtKey6, reply: &CtValue6) -> bool {
 #[inline(always)]
 fn forget_reply(fwd_key: &CtKey, old: &CtValue) -> bool {
     let old_reply = fwd_key.peer(old);
-    // SAFETY: the value is read at once.
-    if let Some(entry) = unsafe { CONNTRACK.get(old_reply) } {
-        if old_reply.peer(entry) == *fwd_key {
-            return CONNTRACK.remove(old_reply).is_ok();
+    match find::<CtValue>(&old_reply) {
+        // SAFETY: a pointer to the map's value, valid for the program's run.
+        Some(entry) if old_reply.peer(unsafe { &*entry }) == *fwd_key => {
+            remove::<CtValue>(&old_reply);
+            true
         }
+        _ => false,
     }
-    false
 }
 
 /// Where a new flow's source goes. A plain struct, not an `Option`: a `None`'s undefined
@@ -196,39 +370,6 @@ impl Snat {
     };
 }
 
-/// The source port attempt `attempt` of a masquerade tries (network order): the client's port
-/// `sport` first when it is in the masquerade range ([`NodeConfig::snat_ports`]) or
-/// `keep_client_port`, else a random port of the range. Out of line, as [`expired`].
-#[inline(never)]
-pub fn masquerade_port(attempt: u32, sport: u16, keep_client_port: bool) -> u16 {
-    masquerade_port_inline(attempt, sport, keep_client_port)
-}
-
-/// [`masquerade_port`] inlined, for the IPv6 path, whose frame leaves no room for a call.
-#[inline(always)]
-pub fn masquerade_port_inline(attempt: u32, sport: u16, keep_client_port: bool) -> u16 {
-    let (port_min, port_count) = match CONFIG.get(0) {
-        Some(config) => config.snat_ports(),
-        None => NodeConfig::default().snat_ports(),
-    };
-    let port = u16::from_be(sport) as u32;
-    let in_range = port >= port_min as u32 && port < port_min as u32 + port_count;
-    if attempt == 0 && (keep_client_port || in_range) {
-        return sport;
-    }
-    // SAFETY: a helper call without arguments.
-    let random = unsafe { bpf_get_prandom_u32() };
-    ((port_min as u32 + random % port_count.max(1)) as u16).to_be()
-}
-
-/// Claims the reply entry `key` for a new masqueraded flow: free, or held by an expired flow.
-/// Out of line, as [`expired`].
-#[inline(never)]
-fn claim(key: &CtKey, reply: &CtValue) -> bool {
-    CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok()
-        || (lookup(key).is_none() && CONNTRACK.insert(key, reply, 0).is_ok())
-}
-
 /// A new flow's balancing: its service, backend and source NAT.
 pub struct NewEntry {
     pub service_id: u32,
@@ -247,10 +388,9 @@ pub struct NewEntry {
 /// it, so the old backend's late packets are no longer translated as the client's flow.
 ///
 /// A masqueraded flow needs a source port that makes the reply tuple (backend -> masquerade
-/// address:port) unique: the client's port when it is in the masquerade range (or, hairpin,
-/// whatever it is) and no live flow uses it, else a few random ones from the range. The reply
-/// entry is claimed with BPF_NOEXIST, so two CPUs never get the same port; an expired entry is
-/// overwritten.
+/// address:port) unique ([`claim_port_in`]). The reply entry is claimed with BPF_NOEXIST, so
+/// two CPUs never get the same port; an expired entry is overwritten. Both entries start in
+/// the unanswered map (an answered entry the tuple had goes).
 #[inline(always)]
 pub fn create(
     pkt: &Ipv4Packet,
@@ -291,8 +431,10 @@ pub fn create(
     }
     match new.snat {
         Snat { addr: 0, .. } => {
-            // An LRU map evicts instead of failing when full; an error here leaves the flow
-            // translated for this packet only, which the next packet retries.
+            // The flow starts unanswered. An LRU map evicts instead of failing when full; an
+            // error here leaves the flow translated for this packet only, which the next
+            // packet retries.
+            let _ = CT_ANSWERED.remove(reply_key);
             let _ = CONNTRACK.insert(reply_key, reply, 0);
         }
         snat => {
@@ -301,21 +443,14 @@ pub fn create(
             reply.snat_addr = pkt.saddr;
             reply.snat_port = pkt.sport;
             reply_key.daddr = snat.addr;
-            let mut claimed = false;
-            for attempt in 0..SNAT_ATTEMPTS {
-                reply_key.dport = masquerade_port(attempt, pkt.sport, snat.keep_client_port);
-                if claim(&reply_key, &reply) {
-                    claimed = true;
-                    break;
-                }
-            }
-            if !claimed {
+            if !claim_port(&mut reply_key, &reply, pkt.sport, snat.keep_client_port) {
                 return Err(REASON_DROP_NO_SNAT_PORT);
             }
             fwd.snat_addr = snat.addr;
             fwd.snat_port = reply_key.dport;
         }
     }
+    let _ = CT_ANSWERED.remove(fwd_key);
     let _ = CONNTRACK.insert(fwd_key, fwd, 0);
     Ok(fwd)
 }

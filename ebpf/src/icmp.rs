@@ -186,6 +186,9 @@ fn inner_l4_csum(ctx: &TcContext, err: &IcmpError, old: [u16; 2], new: [u16; 2])
             PROTO_UDP => UDP_CSUM_OFF,
             _ => return Ok(()),
         };
+    if off + 2 > err.end {
+        return Ok(()); // not quoted (whatever bytes follow the packet)
+    }
     let Ok(csum) = ctx.load::<u16>(off) else {
         return Ok(()); // not quoted
     };

@@ -35,7 +35,9 @@
 //!  4. conntrack::lookup (fwd)   a flow already balanced keeps its backend (a TCP SYN is
 //!                               balanced again unless lb::keep_on_syn: a retransmission, or
 //!                               the client's affinity backend; never when the connection is
-//!                               over: RST or FIN both ways); conntrack::seen records it
+//!                               over: RST or FIN both ways); conntrack::seen records it (and
+//!                               moves an answered flow to `ct_answered`, out of the LRU's
+//!                               reach). Lookups try `ct_answered`, then `conntrack`
 //!  5. lb::service               (address, port, proto) in `services`; not a frontend: pass.
 //!                               from_pod takes the frontend's pods' entry (SCOPE_POD: an
 //!                               externalTrafficPolicy Local frontend's cluster-wide
@@ -52,11 +54,12 @@
 //!     policy::egress_to_backend from_pod: the pod's egress NetworkPolicy against the chosen
 //!                               backend and its port (not the frontend), before conntrack
 //!                               remembers the flow
+//!     a TCP segment that is not a SYN (and has no entry): dropped (drop-tcp-no-flow)
 //!  9. masq::decide              source NAT: hairpin, masqueradeAll, external traffic to a
 //!                               remote backend, sources outside the cluster CIDRs
-//! 10. conntrack::create         forward + reply entries (with a unique masquerade port from
-//!                               the masquerade range; a re-balanced tuple's old reply entry
-//!                               goes)
+//! 10. conntrack::create         forward + reply entries in `conntrack` (with a masquerade
+//!                               port found by conntrack::claim_port_in's search; a
+//!                               re-balanced tuple's old reply entry goes)
 //! 11. nat::forward              destination to the backend (and source to the masquerade
 //!                               address), checksums by kernel helpers
 //! 12. route::send               flows entering from outside or masqueraded: redirected to the
@@ -131,9 +134,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sluice_common::{
-    ct_closed, Reason, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REDIRECT, REASON_DROP_NO_LOCAL_ENDPOINTS,
-    REASON_DROP_REJECT_FAILED, REASON_DROP_REWRITE_FAILED, REASON_DROP_SOURCE_RANGE,
-    REASON_REJECT_NO_ENDPOINTS, SVC_F_DROP_WHEN_EMPTY, SVC_F_SOURCE_RANGES,
+    ct_closed, Reason, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_REDIRECT, PROTO_TCP,
+    REASON_DROP_NO_LOCAL_ENDPOINTS, REASON_DROP_REJECT_FAILED, REASON_DROP_REWRITE_FAILED,
+    REASON_DROP_SOURCE_RANGE, REASON_DROP_TCP_NO_FLOW, REASON_REJECT_NO_ENDPOINTS,
+    SVC_F_DROP_WHEN_EMPTY, SVC_F_SOURCE_RANGES,
 };
 
 use parse::{Ipv4Packet, Packet};
@@ -346,6 +350,12 @@ fn new_flow(
     };
     if hook == Hook::Pod {
         policy::egress_to_backend(pkt, backend.addr, backend.port)?;
+    }
+    if pkt.proto == PROTO_TCP && !pkt.is_tcp_syn() {
+        // Mid-connection (only a SYN, or a tuple conntrack knows, gets here otherwise), and
+        // nobody remembers its backend: another one would answer with a RST. Dropped, as
+        // nf_conntrack's INVALID, after the checks that would have dropped it anyway.
+        return Err(REASON_DROP_TCP_NO_FLOW);
     }
     let (snat, flags) = masq::decide(masq::config(), service, &backend, pkt, hook);
     let new = conntrack::NewEntry {

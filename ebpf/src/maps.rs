@@ -30,8 +30,13 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entri
 #[map(name = "backends")]
 pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 
+/// Flows until their backend answers (evictable: a flood of new flows evicts only these).
 #[map(name = "conntrack")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// Flows the backend answered: never evicted; the agent deletes them when they expire.
+#[map(name = "ct_answered")]
+pub static CT_ANSWERED: HashMap<CtKey, CtValue> = HashMap::with_max_entries(MAX_CONNTRACK, 0);
 
 #[map(name = "affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
@@ -57,6 +62,9 @@ pub static BACKENDS6: HashMap<BackendKey, Backend6> = HashMap::with_max_entries(
 #[map(name = "conntrack6")]
 pub static CONNTRACK6: LruHashMap<CtKey6, CtValue6> =
     LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+#[map(name = "ct_answered6")]
+pub static CT_ANSWERED6: HashMap<CtKey6, CtValue6> = HashMap::with_max_entries(MAX_CONNTRACK, 0);
 
 #[map(name = "config6")]
 pub static CONFIG6: Array<NodeConfig6> = Array::with_max_entries(1, 0);
@@ -108,3 +116,13 @@ pub static ISOLATED6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_POLI
 #[map(name = "policy_flows6")]
 pub static POLICY_FLOWS6: LruHashMap<PolicyFlowKey6, u64> =
     LruHashMap::with_max_entries(MAX_POLICY_FLOWS, 0);
+
+/// Admitted flows that had a reply: never evicted (policy.rs `known_in`); the agent expires
+/// them.
+#[map(name = "policy_replied")]
+pub static POLICY_REPLIED: HashMap<PolicyFlowKey, u64> =
+    HashMap::with_max_entries(MAX_POLICY_FLOWS, 0);
+
+#[map(name = "policy_replied6")]
+pub static POLICY_REPLIED6: HashMap<PolicyFlowKey6, u64> =
+    HashMap::with_max_entries(MAX_POLICY_FLOWS, 0);

@@ -74,6 +74,8 @@ pub struct IcmpError {
     pub inner_sport: u16,
     pub inner_dport: u16,
     pub inner_proto: u8,
+    /// Offset of the end of the IP packet (the frame may carry bytes after it).
+    pub end: usize,
 }
 
 /// What the programs handle.
@@ -256,6 +258,16 @@ fn parse_with<R: Reader>(r: &R) -> Parsed {
         None if R::FIXED_LAYOUT => return Parsed::Fallback,
         None => return Parsed::NotOurs,
     };
+    // ... inside the IP packet, not in bytes after it (Ethernet padding, a trailer), which
+    // are nobody's to rewrite.
+    let header_len = match ip.proto {
+        PROTO_TCP => core::mem::size_of::<TcpHeader>(),
+        PROTO_UDP => core::mem::size_of::<PortsHeader>(),
+        _ => core::mem::size_of::<SctpHeader>(),
+    };
+    if (u16::from_be(ip.total_len) as usize) < ihl + header_len {
+        return Parsed::NotOurs;
+    }
     Parsed::Packet(Ipv4Packet {
         l3_off,
         l4_off,
@@ -286,6 +298,8 @@ fn parse_icmp_error(ctx: &TcContext, ihl: usize) -> Option<Packet> {
     let l3_off = ETH_HLEN;
     let outer = r.read::<Ipv4Header>(l3_off)?;
     let icmp_off = l3_off + ihl;
+    // Where the IP packet ends: bytes after it (padding, a trailer) are not the quote's.
+    let end = l3_off + u16::from_be(outer.total_len) as usize;
     let icmp = r.read::<IcmpHeader>(icmp_off)?;
     if icmp.icmp_type != ICMP_DEST_UNREACH
         && icmp.icmp_type != ICMP_TIME_EXCEEDED
@@ -305,7 +319,11 @@ fn parse_icmp_error(ctx: &TcContext, ihl: usize) -> Option<Packet> {
         return None;
     }
     let inner_l4_off = inner_off + inner_ihl;
-    // Errors quote at least 8 bytes of the L4 header: the ports are there.
+    // Errors quote at least 8 bytes of the L4 header: the ports are there (inside the
+    // packet).
+    if inner_l4_off + 4 > end {
+        return None;
+    }
     let ports = r.read::<[u16; 2]>(inner_l4_off)?;
     Some(Packet::IcmpError(IcmpError {
         l3_off,
@@ -319,5 +337,6 @@ fn parse_icmp_error(ctx: &TcContext, ihl: usize) -> Option<Packet> {
         inner_sport: ports[0],
         inner_dport: ports[1],
         inner_proto: inner.proto,
+        end,
     }))
 }

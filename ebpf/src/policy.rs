@@ -3,17 +3,22 @@
 //! and replies pass without a check, drops counted and streamed (`policy_events`). Layout and
 //! the reasoning: `sluice-common`, "NetworkPolicy".
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    maps::{lpm_trie::Key, HashMap, LruHashMap},
+};
 use sluice_common::{
     policy_prefix_len, PolicyEvent, PolicyFlowKey, PolicyKey, Reason, CT_DIR_FORWARD,
     ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_POLICY_PORT_RANGES, PROTO_TCP,
-    REASON_DROP_POLICY_EGRESS, REASON_DROP_POLICY_INGRESS, WAY_EGRESS, WAY_INGRESS,
+    REASON_DROP_POLICY_EGRESS, REASON_DROP_POLICY_INGRESS, REASON_POLICY_REPLIED_FULL, WAY_EGRESS,
+    WAY_INGRESS,
 };
 
 use crate::{
     conntrack,
-    maps::{ISOLATED, POLICY, POLICY_EVENTS, POLICY_FLOWS},
-    parse::Ipv4Packet,
+    maps::{ISOLATED, POLICY, POLICY_EVENTS, POLICY_FLOWS, POLICY_REPLIED},
+    parse::{Ipv4Packet, TCP_FLAG_FIN, TCP_FLAG_RST},
+    stats,
 };
 
 /// Whether a policy isolates `pod` in direction `way` (a small map, the node's pods).
@@ -89,23 +94,75 @@ const IDLE_FLOW_NS: u64 = 120_000_000_000;
 /// A flow's last-seen time is refreshed at most this often (a store per packet otherwise).
 const REFRESH_NS: u64 = 1_000_000_000;
 
-/// Whether `key` was admitted and, but for TCP, seen within [`IDLE_FLOW_NS`]; refreshes it.
+/// Whether the flow under `key` (of protocol `proto`) was admitted and, but for TCP, seen
+/// within [`IDLE_FLOW_NS`]; refreshes it. Admitted flows live in two maps, as conntrack's:
+/// `answered` (a plain hash nothing evicts) for flows that had a reply, `flows` (an LRU) for
+/// the others, so a flood of new flows cannot evict an established one. A `reply` (the packet
+/// matched the reversed tuple) moves its flow to `answered` (when full it stays, counted:
+/// [`REASON_POLICY_REPLIED_FULL`]); a TCP FIN or RST moves it back to the LRU: a closing
+/// connection needs no protection, and the agent expires the rest by idle time. Both
+/// families' maps go through here.
 #[inline(always)]
-fn known(key: &PolicyFlowKey, now: u64) -> bool {
-    let Some(seen) = POLICY_FLOWS.get_ptr_mut(key) else {
+pub fn known_in<K>(
+    answered: &HashMap<K, u64>,
+    flows: &LruHashMap<K, u64>,
+    key: &K,
+    proto: u8,
+    tcp_flags: u8,
+    reply: bool,
+    now: u64,
+) -> bool {
+    let closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+    if let Some(seen) = answered.get_ptr_mut(key) {
+        // SAFETY: a valid map value pointer; a racing store of another CPU is a time as good.
+        let last = unsafe { *seen };
+        let idle = now.saturating_sub(last);
+        if proto != PROTO_TCP && idle > IDLE_FLOW_NS {
+            return false;
+        }
+        if closing {
+            let _ = flows.insert(key, now, 0);
+            let _ = answered.remove(key);
+        } else if idle > REFRESH_NS {
+            // SAFETY: as above.
+            unsafe { *seen = now };
+        }
+        return true;
+    }
+    let Some(seen) = flows.get_ptr_mut(key) else {
         return false;
     };
-    // SAFETY: a valid map value pointer; a racing store of another CPU is a time as good.
+    // SAFETY: as above.
     let last = unsafe { *seen };
     let idle = now.saturating_sub(last);
-    if key.proto != PROTO_TCP && idle > IDLE_FLOW_NS {
+    if proto != PROTO_TCP && idle > IDLE_FLOW_NS {
         return false;
     }
-    if idle > REFRESH_NS {
+    if reply && !closing {
+        if answered.insert(key, now, 0).is_ok() {
+            let _ = flows.remove(key);
+        } else {
+            stats::count(REASON_POLICY_REPLIED_FULL);
+        }
+    } else if idle > REFRESH_NS {
         // SAFETY: as above.
         unsafe { *seen = now };
     }
     true
+}
+
+/// [`known_in`] for IPv4.
+#[inline(always)]
+fn known(key: &PolicyFlowKey, tcp_flags: u8, reply: bool, now: u64) -> bool {
+    known_in(
+        &POLICY_REPLIED,
+        &POLICY_FLOWS,
+        key,
+        key.proto,
+        tcp_flags,
+        reply,
+        now,
+    )
 }
 
 /// Whether the packet belongs to a flow already admitted: recorded in `way` under its own
@@ -119,17 +176,19 @@ fn admitted(pkt: &Ipv4Packet, way: u8, now: u64) -> bool {
         WAY_INGRESS
     };
     let own = flow_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, way);
-    if !pkt.is_tcp_syn() && known(&own, now) {
+    if !pkt.is_tcp_syn() && known(&own, pkt.tcp_flags, false, now) {
         return true;
     }
     known(
         &flow_key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, pkt.proto, other),
+        pkt.tcp_flags,
+        true,
         now,
     )
 }
 
-/// Remembers an admitted flow. An LRU map evicts instead of failing; a failed write only
-/// means the next packet is checked again.
+/// Remembers an admitted flow (unanswered: the LRU). An LRU map evicts instead of failing; a
+/// failed write only means the next packet is checked again.
 #[inline(always)]
 fn record(pkt: &Ipv4Packet, way: u8, now: u64) {
     let key = flow_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, way);

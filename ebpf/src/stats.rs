@@ -15,3 +15,13 @@ pub fn record(ctx: &TcContext, reason: Reason) {
     // SAFETY: the context is the program's __sk_buff; tc programs may write cb.
     unsafe { (*ctx.skb.skb).cb[0] = CB_REASON_MAGIC | reason };
 }
+
+/// Counts an event that is not a drop (`sluice_common::reason_is_count_only`): the packet
+/// goes on, `skb->cb` is left alone.
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(counter) = DROPS.get_ptr_mut(reason) {
+        // SAFETY: as in `record`.
+        unsafe { *counter += 1 };
+    }
+}

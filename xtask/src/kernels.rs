@@ -92,6 +92,17 @@ const STEPS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
+/// The steps this run takes: all of [`STEPS`], or only the first (the programs load) when
+/// `SLUICE_MATRIX_QUICK` is set: a few minutes per kernel, to try a datapath change against
+/// the older verifiers before the full run.
+fn steps() -> &'static [(&'static str, &'static str, &'static str, &'static str)] {
+    if std::env::var_os("SLUICE_MATRIX_QUICK").is_some() {
+        &STEPS[..1]
+    } else {
+        STEPS
+    }
+}
+
 /// How long one kernel may take from boot to power-off.
 const VM_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
@@ -401,7 +412,7 @@ impl Binaries {
 /// Builds what `cargo test` builds (the same features as the suite's own run, so nothing is
 /// built twice) and picks the guest's binaries from cargo's messages.
 fn build(root: &Path) -> anyhow::Result<Binaries> {
-    let targets: BTreeSet<(&str, &str)> = STEPS.iter().map(|s| (s.1, s.2)).collect();
+    let targets: BTreeSet<(&str, &str)> = steps().iter().map(|s| (s.1, s.2)).collect();
     let (mut tests, mut others) = (Vec::new(), Vec::new());
     let mut cargo = Command::new("cargo");
     cargo.current_dir(root).args([
@@ -481,7 +492,7 @@ fn init_script(binaries: &Binaries) -> String {
     );
     // What the agent says this kernel lacks (one line per feature).
     script += &format!("{} kernel 2>&1\n", binaries.sluice().display());
-    for (i, (name, package, target, args)) in STEPS.iter().enumerate() {
+    for (i, (name, package, target, args)) in steps().iter().enumerate() {
         let exe = binaries.test(package, target);
         let dir = exe.parent().expect("a test executable's directory");
         script += &format!(
@@ -627,7 +638,7 @@ struct VmReport {
 
 impl VmReport {
     fn passed(&self) -> bool {
-        self.steps.len() == STEPS.len() && self.steps.iter().all(|s| s.exit == Some(0))
+        self.steps.len() == steps().len() && self.steps.iter().all(|s| s.exit == Some(0))
     }
 
     /// The failing steps' failures: the test harness's failure sections (a verifier rejection
@@ -649,11 +660,11 @@ impl VmReport {
                 println!("{line}");
             }
         }
-        if self.steps.len() < STEPS.len() {
+        if self.steps.len() < steps().len() {
             println!(
                 "\n----- Linux {}: stopped before step \"{}\" -----",
                 kernel.name,
-                STEPS[self.steps.len()].0
+                steps()[self.steps.len()].0
             );
         }
     }
@@ -745,8 +756,8 @@ fn boot(
             };
             let index: usize = index.parse().unwrap_or(usize::MAX);
             match what {
-                "begin" if index < STEPS.len() => report.steps.push(StepReport {
-                    name: STEPS[index].0,
+                "begin" if index < steps().len() => report.steps.push(StepReport {
+                    name: steps()[index].0,
                     exit: None,
                     output: Vec::new(),
                 }),

@@ -46,6 +46,35 @@ where
     doomed
 }
 
+/// UDP and SCTP flows of `policy_replied` idle this long are over (the programs' own idle
+/// timeout, ebpf/src/policy.rs).
+pub const POLICY_IDLE_NS: u64 = 120_000_000_000;
+
+/// The `policy_replied(6)` keys to delete at `now_ns`: TCP flows idle longer than the TCP
+/// established timeout (a closing connection already went back to the LRU), others idle
+/// longer than [`POLICY_IDLE_NS`]. `proto` reads a key's protocol.
+pub fn expired_policy_flows<K: Copy>(
+    entries: &[(K, u64)],
+    proto: impl Fn(&K) -> u8,
+    timeouts: &CtTimeouts,
+    now_ns: u64,
+) -> Vec<K> {
+    let established_ns =
+        timeouts.timeout_ns(sluice_common::PROTO_TCP, sluice_common::CT_S_SEEN_REPLY);
+    entries
+        .iter()
+        .filter(|(key, last_seen)| {
+            let idle = now_ns.saturating_sub(*last_seen);
+            if proto(key) == sluice_common::PROTO_TCP {
+                idle > established_ns
+            } else {
+                idle > POLICY_IDLE_NS
+            }
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of the programs' bpf_ktime_get_ns().
 pub fn monotonic_now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -66,6 +95,28 @@ pub struct GcStats {
     /// Entries left.
     pub live: usize,
     pub live6: usize,
+    /// Entries deleted from `policy_replied` and `policy_replied6`.
+    pub policy_removed: usize,
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use sluice_common::{CtTimeouts, PROTO_TCP, PROTO_UDP};
+
+    #[test]
+    fn replied_policy_flows_expire_by_protocol() {
+        let t = CtTimeouts::DEFAULT;
+        let hour = 3_600_000_000_000u64;
+        let now = 100 * hour;
+        let entries = [
+            ((PROTO_TCP, 1), now - 23 * hour), // established, 23 h idle: kept
+            ((PROTO_TCP, 2), now - 25 * hour), // 25 h idle: over
+            ((PROTO_UDP, 3), now - 60_000_000_000), // 60 s: kept
+            ((PROTO_UDP, 4), now - 130_000_000_000), // 130 s: over
+        ];
+        let doomed = super::expired_policy_flows(&entries, |k| k.0, &t, now);
+        assert_eq!(doomed, vec![(PROTO_TCP, 2), (PROTO_UDP, 4)]);
+    }
 }
 
 #[cfg(test)]

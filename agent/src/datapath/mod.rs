@@ -36,6 +36,7 @@
 
 pub mod affinity;
 pub mod features;
+mod flow_tables;
 pub mod gc;
 pub mod policy_sync;
 pub mod purge;
@@ -72,11 +73,12 @@ use sluice_common::{
     PolicyKey6, PolicyValue, Reason, ServiceKey, ServiceKey6, ServiceValue, SockConfig, SockRevKey,
     SockRevKey6, SockRevValue, SockRevValue6, SourceRangeKey, SourceRangeKey6, CB_REASON_MAGIC,
     CB_REASON_MASK, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG,
-    MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_DROPS, MAP_ISOLATED, MAP_ISOLATED6, MAP_POLICY,
-    MAP_POLICY6, MAP_POLICY_EVENTS, MAP_POLICY_FLOWS, MAP_POLICY_FLOWS6, MAP_SERVICES,
-    MAP_SERVICES6, MAP_SOCK_CONFIG, MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES,
-    MAP_SOURCE_RANGES6, MAX_AFFINITY, MAX_POLICY_ENTRIES, MAX_POLICY_FLOWS, MAX_POLICY_PODS,
-    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, POLICY_EVENTS_BYTES, REASON_COUNT,
+    MAP_CONFIG6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_CT_ANSWERED, MAP_CT_ANSWERED6, MAP_DROPS,
+    MAP_ISOLATED, MAP_ISOLATED6, MAP_POLICY, MAP_POLICY6, MAP_POLICY_EVENTS, MAP_POLICY_FLOWS,
+    MAP_POLICY_FLOWS6, MAP_POLICY_REPLIED, MAP_POLICY_REPLIED6, MAP_SERVICES, MAP_SERVICES6,
+    MAP_SOCK_CONFIG, MAP_SOCK_REVNAT, MAP_SOCK_REVNAT6, MAP_SOURCE_RANGES, MAP_SOURCE_RANGES6,
+    MAX_AFFINITY, MAX_POLICY_ENTRIES, MAX_POLICY_PODS, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+    POLICY_EVENTS_BYTES, REASON_COUNT,
 };
 use tracing::{debug, info, warn};
 
@@ -203,7 +205,7 @@ const fn lpm_key_size<K>() -> usize {
     size_of::<u32>() + size_of::<K>()
 }
 
-const MAPS: [MapSpec; 23] = [
+const MAPS: [MapSpec; 27] = [
     MapSpec {
         name: MAP_SERVICES,
         map_type: MapType::Hash,
@@ -353,7 +355,7 @@ const MAPS: [MapSpec; 23] = [
         map_type: MapType::LruHash,
         key_size: size_of::<PolicyFlowKey>(),
         value_size: size_of::<u64>(),
-        capacity: Capacity::Fixed(MAX_POLICY_FLOWS),
+        capacity: Capacity::PolicyFlows,
         written_by_programs: true,
     },
     MapSpec {
@@ -385,7 +387,39 @@ const MAPS: [MapSpec; 23] = [
         map_type: MapType::LruHash,
         key_size: size_of::<PolicyFlowKey6>(),
         value_size: size_of::<u64>(),
-        capacity: Capacity::Fixed(MAX_POLICY_FLOWS),
+        capacity: Capacity::PolicyFlows,
+        written_by_programs: true,
+    },
+    MapSpec {
+        name: MAP_CT_ANSWERED,
+        map_type: MapType::Hash,
+        key_size: size_of::<CtKey>(),
+        value_size: size_of::<CtValue>(),
+        capacity: Capacity::Conntrack,
+        written_by_programs: true,
+    },
+    MapSpec {
+        name: MAP_CT_ANSWERED6,
+        map_type: MapType::Hash,
+        key_size: size_of::<CtKey6>(),
+        value_size: size_of::<CtValue6>(),
+        capacity: Capacity::Conntrack,
+        written_by_programs: true,
+    },
+    MapSpec {
+        name: MAP_POLICY_REPLIED,
+        map_type: MapType::Hash,
+        key_size: size_of::<PolicyFlowKey>(),
+        value_size: size_of::<u64>(),
+        capacity: Capacity::PolicyFlows,
+        written_by_programs: true,
+    },
+    MapSpec {
+        name: MAP_POLICY_REPLIED6,
+        map_type: MapType::Hash,
+        key_size: size_of::<PolicyFlowKey6>(),
+        value_size: size_of::<u64>(),
+        capacity: Capacity::PolicyFlows,
         written_by_programs: true,
     },
 ];
@@ -451,8 +485,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     services: ServiceSync<KernelServiceMaps>,
     services6: sync6::Ipv6Sync,
-    conntrack: HashMap<MapData, CtKey, CtValue>,
-    conntrack6: HashMap<MapData, CtKey6, CtValue6>,
+    conntrack: flow_tables::FlowTables<CtKey, CtValue>,
+    conntrack6: flow_tables::FlowTables<CtKey6, CtValue6>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     affinity6: HashMap<MapData, AffinityKey6, AffinityValue6>,
     config: Array<MapData, NodeConfig>,
@@ -464,8 +498,8 @@ pub struct Datapath {
     /// The socket programs' own maps (host traffic, sock.rs).
     sock: sock::SockMaps,
     policy: policy_sync::PolicySync,
-    policy_flows: HashMap<MapData, PolicyFlowKey, u64>,
-    policy_flows6: HashMap<MapData, PolicyFlowKey6, u64>,
+    policy_flows: flow_tables::FlowTables<PolicyFlowKey, u64>,
+    policy_flows6: flow_tables::FlowTables<PolicyFlowKey6, u64>,
     /// Taken by [`Datapath::take_policy_events`] (tests; `sluice monitor` opens the pin).
     policy_events: Option<RingBuf<MapData>>,
     /// `None` for a datapath with private maps.
@@ -597,6 +631,9 @@ impl Datapath {
         for (spec, path) in &map_pins {
             let capacity = spec.capacity.of(sizes);
             loader.map_max_entries(spec.name, capacity);
+            if spec.name == MAP_DROPS {
+                restart_counters_of_another_size(path, capacity)?;
+            }
             match pinned_map(spec, path)? {
                 Some((old, old_capacity)) if old_capacity != capacity => {
                     // Not given a pin path: the loader creates a new map of `capacity`.
@@ -808,7 +845,7 @@ impl Datapath {
             });
             Ok(map)
         });
-        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6, affinity6, source_ranges6, policy, isolated, policy_flows, policy_events, policy6, isolated6, policy_flows6] =
+        let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6, affinity6, source_ranges6, policy, isolated, policy_flows, policy_events, policy6, isolated6, policy_flows6, ct_answered, ct_answered6, policy_replied, policy_replied6] =
             maps;
         let stale = |name| {
             format!(
@@ -819,7 +856,11 @@ impl Datapath {
         };
         let services = HashMap::try_from(services?).with_context(|| stale(MAP_SERVICES))?;
         let backends = HashMap::try_from(backends?).with_context(|| stale(MAP_BACKENDS))?;
-        let conntrack = HashMap::try_from(conntrack?).with_context(|| stale(MAP_CONNTRACK))?;
+        let conntrack = flow_tables::FlowTables {
+            answered: HashMap::try_from(ct_answered?).with_context(|| stale(MAP_CT_ANSWERED))?,
+            unanswered: HashMap::try_from(conntrack?).with_context(|| stale(MAP_CONNTRACK))?,
+            names: [MAP_CT_ANSWERED, MAP_CONNTRACK],
+        };
         let affinity = HashMap::try_from(affinity?).with_context(|| stale(MAP_AFFINITY))?;
         let source_ranges =
             LpmTrie::try_from(source_ranges?).with_context(|| stale(MAP_SOURCE_RANGES))?;
@@ -828,7 +869,11 @@ impl Datapath {
         let drops = PerCpuArray::try_from(drops?).with_context(|| stale(MAP_DROPS))?;
         let services6 = HashMap::try_from(services6?).with_context(|| stale(MAP_SERVICES6))?;
         let backends6 = HashMap::try_from(backends6?).with_context(|| stale(MAP_BACKENDS6))?;
-        let conntrack6 = HashMap::try_from(conntrack6?).with_context(|| stale(MAP_CONNTRACK6))?;
+        let conntrack6 = flow_tables::FlowTables {
+            answered: HashMap::try_from(ct_answered6?).with_context(|| stale(MAP_CT_ANSWERED6))?,
+            unanswered: HashMap::try_from(conntrack6?).with_context(|| stale(MAP_CONNTRACK6))?,
+            names: [MAP_CT_ANSWERED6, MAP_CONNTRACK6],
+        };
         let config6: Array<MapData, NodeConfig6> =
             Array::try_from(config6?).with_context(|| stale(MAP_CONFIG6))?;
         let sock = sock::SockMaps {
@@ -854,10 +899,20 @@ impl Datapath {
                 describe(MAP_ISOLATED6)
             )
         })?;
-        let policy_flows =
-            HashMap::try_from(policy_flows?).with_context(|| stale(MAP_POLICY_FLOWS))?;
-        let policy_flows6 =
-            HashMap::try_from(policy_flows6?).with_context(|| stale(MAP_POLICY_FLOWS6))?;
+        let policy_flows = flow_tables::FlowTables {
+            answered: HashMap::try_from(policy_replied?)
+                .with_context(|| stale(MAP_POLICY_REPLIED))?,
+            unanswered: HashMap::try_from(policy_flows?)
+                .with_context(|| stale(MAP_POLICY_FLOWS))?,
+            names: [MAP_POLICY_REPLIED, MAP_POLICY_FLOWS],
+        };
+        let policy_flows6 = flow_tables::FlowTables {
+            answered: HashMap::try_from(policy_replied6?)
+                .with_context(|| stale(MAP_POLICY_REPLIED6))?,
+            unanswered: HashMap::try_from(policy_flows6?)
+                .with_context(|| stale(MAP_POLICY_FLOWS6))?,
+            names: [MAP_POLICY_REPLIED6, MAP_POLICY_FLOWS6],
+        };
         let policy_events =
             RingBuf::try_from(policy_events?).with_context(|| stale(MAP_POLICY_EVENTS))?;
         let node_config6 = config6
@@ -1125,29 +1180,31 @@ impl Datapath {
         self.policy.programmed()
     }
 
-    /// Every flow `policy_flows` remembers, with its creation time.
+    /// Every flow `policy_replied` and `policy_flows` remember, with its last-seen time.
     pub fn policy_flows(&self) -> anyhow::Result<Vec<(PolicyFlowKey, u64)>> {
-        self.policy_flows
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the policy_flows map")
+        self.policy_flows.entries()
     }
 
-    /// Every IPv6 flow `policy_flows6` remembers, with its last-seen time.
+    /// Every IPv6 flow `policy_replied6` and `policy_flows6` remember, with its last-seen time.
     pub fn policy_flows6(&self) -> anyhow::Result<Vec<(PolicyFlowKey6, u64)>> {
-        self.policy_flows6
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the policy_flows6 map")
+        self.policy_flows6.entries()
+    }
+
+    /// How many entries the NetworkPolicy flow maps hold: (IPv4 replied, IPv4 unanswered,
+    /// IPv6 replied, IPv6 unanswered).
+    pub fn policy_flow_counts(&self) -> (usize, usize, usize, usize) {
+        let (a, u) = self.policy_flows.counts();
+        let (a6, u6) = self.policy_flows6.counts();
+        (a, u, a6, u6)
     }
 
     /// Forgets every admitted flow of both families (`sluice trace` between its runs).
     pub fn clear_policy_flows(&mut self) -> anyhow::Result<usize> {
         let keys: Vec<PolicyFlowKey> = self.policy_flows()?.into_iter().map(|(k, _)| k).collect();
-        remove_keys(&mut self.policy_flows, &keys, "a policy_flows entry")?;
+        self.policy_flows.remove(&keys, "a policy_flows entry")?;
         let keys6: Vec<PolicyFlowKey6> =
             self.policy_flows6()?.into_iter().map(|(k, _)| k).collect();
-        remove_keys(&mut self.policy_flows6, &keys6, "a policy_flows6 entry")?;
+        self.policy_flows6.remove(&keys6, "a policy_flows6 entry")?;
         Ok(keys.len() + keys6.len())
     }
 
@@ -1244,18 +1301,20 @@ impl Datapath {
 
     /// Every IPv6 conntrack entry (two per translated flow).
     pub fn conntrack6_entries(&self) -> anyhow::Result<Vec<(CtKey6, CtValue6)>> {
-        self.conntrack6
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the conntrack6 map")
+        self.conntrack6.entries()
     }
 
     /// Every conntrack entry (two per translated flow, see `sluice-common`).
     pub fn conntrack_entries(&self) -> anyhow::Result<Vec<(CtKey, CtValue)>> {
-        self.conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the conntrack map")
+        self.conntrack.entries()
+    }
+
+    /// How many entries the conntrack maps hold: (IPv4 answered, IPv4 unanswered, IPv6
+    /// answered, IPv6 unanswered).
+    pub fn conntrack_counts(&self) -> (usize, usize, usize, usize) {
+        let (a, u) = self.conntrack.counts();
+        let (a6, u6) = self.conntrack6.counts();
+        (a, u, a6, u6)
     }
 
     /// Deletes the IPv6 conntrack entries `remove` picks; returns how many.
@@ -1269,7 +1328,7 @@ impl Datapath {
             .filter(|(key, value)| remove(key, value))
             .map(|(key, _)| key)
             .collect();
-        remove_keys(&mut self.conntrack6, &doomed, "an IPv6 conntrack entry")?;
+        self.conntrack6.remove(&doomed, "an IPv6 conntrack entry")?;
         Ok(doomed.len())
     }
 
@@ -1280,15 +1339,39 @@ impl Datapath {
         let timeouts = self.node_config.ct_timeouts;
         let entries = self.conntrack_entries()?;
         let doomed = gc::expired(&entries, &timeouts, now);
-        remove_keys(&mut self.conntrack, &doomed, "an expired conntrack entry")?;
+        self.conntrack
+            .remove(&doomed, "an expired conntrack entry")?;
         let entries6 = self.conntrack6_entries()?;
         let doomed6 = gc::expired(&entries6, &timeouts, now);
+        self.conntrack6
+            .remove(&doomed6, "an expired IPv6 conntrack entry")?;
+        // Replied NetworkPolicy flows: only the LRU forgets the others.
+        let replied: Vec<(PolicyFlowKey, u64)> = self
+            .policy_flows
+            .answered
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the policy_replied map")?;
+        let doomed_policy = gc::expired_policy_flows(&replied, |k| k.proto, &timeouts, now);
         remove_keys(
-            &mut self.conntrack6,
-            &doomed6,
-            "an expired IPv6 conntrack entry",
+            &mut self.policy_flows.answered,
+            &doomed_policy,
+            "an idle policy_replied entry",
+        )?;
+        let replied6: Vec<(PolicyFlowKey6, u64)> = self
+            .policy_flows6
+            .answered
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the policy_replied6 map")?;
+        let doomed_policy6 = gc::expired_policy_flows(&replied6, |k| k.proto, &timeouts, now);
+        remove_keys(
+            &mut self.policy_flows6.answered,
+            &doomed_policy6,
+            "an idle policy_replied6 entry",
         )?;
         Ok(gc::GcStats {
+            policy_removed: doomed_policy.len() + doomed_policy6.len(),
             removed: doomed.len(),
             removed6: doomed6.len(),
             live: entries.len() - doomed.len(),
@@ -1316,7 +1399,7 @@ impl Datapath {
             .filter(|(key, value)| remove(key, value))
             .map(|(key, _)| key)
             .collect();
-        remove_keys(&mut self.conntrack, &doomed, "a conntrack entry")?;
+        self.conntrack.remove(&doomed, "a conntrack entry")?;
         Ok(doomed.len())
     }
 
@@ -1586,6 +1669,29 @@ fn pinned_map(spec: &MapSpec, path: &Path) -> anyhow::Result<Option<(OwnedFd, u3
         .try_clone_to_owned()
         .with_context(describe)?;
     Ok(Some((fd, info.max_entries())))
+}
+
+/// An earlier agent's `drops` map with another number of reasons: only counters, so it is
+/// unpinned (the programs still running on it keep it until they are replaced) and a new one
+/// of this agent's size is made; the counts start again from zero, and the log says so.
+fn restart_counters_of_another_size(path: &Path, capacity: u32) -> anyhow::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let describe = || format!("map `{MAP_DROPS}` pinned at {}", path.display());
+    let map = MapData::from_pin(path).with_context(describe)?;
+    let info = map.info().with_context(describe)?;
+    if info.map_type()? == MapType::PerCpuArray && info.max_entries() != capacity {
+        fs::remove_file(path).with_context(|| format!("unpinning {}", describe()))?;
+        warn!(
+            pin = %path.display(),
+            from = info.max_entries(),
+            to = capacity,
+            "the drop counters of an earlier agent have another number of reasons: they \
+             start again from zero"
+        );
+    }
+    Ok(())
 }
 
 fn link_pin_path(pin_path: &Path, ifindex: u32, direction: &str) -> PathBuf {

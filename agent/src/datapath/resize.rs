@@ -24,7 +24,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use sluice_common::{MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES};
+use sluice_common::{MAX_BACKENDS, MAX_CONNTRACK, MAX_POLICY_FLOWS, MAX_SERVICES};
 
 use super::sock::{put_u32, put_u64, sys_bpf, ATTR_SIZE};
 
@@ -37,9 +37,11 @@ pub struct MapSizes {
     pub services: u32,
     /// Entries of `backends` and of `backends6`: one per endpoint of each of those entries.
     pub backends: u32,
-    /// Entries of `conntrack` and of `conntrack6` (LRU: the least recently used flow goes
-    /// first): two per translated flow.
+    /// Entries of `conntrack`, `ct_answered` and their IPv6 twins: two per translated flow.
     pub conntrack: u32,
+    /// Entries of `policy_flows`, `policy_replied` and their IPv6 twins: one per direction
+    /// of each flow a NetworkPolicy admitted.
+    pub policy_flows: u32,
 }
 
 impl Default for MapSizes {
@@ -50,6 +52,7 @@ impl Default for MapSizes {
             services: MAX_SERVICES,
             backends: MAX_BACKENDS,
             conntrack: MAX_CONNTRACK,
+            policy_flows: MAX_POLICY_FLOWS,
         }
     }
 }
@@ -80,6 +83,8 @@ impl MapSizes {
             self.backends.to_string(),
             "--max-conntrack".into(),
             self.conntrack.to_string(),
+            "--max-policy-flows".into(),
+            self.policy_flows.to_string(),
         ]
     }
 
@@ -88,6 +93,7 @@ impl MapSizes {
             ("--max-services", self.services),
             ("--max-backends", self.backends),
             ("--max-conntrack", self.conntrack),
+            ("--max-policy-flows", self.policy_flows),
         ] {
             if size == 0 || size > MAX_MAP_SIZE {
                 bail!("{flag} {size}: must be between 1 and {MAX_MAP_SIZE}");
@@ -108,6 +114,8 @@ pub(super) enum Capacity {
     Backends,
     /// [`MapSizes::conntrack`].
     Conntrack,
+    /// [`MapSizes::policy_flows`].
+    PolicyFlows,
 }
 
 impl Capacity {
@@ -117,6 +125,7 @@ impl Capacity {
             Capacity::Services => sizes.services,
             Capacity::Backends => sizes.backends,
             Capacity::Conntrack => sizes.conntrack,
+            Capacity::PolicyFlows => sizes.policy_flows,
         }
     }
 
@@ -127,6 +136,7 @@ impl Capacity {
             Capacity::Services => Some("--max-services"),
             Capacity::Backends => Some("--max-backends"),
             Capacity::Conntrack => Some("--max-conntrack"),
+            Capacity::PolicyFlows => Some("--max-policy-flows"),
         }
     }
 }

@@ -203,6 +203,8 @@ pub fn node_config(node: &NodeContext) -> anyhow::Result<NodeConfig> {
         ct_timeouts: node.conntrack,
         snat_port_min: node.masquerade_ports.map_or(0, |r| r.first),
         snat_port_max: node.masquerade_ports.map_or(0, |r| r.last),
+        skip_port_min: node.skip_ports.map_or(0, |r| r.first),
+        skip_port_max: node.skip_ports.map_or(0, |r| r.last),
         ..NodeConfig::default()
     };
     for (slot, cidr) in config.cluster_cidrs.iter_mut().zip(&cidrs) {

@@ -15,7 +15,7 @@ use crate::support::*;
 const TCP_FIN: u8 = packet::TCP_FIN;
 
 /// Checks that `packet` is `expected` masqueraded: the same but for a source port from the
-/// default masquerade range (61000-65535), outside the node's ephemeral ports.
+/// default masquerade range (1024-65535 less the node's ephemeral ports).
 pub(crate) fn assert_masqueraded(packet: &[u8], expected: Flow) {
     let out = tuple_of(packet);
     assert_eq!(
@@ -26,7 +26,7 @@ pub(crate) fn assert_masqueraded(packet: &[u8], expected: Flow) {
         expected,
         "{out}"
     );
-    assert!((61_000..=65_535).contains(&out.sport), "{out}");
+    assert!(is_masquerade_port(out.sport), "{out}");
 }
 
 /// Short timeouts: TCP closed 300 ms (closed flows need no refresh), the rest the defaults.

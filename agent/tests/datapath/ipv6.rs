@@ -878,10 +878,10 @@ fn ipv6_cluster_ip_traffic_from_outside_the_cluster_cidrs_and_masquerade_all_is_
             Some(ext),
             TC_ACT_REDIRECT,
         );
-        // The masquerade source port comes from the masquerade range (61000-65535).
+        // The masquerade source port comes from the masquerade range, not the ephemeral ports.
         let ((src, masq_port), dst) = (ipv6_src(&out), ipv6_dst(&out));
         assert_eq!((src, dst), (NODE6, (REMOTE_POD6, 8080)));
-        assert!((61_000..=65_535).contains(&masq_port), "{masq_port}");
+        assert!(is_masquerade_port(masq_port), "{masq_port}");
         let answer = tcp6_packet(
             &Flow6 {
                 proto: PROTO_TCP,
@@ -928,7 +928,7 @@ fn ipv6_cluster_ip_traffic_from_outside_the_cluster_cidrs_and_masquerade_all_is_
         );
         let ((src, masq_port), dst) = (ipv6_src(&out), ipv6_dst(&out));
         assert_eq!((src, dst), (NODE6, (REMOTE_POD6, 8080)));
-        assert!((61_000..=65_535).contains(&masq_port), "{masq_port}");
+        assert!(is_masquerade_port(masq_port), "{masq_port}");
         let entries = datapath.conntrack6_entries().unwrap();
         assert!(entries.iter().all(|(_, v)| v.flags & CT_F_SNAT != 0));
     });

@@ -513,8 +513,22 @@ pub(crate) fn node_context(masquerade_all: bool) -> NodeContext {
         node_ips: vec![NODE_IP.into()],
         cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
         masquerade_all,
+        // As the agent reads them from the node: Linux's default ephemeral ports.
+        skip_ports: Some(EPHEMERAL_PORTS),
         ..Default::default()
     }
+}
+
+/// The node's ephemeral ports in [`node_context`] (Linux's default), which masquerading skips.
+pub(crate) const EPHEMERAL_PORTS: sluice::node::PortRange = sluice::node::PortRange {
+    first: 32_768,
+    last: 60_999,
+};
+
+/// Whether `port` is one the default masquerade range gives a flow of [`node_context`]:
+/// 1024-65535 less the ephemeral ports.
+pub(crate) fn is_masquerade_port(port: u16) -> bool {
+    port >= 1_024 && !(EPHEMERAL_PORTS.first..=EPHEMERAL_PORTS.last).contains(&port)
 }
 
 /// A private datapath programmed with `services` for the node `node`.

@@ -5,17 +5,17 @@ use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32};
 use sluice_common::{
     source_range_prefix_len, Backend6, BackendKey, NodeConfig6, Reason, ServiceKey6, ServiceValue,
     SourceRangeKey6, BACKEND_F_LOCAL, CONFIG_F_MASQUERADE_ALL, CT_DIR_REPLY, CT_F_HAIRPIN,
-    CT_F_REDIRECT, CT_F_SNAT, CT_SLOT_UNKNOWN, HAIRPIN6_SNAT_ADDR, MAX_CLUSTER_CIDRS,
-    REASON_DROP_NO_LOCAL_ENDPOINTS, REASON_DROP_NO_SNAT_PORT, REASON_DROP_SOURCE_RANGE, SCOPE_ALL,
-    SCOPE_POD, SVC_F_AFFINITY, SVC_F_DROP_WHEN_EMPTY, SVC_F_EXTERNAL, SVC_F_EXTERNAL_LOCAL,
-    SVC_F_SOURCE_RANGES,
+    CT_F_REDIRECT, CT_F_SNAT, CT_SLOT_UNKNOWN, HAIRPIN6_SNAT_ADDR, MAX_CLUSTER_CIDRS, PROTO_TCP,
+    REASON_DROP_NO_LOCAL_ENDPOINTS, REASON_DROP_NO_SNAT_PORT, REASON_DROP_SOURCE_RANGE,
+    REASON_DROP_TCP_NO_FLOW, SCOPE_ALL, SCOPE_POD, SVC_F_AFFINITY, SVC_F_DROP_WHEN_EMPTY,
+    SVC_F_EXTERNAL, SVC_F_EXTERNAL_LOCAL, SVC_F_SOURCE_RANGES,
 };
 
 use super::{Ipv6Packet, Scratch6};
 use crate::{
     conntrack,
     lb::SYN_RETRANSMIT_NS,
-    maps::{AFFINITY6, BACKENDS6, CONFIG6, CONNTRACK6, SERVICES6, SOURCE_RANGES6},
+    maps::{AFFINITY6, BACKENDS6, CONFIG6, SERVICES6, SOURCE_RANGES6},
     Hook,
 };
 
@@ -80,6 +80,10 @@ pub fn new_flow(
     if hook == Hook::Pod {
         // Egress policy judges the backend, not the frontend.
         super::policy::egress_to_backend(s, pkt, &backend.addr, backend.port)?;
+    }
+    if pkt.proto == PROTO_TCP && !pkt.is_tcp_syn() {
+        // Mid-connection, and nobody remembers its backend (as for IPv4).
+        return Err(REASON_DROP_TCP_NO_FLOW);
     }
     let (snat_addr, flags) = masquerade(service, &backend, pkt, hook);
     create(s, pkt, service.id, &backend, slot, snat_addr, flags, now)?;
@@ -263,10 +267,6 @@ fn masquerade(
     }
 }
 
-/// How many source ports a masqueraded flow tries: the client's own when it may keep it, then
-/// random ones from the masquerade range (conntrack::masquerade_port_inline, as for IPv4).
-const SNAT_ATTEMPTS: u32 = 5;
-
 // create() writes the conntrack key and values field by field into the scratch (whole struct
 // literals there made LLVM emit code the verifier rejects, "R5 !read_ok"): a field added to
 // CtKey6 or CtValue6 must be written there too, or it keeps an earlier packet's value. These
@@ -276,8 +276,7 @@ const _: () = assert!(core::mem::size_of::<sluice_common::CtValue6>() == 64);
 
 /// Records the new flow (forward entry in `s.entry`, with the forward key in `s.key`), as
 /// conntrack::create: a masqueraded flow claims a source port that makes its reply tuple
-/// unique (BPF_NOEXIST; a reply entry of this very tuple and frontend is its own to
-/// overwrite).
+/// unique (conntrack::claim_port6).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn create(
@@ -312,44 +311,19 @@ fn create(
     s.reply_key.dir = CT_DIR_REPLY;
     s.reply_key._pad = 0;
     match snat_addr {
-        None => {
-            // An LRU map evicts instead of failing; without its entry this packet is
-            // translated and the next one retries.
-            let _ = CONNTRACK6.insert(&s.reply_key, &s.reply, 0);
-        }
+        None => conntrack::insert6(&s.reply_key, &s.reply),
         Some(addr) => {
             s.reply.snat_addr = pkt.saddr;
             s.reply.snat_port = pkt.sport;
             s.reply_key.daddr = addr;
-            let mut claimed = false;
             let keep_client_port = flags & CT_F_HAIRPIN != 0;
-            for attempt in 0..SNAT_ATTEMPTS {
-                s.reply_key.dport =
-                    conntrack::masquerade_port_inline(attempt, pkt.sport, keep_client_port);
-                if conntrack::claim6(&s.reply_key, &s.reply) {
-                    claimed = true;
-                    break;
-                }
-                // SAFETY: the fields are read at once.
-                if let Some(existing) = unsafe { CONNTRACK6.get(&s.reply_key) } {
-                    if existing.snat_addr == pkt.saddr
-                        && existing.snat_port == pkt.sport
-                        && existing.nat_addr == pkt.daddr
-                        && existing.nat_port == pkt.dport
-                    {
-                        let _ = CONNTRACK6.insert(&s.reply_key, &s.reply, 0);
-                        claimed = true;
-                        break;
-                    }
-                }
-            }
-            if !claimed {
+            if !conntrack::claim_port6(&mut s.reply_key, &s.reply, pkt.sport, keep_client_port) {
                 return Err(REASON_DROP_NO_SNAT_PORT);
             }
             s.entry.snat_addr = addr;
             s.entry.snat_port = s.reply_key.dport;
         }
     }
-    let _ = CONNTRACK6.insert(&s.key, &s.entry, 0);
+    conntrack::insert6(&s.key, &s.entry);
     Ok(())
 }

@@ -92,7 +92,7 @@ use sluice_common::{
 
 use crate::{
     conntrack,
-    maps::{CONNTRACK6, SCRATCH6},
+    maps::SCRATCH6,
     parse::{ETH_HLEN, SCTP_CSUM_OFF, TCP_CSUM_OFF, TCP_FLAG_ACK, TCP_FLAG_SYN, UDP_CSUM_OFF},
     verdict, Hook,
 };
@@ -358,7 +358,11 @@ pub fn parse(ctx: &TcContext) -> Option<Packet6> {
         if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP && inner_proto != PROTO_SCTP {
             return None;
         }
-        // The quote must hold the ports and the L4 checksum fields this code may rewrite.
+        // The quote must hold the ports and the L4 checksum fields this code may rewrite,
+        // inside the packet (not in bytes after it).
+        if (u16::from_be(ip.payload_len) as usize) < INNER_L4_OFF + 4 - l4_off {
+            return None;
+        }
         let (inner_sport, inner_dport) = ports(ctx, INNER_L4_OFF)?;
         return Some(Packet6::IcmpError(Icmp6Error {
             hop_limit: ip.hop_limit,
@@ -379,6 +383,15 @@ pub fn parse(ctx: &TcContext) -> Option<Packet6> {
     // bytes, SCTP: 12 bytes cover the ports and the checksum). A UDP datagram with less than 4
     // bytes of payload is a flow like any other (not passed untouched: it would skip the
     // services and NetworkPolicy).
+    // ... inside the IPv6 packet, not in bytes after it (padding, a trailer).
+    let header_len = match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        _ => 12,
+    };
+    if (u16::from_be(ip.payload_len) as usize) < header_len {
+        return None;
+    }
     let (ports, tcp_flags) = if proto == PROTO_UDP {
         let h: [u8; 8] = ctx.load(l4_off).ok()?;
         (
@@ -440,9 +453,11 @@ fn ct_key(pkt: &Ipv6Packet, dir: u8) -> CtKey6 {
 #[inline(always)]
 fn ct_lookup(s: &mut Scratch6) -> bool {
     // SAFETY: the value is copied out at once.
-    let Some(entry) = (unsafe { CONNTRACK6.get(&s.key) }) else {
+    let Some(entry) = conntrack::find6(&s.key) else {
         return false;
     };
+    // SAFETY: a pointer to the map's value, valid for the program's run; copied out below.
+    let entry = unsafe { &*entry };
     s.now = conntrack::now();
     if conntrack::expired6(&s.key, entry, s.now) {
         return false;

@@ -7,17 +7,12 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use sluice_common::{
     policy6_prefix_len, PolicyKey6, Reason, CT_DIR_FORWARD, ISOLATED_EGRESS, ISOLATED_INGRESS,
-    MAX_POLICY_PORT_RANGES, PROTO_TCP, REASON_DROP_POLICY_EGRESS, REASON_DROP_POLICY_INGRESS,
-    WAY_EGRESS, WAY_INGRESS,
+    MAX_POLICY_PORT_RANGES, REASON_DROP_POLICY_EGRESS, REASON_DROP_POLICY_INGRESS, WAY_EGRESS,
+    WAY_INGRESS,
 };
 
 use super::{ct_key, ct_lookup, Ipv6Packet, Scratch6};
-use crate::maps::{ISOLATED6, POLICY6, POLICY_EVENTS, POLICY_FLOWS6};
-
-/// UDP and SCTP flows idle this long are new again (as policy.rs).
-const IDLE_FLOW_NS: u64 = 120_000_000_000;
-/// A flow's last-seen time is refreshed at most this often.
-const REFRESH_NS: u64 = 1_000_000_000;
+use crate::maps::{ISOLATED6, POLICY6, POLICY_EVENTS, POLICY_FLOWS6, POLICY_REPLIED6};
 
 /// Whether a policy isolates `pod` in direction `way`.
 #[inline(always)]
@@ -125,24 +120,20 @@ fn registers(addr: &[u32; 4]) -> [u32; 4] {
     unsafe { core::ptr::read_volatile(addr) }
 }
 
-/// Whether `s.flow_key` was admitted and, but for TCP, seen within [`IDLE_FLOW_NS`];
-/// refreshes it.
+/// Whether `s.flow_key` was admitted and, but for TCP, seen within the idle timeout;
+/// refreshes it, and moves it between the answered and unanswered maps
+/// (crate::policy::known_in).
 #[inline(always)]
-fn known(s: &Scratch6, now: u64) -> bool {
-    let Some(seen) = POLICY_FLOWS6.get_ptr_mut(&s.flow_key) else {
-        return false;
-    };
-    // SAFETY: a valid map value pointer; a racing store of another CPU is a time as good.
-    let last = unsafe { *seen };
-    let idle = now.saturating_sub(last);
-    if s.flow_key.proto != PROTO_TCP && idle > IDLE_FLOW_NS {
-        return false;
-    }
-    if idle > REFRESH_NS {
-        // SAFETY: as above.
-        unsafe { *seen = now };
-    }
-    true
+fn known(s: &Scratch6, tcp_flags: u8, reply: bool, now: u64) -> bool {
+    crate::policy::known_in(
+        &POLICY_REPLIED6,
+        &POLICY_FLOWS6,
+        &s.flow_key,
+        s.flow_key.proto,
+        tcp_flags,
+        reply,
+        now,
+    )
 }
 
 /// A later packet of a flow admitted in `way` (not a TCP SYN), or a reply of one admitted
@@ -156,12 +147,12 @@ fn admitted(s: &mut Scratch6, pkt: &Ipv6Packet, way: u8, now: u64) -> bool {
     };
     if !pkt.is_tcp_syn() {
         set_flow_key(s, pkt, false, way);
-        if known(s, now) {
+        if known(s, pkt.tcp_flags, false, now) {
             return true;
         }
     }
     set_flow_key(s, pkt, true, other);
-    known(s, now)
+    known(s, pkt.tcp_flags, true, now)
 }
 
 /// Remembers an admitted flow (LRU: evicts instead of failing; a failed write only means the
