@@ -220,7 +220,10 @@ pub fn judge_tcx(
             }
         }
         Pinned::Link(link) if link.is_tcx(attach_type) && link.ifindex == 0 => Some(Finding::new(
-            format!("was detached (its {})", link.describe()),
+            format!(
+                "was detached (its tcx link {} is attached to no interface)",
+                link.id
+            ),
             Fix::Attach,
         )),
         other => Some(Finding {
