@@ -1650,7 +1650,7 @@ pub const TC_ATTACH_ENV: &str = "SLUICE_TC_ATTACH";
 
 /// Whether programs are attached with tcx links: the kernel has them and [`TC_ATTACH_ENV`] does
 /// not ask for netlink.
-fn use_tcx() -> bool {
+pub fn use_tcx() -> bool {
     tcx_supported() && std::env::var_os(TC_ATTACH_ENV).is_none_or(|v| v != "netlink")
 }
 

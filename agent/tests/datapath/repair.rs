@@ -87,7 +87,7 @@ fn map_id_at(pin: &Path) -> u32 {
 }
 
 fn program_names(ifname: &str, attach_type: TcAttachType) -> Vec<String> {
-    if datapath::features::KernelFeatures::get().tcx {
+    if datapath::use_tcx() {
         return tcx_programs(ifname, attach_type)
             .into_iter()
             .map(|(_, name)| name)
@@ -120,7 +120,9 @@ fn one_pass_reattaches_detached_programs_and_repins_the_maps() {
     let bpffs = PrivateBpffs::new();
     let pin_path = bpffs.pin_path();
     let netns = TestNetns::with_veth("sl-rep0", "sl-reppeer");
-    let tcx = datapath::features::KernelFeatures::get().tcx;
+    // The path the agent takes: tcx links, or (before 6.6, or with SLUICE_TC_ATTACH=netlink)
+    // clsact and tc filters.
+    let tcx = datapath::use_tcx();
 
     netns.run(|| {
         let ifindex = ifindex("sl-rep0");
@@ -250,7 +252,7 @@ fn a_pin_that_is_not_one_of_sluices_maps_is_refused_at_load_and_kept() {
 /// refused, and left where it is; the other interfaces attach.
 #[test]
 fn a_link_pin_that_is_not_sluices_is_refused_at_attach_and_kept() {
-    if !datapath::features::KernelFeatures::get().tcx {
+    if !datapath::use_tcx() {
         // The netlink path pins no links.
         return;
     }
