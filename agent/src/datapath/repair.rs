@@ -157,6 +157,9 @@ pub enum Fix {
     ReplacePin,
     /// The tcx link with this id still runs the program there but lost its pin: pin it again.
     PinLink(u32),
+    /// The pin cannot be opened or identified: reported as a failed repair, left as it is
+    /// (touching what cannot be checked could undo a healthy attachment).
+    Leave,
 }
 
 /// Something the check found wrong, and what to do about it.
@@ -219,6 +222,7 @@ pub fn judge_tcx(
                 None
             }
         }
+        Pinned::Unknown(about) => Some(unreadable(about)),
         Pinned::Link(link) if link.is_tcx(attach_type) && link.ifindex == 0 => Some(Finding::new(
             format!(
                 "was detached (its tcx link {} is attached to no interface)",
@@ -235,6 +239,13 @@ pub fn judge_tcx(
             foreign: true,
         }),
     }
+}
+
+fn unreadable(about: &str) -> Finding {
+    Finding::new(
+        format!("could not be checked: its pin holds {about}"),
+        Fix::Leave,
+    )
 }
 
 /// A tc filter on a clsact hook, as a netlink dump lists it.
@@ -284,6 +295,7 @@ pub fn judge_netlink(prog_id: u32, filters: &[Filter]) -> Option<Finding> {
 pub fn judge_map_pin(map_id: u32, pin: &Pinned) -> Option<Finding> {
     match pin {
         Pinned::Map { id, .. } if *id == map_id => None,
+        Pinned::Unknown(about) => Some(unreadable(about)),
         Pinned::Nothing => Some(Finding::new(
             format!("was no longer pinned (the programs use map id {map_id})"),
             Fix::Attach,
@@ -440,20 +452,24 @@ impl Datapath {
             let Some(finding) = judge_map_pin(map_id, &inspect_pin(&pin)) else {
                 continue;
             };
-            let outcome = aya::maps::MapInfo::from_id(map_id)
-                .and_then(|info| info.fd())
-                .map_err(|e| format!("opening map id {map_id}: {e}"))
-                .and_then(|fd| {
-                    pin_in_place(fd.as_fd(), &pin).map_err(|e| format!("{e:#}"))?;
-                    Ok(match finding.fix {
-                        Fix::ReplacePin => format!(
-                            "pinned map id {map_id} in its place at {} (the other object lost \
+            let outcome = if finding.fix == Fix::Leave {
+                Err("left as it is".to_owned())
+            } else {
+                aya::maps::MapInfo::from_id(map_id)
+                    .and_then(|info| info.fd())
+                    .map_err(|e| format!("opening map id {map_id}: {e}"))
+                    .and_then(|fd| {
+                        pin_in_place(fd.as_fd(), &pin).map_err(|e| format!("{e:#}"))?;
+                        Ok(match finding.fix {
+                            Fix::ReplacePin => format!(
+                                "pinned map id {map_id} in its place at {} (the other object lost \
                              that name)",
-                            pin.display()
-                        ),
-                        _ => format!("pinned map id {map_id} at {} again", pin.display()),
+                                pin.display()
+                            ),
+                            _ => format!("pinned map id {map_id} at {} again", pin.display()),
+                        })
                     })
-                });
+            };
             repairs.push(Repair {
                 key: format!("map {name}"),
                 what: format!("map `{name}`"),
@@ -553,6 +569,9 @@ impl Datapath {
         link_pin: &Path,
         finding: &Finding,
     ) -> Result<String, String> {
+        if finding.fix == Fix::Leave {
+            return Err("left as it is".to_owned());
+        }
         if let Some(dir) = link_pin.parent() {
             fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
@@ -922,6 +941,15 @@ mod tests {
             judge(&Pinned::Nothing, &[(5, 44)]).unwrap().fix,
             Fix::Attach
         );
+    }
+
+    #[test]
+    fn a_pin_that_cannot_be_read_is_reported_and_left() {
+        let unknown = Pinned::Unknown("an object that cannot be opened (EACCES)".into());
+        let finding = judge(&unknown, &[(PROG, 42)]).unwrap();
+        assert_eq!(finding.fix, Fix::Leave);
+        assert!(finding.found.contains("EACCES"), "{finding:?}");
+        assert_eq!(judge_map_pin(12, &unknown).unwrap().fix, Fix::Leave);
     }
 
     #[test]
