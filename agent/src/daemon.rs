@@ -4,8 +4,9 @@
 //! Three event sources drive one loop, so the datapath is only ever touched from one place:
 //! object changes (inotify on the manifests directory, or the API reflectors' change
 //! notifications), interface changes (rtnetlink notifications), and a periodic resync that
-//! repairs anything missed. Every pass is a diff: an unchanged input writes nothing to the
-//! kernel.
+//! repairs anything missed: it also checks that every program is still attached and every pin
+//! still names the agent's own map or link, and puts back what is not (datapath/repair.rs).
+//! Every pass is a diff: an unchanged input writes nothing to the kernel.
 
 use std::{
     collections::BTreeSet,
@@ -21,7 +22,10 @@ use notify::Watcher as _;
 use tokio::sync::mpsc;
 
 use crate::{
-    datapath::{Datapath, MapSizes},
+    datapath::{
+        repair::{Level, RepairLog},
+        Datapath, MapSizes,
+    },
     health::{self, ProxyHealth, ServiceHealthServers},
     interfaces,
     kube_source::{self, ApiSource},
@@ -72,6 +76,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     for line in crate::datapath::features::KernelFeatures::get().missing() {
         tracing::warn!("{line}");
+    }
+    let tc_attach = crate::datapath::TC_ATTACH_ENV;
+    if std::env::var_os(tc_attach).is_some_and(|v| v == "netlink") {
+        tracing::warn!(
+            "{tc_attach}=netlink: programs are attached with a clsact qdisc and tc filters, as \
+             on kernels before 6.6"
+        );
     }
     let mut datapath =
         Datapath::load_with(&config.pin_path, &config.map_sizes).with_context(|| {
@@ -156,6 +167,7 @@ pub async fn run(
         external: BTreeSet::new(),
         health_checks: ServiceHealthServers::new(config.health_check_bind_ip),
         proxy_health: &proxy_health,
+        repairs: RepairLog::default(),
     };
     agent.reload_manifests().await;
     agent.rescan_interfaces(&netlink).await;
@@ -168,6 +180,8 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => tracing::warn!("map resize: {e:#}"),
     }
+    // What the resync checks, checked once now: nothing should need repair yet.
+    agent.verify_datapath();
     tracing::info!(
         source = %objects,
         pin_path = %config.pin_path.display(),
@@ -204,6 +218,7 @@ pub async fn run(
                 objects.verify_files();
                 agent.reload_manifests().await;
                 agent.rescan_interfaces(&netlink).await;
+                agent.verify_datapath();
             }
             _ = conntrack_gc.tick() => {
                 match agent.datapath.collect_garbage() {
@@ -304,6 +319,8 @@ struct Agent<'a> {
     external: BTreeSet<u32>,
     health_checks: ServiceHealthServers,
     proxy_health: &'a ProxyHealth,
+    /// Repairs of the datapath since start, and their log's rate limit.
+    repairs: RepairLog,
 }
 
 impl Agent<'_> {
@@ -424,6 +441,28 @@ impl Agent<'_> {
             );
         }
         stats.failed.is_empty()
+    }
+
+    /// Checks that every program is attached where this agent attached it and every pin names
+    /// the agent's own object, repairs what is not, and logs each repair (rate-limited) with
+    /// the running count.
+    fn verify_datapath(&mut self) {
+        let repairs = self.datapath.verify_and_repair();
+        if repairs.is_empty() {
+            return;
+        }
+        let lines = self.repairs.record(&repairs, std::time::Instant::now());
+        let (repaired, failed) = (self.repairs.repaired, self.repairs.failed);
+        for (level, line) in lines {
+            match level {
+                Level::Warn => {
+                    tracing::warn!(repairs_total = repaired, failed_total = failed, "{line}")
+                }
+                Level::Error => {
+                    tracing::error!(repairs_total = repaired, failed_total = failed, "{line}")
+                }
+            }
+        }
     }
 
     /// Attaches the programs to new pod interfaces and forgets vanished ones. An interface

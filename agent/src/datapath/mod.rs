@@ -29,7 +29,8 @@
 //! and a restarted agent reuses the maps (with their services, ids and conntrack entries) and
 //! swaps its freshly loaded programs into the existing links atomically (`bpf_link_update`), so
 //! an agent restart or upgrade never interrupts traffic. [`Datapath::cleanup`] is the way to
-//! remove the datapath.
+//! remove the datapath. [`Datapath::verify_and_repair`] (repair.rs) puts back an attachment or
+//! pin something else removed or replaced.
 //!
 //! [`Datapath::load_unpinned`] loads the same object with private maps for `BPF_PROG_RUN` (tests,
 //! `sluice trace`): it never touches a running agent's maps or bpffs at all.
@@ -40,6 +41,7 @@ mod flow_tables;
 pub mod gc;
 pub mod policy_sync;
 pub mod purge;
+pub mod repair;
 pub mod resize;
 pub mod sock;
 pub mod sync;
@@ -473,11 +475,20 @@ fn object() -> &'static [u8] {
 }
 
 /// How an interface's programs are attached.
+#[derive(Clone)]
 enum Attachment {
     /// tcx links, pinned under `<pin>/links`.
-    Tcx,
+    Tcx { ifname: String },
     /// clsact + netlink filters (kernels before 6.6); they live as long as the interface.
     Netlink { ifname: String },
+}
+
+impl Attachment {
+    fn ifname(&self) -> &str {
+        match self {
+            Attachment::Tcx { ifname } | Attachment::Netlink { ifname } => ifname,
+        }
+    }
 }
 
 /// The loaded datapath: the programs, the maps and the interfaces this process attached.
@@ -507,6 +518,8 @@ pub struct Datapath {
     attached: BTreeMap<u32, (Role, Attachment)>,
     /// Every map's capacity and memory, as loaded.
     map_sizes: Vec<MapSize>,
+    /// Every map's id, as loaded: what its pin must hold (repair.rs).
+    map_ids: Vec<(&'static str, u32)>,
     /// Pinned maps this load replaced by maps of another size, until
     /// [`Datapath::finish_map_resize`].
     resized: Vec<Resized>,
@@ -822,6 +835,7 @@ impl Datapath {
             None => format!("map `{name}`"),
         };
         let mut map_sizes = Vec::new();
+        let mut map_ids = Vec::new();
         let maps = MAPS.map(|spec| {
             let map = ebpf
                 .take_map(spec.name)
@@ -843,6 +857,7 @@ impl Datapath {
                 max_entries: capacity,
                 memlock_bytes: resize::memlock_bytes(data.fd().as_fd()),
             });
+            map_ids.push((spec.name, info.id()));
             Ok(map)
         });
         let [services, backends, conntrack, affinity, source_ranges, config, drops, services6, backends6, conntrack6, config6, sock_config, sock_revnat, sock_revnat6, affinity6, source_ranges6, policy, isolated, policy_flows, policy_events, policy6, isolated6, policy_flows6, ct_answered, ct_answered6, policy_replied, policy_replied6] =
@@ -976,6 +991,7 @@ impl Datapath {
             pin_path,
             attached: BTreeMap::new(),
             map_sizes,
+            map_ids,
             resized: Vec::new(),
         })
     }
@@ -1019,11 +1035,12 @@ impl Datapath {
             bail!("interface {ifname} has ifindex {current}, not {ifindex}: it was replaced");
         }
 
-        let attachment = if tcx_supported() {
+        let attachment = if use_tcx() {
             for hook in role.hooks() {
                 let link_pin = link_pin_path(&pin_path, ifindex, hook.direction);
                 let program = classifier_mut(&mut self.ebpf, hook.program);
-                attach_tcx(program, ifname, hook.attach_type, &link_pin).with_context(|| {
+                let attached = attach_tcx(program, ifname, ifindex, hook.attach_type, &link_pin);
+                attached.with_context(|| {
                     format!(
                         "attaching `{}` to tcx {} of {ifname} (ifindex {ifindex}), link pinned \
                          at {}",
@@ -1033,7 +1050,9 @@ impl Datapath {
                     )
                 })?;
             }
-            Attachment::Tcx
+            Attachment::Tcx {
+                ifname: ifname.to_owned(),
+            }
         } else {
             for hook in role.hooks() {
                 let program = classifier_mut(&mut self.ebpf, hook.program);
@@ -1496,7 +1515,7 @@ impl Datapath {
     /// programs from every interface), then the maps, then the directory. Succeeds when there is
     /// nothing to remove.
     pub fn cleanup(pin_path: &Path) -> anyhow::Result<()> {
-        if !tcx_supported() {
+        if !use_tcx() {
             detach_netlink_filters_everywhere();
         }
         if !pin_path.exists() {
@@ -1648,6 +1667,7 @@ fn pinned_map(spec: &MapSpec, path: &Path) -> anyhow::Result<Option<(OwnedFd, u3
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(describe),
     }
+    repair::refuse_non_map_pin(path).with_context(describe)?;
     let map = MapData::from_pin(path).with_context(describe)?;
     let info = map.info().with_context(describe)?;
     check_layout(spec, &info).with_context(describe)?;
@@ -1730,12 +1750,24 @@ fn tcx_supported() -> bool {
     KernelVersion::current().map_or(true, |v| v >= KernelVersion::new(6, 6, 0))
 }
 
+/// `SLUICE_TC_ATTACH=netlink` attaches with clsact and tc filters, the path of kernels before
+/// 6.6, on any kernel (for tests of that path on a newer machine).
+pub const TC_ATTACH_ENV: &str = "SLUICE_TC_ATTACH";
+
+/// Whether programs are attached with tcx links: the kernel has them and [`TC_ATTACH_ENV`] does
+/// not ask for netlink.
+pub fn use_tcx() -> bool {
+    tcx_supported() && std::env::var_os(TC_ATTACH_ENV).is_none_or(|v| v != "netlink")
+}
+
 fn attach_tcx(
     program: &mut SchedClassifier,
     ifname: &str,
+    ifindex: u32,
     attach_type: TcAttachType,
     link_pin: &Path,
 ) -> anyhow::Result<()> {
+    repair::refuse_foreign_link_pin(link_pin, ifindex, attach_type)?;
     let reused = match PinnedLink::from_pin(link_pin) {
         Ok(pinned) => {
             let link = SchedClassifierLink::try_from(FdLink::from(pinned))

@@ -21,6 +21,7 @@ mod layout;
 mod pinning;
 mod policy;
 mod policy6;
+mod repair;
 mod resize;
 mod services;
 mod sock;
