@@ -210,56 +210,72 @@ fn claim_in<V: CtMaps>(key: &V::Key, reply: &V) -> bool {
 }
 
 /// Whether the reply key `key` is free, claiming it for `reply` if so: one probe of the
-/// masquerade search. Cheaper than [`claim_in`] (an expired entry counts as taken: the
-/// agent's garbage collection frees it), as the search runs it up to [`SEARCH_PORTS`] times
-/// and the verifier walks every iteration.
+/// masquerade search. No function call (the search runs it [`SEARCH_PORTS`] times, each
+/// walked by the verifier, and a call would put another frame on the deepest call chain of
+/// older kernels): an entry of a connection that is over (RST, FIN both ways) and idle since
+/// `reclaim_before` is free, as [`claim_in`] would judge it; other expired entries count as
+/// taken until the agent's garbage collection deletes them.
 #[inline(always)]
-fn probe<V: CtMaps>(key: &V::Key, reply: &V) -> bool {
+fn probe<V: CtMaps>(key: &V::Key, reply: &V, reclaim_before: u64) -> bool {
     // SAFETY: a presence check; nothing is read.
     if unsafe { V::answered().get(key) }.is_some() {
         return false;
     }
-    V::unanswered()
+    if V::unanswered()
         .insert(key, reply, BPF_NOEXIST as u64)
         .is_ok()
+    {
+        return true;
+    }
+    // SAFETY: the fields are read at once.
+    match unsafe { V::unanswered().get(key) } {
+        Some(held) if ct_closed(held.state()) && held.last_seen_ns() < reclaim_before => {
+            V::unanswered().insert(key, reply, 0).is_ok()
+        }
+        _ => false,
+    }
 }
 
-/// How many ports a masquerade search probes after the client's own: runs of consecutive
-/// ports from random starts, 32, then 16, 8, 4, 2, 1 and 1 (nf_nat's search, halved twice:
-/// the verifier walks each probe). Free ports are found while a fair share of them is free,
-/// whatever the order they were taken in: at 80% of a backend's masquerade ports in use,
-/// 64 probes all miss about once in a hundred thousand flows (less than 0.8^64 for random
-/// probes; runs cost a little against clusters).
+/// How many ports a masquerade search probes: runs of consecutive ports from random starts,
+/// 32, then 16, 8, 4, 2, 1 and 1 (nf_nat's search, halved twice: the verifier walks each
+/// probe). Free ports are found while a fair share of them is free, whatever the order they
+/// were taken in: at 80% of a backend's masquerade ports in use, 64 probes all miss about
+/// once in a hundred thousand flows.
 const SEARCH_PORTS: u32 = 64;
 /// Where a new run of the search starts from another random index.
 const SEARCH_RUNS: [u32; 6] = [32, 48, 56, 60, 62, 63];
 
-/// Claims a source port for a new masqueraded flow in the reply key `key` (its `dport`), with
-/// the reply entry `reply`: the client's port `sport` (network order) first when it is a
-/// masquerade port ([`NodeConfig::snat_port_space`]) or `keep_client_port`, else a search of
-/// the masquerade ports from random starts ([`SEARCH_PORTS`]). A port only has to be unique
-/// per (masquerade address, backend, protocol): the reply key.
+/// The masquerade ports of the node's configuration ([`NodeConfig::snat_port_space`]).
 #[inline(always)]
-fn claim_port_in<V: CtMaps>(
-    key: &mut V::Key,
-    reply: &V,
-    sport: u16,
-    keep_client_port: bool,
-) -> bool {
-    let space = match CONFIG.get(0) {
+fn snat_port_space() -> (u32, u32, u32, u32) {
+    match CONFIG.get(0) {
         Some(config) => config.snat_port_space(),
         None => NodeConfig::default().snat_port_space(),
-    };
-    let usable = space.1;
-    if keep_client_port || NodeConfig::is_snat_port(space, u16::from_be(sport)) {
-        V::set_dport(key, sport);
-        if claim_in::<V>(key, reply) {
-            return true;
-        }
     }
+}
+
+/// Whether a new masqueraded flow from source port `sport` (network order) tries to keep it:
+/// hairpin (`keep_client_port`), or a port of the masquerade range.
+#[inline(always)]
+pub fn client_port_first(sport: u16, keep_client_port: bool) -> bool {
+    keep_client_port || NodeConfig::is_snat_port(snat_port_space(), u16::from_be(sport))
+}
+
+/// Searches the masquerade ports for one that makes the reply key `key` (its `dport`) free,
+/// and claims it with the reply entry `reply` ([`SEARCH_PORTS`] probes from random starts).
+/// A port only has to be unique per (masquerade address, backend, protocol): the reply key.
+#[inline(always)]
+fn claim_port_in<V: CtMaps>(key: &mut V::Key, reply: &V) -> bool {
+    let space = snat_port_space();
+    let usable = space.1;
     if usable == 0 {
         return false;
     }
+    let close_ms = match CONFIG.get(0) {
+        Some(config) if config.ct_timeouts.tcp_close_ms != 0 => config.ct_timeouts.tcp_close_ms,
+        _ => CtTimeouts::DEFAULT.tcp_close_ms,
+    };
+    let reclaim_before = now().saturating_sub(close_ms as u64 * 1_000_000);
     // SAFETY: a helper call without arguments.
     let mut start = unsafe { bpf_get_prandom_u32() } % usable;
     for n in 0..SEARCH_PORTS {
@@ -269,23 +285,38 @@ fn claim_port_in<V: CtMaps>(
         }
         let index = start.wrapping_add(n) % usable;
         V::set_dport(key, NodeConfig::snat_port(space, index).to_be());
-        if probe::<V>(key, reply) {
+        if probe::<V>(key, reply, reclaim_before) {
             return true;
         }
     }
     false
 }
 
-/// [`claim_port_in`] for IPv4. Out of line: the search loop is verified once per caller.
+/// [`claim_port_in`] for IPv4. Out of line: the search loop is verified once per caller. It
+/// calls nothing itself: the deepest call chain of kernels before 6.12 (every frame rounded
+/// up to 32 bytes) has room for exactly this frame under the programs' main one.
 #[inline(never)]
-fn claim_port(key: &mut CtKey, reply: &CtValue, sport: u16, keep_client_port: bool) -> bool {
-    claim_port_in::<CtValue>(key, reply, sport, keep_client_port)
+fn claim_port(key: &mut CtKey, reply: &CtValue) -> bool {
+    claim_port_in::<CtValue>(key, reply)
 }
 
 /// [`claim_port_in`] for IPv6 (the keys and values live in the per-CPU scratch).
 #[inline(never)]
-pub fn claim_port6(key: &mut CtKey6, reply: &CtValue6, sport: u16, keep_client_port: bool) -> bool {
-    claim_port_in::<CtValue6>(key, reply, sport, keep_client_port)
+pub fn claim_port6(key: &mut CtKey6, reply: &CtValue6) -> bool {
+    claim_port_in::<CtValue6>(key, reply)
+}
+
+/// Claims the IPv4 reply entry `key` for a new masqueraded flow ([`claim_in`]). Out of line,
+/// as [`expired`].
+#[inline(never)]
+fn claim(key: &CtKey, reply: &CtValue) -> bool {
+    claim_in::<CtValue>(key, reply)
+}
+
+/// [`claim`] for IPv6.
+#[inline(never)]
+pub fn claim6(key: &CtKey6, reply: &CtValue6) -> bool {
+    claim_in::<CtValue6>(key, reply)
 }
 
 /// The live IPv4 entry under `key`.
@@ -443,7 +474,10 @@ pub fn create(
             reply.snat_addr = pkt.saddr;
             reply.snat_port = pkt.sport;
             reply_key.daddr = snat.addr;
-            if !claim_port(&mut reply_key, &reply, pkt.sport, snat.keep_client_port) {
+            // The client's own port first, when it may keep it; else a search.
+            let kept =
+                client_port_first(pkt.sport, snat.keep_client_port) && claim(&reply_key, &reply);
+            if !kept && !claim_port(&mut reply_key, &reply) {
                 return Err(REASON_DROP_NO_SNAT_PORT);
             }
             fwd.snat_addr = snat.addr;

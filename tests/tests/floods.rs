@@ -29,6 +29,17 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 70, 10);
 const PORT: u16 = 8080;
 
+/// What a [`Server`] does with a connection.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Answers each line with the pod's name.
+    Echo,
+    /// Keeps it open, silent.
+    Hold,
+    /// Closes it.
+    Close,
+}
+
 /// A TCP server in a pod: every accepted connection is kept open; in echo mode each line it
 /// reads is answered with the pod's name (one thread per connection), else it is only held
 /// (30,000 connections need no 30,000 threads). Records every peer. Stopped on drop.
@@ -40,6 +51,10 @@ struct Server {
 
 impl Server {
     fn start(pod: &Pod, port: u16, echo: bool) -> Server {
+        Server::start_with(pod, port, if echo { Mode::Echo } else { Mode::Hold })
+    }
+
+    fn start_with(pod: &Pod, port: u16, mode: Mode) -> Server {
         let stop = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(Vec::new()));
         let (netns, name) = (pod.netns_path().to_path_buf(), pod.name().to_string());
@@ -58,11 +73,13 @@ impl Server {
                     Ok((stream, peer)) => {
                         peers2.lock().unwrap().push(peer);
                         stream.set_nonblocking(false).unwrap();
-                        if echo {
-                            let (name, stop3) = (name.clone(), stop2.clone());
-                            std::thread::spawn(move || echo_lines(stream, &name, &stop3));
-                        } else {
-                            held.push(stream);
+                        match mode {
+                            Mode::Echo => {
+                                let (name, stop3) = (name.clone(), stop2.clone());
+                                std::thread::spawn(move || echo_lines(stream, &name, &stop3));
+                            }
+                            Mode::Hold => held.push(stream),
+                            Mode::Close => drop(stream),
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -80,6 +97,11 @@ impl Server {
             thread: Some(thread),
             peers,
         }
+    }
+
+    /// A server that records each connection's peer and closes it at once.
+    fn start_closing(pod: &Pod, port: u16) -> Server {
+        Server::start_with(pod, port, Mode::Close)
     }
 
     fn peers(&self) -> Vec<SocketAddr> {
@@ -459,12 +481,21 @@ fn widen_local_ports() {
     std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535").unwrap();
 }
 
-/// Raises the open-file limit to the hard limit (tens of thousands of sockets).
+/// Raises the open-file limit to 200,000 (tens of thousands of sockets on both ends; root
+/// may raise the hard limit too). Returns the limit in force.
 fn raise_nofile() -> u64 {
     // SAFETY: getrlimit/setrlimit on a valid struct.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        let wanted = limit.rlim_max.max(200_000);
+        let raised = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: wanted,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return wanted;
+        }
         limit.rlim_cur = limit.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         limit.rlim_cur
@@ -473,72 +504,77 @@ fn raise_nofile() -> u64 {
 
 #[test]
 fn thirty_thousand_concurrent_masqueraded_connections_to_one_backend() {
-    let limit = raise_nofile();
-    assert!(
-        limit >= 70_000,
-        "RLIMIT_NOFILE hard limit {limit}: 60,000 sockets needed"
-    );
     let mut cluster = SluiceCluster::new("masq-30k", 1).unwrap();
     let node = cluster.node(1);
     let backend = node.add_pod("web-0", node.pod_ip(10)).unwrap();
     let client = node.add_pod("client", node.pod_ip(20)).unwrap();
-    let server = Server::start(&backend, PORT, false);
+    // The backend closes each connection once it saw it (this process may hold only so many
+    // descriptors); its flow keeps its masquerade port while the client holds its end.
+    let server = Server::start_closing(&backend, PORT);
     cluster
         .manifests
         .write("web.yaml", &service(&[&backend]))
         .unwrap();
     cluster.start_agent(1, &["--masquerade-all"]).unwrap();
     let node_ip = cluster.node(1).node_ip().unwrap();
+    client.run(widen_local_ports).unwrap();
 
-    // 30,000 connections through the ClusterIP, all held open: each masqueraded to the node's
-    // address with a source port of its own toward the one backend.
-    let target = 30_000;
-    let (opened, slow) = client
-        .run(|| {
-            widen_local_ports();
-            let mut streams = Vec::with_capacity(target);
-            let mut slow = 0;
-            for _ in 0..target {
-                let started = Instant::now();
-                match TcpStream::connect_timeout(&SocketAddrV4::new(VIP, 80).into(), TIMEOUT) {
-                    Ok(s) => streams.push(s),
-                    Err(e) => panic!("connection {} failed: {e}", streams.len()),
-                }
-                // A SYN dropped for want of a port is retransmitted after 1 s.
-                if started.elapsed() > Duration::from_millis(900) {
-                    slow += 1;
-                }
-            }
-            (streams, slow)
+    // 30,000 connections through the ClusterIP, held open by two client processes: each
+    // masqueraded to the node's address with a source port of its own toward the one backend.
+    let (target, per_process) = (30_000usize, 15_000usize);
+    let probe = PathBuf::from(env!("CARGO_BIN_EXE_sluice-probe"));
+    let mut holders: Vec<std::process::Child> = (0..target / per_process)
+        .map(|_| {
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", client.netns_path().display()))
+                .arg(&probe)
+                .args([
+                    "hold",
+                    &SocketAddrV4::new(VIP, 80).to_string(),
+                    &per_process.to_string(),
+                    "3000",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
         })
-        .unwrap();
-    assert_eq!(opened.len(), target);
-    assert_eq!(
-        slow, 0,
-        "{slow} connections waited for a SYN retransmission"
-    );
-    // The backend saw 30,000 distinct masqueraded sources, none of them an ephemeral port
-    // of the node.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while server.peers().len() < target && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        .collect();
+    let reports: Vec<String> = holders
+        .iter_mut()
+        .map(|child| {
+            let mut line = String::new();
+            BufReader::new(child.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            line.trim().to_string()
+        })
+        .collect();
+    let counts = counters(&cluster, 1);
     let peers = server.peers();
+    for child in &mut holders {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+    for report in &reports {
+        assert_eq!(
+            *report,
+            format!("held {per_process} slow 0 failed 0"),
+            "{reports:?}"
+        );
+    }
+    // The backend saw 30,000 distinct masqueraded sources at once, none of them an ephemeral
+    // port of the node.
     let sources: BTreeSet<SocketAddr> = peers.iter().copied().collect();
     assert_eq!(sources.len(), target, "{} accepted", peers.len());
-    assert!(
-        sources
-            .iter()
-            .all(|p| p.ip() == std::net::IpAddr::V4(node_ip)
-                && !(32_768..=60_999).contains(&p.port()))
-    );
-    let counts = counters(&cluster, 1);
+    assert!(sources.iter().all(|p| {
+        p.ip() == std::net::IpAddr::V4(node_ip) && !(32_768..=60_999).contains(&p.port())
+    }));
     assert_eq!(
         counts.get("drop-no-snat-port").copied().unwrap_or(0),
         0,
         "{counts:?}"
     );
-    drop(opened);
 }
 
 #[test]

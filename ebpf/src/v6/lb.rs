@@ -317,7 +317,9 @@ fn create(
             s.reply.snat_port = pkt.sport;
             s.reply_key.daddr = addr;
             let keep_client_port = flags & CT_F_HAIRPIN != 0;
-            if !conntrack::claim_port6(&mut s.reply_key, &s.reply, pkt.sport, keep_client_port) {
+            let kept = conntrack::client_port_first(pkt.sport, keep_client_port)
+                && conntrack::claim6(&s.reply_key, &s.reply);
+            if !kept && !conntrack::claim_port6(&mut s.reply_key, &s.reply) {
                 return Err(REASON_DROP_NO_SNAT_PORT);
             }
             s.entry.snat_addr = addr;

@@ -8,6 +8,11 @@
 //!
 //! `udp` uses an unconnected socket (`sendto`/`recvfrom`: the sendmsg and recvmsg hooks),
 //! `udp-connected` a connected one (`connect`, `getpeername`, `recvfrom`).
+//!
+//! `sluice-probe hold <addr:port> <count> <timeout-ms>` opens `count` TCP connections one
+//! after the other and keeps them all open (a process of its own: a process may hold only so
+//! many descriptors), prints `held <ok> slow <slow> failed <failed>` (slow: connected only
+//! after a SYN retransmission, 900 ms or more), then waits for its stdin to close.
 
 use std::{
     io::{ErrorKind, Read},
@@ -23,12 +28,15 @@ fn main() -> ExitCode {
         let dst: SocketAddr = args.get(2)?.parse().ok()?;
         let count: usize = args.get(3)?.parse().ok()?;
         let timeout = Duration::from_millis(args.get(4)?.parse().ok()?);
-        Some((mode, dst, count.min(10_000), timeout))
+        Some((mode, dst, count.min(20_000), timeout))
     })();
     let Some((mode, dst, count, timeout)) = parsed else {
         eprintln!("usage: sluice-probe <tcp|udp|udp-connected> <addr:port> <count> <timeout-ms>");
         return ExitCode::from(2);
     };
+    if mode == "hold" {
+        return hold(dst, count, timeout);
+    }
     for _ in 0..count {
         let result = match mode.as_str() {
             "tcp" => tcp(dst, timeout),
@@ -92,4 +100,30 @@ fn udp(
         Some(peer) => Ok((peer, text)),
         None => Ok((from, text)),
     }
+}
+
+fn hold(dst: SocketAddr, count: usize, timeout: Duration) -> ExitCode {
+    // SAFETY: getrlimit/setrlimit on a valid struct: the soft limit up to the hard one.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    let (mut held, mut slow, mut failed) = (Vec::with_capacity(count), 0, 0);
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        match TcpStream::connect_timeout(&dst, timeout) {
+            Ok(s) => held.push(s),
+            Err(_) => failed += 1,
+        }
+        if started.elapsed() >= Duration::from_millis(900) {
+            slow += 1;
+        }
+    }
+    println!("held {} slow {slow} failed {failed}", held.len());
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut rest);
+    drop(held);
+    ExitCode::SUCCESS
 }
