@@ -901,6 +901,12 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
         // A router's fragmentation needed about a masqueraded NodePort flow reaches the
         // outside client about the NodePort, redirected to it.
         let outside = flow(PROTO_TCP, OUTSIDER, 40_000, NODE_IP, NODE_PORT);
+        expect(
+            datapath.from_world(),
+            &tcp_packet(&outside, TCP_SYN),
+            Some(ifs.ext),
+            TC_ACT_REDIRECT,
+        );
         let sent = expect(
             datapath.from_world(),
             &tcp_packet(&outside, TCP_PSH_ACK),
