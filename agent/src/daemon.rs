@@ -451,6 +451,13 @@ impl Agent<'_> {
         if repairs.is_empty() {
             return;
         }
+        let done = repairs.iter().filter(|r| r.outcome.is_ok()).count() as u64;
+        if let Err(e) = self
+            .datapath
+            .count_event(sluice_common::REASON_DATAPATH_REPAIRED, done)
+        {
+            tracing::warn!("counting repairs: {e:#}");
+        }
         let lines = self.repairs.record(&repairs, std::time::Instant::now());
         let (repaired, failed) = (self.repairs.repaired, self.repairs.failed);
         for (level, line) in lines {

@@ -1197,15 +1197,21 @@ pub const REASON_CT_ANSWERED_FULL: Reason = 10;
 /// Counted, not dropped: an answered NetworkPolicy flow could not move to
 /// `policy_replied` (full); new flows can evict it.
 pub const REASON_POLICY_REPLIED_FULL: Reason = 11;
+/// Counted by the agent, not the programs: a program detached, a pin removed or replaced,
+/// put back by the resync's repair pass (agent/src/datapath/repair.rs).
+pub const REASON_DATAPATH_REPAIRED: Reason = 12;
 /// Entries of the `drops` map (reason 0 is unused; room for reasons to come, so the pinned
 /// map keeps its size).
 pub const REASON_COUNT: u32 = 16;
 /// The last reason in use.
-pub const REASON_LAST: Reason = REASON_POLICY_REPLIED_FULL;
+pub const REASON_LAST: Reason = REASON_DATAPATH_REPAIRED;
 
 /// Whether `reason` only counts an event (the packet went on).
 pub const fn reason_is_count_only(reason: Reason) -> bool {
-    matches!(reason, REASON_CT_ANSWERED_FULL | REASON_POLICY_REPLIED_FULL)
+    matches!(
+        reason,
+        REASON_CT_ANSWERED_FULL | REASON_POLICY_REPLIED_FULL | REASON_DATAPATH_REPAIRED
+    )
 }
 
 /// `skb->cb[0]` of a packet a program dropped or answered: this magic | the [`Reason`].
@@ -1226,6 +1232,7 @@ pub const fn reason_name(reason: Reason) -> &'static str {
         REASON_DROP_TCP_NO_FLOW => "drop-tcp-no-flow",
         REASON_CT_ANSWERED_FULL => "conntrack-answered-full",
         REASON_POLICY_REPLIED_FULL => "policy-replied-full",
+        REASON_DATAPATH_REPAIRED => "datapath-repaired",
         _ => "unknown",
     }
 }

@@ -270,6 +270,20 @@ fn a_detached_pod_program_is_attached_again_within_one_resync() {
         "{}",
         agent.log()
     );
+    // `sluice state drops` counts them too.
+    let state = node
+        .node
+        .exec_ok(&[
+            sluice_bin().to_str().unwrap(),
+            "state",
+            "--pin-path",
+            node.pins.path().to_str().unwrap(),
+            "--json",
+            "drops",
+        ])
+        .unwrap();
+    let state: Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["drops"]["datapath-repaired"], 2, "{state}");
 }
 
 /// The same on the netlink path of kernels before 6.6 (forced with `SLUICE_TC_ATTACH=netlink`

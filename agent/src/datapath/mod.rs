@@ -1457,6 +1457,26 @@ impl Datapath {
         Ok(doomed.len())
     }
 
+    /// Adds `n` to counter `reason` of the `drops` map (an event the agent counts itself, such
+    /// as [`sluice_common::REASON_DATAPATH_REPAIRED`]), on the first CPU's slot.
+    pub fn count_event(&mut self, reason: Reason, n: u64) -> anyhow::Result<()> {
+        let mut values: Vec<u64> = self
+            .drops
+            .get(&reason, 0)
+            .with_context(|| format!("reading the drops map at {reason}"))?
+            .iter()
+            .copied()
+            .collect();
+        if let Some(first) = values.first_mut() {
+            *first += n;
+        }
+        let values = aya::maps::PerCpuValues::try_from(values)
+            .context("building the drops map's per-CPU values")?;
+        self.drops
+            .set(reason, values, 0)
+            .with_context(|| format!("writing the drops map at {reason}"))
+    }
+
     /// Packets dropped or answered by the programs, by reason, summed over the CPUs; reasons
     /// that never happened are left out.
     pub fn drop_counts(&self) -> anyhow::Result<BTreeMap<Reason, u64>> {
