@@ -1474,6 +1474,6 @@ mod tests {
             assert_ne!(reason_name(reason), "unknown", "{reason}");
         }
         assert_eq!(reason_name(REASON_LAST + 1), "unknown");
-        assert!(REASON_LAST < REASON_COUNT);
+        const { assert!(REASON_LAST < REASON_COUNT) };
     }
 }
