@@ -114,8 +114,7 @@
 //! (never expired; none is written any more).
 //!
 //! Masqueraded flows take their source port from [`NodeConfig::snat_port`] (the client's own
-//! when it is in that range and free, else a search of the range from a random start, as
-//! nf_nat's: 128 ports in a row, then 64 from another random start, and so on down to 1),
+//! when it is in that range and free, else up to 64 probes at random indices of the range),
 //! skipping the node's ephemeral ports so a masqueraded flow never takes the tuple of a
 //! connection the node itself opens. A port only has to be unique per (masquerade address,
 //! backend address, backend port, protocol): that is the reply entry's key.
