@@ -516,6 +516,9 @@ pub struct Datapath {
     /// `None` for a datapath with private maps.
     pin_path: Option<PathBuf>,
     attached: BTreeMap<u32, (Role, Attachment)>,
+    /// The cgroup the socket programs were attached to ([`Datapath::attach_cgroup`]): what
+    /// their pinned links must run on (repair.rs).
+    cgroup: Option<PathBuf>,
     /// Every map's capacity and memory, as loaded.
     map_sizes: Vec<MapSize>,
     /// Every map's id, as loaded: what its pin must hold (repair.rs).
@@ -992,6 +995,7 @@ impl Datapath {
             attached: BTreeMap::new(),
             map_sizes,
             map_ids,
+            cgroup: None,
             resized: Vec::new(),
         })
     }

@@ -9,6 +9,13 @@
 //!   (`tc filter del`, `tc qdisc del ... clsact` break it). A broken hook is attached again (a
 //!   new link, pinned; or the program swapped into the pinned link, or the filter replaced).
 //!   A link that still runs the program but lost its pin is pinned again.
+//! * **Socket programs** (host traffic), when attached to a cgroup: the link pinned at
+//!   `<pin>/cgroup-links/<program>` must be a cgroup link attached to that cgroup (its id, the
+//!   directory's inode number) running the loaded program. A detached link (`bpftool link
+//!   detach`, attached to no cgroup), a removed pin whose link went with it, or another
+//!   program in the link gets the program attached again (swapped into the pinned link, or
+//!   a new link pinned); a link that still runs the program there but lost its pin is pinned
+//!   again; a pin holding anything else is replaced, and named.
 //! * **Map pins**: every map of the object must be pinned under its name and the pin must be
 //!   the very map the loaded programs use (same map id). A missing pin is pinned again; a pin
 //!   that now holds another object (someone pinned something under Sluice's name) is named,
@@ -28,8 +35,8 @@
 //! log lines (one per repair, at most one per component every [`RepairLog::WINDOW`], so a
 //! component that keeps breaking does not flood the log) and counts them.
 //!
-//! The decisions are pure functions ([`judge_tcx`], [`judge_netlink`], [`judge_map_pin`],
-//! [`RepairLog`]), unit-tested below; the rest reads and writes the kernel.
+//! The decisions are pure functions ([`judge_tcx`], [`judge_netlink`],
+//! [`judge_cgroup_link`], [`judge_map_pin`], [`RepairLog`]), unit-tested below; the rest reads and writes the kernel.
 
 use std::{
     collections::HashMap,
@@ -46,13 +53,15 @@ use aya::programs::TcAttachType;
 use super::{
     attach_netlink, attach_tcx, classifier, classifier_mut, ifindex_of, link_pin_path,
     resize::pin_in_place,
-    sock::{put_u32, put_u64, sys_bpf, ATTR_SIZE},
+    sock::{cgroup_id, put_u32, put_u64, sys_bpf, ATTR_SIZE, CGROUP_LINKS_DIR, SOCK_PROGRAMS},
     Attachment, Datapath, Hook, LINKS_DIR, NETLINK_HANDLE, NETLINK_PRIORITY,
 };
 
 // ---------------------------------------------------------------------------------------------
 // What a pin holds
 
+/// `bpf_link_type` of a cgroup link.
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
 /// `bpf_link_type` of a tcx link.
 pub const BPF_LINK_TYPE_TCX: u32 = 11;
 /// `bpf_attach_type` of tcx ingress and egress.
@@ -78,6 +87,9 @@ pub struct LinkInfo {
     pub ifindex: u32,
     /// tcx links: [`BPF_TCX_INGRESS`] or [`BPF_TCX_EGRESS`].
     pub attach_type: u32,
+    /// cgroup links: the id of the cgroup (its inode number on cgroup2fs; 0 once detached:
+    /// `bpftool link detach`, or the cgroup was removed).
+    pub cgroup_id: u64,
 }
 
 impl LinkInfo {
@@ -86,6 +98,19 @@ impl LinkInfo {
     }
 
     fn describe(&self) -> String {
+        if self.link_type == BPF_LINK_TYPE_CGROUP {
+            return if self.cgroup_id == 0 {
+                format!(
+                    "cgroup link {} (program {}, attached to no cgroup)",
+                    self.id, self.prog_id
+                )
+            } else {
+                format!(
+                    "cgroup link {} (program {} on cgroup id {})",
+                    self.id, self.prog_id, self.cgroup_id
+                )
+            };
+        }
         if self.link_type != BPF_LINK_TYPE_TCX {
             return format!(
                 "a BPF link of type {} (link id {}, program {})",
@@ -241,6 +266,80 @@ pub fn judge_tcx(
     }
 }
 
+/// Judges a socket program's cgroup link: `pin` is what its link pin holds, `cgroup_id` the
+/// cgroup it was attached to, `prog_id` the loaded program, `links` the cgroup links of the
+/// system (only looked at when the pin is gone: one running the program on that cgroup lost
+/// only its pin). `None`: healthy.
+pub fn judge_cgroup_link(
+    cgroup_id: u64,
+    prog_id: u32,
+    pin: &Pinned,
+    links: &[LinkInfo],
+) -> Option<Finding> {
+    match pin {
+        Pinned::Nothing => Some(
+            match links.iter().find(|l| {
+                l.link_type == BPF_LINK_TYPE_CGROUP
+                    && l.prog_id == prog_id
+                    && l.cgroup_id == cgroup_id
+            }) {
+                Some(link) => Finding::new(
+                    format!(
+                        "lost its link pin (cgroup link {} still runs the program there)",
+                        link.id
+                    ),
+                    Fix::PinLink(link.id),
+                ),
+                None => Finding::new(
+                    "was detached (its link pin was gone and no link runs the program there)"
+                        .to_owned(),
+                    Fix::Attach,
+                ),
+            },
+        ),
+        Pinned::Link(link) if link.link_type == BPF_LINK_TYPE_CGROUP => {
+            if link.cgroup_id == 0 {
+                Some(Finding::new(
+                    format!(
+                        "was detached (its cgroup link {} is attached to no cgroup)",
+                        link.id
+                    ),
+                    Fix::Attach,
+                ))
+            } else if link.cgroup_id != cgroup_id {
+                Some(Finding {
+                    found: format!(
+                        "was not attached: its link pin held {} instead of Sluice's link on \
+                         cgroup id {cgroup_id}",
+                        link.describe()
+                    ),
+                    fix: Fix::ReplacePin,
+                    foreign: true,
+                })
+            } else if link.prog_id != prog_id {
+                Some(Finding::new(
+                    format!(
+                        "ran program {} instead of the loaded one ({prog_id}) in cgroup link {}",
+                        link.prog_id, link.id
+                    ),
+                    Fix::Attach,
+                ))
+            } else {
+                None
+            }
+        }
+        Pinned::Unknown(about) => Some(unreadable(about)),
+        other => Some(Finding {
+            found: format!(
+                "was not attached: its link pin held {} instead of Sluice's cgroup link",
+                other.describe()
+            ),
+            fix: Fix::ReplacePin,
+            foreign: true,
+        }),
+    }
+}
+
 fn unreadable(about: &str) -> Finding {
     Finding::new(
         format!("could not be checked: its pin holds {about}"),
@@ -317,8 +416,8 @@ pub fn judge_map_pin(map_id: u32, pin: &Pinned) -> Option<Finding> {
 /// One repair the pass made, or tried.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Repair {
-    /// The component, stable across passes (rate limiting): `link <ifindex>-<dir>`, `map
-    /// <name>`, `dir <path>`.
+    /// The component, stable across passes (rate limiting): `link <ifindex>-<dir>`,
+    /// `cgroup-link <program>`, `cgroup <path>`, `map <name>`, `dir <path>`.
     pub key: String,
     /// The component for people: "from_pod on veth1a2b (ifindex 7)", "map `services`".
     pub what: String,
@@ -443,7 +542,111 @@ impl Datapath {
         }
         self.repair_map_pins(&pin_path, &mut repairs);
         self.repair_attachments(&pin_path, &mut repairs);
+        self.repair_cgroup_links(&pin_path, &mut repairs);
         repairs
+    }
+
+    /// The socket programs' cgroup links (host traffic), when [`Datapath::attach_cgroup`]
+    /// attached them: each pinned at `<pin>/cgroup-links/<program>`, a cgroup link on that
+    /// cgroup running the loaded program.
+    fn repair_cgroup_links(&mut self, pin_path: &Path, repairs: &mut Vec<Repair>) {
+        let Some(cgroup) = self.cgroup.clone() else {
+            return;
+        };
+        let cgroup_id = match cgroup_id(&cgroup) {
+            Ok(id) => id,
+            Err(e) => {
+                // Removed (or unmounted): nothing can run there until it exists again.
+                repairs.push(Repair {
+                    key: format!("cgroup {}", cgroup.display()),
+                    what: format!("the socket programs' cgroup {}", cgroup.display()),
+                    found: "could not be opened".to_owned(),
+                    outcome: Err(format!("{e:#}")),
+                    foreign: false,
+                });
+                return;
+            }
+        };
+        let links_dir = pin_path.join(CGROUP_LINKS_DIR);
+        let mut system_links: Option<Vec<LinkInfo>> = None;
+        for name in SOCK_PROGRAMS {
+            let Some(prog_id) = self.sock_program_id(name) else {
+                continue;
+            };
+            let link_pin = links_dir.join(name);
+            let pinned = inspect_pin(&link_pin);
+            let links: &[LinkInfo] = if pinned == Pinned::Nothing {
+                system_links.get_or_insert_with(|| {
+                    cgroup_links().unwrap_or_else(|e| {
+                        tracing::debug!("listing the cgroup links: {e}");
+                        Vec::new()
+                    })
+                })
+            } else {
+                &[]
+            };
+            let Some(finding) = judge_cgroup_link(cgroup_id, prog_id, &pinned, links) else {
+                continue;
+            };
+            let outcome =
+                self.repair_cgroup_link(name, &cgroup, cgroup_id, prog_id, &link_pin, &finding);
+            repairs.push(Repair {
+                key: format!("cgroup-link {name}"),
+                what: format!("`{name}` on cgroup {}", cgroup.display()),
+                found: finding.found,
+                outcome,
+                foreign: finding.foreign,
+            });
+        }
+    }
+
+    fn repair_cgroup_link(
+        &mut self,
+        name: &str,
+        cgroup: &Path,
+        cgroup_id: u64,
+        prog_id: u32,
+        link_pin: &Path,
+        finding: &Finding,
+    ) -> Result<String, String> {
+        if finding.fix == Fix::Leave {
+            return Err("left as it is".to_owned());
+        }
+        if let Some(dir) = link_pin.parent() {
+            fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        if let Fix::PinLink(link_id) = finding.fix {
+            match link_fd_by_id(link_id).and_then(|fd| obj_pin(fd.as_fd(), link_pin)) {
+                Ok(()) => {
+                    return Ok(format!(
+                        "pinned cgroup link id {link_id} at {} again",
+                        link_pin.display()
+                    ))
+                }
+                // Released meanwhile: attach.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(format!("pinning cgroup link {link_id}: {e}")),
+            }
+        }
+        if finding.fix == Fix::ReplacePin {
+            match fs::remove_file(link_pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("unpinning {}: {e}", link_pin.display())),
+            }
+        }
+        let swapped = self
+            .reattach_sock_program(name, cgroup, cgroup_id, link_pin)
+            .map_err(|e| format!("{e:#}"))?;
+        let link = match inspect_pin(link_pin) {
+            Pinned::Link(link) => format!("cgroup link id {}", link.id),
+            _ => "a cgroup link".to_owned(),
+        };
+        Ok(if swapped {
+            format!("swapped the loaded program ({prog_id}) into its {link}")
+        } else {
+            format!("re-attached ({link}, pinned at {})", link_pin.display())
+        })
     }
 
     fn repair_map_pins(&mut self, pin_path: &Path, repairs: &mut Vec<Repair>) {
@@ -666,6 +869,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 
 /// What is pinned at `path`.
 pub fn inspect_pin(path: &Path) -> Pinned {
@@ -738,14 +942,20 @@ fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
 }
 
 /// `struct bpf_link_info`: type, id, prog_id, then (8-aligned, at 16) `tcx.ifindex`,
-/// `tcx.attach_type`.
+/// `tcx.attach_type`, or `cgroup.cgroup_id` (u64).
 fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     let mut info = [0u8; 64];
     obj_info(fd, &mut info)?;
     let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
     let link_type = word(0);
     let tcx = link_type == BPF_LINK_TYPE_TCX;
+    let cgroup_id = if link_type == BPF_LINK_TYPE_CGROUP {
+        u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes"))
+    } else {
+        0
+    };
     Ok(LinkInfo {
+        cgroup_id,
         link_type,
         id: word(4),
         prog_id: word(8),
@@ -773,6 +983,32 @@ fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     put_u64(&mut attr, 0, c_path.as_ptr() as u64);
     put_u32(&mut attr, 8, fd.as_raw_fd() as u32);
     sys_bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// Every cgroup link of the system (`BPF_LINK_GET_NEXT_ID`: start_id u32, next_id u32 at 4).
+/// Links released while listed are skipped.
+fn cgroup_links() -> io::Result<Vec<LinkInfo>> {
+    let mut links = Vec::new();
+    let mut id = 0u32;
+    loop {
+        let mut attr = [0u8; ATTR_SIZE];
+        put_u32(&mut attr, 0, id);
+        match sys_bpf(BPF_LINK_GET_NEXT_ID, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(links),
+            Err(e) => return Err(e),
+        }
+        id = u32::from_ne_bytes(attr[4..8].try_into().expect("4 bytes"));
+        let fd = match link_fd_by_id(id) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        let info = link_info(fd.as_fd())?;
+        if info.link_type == BPF_LINK_TYPE_CGROUP {
+            links.push(info);
+        }
+    }
 }
 
 /// A descriptor of link `id` (`BPF_LINK_GET_FD_BY_ID`: link_id u32).
@@ -901,6 +1137,7 @@ mod tests {
             link_type: BPF_LINK_TYPE_TCX,
             ifindex,
             attach_type: BPF_TCX_INGRESS,
+            cgroup_id: 0,
         })
     }
 
@@ -985,11 +1222,12 @@ mod tests {
                 Pinned::Link(LinkInfo {
                     id: 52,
                     prog_id: 1,
-                    link_type: 3,
+                    link_type: 2,
                     ifindex: 0,
                     attach_type: 0,
+                    cgroup_id: 0,
                 }),
-                "type 3",
+                "type 2",
             ),
         ] {
             let finding = judge(&pin, &[]).unwrap();
@@ -997,6 +1235,92 @@ mod tests {
             assert!(finding.foreign);
             assert!(finding.found.contains(named), "{named}: {finding:?}");
         }
+    }
+
+    const CGROUP: u64 = 4242;
+
+    fn cgroup_link(id: u32, prog_id: u32, cgroup_id: u64) -> LinkInfo {
+        LinkInfo {
+            id,
+            prog_id,
+            link_type: BPF_LINK_TYPE_CGROUP,
+            ifindex: 0,
+            attach_type: 0,
+            cgroup_id,
+        }
+    }
+
+    fn judge_cgroup(pin: &Pinned, links: &[LinkInfo]) -> Option<Finding> {
+        judge_cgroup_link(CGROUP, PROG, pin, links)
+    }
+
+    #[test]
+    fn a_cgroup_link_running_the_program_on_the_cgroup_is_healthy() {
+        let pin = Pinned::Link(cgroup_link(42, PROG, CGROUP));
+        assert_eq!(judge_cgroup(&pin, &[]), None);
+    }
+
+    #[test]
+    fn a_detached_or_missing_cgroup_link_is_attached_again() {
+        // `bpftool link detach` (or the cgroup removed): attached to no cgroup.
+        let finding = judge_cgroup(&Pinned::Link(cgroup_link(42, PROG, 0)), &[]).unwrap();
+        assert_eq!(finding.fix, Fix::Attach);
+        assert!(!finding.foreign);
+        assert!(finding.found.contains("detached"), "{finding:?}");
+        assert!(finding.found.contains("cgroup link 42"), "{finding:?}");
+        // The pin removed and the link released with it; links of other programs or
+        // cgroups are not ours.
+        let others = [
+            cgroup_link(43, 99, CGROUP),
+            cgroup_link(44, PROG, CGROUP + 1),
+            LinkInfo {
+                link_type: BPF_LINK_TYPE_TCX,
+                ..cgroup_link(45, PROG, CGROUP)
+            },
+        ];
+        let finding = judge_cgroup(&Pinned::Nothing, &others).unwrap();
+        assert_eq!(finding.fix, Fix::Attach);
+        assert!(finding.found.contains("detached"), "{finding:?}");
+    }
+
+    #[test]
+    fn a_cgroup_link_that_lost_only_its_pin_is_pinned_again() {
+        let links = [cgroup_link(43, 99, CGROUP), cgroup_link(46, PROG, CGROUP)];
+        let finding = judge_cgroup(&Pinned::Nothing, &links).unwrap();
+        assert_eq!(finding.fix, Fix::PinLink(46));
+        assert!(finding.found.contains("lost its link pin"), "{finding:?}");
+    }
+
+    #[test]
+    fn a_cgroup_link_running_another_program_gets_the_loaded_one() {
+        let finding = judge_cgroup(&Pinned::Link(cgroup_link(42, 99, CGROUP)), &[]).unwrap();
+        assert_eq!(finding.fix, Fix::Attach);
+        assert!(finding.found.contains("program 99"), "{finding:?}");
+    }
+
+    #[test]
+    fn a_cgroup_link_pin_holding_something_else_is_replaced_and_named() {
+        for (pin, named) in [
+            (
+                Pinned::Link(cgroup_link(50, PROG, CGROUP + 1)),
+                "cgroup id 4243",
+            ),
+            (tcx_link(51, PROG, IFINDEX), "tcx link 51"),
+            (
+                Pinned::Map {
+                    id: 3,
+                    about: "a Hash map `x` (map id 3)".into(),
+                },
+                "map id 3",
+            ),
+        ] {
+            let finding = judge_cgroup(&pin, &[]).unwrap();
+            assert_eq!(finding.fix, Fix::ReplacePin, "{pin:?}");
+            assert!(finding.foreign);
+            assert!(finding.found.contains(named), "{named}: {finding:?}");
+        }
+        let unknown = Pinned::Unknown("an object that cannot be opened (EACCES)".into());
+        assert_eq!(judge_cgroup(&unknown, &[]).unwrap().fix, Fix::Leave);
     }
 
     fn ours(prog_id: Option<u32>) -> Filter {

@@ -11,7 +11,8 @@
 //! As with the tc links, the pins keep the programs running while no agent runs, and a
 //! restarted agent swaps its freshly loaded programs into the pinned links atomically
 //! (`BPF_LINK_UPDATE`: no connect() is ever missed). A pinned link attached to another cgroup
-//! than the one asked for (the flag changed) or to a cgroup that is gone is replaced. The
+//! than the one asked for (the flag changed) or to a cgroup that is gone is replaced. Every
+//! resync checks the links and puts back a detached or unpinned one (repair.rs). The
 //! programs are loaded into the kernel only when first attached, so `sluice trace` and the
 //! `BPF_PROG_RUN` tests (which cannot run them) do not pay for their verification.
 //!
@@ -41,7 +42,7 @@ use tracing::{debug, info};
 use super::Datapath;
 
 /// Subdirectory of the pin directory holding the cgroup links.
-const CGROUP_LINKS_DIR: &str = "cgroup-links";
+pub(super) const CGROUP_LINKS_DIR: &str = "cgroup-links";
 
 /// The socket programs, in the order they are attached.
 pub const SOCK_PROGRAMS: [&str; 8] = [
@@ -117,6 +118,7 @@ impl Datapath {
             })?;
             replaced += usize::from(swapped);
         }
+        self.cgroup = Some(cgroup.to_owned());
         info!(
             cgroup = %cgroup.display(),
             netns_cookie,
@@ -134,10 +136,42 @@ impl Datapath {
     /// agent calls it when started without `--cgroup-root`, so an earlier agent's links do not
     /// outlive the flag.
     pub fn detach_cgroup(&mut self) -> anyhow::Result<usize> {
+        self.cgroup = None;
         let Some(pin_path) = &self.pin_path else {
             return Ok(0);
         };
         remove_cgroup_links(pin_path)
+    }
+
+    /// The cgroup the socket programs were attached to, if they were.
+    pub fn attached_cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
+    /// The id of the loaded socket program `name` (`None`: not loaded, so never attached).
+    pub(super) fn sock_program_id(&self, name: &str) -> Option<u32> {
+        let program: &CgroupSockAddr = self.ebpf.program(name)?.try_into().ok()?;
+        program.fd().ok()?;
+        program.info().ok().map(|info| info.id())
+    }
+
+    /// Attaches the socket program `name` again (repair.rs): swapped into the link pinned at
+    /// `link_pin` when that one runs on `cgroup`, else a new link pinned there (a pinned link
+    /// of another cgroup, or detached, is unpinned first). Returns whether it swapped.
+    pub(super) fn reattach_sock_program(
+        &mut self,
+        name: &str,
+        cgroup: &Path,
+        cgroup_id: u64,
+        link_pin: &Path,
+    ) -> anyhow::Result<bool> {
+        let program: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no program `{name}`"))?
+            .try_into()
+            .with_context(|| format!("program `{name}` is not a cgroup sock_addr program"))?;
+        attach_one(program, cgroup, cgroup_id, link_pin)
     }
 
     /// The pinned socket program links: (program, link id, id of the cgroup it runs on), as
@@ -249,7 +283,7 @@ pub(super) fn remove_cgroup_links(pin_path: &Path) -> anyhow::Result<usize> {
 
 /// A cgroup v2 directory's id (the kernel's cgroup id is the directory's inode number on
 /// cgroup2fs), checking it is one.
-fn cgroup_id(cgroup: &Path) -> anyhow::Result<u64> {
+pub(super) fn cgroup_id(cgroup: &Path) -> anyhow::Result<u64> {
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     let c_path = CString::new(cgroup.as_os_str().as_encoded_bytes())
         .with_context(|| format!("bad path {}", cgroup.display()))?;

@@ -7,12 +7,16 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use sluice::datapath::repair::{self, Pinned};
 
-use crate::support::*;
+use crate::{
+    sock::{links_on, ChildCgroup},
+    support::*,
+};
 
 // bpf(2) commands and types (uapi/linux/bpf.h).
 const BPF_MAP_CREATE: i64 = 0;
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_OBJ_PIN: i64 = 6;
+const BPF_LINK_GET_FD_BY_ID: i64 = 30;
 const BPF_LINK_DETACH: i64 = 34;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
@@ -77,6 +81,35 @@ fn detach_link(pin: &Path) {
     let mut attr = [0u8; 128];
     put(&mut attr, 0, &(link.as_raw_fd() as u32).to_ne_bytes());
     sys_bpf(BPF_LINK_DETACH, &mut attr).expect("BPF_LINK_DETACH");
+}
+
+/// Waits until link `id` is released (an unpinned link nobody holds goes after the pin's
+/// inode does).
+fn wait_until_released(id: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut attr = [0u8; 128];
+        put(&mut attr, 0, &id.to_ne_bytes());
+        match sys_bpf(BPF_LINK_GET_FD_BY_ID, &mut attr) {
+            // SAFETY: a new descriptor we own (closed right away).
+            Ok(fd) => drop(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return,
+            Err(e) => panic!("BPF_LINK_GET_FD_BY_ID {id}: {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "link {id} still there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The cgroup link pinned at `pin`.
+fn cgroup_link_at(pin: &Path) -> repair::LinkInfo {
+    match repair::inspect_pin(pin) {
+        Pinned::Link(link) if link.link_type == repair::BPF_LINK_TYPE_CGROUP => link,
+        other => panic!("{} holds {other:?}", pin.display()),
+    }
 }
 
 fn map_id_at(pin: &Path) -> u32 {
@@ -291,4 +324,110 @@ fn a_link_pin_that_is_not_sluices_is_refused_at_attach_and_kept() {
         drop(datapath);
         Datapath::cleanup(&pin_path).expect("cleanup");
     });
+}
+
+/// The socket programs' cgroup links (host traffic), in a test-owned child cgroup: one link
+/// detached (`bpftool link detach`), another's pin removed (the link goes with it). One pass
+/// attaches both again, pinned, on that cgroup, with the loaded programs; a link that lost
+/// only its pin (someone else holds it) is pinned again, not doubled.
+#[test]
+fn one_pass_reattaches_detached_cgroup_links() {
+    let bpffs = PrivateBpffs::new();
+    let pin_path = bpffs.pin_path();
+    let cgroup = ChildCgroup::new();
+    let mut datapath = Datapath::load(&pin_path).expect("load");
+    if !datapath::features::KernelFeatures::get().netns_cookie {
+        // Before 5.14 the socket programs are never attached (tests/datapath/sock.rs).
+        return;
+    }
+    datapath.attach_cgroup(&cgroup.path).expect("attach_cgroup");
+    assert_eq!(datapath.attached_cgroup(), Some(cgroup.path.as_path()));
+    assert_eq!(datapath.verify_and_repair(), [], "nothing to repair yet");
+    let links_dir = pin_path.join("cgroup-links");
+    // Freshly attached: the pins run the loaded programs.
+    let loaded: BTreeMap<&str, repair::LinkInfo> = sluice::datapath::sock::SOCK_PROGRAMS
+        .into_iter()
+        .map(|name| (name, cgroup_link_at(&links_dir.join(name))))
+        .collect();
+    let before = links_on(&datapath, &cgroup);
+
+    detach_link(&links_dir.join("sock_connect4"));
+    assert_eq!(
+        cgroup_link_at(&links_dir.join("sock_connect4")).cgroup_id,
+        0
+    );
+    fs::remove_file(links_dir.join("sock_sendmsg6")).unwrap();
+    wait_until_released(loaded["sock_sendmsg6"].id);
+
+    let repairs = datapath.verify_and_repair();
+    assert_eq!(
+        keys(&repairs),
+        BTreeSet::from([
+            "cgroup-link sock_connect4".to_owned(),
+            "cgroup-link sock_sendmsg6".to_owned(),
+        ]),
+        "{repairs:#?}"
+    );
+    for repair in &repairs {
+        assert!(repair.outcome.is_ok(), "{repair:#?}");
+        assert!(!repair.foreign, "{repair:#?}");
+        assert!(repair.found.contains("detached"), "{repair:#?}");
+        assert!(
+            repair.what.contains(&*cgroup.path.to_string_lossy()),
+            "{repair:#?}"
+        );
+    }
+    let connect = repairs
+        .iter()
+        .find(|r| r.key == "cgroup-link sock_connect4")
+        .unwrap();
+    assert_eq!(
+        connect.what,
+        format!("`sock_connect4` on cgroup {}", cgroup.path.display())
+    );
+    assert!(
+        connect.found.contains(&format!(
+            "cgroup link {} is attached to no cgroup",
+            loaded["sock_connect4"].id
+        )),
+        "{connect:#?}"
+    );
+
+    // All attached and pinned on the cgroup, with the loaded programs; the two in new links.
+    let after = links_on(&datapath, &cgroup);
+    for (name, was) in &loaded {
+        let now = cgroup_link_at(&links_dir.join(name));
+        assert_eq!(now.cgroup_id, cgroup.id(), "{name}");
+        assert_eq!(now.prog_id, was.prog_id, "{name}");
+        let repaired = ["sock_connect4", "sock_sendmsg6"].contains(name);
+        assert_eq!(now.id != was.id, repaired, "{name}: {was:?} -> {now:?}");
+    }
+    assert_eq!(before.len(), after.len());
+    assert_eq!(datapath.verify_and_repair(), [], "repaired for good");
+
+    // A link that lost only its pin is pinned again, not doubled.
+    let held_pin = links_dir.join("sock_recvmsg4");
+    let held = FdLink::from(PinnedLink::from_pin(&held_pin).unwrap());
+    let id = held.info().unwrap().id();
+    fs::remove_file(&held_pin).unwrap();
+    let repairs = datapath.verify_and_repair();
+    assert_eq!(
+        keys(&repairs),
+        BTreeSet::from(["cgroup-link sock_recvmsg4".to_owned()])
+    );
+    assert!(
+        repairs[0].found.contains("lost its link pin"),
+        "{repairs:#?}"
+    );
+    assert!(repairs[0].outcome.is_ok(), "{repairs:#?}");
+    assert_eq!(cgroup_link_at(&held_pin).id, id);
+    drop(held);
+    assert_eq!(datapath.verify_and_repair(), []);
+
+    // Detached on purpose (no --cgroup-root): nothing to check any more.
+    datapath.detach_cgroup().unwrap();
+    assert_eq!(datapath.attached_cgroup(), None);
+    assert_eq!(datapath.verify_and_repair(), []);
+    drop(datapath);
+    Datapath::cleanup(&pin_path).expect("cleanup");
 }

@@ -17,13 +17,13 @@ use sluice::datapath::{
 
 use crate::support::{unique_name, PrivateBpffs};
 
-/// A child of the cgroup2 mount, removed on drop.
-struct ChildCgroup {
-    path: PathBuf,
+/// A child of the cgroup2 mount, removed on drop (repair.rs uses it too).
+pub(crate) struct ChildCgroup {
+    pub(crate) path: PathBuf,
 }
 
 impl ChildCgroup {
-    fn new() -> ChildCgroup {
+    pub(crate) fn new() -> ChildCgroup {
         let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
             .into_iter()
             .map(Path::new)
@@ -34,7 +34,7 @@ impl ChildCgroup {
         ChildCgroup { path }
     }
 
-    fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         fs::metadata(&self.path).unwrap().ino()
     }
 }
@@ -48,7 +48,7 @@ impl Drop for ChildCgroup {
 }
 
 /// (program, link id) of every pinned link, asserting they all run on `cgroup`.
-fn links_on(datapath: &Datapath, cgroup: &ChildCgroup) -> BTreeSet<(String, u32)> {
+pub(crate) fn links_on(datapath: &Datapath, cgroup: &ChildCgroup) -> BTreeSet<(String, u32)> {
     let links = datapath.cgroup_links().unwrap();
     let names: BTreeSet<&str> = links.iter().map(|(n, _, _)| n.as_str()).collect();
     assert_eq!(names, SOCK_PROGRAMS.into_iter().collect(), "{links:?}");
