@@ -304,25 +304,9 @@ fn size_of_cpu_set() -> usize {
 
 /// The drop and event counters `sluice state drops` shows for node `i`, by reason name.
 fn counters(cluster: &SluiceCluster, i: usize) -> BTreeMap<String, u64> {
-    let bin = sluice_testbed::sluice::sluice_bin();
     let pins = cluster.pins[i - 1].path().to_str().unwrap().to_string();
-    let output = cluster
-        .node(i)
-        .exec(&[
-            bin.to_str().unwrap(),
-            "state",
-            "--pin-path",
-            &pins,
-            "--json",
-            "drops",
-        ])
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "sluice state: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let output = cluster.run_sluice(i, &["state", "--pin-path", &pins, "--json", "drops"]);
+    let json: serde_json::Value = serde_json::from_str(&output).unwrap();
     json["drops"]
         .as_object()
         .map(|drops| {

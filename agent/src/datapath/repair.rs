@@ -609,31 +609,8 @@ impl Datapath {
         link_pin: &Path,
         finding: &Finding,
     ) -> Result<String, String> {
-        if finding.fix == Fix::Leave {
-            return Err("left as it is".to_owned());
-        }
-        if let Some(dir) = link_pin.parent() {
-            fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
-        if let Fix::PinLink(link_id) = finding.fix {
-            match link_fd_by_id(link_id).and_then(|fd| obj_pin(fd.as_fd(), link_pin)) {
-                Ok(()) => {
-                    return Ok(format!(
-                        "pinned cgroup link id {link_id} at {} again",
-                        link_pin.display()
-                    ))
-                }
-                // Released meanwhile: attach.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(format!("pinning cgroup link {link_id}: {e}")),
-            }
-        }
-        if finding.fix == Fix::ReplacePin {
-            match fs::remove_file(link_pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("unpinning {}: {e}", link_pin.display())),
-            }
+        if let Some(done) = prepare_link_pin("cgroup", link_pin, finding)? {
+            return Ok(done);
         }
         let swapped = self
             .reattach_sock_program(name, cgroup, cgroup_id, link_pin)
@@ -772,31 +749,8 @@ impl Datapath {
         link_pin: &Path,
         finding: &Finding,
     ) -> Result<String, String> {
-        if finding.fix == Fix::Leave {
-            return Err("left as it is".to_owned());
-        }
-        if let Some(dir) = link_pin.parent() {
-            fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
-        if let Fix::PinLink(link_id) = finding.fix {
-            match link_fd_by_id(link_id).and_then(|fd| obj_pin(fd.as_fd(), link_pin)) {
-                Ok(()) => {
-                    return Ok(format!(
-                        "pinned tcx link id {link_id} at {} again",
-                        link_pin.display()
-                    ))
-                }
-                // Released meanwhile (an unpinned link goes after an RCU grace period): attach.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(format!("pinning tcx link {link_id}: {e}")),
-            }
-        }
-        if finding.fix == Fix::ReplacePin {
-            match fs::remove_file(link_pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("unpinning {}: {e}", link_pin.display())),
-            }
+        if let Some(done) = prepare_link_pin("tcx", link_pin, finding)? {
+            return Ok(done);
         }
         let program = classifier_mut(&mut self.ebpf, hook.program);
         attach_tcx(program, ifname, ifindex, hook.attach_type, link_pin)
@@ -1121,6 +1075,43 @@ pub fn netlink_filters(ifindex: u32, attach_type: TcAttachType) -> io::Result<Ve
             }
         }
     }
+}
+
+/// The first steps of repairing a link pin, the same for tcx and cgroup links (`kind`): a
+/// finding left alone is an error; a link that only lost its pin is pinned again (`Some`:
+/// done); a pin to replace is removed. `None`: attach a new link at `link_pin` next.
+fn prepare_link_pin(
+    kind: &str,
+    link_pin: &Path,
+    finding: &Finding,
+) -> Result<Option<String>, String> {
+    if finding.fix == Fix::Leave {
+        return Err("left as it is".to_owned());
+    }
+    if let Some(dir) = link_pin.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    if let Fix::PinLink(link_id) = finding.fix {
+        match link_fd_by_id(link_id).and_then(|fd| obj_pin(fd.as_fd(), link_pin)) {
+            Ok(()) => {
+                return Ok(Some(format!(
+                    "pinned {kind} link id {link_id} at {} again",
+                    link_pin.display()
+                )))
+            }
+            // Released meanwhile (an unpinned link goes after an RCU grace period): attach.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(format!("pinning {kind} link {link_id}: {e}")),
+        }
+    }
+    if finding.fix == Fix::ReplacePin {
+        match fs::remove_file(link_pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("unpinning {}: {e}", link_pin.display())),
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
