@@ -114,6 +114,22 @@ fn steps() -> &'static [(&'static str, &'static str, &'static str, &'static str)
 /// verifiers that is half an hour, which the matrix's time cannot afford three times.
 const ONE_KERNEL_STEPS: &[(&str, &str)] = &[("trace corpus", "6.12")];
 
+/// The datapath tests the two oldest kernels share out between them (test name filters, by
+/// kernel release prefix): both verify every program (the first step) and run the real-traffic
+/// test, every module of the datapath tests runs on one of them and all on 6.12. Their emulated
+/// verifiers take a minute per test (every test loads the programs): the whole set on each
+/// would pass the hour.
+const DATAPATH_SHARES: &[(&str, &str)] = &[
+    (
+        "5.10",
+        "clusterip:: conntrack:: pinning:: repair:: sock:: layout:: policy::",
+    ),
+    (
+        "6.1.",
+        "services:: ipv6:: policy6:: resize:: affinity:: traffic::",
+    ),
+];
+
 /// How long one kernel may take from boot to power-off.
 const VM_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
@@ -507,6 +523,13 @@ fn init_script(binaries: &Binaries) -> String {
         let exe = binaries.test(package, target);
         let dir = exe.parent().expect("a test executable's directory");
         let mut run = format!("{} {args} 2>&1", exe.display());
+        if *target == "datapath" && !args.contains("--exact") {
+            let mut cases = String::new();
+            for (release, filters) in DATAPATH_SHARES {
+                cases += &format!("{release}*) {} {args} {filters} 2>&1 ;; ", exe.display());
+            }
+            run = format!("case \"$(uname -r)\" in {cases}*) {run} ;; esac");
+        }
         if let Some((_, release)) = ONE_KERNEL_STEPS.iter().find(|(step, _)| step == name) {
             run = format!(
                 "case \"$(uname -r)\" in {release}*) {run} ;; \
@@ -883,5 +906,62 @@ impl Cpio {
         self.entry("TRAILER!!!", 0, &[])?;
         self.out.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guest's script is valid shell, runs every step, and shares the datapath tests out
+    /// between 5.10 and 6.1 (every module on one of them) while 6.12 runs them all.
+    #[test]
+    fn the_init_script_parses_and_shares_out_the_datapath_tests() {
+        let bin = PathBuf::from("/t/target/debug/deps");
+        let binaries = Binaries {
+            tests: STEPS
+                .iter()
+                .map(|(_, package, target, _)| {
+                    (package.to_string(), target.to_string(), bin.join(target))
+                })
+                .collect(),
+            others: vec![bin.join("sluice")],
+        };
+        let script = init_script(&binaries);
+        let dir = std::env::temp_dir().join(format!("sluice-init-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("init");
+        fs::write(&path, &script).unwrap();
+        let parsed = Command::new("sh").arg("-n").arg(&path).status().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(parsed.success(), "{script}");
+        for i in 0..STEPS.len() {
+            assert!(
+                script.contains(&format!("SLUICE-VM step {i} exit")),
+                "{script}"
+            );
+        }
+        let shared: Vec<&str> = DATAPATH_SHARES
+            .iter()
+            .flat_map(|(_, filters)| filters.split_whitespace())
+            .collect();
+        let modules = fs::read_dir(workspace_root().join("agent/tests/datapath")).unwrap();
+        for module in modules {
+            let name = module.unwrap().file_name().into_string().unwrap();
+            let Some(stem) = name.strip_suffix(".rs") else {
+                continue;
+            };
+            if ["main", "support", "kernel", "fuzz"].contains(&stem) {
+                continue;
+            }
+            assert!(
+                shared.contains(&format!("{stem}::").as_str()),
+                "datapath module {stem} runs on neither 5.10 nor 6.1"
+            );
+        }
+        assert!(
+            script.contains("5.10*)") && script.contains("6.1.*)"),
+            "{script}"
+        );
     }
 }
