@@ -53,7 +53,9 @@ use aya::programs::TcAttachType;
 use super::{
     attach_netlink, attach_tcx, classifier, classifier_mut, ifindex_of, link_pin_path,
     resize::pin_in_place,
-    sock::{cgroup_id, put_u32, put_u64, sys_bpf, ATTR_SIZE, CGROUP_LINKS_DIR, SOCK_PROGRAMS},
+    sock::{
+        cgroup_id, obj_get, put_u32, put_u64, sys_bpf, ATTR_SIZE, CGROUP_LINKS_DIR, SOCK_PROGRAMS,
+    },
     Attachment, Datapath, Hook, LINKS_DIR, NETLINK_HANDLE, NETLINK_PRIORITY,
 };
 
@@ -819,7 +821,6 @@ pub(super) fn refuse_non_map_pin(pin: &Path) -> anyhow::Result<()> {
 // Kernel reads and writes aya does not offer (uapi/linux/bpf.h)
 
 const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
@@ -916,17 +917,6 @@ fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         ifindex: if tcx { word(16) } else { 0 },
         attach_type: if tcx { word(20) } else { 0 },
     })
-}
-
-/// Opens a pinned object (`BPF_OBJ_GET`: pathname u64, bpf_fd u32, file_flags u32).
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = [0u8; ATTR_SIZE];
-    put_u64(&mut attr, 0, c_path.as_ptr() as u64);
-    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel returned a new file descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Pins `fd` at `path` (`BPF_OBJ_PIN`: pathname u64, bpf_fd u32).

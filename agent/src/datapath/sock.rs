@@ -357,7 +357,7 @@ pub(super) fn put_u64(attr: &mut [u8; ATTR_SIZE], offset: usize, value: u64) {
 }
 
 /// Opens a pinned object (`BPF_OBJ_GET`: pathname u64, bpf_fd u32, file_flags u32).
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c_path = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = [0u8; ATTR_SIZE];
