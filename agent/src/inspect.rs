@@ -221,15 +221,8 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
         snapshot.backends = read_all(&backends, pin_path, MAP_BACKENDS)?;
     }
     if wants(only, Table::Conntrack) {
-        // Answered flows first (an agent from before `ct_answered` has none).
-        if pin_path.join(MAP_CT_ANSWERED).exists() {
-            let answered: HashMap<MapData, CtKey, CtValue> =
-                open_read_only(pin_path, MAP_CT_ANSWERED)?;
-            snapshot.conntrack = read_all(&answered, pin_path, MAP_CT_ANSWERED)?;
-        }
-        snapshot
-            .conntrack
-            .extend(read_all(&conntrack, pin_path, MAP_CONNTRACK)?);
+        snapshot.conntrack =
+            read_flow_tables(&conntrack, pin_path, MAP_CT_ANSWERED, MAP_CONNTRACK)?;
     }
     // The IPv6 maps, when pinned (an agent from before IPv6 support has none).
     if pin_path.join(MAP_SERVICES6).exists() {
@@ -244,14 +237,8 @@ pub fn read_pinned(pin_path: &Path, only: Option<Table>) -> anyhow::Result<Snaps
             snapshot.backends6 = read_all(&backends6, pin_path, MAP_BACKENDS6)?;
         }
         if wants(only, Table::Conntrack) {
-            if pin_path.join(MAP_CT_ANSWERED6).exists() {
-                let answered6: HashMap<MapData, CtKey6, CtValue6> =
-                    open_read_only(pin_path, MAP_CT_ANSWERED6)?;
-                snapshot.conntrack6 = read_all(&answered6, pin_path, MAP_CT_ANSWERED6)?;
-            }
-            snapshot
-                .conntrack6
-                .extend(read_all(&conntrack6, pin_path, MAP_CONNTRACK6)?);
+            snapshot.conntrack6 =
+                read_flow_tables(&conntrack6, pin_path, MAP_CT_ANSWERED6, MAP_CONNTRACK6)?;
         }
     }
     // The drops and NetworkPolicy maps, when pinned (an agent from before policy has none).
@@ -366,6 +353,24 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// Every entry of a map. The agent and the programs keep writing while it is read, so a key
 /// may be visited twice (the kernel restarts a walk whose current key was deleted); the last
 /// value read wins.
+/// A flow table's entries (datapath/flow_tables.rs): the answered map's pinned as
+/// `answered` (an agent from before it has none), then those of `unanswered`, the LRU
+/// pinned as `unanswered_name`.
+fn read_flow_tables<K: Pod + Eq + std::hash::Hash, V: Pod>(
+    unanswered: &HashMap<MapData, K, V>,
+    pin_path: &Path,
+    answered: &str,
+    unanswered_name: &str,
+) -> anyhow::Result<Vec<(K, V)>> {
+    let mut entries = Vec::new();
+    if pin_path.join(answered).exists() {
+        let map: HashMap<MapData, K, V> = open_read_only(pin_path, answered)?;
+        entries = read_all(&map, pin_path, answered)?;
+    }
+    entries.extend(read_all(unanswered, pin_path, unanswered_name)?);
+    Ok(entries)
+}
+
 fn read_all<K, V>(
     map: &HashMap<MapData, K, V>,
     pin_path: &Path,

@@ -31,11 +31,6 @@ impl<K: aya::Pod, V: aya::Pod> FlowTables<K, V> {
         Ok(entries)
     }
 
-    /// How many entries each map holds: (answered, unanswered).
-    pub(crate) fn counts(&self) -> (usize, usize) {
-        (self.answered.keys().count(), self.unanswered.keys().count())
-    }
-
     /// Deletes `keys` from both maps (a key already gone is fine).
     pub(crate) fn remove(&mut self, keys: &[K], what: &str) -> anyhow::Result<()> {
         remove_keys(&mut self.answered, keys, what)?;

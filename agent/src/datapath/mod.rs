@@ -1213,14 +1213,6 @@ impl Datapath {
         self.policy_flows6.entries()
     }
 
-    /// How many entries the NetworkPolicy flow maps hold: (IPv4 replied, IPv4 unanswered,
-    /// IPv6 replied, IPv6 unanswered).
-    pub fn policy_flow_counts(&self) -> (usize, usize, usize, usize) {
-        let (a, u) = self.policy_flows.counts();
-        let (a6, u6) = self.policy_flows6.counts();
-        (a, u, a6, u6)
-    }
-
     /// Forgets every admitted flow of both families (`sluice trace` between its runs).
     pub fn clear_policy_flows(&mut self) -> anyhow::Result<usize> {
         let keys: Vec<PolicyFlowKey> = self.policy_flows()?.into_iter().map(|(k, _)| k).collect();
@@ -1330,14 +1322,6 @@ impl Datapath {
     /// Every conntrack entry (two per translated flow, see `sluice-common`).
     pub fn conntrack_entries(&self) -> anyhow::Result<Vec<(CtKey, CtValue)>> {
         self.conntrack.entries()
-    }
-
-    /// How many entries the conntrack maps hold: (IPv4 answered, IPv4 unanswered, IPv6
-    /// answered, IPv6 unanswered).
-    pub fn conntrack_counts(&self) -> (usize, usize, usize, usize) {
-        let (a, u) = self.conntrack.counts();
-        let (a6, u6) = self.conntrack6.counts();
-        (a, u, a6, u6)
     }
 
     /// Deletes the IPv6 conntrack entries `remove` picks; returns how many.
