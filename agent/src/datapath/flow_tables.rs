@@ -31,6 +31,23 @@ impl<K: aya::Pod, V: aya::Pod> FlowTables<K, V> {
         Ok(entries)
     }
 
+    /// Deletes the answered entries `pick` chooses from all of them (a key already gone is
+    /// fine); returns how many.
+    pub(crate) fn remove_answered(
+        &mut self,
+        pick: impl FnOnce(&[(K, V)]) -> Vec<K>,
+    ) -> anyhow::Result<usize> {
+        let answered: Vec<(K, V)> = self
+            .answered
+            .iter()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading the {} map", self.names[0]))?;
+        let doomed = pick(&answered);
+        let what = format!("an entry of {}", self.names[0]);
+        remove_keys(&mut self.answered, &doomed, &what)?;
+        Ok(doomed.len())
+    }
+
     /// Deletes `keys` from both maps (a key already gone is fine).
     pub(crate) fn remove(&mut self, keys: &[K], what: &str) -> anyhow::Result<()> {
         remove_keys(&mut self.answered, keys, what)?;

@@ -1353,32 +1353,14 @@ impl Datapath {
         self.conntrack6
             .remove(&doomed6, "an expired IPv6 conntrack entry")?;
         // Replied NetworkPolicy flows: only the LRU forgets the others.
-        let replied: Vec<(PolicyFlowKey, u64)> = self
-            .policy_flows
-            .answered
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the policy_replied map")?;
-        let doomed_policy = gc::expired_policy_flows(&replied, |k| k.proto, &timeouts, now);
-        remove_keys(
-            &mut self.policy_flows.answered,
-            &doomed_policy,
-            "an idle policy_replied entry",
-        )?;
-        let replied6: Vec<(PolicyFlowKey6, u64)> = self
-            .policy_flows6
-            .answered
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the policy_replied6 map")?;
-        let doomed_policy6 = gc::expired_policy_flows(&replied6, |k| k.proto, &timeouts, now);
-        remove_keys(
-            &mut self.policy_flows6.answered,
-            &doomed_policy6,
-            "an idle policy_replied6 entry",
-        )?;
+        let doomed_policy = self.policy_flows.remove_answered(|replied| {
+            gc::expired_policy_flows(replied, |k| k.proto, &timeouts, now)
+        })?;
+        let doomed_policy6 = self.policy_flows6.remove_answered(|replied| {
+            gc::expired_policy_flows(replied, |k| k.proto, &timeouts, now)
+        })?;
         Ok(gc::GcStats {
-            policy_removed: doomed_policy.len() + doomed_policy6.len(),
+            policy_removed: doomed_policy + doomed_policy6,
             removed: doomed.len(),
             removed6: doomed6.len(),
             live: entries.len() - doomed.len(),
