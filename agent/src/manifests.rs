@@ -308,6 +308,15 @@ impl Objects {
     }
 }
 
+/// Parses the content of one manifest file (`file` names it in errors): everything a file's
+/// bytes go through on their way to objects.
+pub fn parse_file(file: &Path, bytes: &[u8]) -> (Objects, Vec<ManifestError>) {
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    parse_read(file, Ok(bytes.to_vec()), &mut objects, &mut errors);
+    (objects, errors)
+}
+
 /// Reads and parses one file into `objects`; an unreadable file is reported in `errors`.
 fn read_into(file: &Path, objects: &mut Objects, errors: &mut Vec<ManifestError>) {
     parse_read(file, std::fs::read(file), objects, errors);

@@ -15,8 +15,15 @@ use anyhow::{Context as _, Result};
 
 use crate::{apiserver::ApiServer, unique_name, Cluster, ClusterOptions, Node, NodeProcess};
 
-/// How long an agent gets to load, sync and attach before a test gives up on it.
-pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an agent gets to load, sync and attach before a test gives up on it: 30 s, or
+/// `$SLUICE_AGENT_READY_TIMEOUT` seconds (the kernel matrix's emulated guests verify the
+/// programs in a minute or more).
+pub fn agent_ready_timeout() -> Duration {
+    std::env::var("SLUICE_AGENT_READY_TIMEOUT")
+        .ok()
+        .and_then(|secs| secs.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_secs)
+}
 /// The line `sluice agent` logs once the initial sync and attach are done.
 pub const AGENT_READY_LINE: &str = "sluice agent ready";
 
@@ -164,7 +171,7 @@ impl SluiceNode {
             .args(extra_args)
             .env("RUST_LOG", "info,sluice=debug");
         let mut agent = self.node.spawn(&mut cmd)?;
-        agent.wait_for_log(AGENT_READY_LINE, AGENT_READY_TIMEOUT)?;
+        agent.wait_for_log(AGENT_READY_LINE, agent_ready_timeout())?;
         Ok(self.agent.insert(agent))
     }
 
@@ -311,7 +318,7 @@ impl SluiceCluster {
         let mut cmd = self.agent_command(i, extra_args);
         let mut agent = self.cluster.node(i).spawn(&mut cmd)?;
         agent
-            .wait_for_log(AGENT_READY_LINE, AGENT_READY_TIMEOUT)
+            .wait_for_log(AGENT_READY_LINE, agent_ready_timeout())
             .with_context(|| format!("agent on node-{i}"))?;
         Ok(self.agents[i - 1].insert(agent))
     }
@@ -342,7 +349,7 @@ impl SluiceCluster {
         }
         for (i, mut agent) in started {
             let ready = agent
-                .wait_for_log(AGENT_READY_LINE, AGENT_READY_TIMEOUT)
+                .wait_for_log(AGENT_READY_LINE, agent_ready_timeout())
                 .with_context(|| format!("agent on node-{i}"));
             // Kept even when not ready, so a later failure's drop prints its log.
             self.agents[i - 1] = Some(agent);

@@ -24,7 +24,7 @@ use std::{
 use serde_json::Value;
 use sluice_testbed::{
     in_netns,
-    sluice::{sluice_bin, SluiceCluster, SluiceNode, AGENT_READY_LINE, AGENT_READY_TIMEOUT},
+    sluice::{sluice_bin, SluiceCluster, SluiceNode, AGENT_READY_LINE, agent_ready_timeout},
     Node, NodeProcess, Pod,
 };
 
@@ -304,7 +304,7 @@ fn a_deleted_clsact_qdisc_is_attached_again_within_one_resync() {
     // Declared after the node: stopped before it goes.
     let mut agent = node.node.spawn(&mut cmd).unwrap();
     agent
-        .wait_for_log(AGENT_READY_LINE, AGENT_READY_TIMEOUT)
+        .wait_for_log(AGENT_READY_LINE, agent_ready_timeout())
         .unwrap();
     assert_eq!(answered(&client, 10), 10);
     let veth = client.host_ifname().to_owned();
