@@ -24,7 +24,7 @@ use std::{
 use serde_json::Value;
 use sluice_testbed::{
     in_netns,
-    sluice::{sluice_bin, SluiceCluster, SluiceNode, AGENT_READY_LINE, agent_ready_timeout},
+    sluice::{agent_ready_timeout, sluice_bin, SluiceCluster, SluiceNode, AGENT_READY_LINE},
     Node, NodeProcess, Pod,
 };
 

@@ -459,6 +459,10 @@ pub struct ServiceSync<M> {
     /// out again (the same `Arc`) is not planned again. With thousands of services, planning
     /// each one on every change was most of a change's time.
     in_maps: StdHashMap<ServiceKey, Arc<DesiredFrontend>>,
+    /// The ids of new frontends that could not be written (a full map), kept for their retry:
+    /// a frontend is known by one id in logs and `sluice state` however many syncs it takes to
+    /// fit. Given up when the frontend is no longer desired.
+    reserved: BTreeMap<ServiceKey, u32>,
 }
 
 struct Converted {
@@ -511,6 +515,7 @@ impl<M: ServiceMaps> ServiceSync<M> {
             next_affinity_id,
             converted: StdHashMap::new(),
             in_maps: StdHashMap::new(),
+            reserved: BTreeMap::new(),
         })
     }
 
@@ -687,11 +692,15 @@ impl<M: ServiceMaps> ServiceSync<M> {
         }
 
         // New frontends.
+        self.reserved.retain(|key, _| desired.contains_key(key));
         for (key, want) in &desired {
             if self.mirror.services.contains_key(key) {
                 continue;
             }
-            let id = self.allocate_id();
+            let id = match self.reserved.remove(key) {
+                Some(id) => id,
+                None => self.allocate_id(),
+            };
             let ops = plan_frontend(
                 *key,
                 None,
@@ -710,6 +719,7 @@ impl<M: ServiceMaps> ServiceSync<M> {
                     // other frontends; what cannot be deleted now is a leftover for next time.
                     let written = self.delete_all_of(id);
                     let _ = self.run(&written, &mut stats);
+                    self.reserved.insert(*key, id);
                     fail(&mut stats, want.frontend, e);
                 }
             }
@@ -837,7 +847,7 @@ impl<M: ServiceMaps> ServiceSync<M> {
             let id = self.next_id;
             // 0 is never handed out so a zeroed value is recognisably not a service.
             self.next_id = self.next_id.wrapping_add(1).max(1);
-            if !self.mirror.id_in_use(id) {
+            if !self.mirror.id_in_use(id) && !self.reserved.values().any(|r| *r == id) {
                 return id;
             }
         }
@@ -1555,12 +1565,34 @@ mod tests {
         // The failed frontend's slots were given back.
         assert_eq!(sync.maps().backends.len(), 4);
 
-        // Once there is room, the next sync programs it without touching the others.
+        // Every retry that fails again tries it under the same id (logs and `sluice state`
+        // keep naming one id for it), and no other frontend gets that id meanwhile.
+        let tried_id = |sync: &ServiceSync<FakeMaps>| {
+            sync.maps()
+                .log
+                .iter()
+                .rev()
+                .find_map(|op| match op {
+                    MapOp::PutBackend(key, _) => Some(key.service_id),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let first_id = tried_id(&sync);
+        for _ in 0..3 {
+            let stats = sync.sync(&desired);
+            assert_eq!(stats.failed.len(), 1);
+            assert_eq!(tried_id(&sync), first_id);
+        }
+
+        // Once there is room, the next sync programs it (under that id) without touching the
+        // others.
         sync.maps_mut().max_services = None;
         sync.maps_mut().log.clear();
         let stats = sync.sync(&desired);
         assert_eq!((stats.added, stats.unchanged, stats.map_writes), (1, 2, 3));
         assert!(stats.is_complete());
+        assert_eq!(sync.service_id(&fronts[2]), Some(first_id));
     }
 
     /// An entry handed out again (the same `Arc`) is neither converted nor planned again; a
