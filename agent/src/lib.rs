@@ -8,7 +8,8 @@
 //! * [`interfaces`] finds pod veths with rtnetlink;
 //! * [`packet`] builds and decodes the packets `BPF_PROG_RUN` feeds the programs (pure);
 //! * [`daemon`] ties them together for `sluice agent`;
-//! * [`policy`] resolves and compiles NetworkPolicy (pure);
+//! * [`policy`] resolves and compiles NetworkPolicy (pure), after [`policy_validation`]
+//!   rejects what the API server would refuse;
 //! * [`trace`], [`inspect`] and [`monitor`] are the debugging commands `sluice trace`,
 //!   `sluice state` and `sluice monitor`.
 
@@ -24,6 +25,7 @@ pub mod monitor;
 pub mod node;
 pub mod packet;
 pub mod policy;
+pub mod policy_validation;
 pub mod pressure;
 pub mod state;
 pub mod trace;

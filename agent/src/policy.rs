@@ -15,6 +15,9 @@
 //! * Ports: protocol (TCP by default), a number with an optional `endPort` range, or a name
 //!   resolved against the destination pod's container ports: the selected pod itself for
 //!   ingress, each peer pod for egress (a named port cannot match an ipBlock peer).
+//! * A policy the API server would refuse (an invalid selector, CIDR, port or peer:
+//!   `policy_validation.rs`) is rejected whole and reported: it selects and isolates nothing,
+//!   as it would not exist in a cluster.
 //! * Pods without an IP yet and host-network pods are neither selected nor peers: policies do
 //!   not apply to host-network pods.
 //! * Both families: a pod's every address (`status.podIPs`) is enforced, each on its family's
@@ -200,9 +203,9 @@ impl PolicyPod<'_> {
 }
 
 /// Resolves every NetworkPolicy for the pods this node enforces: the pods scheduled on it
-/// (`spec.nodeName`), or every pod when the node has no name. Problems (invalid selectors,
-/// CIDRs, ports) are reported by object; the rest of the policy still applies, and a rule
-/// with an invalid part allows less, never more.
+/// (`spec.nodeName`), or every pod when the node has no name. A policy the API server would
+/// refuse (an invalid selector, CIDR, port: `policy_validation`) is rejected whole and
+/// reported: it selects no pod, as it would not exist in a cluster.
 pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<TranslateError>) {
     let mut errors = Vec::new();
     let pods: Vec<PolicyPod> = objects
@@ -290,22 +293,29 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
     for (policy_key, policy) in &objects.network_policies {
         let name = policy_key.to_string();
         let object = format!("NetworkPolicy {policy_key}");
-        let Some(spec) = &policy.spec else {
-            continue;
-        };
         let mut report = |message: String| {
             errors.push(TranslateError {
                 object: object.clone(),
                 message,
             })
         };
+        // Checked whatever pods exist: the API server refuses such a policy whole, and so
+        // does Sluice (policy_validation.rs).
+        let refusals = crate::policy_validation::refusals(policy);
+        if !refusals.is_empty() {
+            report(format!(
+                "rejected whole, as the API server would refuse it: {}; it selects no pod and \
+                 isolates nothing",
+                refusals.join("; ")
+            ));
+            continue;
+        }
+        let Some(spec) = &policy.spec else {
+            continue;
+        };
         let (ingress_type, egress_type) = policy_types(policy);
         let empty = LabelSelector::default();
         let selector = spec.pod_selector.as_ref().unwrap_or(&empty);
-        if let Err(e) = validate(selector) {
-            report(format!("podSelector: {e}"));
-            continue;
-        }
         let selected: Vec<&PolicyPod> = pods
             .iter()
             .filter(|p| p.key.namespace == policy_key.namespace && matches(selector, p.labels()))
@@ -427,15 +437,6 @@ fn resolve_peer<'a>(
             Err(e) => report(format!("ipBlock {}: {e}", block.cidr)),
         }
         return set;
-    }
-    for selector in [&peer.pod_selector, &peer.namespace_selector]
-        .into_iter()
-        .flatten()
-    {
-        if let Err(e) = validate(selector) {
-            report(format!("peer selector: {e}"));
-            return set;
-        }
     }
     set.pods = pods
         .iter()
@@ -624,30 +625,6 @@ fn subtract(net: IpNet, hole: IpNet) -> Vec<IpNet> {
         current = with_hole[0];
     }
     kept
-}
-
-/// Checks a selector's operators, so a typo does not silently select nothing (or all).
-fn validate(selector: &LabelSelector) -> Result<(), String> {
-    for requirement in selector.match_expressions.iter().flatten() {
-        let has_values = requirement.values.as_ref().is_some_and(|v| !v.is_empty());
-        match requirement.operator.as_str() {
-            "In" | "NotIn" if !has_values => {
-                return Err(format!(
-                    "{} {} needs values",
-                    requirement.key, requirement.operator
-                ))
-            }
-            "Exists" | "DoesNotExist" if has_values => {
-                return Err(format!(
-                    "{} {} takes no values",
-                    requirement.key, requirement.operator
-                ))
-            }
-            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-            other => return Err(format!("unknown operator {other:?}")),
-        }
-    }
-    Ok(())
 }
 
 /// Label selector matching: every matchLabels pair and every matchExpression must hold; an
@@ -1315,11 +1292,12 @@ spec:
         );
     }
 
+    /// A policy the API server would refuse is rejected whole, named with every reason, and
+    /// isolates nothing: not the pods it selects (so no half-applied policy cuts them off from
+    /// what it meant to allow), even when no pod exists at all.
     #[test]
-    fn bad_selectors_and_ports_are_reported_and_allow_nothing_more() {
-        let (state, errors) = resolve(
-            &model(
-                r#"---
+    fn a_policy_the_api_server_would_refuse_is_rejected_whole() {
+        const BAD: &str = r#"---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: typo, namespace: x}
@@ -1328,27 +1306,47 @@ spec:
   ingress:
   - from: [{podSelector: {matchExpressions: [{key: pod, operator: Within, values: [a]}]}}]
   - ports: [{port: 0}]
-"#,
-            ),
-            &NodeContext::default(),
-        );
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: bad-cidr, namespace: x}
+spec:
+  podSelector: {}
+  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]
+"#;
+        let (state, errors) = resolve(&model(BAD), &NodeContext::default());
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(
-            messages
-                .iter()
-                .any(|m| m.contains("NetworkPolicy x/typo") && m.contains("Within")),
+            messages[0].starts_with("NetworkPolicy x/bad-cidr: rejected whole")
+                && messages[0].contains("10.0.0.0/33")
+                && messages[0].contains("isolates nothing"),
             "{messages:?}"
         );
         assert!(
-            messages.iter().any(|m| m.contains("invalid port 0")),
+            messages[1].starts_with("NetworkPolicy x/typo: rejected whole")
+                && messages[1].contains("Within")
+                && messages[1].contains("ports[0].port: invalid value 0"),
             "{messages:?}"
         );
-        assert!(matches!(
+        assert_eq!(
             state.pods[&ip(1, 1)]
                 .ingress
                 .allows(ip(1, 2), Protocol::Tcp, 80),
-            Verdict::Denied(_)
-        ));
+            Verdict::Open
+        );
+        // Reported without any pod to select.
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        crate::manifests::parse_into(
+            std::path::Path::new("p.yaml"),
+            BAD,
+            &mut objects,
+            &mut errors,
+        );
+        assert!(errors.is_empty() && objects.pods.is_empty(), "{errors:?}");
+        let (_, errors) = resolve(&objects, &NodeContext::default());
+        assert_eq!(errors.len(), 2, "{errors:?}");
     }
 
     #[test]
@@ -1573,8 +1571,8 @@ spec:
             &model_dual_stack(
                 "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n\
                  spec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n\
-                 \x20   - ipBlock: {cidr: 'fd00:99::/64', except: ['fd00:99::/120', '192.0.2.0/28']}\n\
-                 \x20   - ipBlock: {cidr: 192.0.2.0/24, except: ['fd00:99::/112']}\n    ports: [{port: named-nothing}, {port: 80}]\n",
+                 \x20   - ipBlock: {cidr: 'fd00:99::/64', except: ['fd00:99::/120']}\n\
+                 \x20   - ipBlock: {cidr: 192.0.2.0/24}\n    ports: [{port: named-nothing}, {port: 80}]\n",
             ),
             &node,
         );
@@ -1593,7 +1591,7 @@ spec:
         // The node's IPv6 address and the IPv6 hairpin address are let in.
         assert!(compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:18::2"), tcp, 9));
         assert!(compiled.allows(ip6(1, 1), Way::Ingress, a("fd00:a9fe:2a01::1"), tcp, 9));
-        // IPv4 as before: the IPv4 block is whole (its except is of the other family).
+        // IPv4 as before: the IPv4 block is whole.
         assert!(compiled.allows(ip(1, 1), Way::Ingress, ip(2, 3), tcp, 80));
         assert!(compiled.allows(ip(1, 1), Way::Ingress, a("192.0.2.5"), tcp, 80));
         assert!(!compiled.allows(ip(1, 1), Way::Ingress, ip(3, 1), tcp, 80));
