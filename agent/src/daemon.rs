@@ -36,8 +36,9 @@ use crate::{
     translate,
 };
 
-/// How long programming may keep failing before `/healthz` turns 503.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a reload waits for manifest files being parsed before it programs without them
+/// (their previous objects stay in effect; a reload follows when they are done).
+const PARSE_BUDGET: Duration = Duration::from_secs(1);
 
 /// Where the agent's Kubernetes objects come from.
 #[derive(Clone, Debug)]
@@ -125,7 +126,8 @@ pub async fn run(
         (line, true) => tracing::warn!("{line}"),
         (line, false) => tracing::info!("{line}"),
     }
-    let proxy_health = Arc::new(ProxyHealth::new(HEALTH_TIMEOUT));
+    // kube-proxy's healthTimeout: twice its sync period.
+    let proxy_health = Arc::new(ProxyHealth::new(config.resync_interval * 2));
     let _healthz = match config.healthz_bind_address {
         Some(address) => {
             Some(health::serve_proxy_health(address, Arc::clone(&proxy_health)).await?)
@@ -135,14 +137,34 @@ pub async fn run(
     tokio::pin!(shutdown);
     let (manifest_tx, mut manifest_rx) = mpsc::channel::<()>(1);
     let objects = match &config.source {
-        Source::Manifests(dir) => ObjectSource::Manifests {
-            dir,
-            cache: Default::default(),
-            _watcher: watch_manifests(dir, manifest_tx)?,
-        },
+        Source::Manifests(dir) => {
+            let parsed = {
+                let (tx, health) = (manifest_tx.clone(), Arc::clone(&proxy_health));
+                Arc::new(move || {
+                    health.queued();
+                    let _ = tx.try_send(());
+                })
+            };
+            ObjectSource::Manifests {
+                dir,
+                // The first load waits for every file: ready means all of them programmed.
+                cache: std::sync::Mutex::new(manifests::ManifestCache::with_budget(None, parsed)),
+                _watcher: watch_manifests(dir, manifest_tx, Arc::clone(&proxy_health))?,
+            }
+        }
         Source::Api(options) => {
             let client = kube_source::client(options).await?;
-            let api = ApiSource::start(client, manifest_tx);
+            // Every change notification marks a change queued for /healthz, even while the
+            // loop is busy, then wakes the loop.
+            let (api_tx, mut api_rx) = mpsc::channel::<()>(1);
+            let health = Arc::clone(&proxy_health);
+            tokio::spawn(async move {
+                while let Some(()) = api_rx.recv().await {
+                    health.queued();
+                    let _ = manifest_tx.try_send(());
+                }
+            });
+            let api = ApiSource::start(client, api_tx);
             // Nothing is programmed from a partial view of the cluster.
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -170,6 +192,7 @@ pub async fn run(
         repairs: RepairLog::default(),
     };
     agent.reload_manifests().await;
+    objects.set_parse_budget(PARSE_BUDGET);
     agent.rescan_interfaces(&netlink).await;
     // Every pinned link runs this agent's programs now: maps resized at load get the entries
     // the previous programs added since.
@@ -282,14 +305,29 @@ impl ObjectSource<'_> {
         }
     }
 
+    /// How long later loads wait for files being parsed.
+    fn set_parse_budget(&self, budget: Duration) {
+        if let ObjectSource::Manifests { cache, .. } = self {
+            cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .set_budget(Some(budget));
+        }
+    }
+
     /// The objects as the source has them now, and the problems of files that did not parse.
-    fn load(&self) -> anyhow::Result<(Arc<manifests::Objects>, Vec<manifests::ManifestError>)> {
+    fn load(&self) -> anyhow::Result<manifests::Loaded> {
         match self {
             ObjectSource::Manifests { dir, cache, .. } => cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .load_dir(dir),
-            ObjectSource::Api(api) => Ok((api.objects(), Vec::new())),
+            ObjectSource::Api(api) => Ok(manifests::Loaded {
+                objects: api.objects(),
+                errors: Vec::new(),
+                notes: Vec::new(),
+                parsing: 0,
+            }),
         }
     }
 }
@@ -329,7 +367,7 @@ impl Agent<'_> {
     /// what is valid is still programmed.
     async fn reload_manifests(&mut self) {
         let started = std::time::Instant::now();
-        let (objects, manifest_errors) = match self.objects.load() {
+        let loaded = match self.objects.load() {
             Ok(loaded) => loaded,
             Err(e) => {
                 // Keep what is programmed: a vanished directory must not empty the datapath.
@@ -338,7 +376,11 @@ impl Agent<'_> {
                 return;
             }
         };
-        let mut problems: Vec<String> = manifest_errors.iter().map(ToString::to_string).collect();
+        for note in &loaded.notes {
+            tracing::info!("{note}");
+        }
+        let objects = loaded.objects;
+        let mut problems: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
         self.context = node::resolve(&self.config.node, &objects).unwrap_or_else(|unknown| {
             // The Node object may simply not be written yet: program what does not need it.
             problems.push(unknown.to_string());
@@ -362,9 +404,13 @@ impl Agent<'_> {
             Err(e) => problems.push(format!("programming the node configuration: {e:#}")),
         }
         let (desired, translate_errors) = self.translator.translate(&objects, &self.context);
-        problems.extend(translate_errors.iter().map(ToString::to_string));
         let (wire_policy, policy_errors) = policy::program(&objects, &self.context);
-        problems.extend(policy_errors.iter().map(ToString::to_string));
+        problems.extend(
+            translate_errors
+                .iter()
+                .chain(&policy_errors)
+                .map(|e| objects.describe(&e.object, &e.message)),
+        );
         if problems != self.last_problems {
             for problem in &problems {
                 tracing::warn!("skipped: {problem}");
@@ -375,11 +421,12 @@ impl Agent<'_> {
         for (port, error) in self.health_checks.sync(&desired.health_checks).await {
             tracing::warn!(port, "{error}");
         }
-        if programmed {
-            self.proxy_health.synced();
-        } else {
+        if !programmed {
             self.proxy_health.failed();
+        } else if loaded.parsing == 0 {
+            self.proxy_health.synced(started);
         }
+        // Otherwise programmed, but not yet what the files being parsed say: still queued.
     }
 
     /// Programs `desired`; false when anything could not be programmed. `started`: when the
@@ -559,11 +606,15 @@ fn changes_manifests(event: &notify::Event) -> bool {
 fn watch_manifests(
     dir: &Path,
     changed: mpsc::Sender<()>,
+    health: Arc<ProxyHealth>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if !changes_manifests(&event) => {}
             Ok(_) => {
+                // Queued from the watcher's thread: /healthz sees a change the loop has not
+                // taken in yet, however busy the loop is.
+                health.queued();
                 let _ = changed.try_send(());
             }
             Err(e) => tracing::warn!("manifest watch: {e}"),

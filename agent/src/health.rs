@@ -5,7 +5,10 @@
 //!   `externalTrafficPolicy: Local`): 200 while this node has a local endpoint of the service,
 //!   503 when it has none, with kube-proxy's JSON body and `X-Load-Balancing-Endpoint-Weight`;
 //! * the proxy's own `/healthz` and `/livez` (kube-proxy's `healthzBindAddress`, port 10256):
-//!   200 once the datapath has been programmed and keeps being programmed, 503 otherwise.
+//!   200 once the datapath has been programmed and keeps being programmed, 503 otherwise:
+//!   before the first sync, when programming has kept failing for the timeout, and when a
+//!   change has waited longer than the timeout to be programmed (a stale datapath; kube-proxy's
+//!   healthTimeout, twice the sync period).
 
 use std::{
     collections::BTreeMap,
@@ -171,6 +174,8 @@ pub struct ProxyHealth {
 struct ProxyState {
     last_synced: Option<(SystemTime, Instant)>,
     failing_since: Option<Instant>,
+    /// When the oldest change not yet programmed arrived (kube-proxy's oldestPendingQueued).
+    queued_since: Option<Instant>,
 }
 
 impl ProxyHealth {
@@ -181,11 +186,23 @@ impl ProxyHealth {
         }
     }
 
-    /// The datapath now holds the desired state.
-    pub fn synced(&self) {
+    /// A change arrived that the datapath does not hold yet. Called where changes are
+    /// noticed (the manifest watcher's thread, the API source's notifications), not by the
+    /// loop that programs them: a loop that is stuck cannot report itself.
+    pub fn queued(&self) {
+        let mut state = self.state.lock().expect("health state lock");
+        state.queued_since.get_or_insert_with(Instant::now);
+    }
+
+    /// The datapath now holds the desired state as read from a load that began at `began`:
+    /// changes queued since are still pending.
+    pub fn synced(&self, began: Instant) {
         let mut state = self.state.lock().expect("health state lock");
         state.last_synced = Some((SystemTime::now(), Instant::now()));
         state.failing_since = None;
+        if state.queued_since.is_some_and(|queued| queued <= began) {
+            state.queued_since = None;
+        }
     }
 
     /// Programming failed (partly); healthy until it keeps failing for the timeout.
@@ -196,9 +213,14 @@ impl ProxyHealth {
 
     fn response(&self) -> Response<Full<Bytes>> {
         let state = self.state.lock().expect("health state lock");
+        // kube-proxy's rule: unhealthy once a change has waited longer than the timeout to
+        // be programmed, or programming has kept failing that long.
         let healthy = state.last_synced.is_some()
             && state
                 .failing_since
+                .is_none_or(|since| since.elapsed() < self.timeout)
+            && state
+                .queued_since
                 .is_none_or(|since| since.elapsed() < self.timeout);
         let last_updated = state
             .last_synced
@@ -341,7 +363,7 @@ mod tests {
 
         // Not programmed yet.
         assert_eq!(get(address, "/healthz").await.0, 503);
-        health.synced();
+        health.synced(Instant::now());
         let (status, _, body) = get(address, "/healthz").await;
         assert_eq!(status, 200);
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -358,7 +380,25 @@ mod tests {
         assert_eq!(get(address, "/healthz").await.0, 200);
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(get(address, "/healthz").await.0, 503);
-        health.synced();
+        health.synced(Instant::now());
+        assert_eq!(get(address, "/healthz").await.0, 200);
+
+        // A change waits to be programmed: healthy for the timeout, then stale (503) until a
+        // load that began after it is programmed; one that began before it does not count.
+        let before = Instant::now();
+        health.queued();
+        assert_eq!(get(address, "/healthz").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(get(address, "/healthz").await.0, 503);
+        assert_eq!(get(address, "/livez").await.0, 503);
+        health.synced(before);
+        assert_eq!(get(address, "/healthz").await.0, 503);
+        health.synced(Instant::now());
+        assert_eq!(get(address, "/healthz").await.0, 200);
+        // Queued again and taken in quickly: never unhealthy.
+        health.queued();
+        health.synced(Instant::now());
+        tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(get(address, "/healthz").await.0, 200);
     }
 }

@@ -225,8 +225,12 @@ fn desired_state(args: &TraceArgs) -> Result<(DesiredState, NodeContext, PolicyS
     let problems: Vec<String> = manifest_errors
         .iter()
         .map(ToString::to_string)
-        .chain(translate_errors.iter().map(ToString::to_string))
-        .chain(policy_errors.iter().map(ToString::to_string))
+        .chain(
+            translate_errors
+                .iter()
+                .chain(&policy_errors)
+                .map(|e| objects.describe(&e.object, &e.message)),
+        )
         .chain(overflows.iter().map(ToString::to_string))
         .collect();
     if problems.is_empty() {

@@ -19,6 +19,11 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize as _;
 
+pub mod cache;
+pub mod limits;
+
+pub use cache::{Loaded, ManifestCache};
+
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
@@ -80,6 +85,36 @@ pub struct Objects {
     /// Namespaces by name.
     pub namespaces: BTreeMap<String, Arc<Namespace>>,
     pub network_policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+    /// The file each object comes from, by `Kind namespace/name` (`Kind name` for Nodes and
+    /// Namespaces), as problems name objects: empty for the API source.
+    pub origins: BTreeMap<String, PathBuf>,
+}
+
+impl Objects {
+    /// `Kind namespace/name` of every object.
+    pub fn names(&self) -> Vec<String> {
+        fn of<K: fmt::Display, V>(kind: &str, map: &BTreeMap<K, V>) -> Vec<String> {
+            map.keys().map(|k| format!("{kind} {k}")).collect()
+        }
+        [
+            of("Service", &self.services),
+            of("EndpointSlice", &self.endpoint_slices),
+            of("Node", &self.nodes),
+            of("Pod", &self.pods),
+            of("Namespace", &self.namespaces),
+            of("NetworkPolicy", &self.network_policies),
+        ]
+        .concat()
+    }
+
+    /// A problem about `object` (`Kind namespace/name`), with the file that defines it when
+    /// it comes from one: `file: object: message`.
+    pub fn describe(&self, object: &str, message: &str) -> String {
+        match self.origins.get(object) {
+            Some(file) => format!("{}: {object}: {message}", file.display()),
+            None => format!("{object}: {message}"),
+        }
+    }
 }
 
 /// A problem with one file or one object in it. The rest of the directory is still used.
@@ -127,224 +162,31 @@ pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// Reads every manifest in `dir`. An unreadable directory is an error; everything below it
 /// (an unreadable file, a bad document) is reported in the returned list.
+/// The objects are decided as the agent decides them ([`ManifestCache`]).
 pub fn load_dir(dir: &Path) -> anyhow::Result<(Objects, Vec<ManifestError>)> {
-    let files = manifest_files(dir)
-        .map_err(|e| anyhow::anyhow!("reading manifest directory {}: {e}", dir.display()))?;
-    let mut objects = Objects::default();
-    let mut errors = Vec::new();
-    for file in files {
-        read_into(&file, &mut objects, &mut errors);
-    }
-    Ok((objects, errors))
-}
-
-/// Parsed manifest files, reused while a file is unchanged (same inode, size and modification
-/// time), and their merged view kept up to date file by file: with thousands of objects,
-/// parsing every file again, and then copying every object into a fresh view, on each change
-/// was most of the time a change took to reach the datapath. A file replaced by a rename (as
-/// editors and `kubectl`-like tools write) gets a new inode, so it is always read again; the
-/// agent's periodic resync asks to [`verify`](ManifestCache::verify) every file, which reads
-/// them all and parses those whose content differs: that repairs anything a timestamp could
-/// hide without parsing thousands of unchanged objects (and translating them) again.
-#[derive(Default)]
-pub struct ManifestCache {
-    files: BTreeMap<PathBuf, CachedFile>,
-    /// Every file's objects merged (a later file overrides an earlier one), shared with the
-    /// caller: when the caller has let go of the last view, an update changes it in place.
-    merged: Arc<Objects>,
-    /// The next load compares every file's content, not only its stamp.
-    verify: bool,
-}
-
-struct CachedFile {
-    stamp: FileStamp,
-    /// A hash of the content the objects were parsed from.
-    content: u64,
-    objects: Objects,
-    errors: Vec<ManifestError>,
-}
-
-fn content_hash(text: &[u8]) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut hasher);
-    hasher.finish()
-}
-
-/// (inode, size, mtime seconds, mtime nanoseconds).
-type FileStamp = (u64, u64, i64, i64);
-
-fn stamp_of(file: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(file).ok()?;
-    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
-}
-
-impl ManifestCache {
-    /// [`load_dir`], parsing only the files that changed since the last call and updating
-    /// only the objects those files define (or defined).
-    pub fn load_dir(&mut self, dir: &Path) -> anyhow::Result<(Arc<Objects>, Vec<ManifestError>)> {
-        let files = manifest_files(dir)
-            .map_err(|e| anyhow::anyhow!("reading manifest directory {}: {e}", dir.display()))?;
-        let mut before = std::mem::take(&mut self.files);
-        // The objects of files that changed or went away, as they were.
-        let mut replaced: Vec<CachedFile> = Vec::new();
-        let mut parsed_now: Vec<PathBuf> = Vec::new();
-        let verify = std::mem::take(&mut self.verify);
-        for file in files {
-            let stamp = stamp_of(&file);
-            let cached = match (stamp, before.remove(&file)) {
-                (Some(now), Some(cached)) if cached.stamp == now && !verify => cached,
-                (_, old) => {
-                    let read = std::fs::read(&file);
-                    let content = read.as_deref().map(content_hash).unwrap_or_default();
-                    match old {
-                        // Touched or verified, but the same content: the same objects.
-                        Some(mut old) if read.is_ok() && old.content == content => {
-                            old.stamp = stamp.unwrap_or_default();
-                            old
-                        }
-                        old => {
-                            parsed_now.push(file.clone());
-                            replaced.extend(old);
-                            let mut parsed = CachedFile {
-                                stamp: stamp.unwrap_or_default(),
-                                content,
-                                objects: Objects::default(),
-                                errors: Vec::new(),
-                            };
-                            parse_read(&file, read, &mut parsed.objects, &mut parsed.errors);
-                            parsed
-                        }
-                    }
-                }
-            };
-            if stamp.is_some() {
-                self.files.insert(file, cached);
-            } else {
-                // Vanished between the listing and the stat: as if it were not listed.
-                replaced.push(cached);
-            }
-        }
-        replaced.extend(before.into_values());
-        if !parsed_now.is_empty() || !replaced.is_empty() {
-            let merged = Arc::make_mut(&mut self.merged);
-            let files: Vec<&Objects> = self.files.values().map(|f| &f.objects).collect();
-            // Only the names a changed file defines, or defined, can have a new winner.
-            let touched: Vec<&Objects> = replaced
-                .iter()
-                .map(|f| &f.objects)
-                .chain(
-                    parsed_now
-                        .iter()
-                        .filter_map(|path| self.files.get(path))
-                        .map(|f| &f.objects),
-                )
-                .collect();
-            merged.refresh(&files, &touched);
-        }
-        let errors = self
-            .files
-            .values()
-            .flat_map(|f| f.errors.iter().cloned())
-            .collect();
-        Ok((Arc::clone(&self.merged), errors))
-    }
-
-    /// Forgets every parsed file: the next load parses them all.
-    pub fn clear(&mut self) {
-        self.files.clear();
-        self.merged = Arc::default();
-    }
-
-    /// Makes the next load read every file and parse those whose content changed, whatever
-    /// their stamps say.
-    pub fn verify(&mut self) {
-        self.verify = true;
-    }
-}
-
-impl Objects {
-    /// Re-decides, for every name in `touched`, which of `files` (in order; a later file
-    /// overrides an earlier one, as when one file holds both) defines it, or that none does.
-    fn refresh(&mut self, files: &[&Objects], touched: &[&Objects]) {
-        fn kind<K: Ord + Clone, V>(
-            into: &mut BTreeMap<K, Arc<V>>,
-            files: &[&BTreeMap<K, Arc<V>>],
-            touched: &[&BTreeMap<K, Arc<V>>],
-        ) {
-            let names: std::collections::BTreeSet<&K> =
-                touched.iter().flat_map(|m| m.keys()).collect();
-            for name in names {
-                match files.iter().rev().find_map(|f| f.get(name)) {
-                    Some(object) => {
-                        if !into.get(name).is_some_and(|o| Arc::ptr_eq(o, object)) {
-                            into.insert(name.clone(), Arc::clone(object));
-                        }
-                    }
-                    None => {
-                        into.remove(name);
-                    }
-                }
-            }
-        }
-        macro_rules! refresh {
-            ($($field:ident),*) => {$(
-                kind(
-                    &mut self.$field,
-                    &files.iter().map(|f| &f.$field).collect::<Vec<_>>(),
-                    &touched.iter().map(|f| &f.$field).collect::<Vec<_>>(),
-                );
-            )*};
-        }
-        refresh!(
-            services,
-            endpoint_slices,
-            nodes,
-            pods,
-            namespaces,
-            network_policies
-        );
-    }
+    let loaded = ManifestCache::default().load_dir(dir)?;
+    let objects = Arc::try_unwrap(loaded.objects).unwrap_or_else(|shared| (*shared).clone());
+    Ok((objects, loaded.errors))
 }
 
 /// Parses the content of one manifest file (`file` names it in errors): everything a file's
-/// bytes go through on their way to objects.
+/// bytes go through on their way to objects. The bytes are checked against [`limits`] before
+/// the YAML parser sees them.
 pub fn parse_file(file: &Path, bytes: &[u8]) -> (Objects, Vec<ManifestError>) {
     let mut objects = Objects::default();
     let mut errors = Vec::new();
-    parse_read(file, Ok(bytes.to_vec()), &mut objects, &mut errors);
-    (objects, errors)
-}
-
-/// Reads and parses one file into `objects`; an unreadable file is reported in `errors`.
-fn read_into(file: &Path, objects: &mut Objects, errors: &mut Vec<ManifestError>) {
-    parse_read(file, std::fs::read(file), objects, errors);
-}
-
-/// Parses what reading `file` gave; an unreadable or non-UTF-8 file is reported in `errors`.
-fn parse_read(
-    file: &Path,
-    read: std::io::Result<Vec<u8>>,
-    objects: &mut Objects,
-    errors: &mut Vec<ManifestError>,
-) {
-    let text = read.and_then(|bytes| {
-        String::from_utf8(bytes).map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "stream did not contain valid UTF-8",
-            )
-        })
+    let text = limits::check(bytes).and_then(|()| {
+        std::str::from_utf8(bytes).map_err(|_| "stream did not contain valid UTF-8".to_string())
     });
     match text {
-        Ok(text) => parse_into(file, &text, objects, errors),
-        Err(e) => errors.push(ManifestError {
+        Ok(text) => parse_into(file, text, &mut objects, &mut errors),
+        Err(message) => errors.push(ManifestError {
             file: file.to_path_buf(),
             object: "file".to_string(),
-            message: e.to_string(),
+            message,
         }),
     }
+    (objects, errors)
 }
 
 /// Parses one file's text (YAML, possibly multi-document, or JSON) into `objects`.
@@ -867,134 +709,5 @@ endpoints: []
         assert!(errors[0]
             .to_string()
             .starts_with("test.yaml: document 1: not valid YAML"));
-    }
-
-    /// The cache gives what a full read gives after files are added, rewritten in place,
-    /// replaced by a rename, broken and removed; unchanged files are not parsed again.
-    #[test]
-    fn the_cache_reads_changed_files_and_matches_a_full_read() {
-        let dir =
-            std::env::temp_dir().join(format!("sluice-manifest-cache-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let service = |name: &str, ip: &str| {
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
-            )
-        };
-        let names = |objects: &Objects| -> Vec<String> {
-            objects
-                .services
-                .iter()
-                .map(|(k, v)| {
-                    let ip = v
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.cluster_ip.clone())
-                        .unwrap_or_default();
-                    format!("{k}={ip}")
-                })
-                .collect()
-        };
-        let mut cache = ManifestCache::default();
-        let check = |cache: &mut ManifestCache| {
-            let (cached, cached_errors) = cache.load_dir(&dir).unwrap();
-            let (full, full_errors) = load_dir(&dir).unwrap();
-            assert_eq!(names(&cached), names(&full));
-            assert_eq!(cached_errors, full_errors);
-            names(&cached)
-        };
-        std::fs::write(dir.join("a.yaml"), service("a", "10.96.0.1")).unwrap();
-        std::fs::write(dir.join("b.yaml"), service("b", "10.96.0.2")).unwrap();
-        assert_eq!(
-            check(&mut cache),
-            ["default/a=10.96.0.1", "default/b=10.96.0.2"]
-        );
-        assert_eq!(cache.files.len(), 2);
-        // An unchanged file is not parsed again: rewritten in place with the same length and
-        // its modification time put back, the cache still has the old object (what the
-        // periodic resync's clear() repairs), while a full read sees the new one.
-        let a = dir.join("a.yaml");
-        let modified = std::fs::metadata(&a).unwrap().modified().unwrap();
-        std::fs::write(&a, service("a", "10.96.0.9")).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&a)
-            .unwrap()
-            .set_modified(modified)
-            .unwrap();
-        let (reused, _) = cache.load_dir(&dir).unwrap();
-        assert_eq!(names(&reused)[0], "default/a=10.96.0.1");
-        drop(reused);
-        // Verifying reads the content: the changed file is parsed, the unchanged one's
-        // objects stay the same objects.
-        let key = |name: &str| ObjectRef {
-            namespace: "default".into(),
-            name: name.into(),
-        };
-        let (before, _) = cache.load_dir(&dir).unwrap();
-        cache.verify();
-        assert_eq!(
-            check(&mut cache),
-            ["default/a=10.96.0.9", "default/b=10.96.0.2"]
-        );
-        let (after, _) = cache.load_dir(&dir).unwrap();
-        assert!(Arc::ptr_eq(
-            &before.services[&key("b")],
-            &after.services[&key("b")]
-        ));
-        assert!(!Arc::ptr_eq(
-            &before.services[&key("a")],
-            &after.services[&key("a")]
-        ));
-        drop((before, after));
-        cache.clear();
-        assert_eq!(
-            check(&mut cache),
-            ["default/a=10.96.0.9", "default/b=10.96.0.2"]
-        );
-        // Rewritten in place with another length, and replaced by a rename.
-        std::fs::write(dir.join("a.yaml"), service("a", "10.96.0.11")).unwrap();
-        std::fs::write(dir.join(".b.tmp"), service("b", "10.96.0.12")).unwrap();
-        std::fs::rename(dir.join(".b.tmp"), dir.join("b.yaml")).unwrap();
-        assert_eq!(
-            check(&mut cache),
-            ["default/a=10.96.0.11", "default/b=10.96.0.12"]
-        );
-        // A later file overrides an earlier one's object of the same name.
-        std::fs::write(dir.join("c.yaml"), service("a", "10.96.0.21")).unwrap();
-        assert_eq!(
-            check(&mut cache),
-            ["default/a=10.96.0.21", "default/b=10.96.0.12"]
-        );
-        // Broken: the earlier file's object is back. Then removed.
-        let (before, _) = cache.load_dir(&dir).unwrap();
-        std::fs::write(dir.join("c.yaml"), "kind: [").unwrap();
-        assert_eq!(
-            check(&mut cache),
-            ["default/a=10.96.0.11", "default/b=10.96.0.12"]
-        );
-        let (after, errors) = cache.load_dir(&dir).unwrap();
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        // Objects of unchanged files are the same objects (the translation reuses its work
-        // for them by pointer), not copies.
-        let b = ObjectRef {
-            namespace: "default".into(),
-            name: "b".into(),
-        };
-        assert!(Arc::ptr_eq(&before.services[&b], &after.services[&b]));
-        drop((before, after));
-        std::fs::remove_file(dir.join("c.yaml")).unwrap();
-        assert_eq!(
-            check(&mut cache),
-            ["default/a=10.96.0.11", "default/b=10.96.0.12"]
-        );
-        assert_eq!(cache.files.len(), 2);
-        std::fs::remove_file(dir.join("b.yaml")).unwrap();
-        assert_eq!(check(&mut cache), ["default/a=10.96.0.11"]);
-        std::fs::write(dir.join("b.yaml"), service("b", "10.96.0.12")).unwrap();
-        cache.clear();
-        assert!(cache.files.is_empty());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
