@@ -162,6 +162,7 @@ mod endpoint;
 mod names;
 mod netns;
 mod node;
+pub mod objects;
 mod process;
 pub mod reach;
 pub mod server;
