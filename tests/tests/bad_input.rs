@@ -259,3 +259,63 @@ fn a_pathological_file_neither_stalls_the_agent_nor_hides_its_health() {
     assert!(status.success(), "{status:?}: {}", agent.log());
     assert!(asked.elapsed() < Duration::from_secs(5));
 }
+
+/// A file that takes seconds to parse (100,000 objects of a kind Sluice skips) is parsed off
+/// the loop: another file's new Service is programmed meanwhile, and /healthz reports the
+/// datapath stale (503) once the file has waited longer than the timeout, then healthy when
+/// it is taken in.
+#[test]
+fn a_file_still_being_parsed_is_reported_stale_and_holds_nothing_else() {
+    let (mut cluster, client, web) = node_with_web("slowp");
+    // /healthz's staleness timeout: twice the resync interval, 2 s.
+    cluster
+        .start_agent_with(&["--resync-interval", "1"])
+        .unwrap();
+    let node = cluster.node.gateway();
+    assert_eq!(healthz(&client, node).unwrap(), 200);
+
+    let big: String = (0..100_000)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}, namespace: shop}}\n\
+                 data: {{key: value-{i}}}\n"
+            )
+        })
+        .collect();
+    cluster.manifests.write("big.yaml", &big).unwrap();
+    let fresh = Ipv4Addr::new(10, 96, 80, 40);
+    let ips: Vec<Ipv4Addr> = web.iter().map(Pod::ip).collect();
+    cluster
+        .manifests
+        .write(
+            "fresh.yaml",
+            &cluster_ip_service("shop", "fresh", fresh, 80, 8080, &ips),
+        )
+        .unwrap();
+    retry_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        anyhow::ensure!(
+            answered(&client, fresh, 1) == 1,
+            "shop/fresh not programmed"
+        );
+        Ok(())
+    })
+    .unwrap();
+    let big_yaml = cluster.manifests.path().join("big.yaml");
+    let log = cluster.agent_mut().unwrap().log();
+    assert!(
+        log.contains(&format!("{}: file: still being parsed", big_yaml.display())),
+        "the big file was parsed within the reload's budget (1 s): make it bigger\n{log}"
+    );
+    // Stale while it is parsed, healthy once it is in.
+    let mut statuses = Vec::new();
+    retry_until(Duration::from_secs(120), Duration::from_millis(200), || {
+        let status = healthz(&client, node)?;
+        if statuses.last() != Some(&status) {
+            statuses.push(status);
+        }
+        anyhow::ensure!(statuses.ends_with(&[503, 200]), "{statuses:?}");
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(answered(&client, VIP, 5), 5);
+}

@@ -71,7 +71,6 @@ struct Parsing {
 
 struct Job {
     content: u64,
-    started: Instant,
 }
 
 struct Parsed {
@@ -185,13 +184,7 @@ impl ManifestCache {
             {
                 continue; // being parsed already
             }
-            self.parsing.jobs.insert(
-                file.clone(),
-                Job {
-                    content,
-                    started: Instant::now(),
-                },
-            );
+            self.parsing.jobs.insert(file.clone(), Job { content });
             let done = self.parsing.done_tx.clone();
             let notify = self.parsing.notify.clone();
             let path = file.clone();
@@ -278,13 +271,13 @@ impl ManifestCache {
             .flat_map(|f| f.errors.iter().cloned())
             .collect();
         errors.extend(self.conflicts.values().flatten().cloned());
-        for (file, job) in &self.parsing.jobs {
+        for file in self.parsing.jobs.keys() {
             errors.push(ManifestError {
                 file: file.clone(),
                 object: "file".into(),
+                // No running time in it: the agent logs a problem again only when it changes.
                 message: format!(
-                    "still being parsed ({:.0} s so far): {} until it is done",
-                    job.started.elapsed().as_secs_f64(),
+                    "still being parsed: {} until it is done",
                     if self.files.contains_key(file) {
                         "its previous objects stay in effect"
                     } else {
