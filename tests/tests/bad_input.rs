@@ -69,6 +69,22 @@ fn answered(client: &Pod, vip: Ipv4Addr, n: usize) -> usize {
         .count()
 }
 
+/// Writes `file` with a Service `shop/name` on `vip:80` over the `web` pods, and waits until
+/// it answers.
+fn add_service(cluster: &SluiceNode, client: &Pod, web: &[Pod], file: &str, vip: Ipv4Addr) {
+    let name = file.trim_end_matches(".yaml");
+    let ips: Vec<Ipv4Addr> = web.iter().map(Pod::ip).collect();
+    cluster
+        .manifests
+        .write(file, &cluster_ip_service("shop", name, vip, 80, 8080, &ips))
+        .unwrap();
+    retry_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        anyhow::ensure!(answered(client, vip, 1) == 1, "shop/{name} not programmed");
+        Ok(())
+    })
+    .unwrap();
+}
+
 fn wait_for_log(cluster: &mut SluiceNode, needle: &str) {
     cluster
         .agent_mut()
@@ -217,24 +233,14 @@ fn a_pathological_file_neither_stalls_the_agent_nor_hides_its_health() {
         .manifests
         .write("bomb.yaml", &"[".repeat(2 << 20))
         .unwrap();
-    let fresh = Ipv4Addr::new(10, 96, 80, 30);
-    let ips: Vec<Ipv4Addr> = web.iter().map(Pod::ip).collect();
     let written = Instant::now();
-    cluster
-        .manifests
-        .write(
-            "fresh.yaml",
-            &cluster_ip_service("shop", "fresh", fresh, 80, 8080, &ips),
-        )
-        .unwrap();
-    retry_until(Duration::from_secs(5), Duration::from_millis(100), || {
-        anyhow::ensure!(
-            answered(&client, fresh, 1) == 1,
-            "shop/fresh not programmed"
-        );
-        Ok(())
-    })
-    .unwrap();
+    add_service(
+        &cluster,
+        &client,
+        &web,
+        "fresh.yaml",
+        Ipv4Addr::new(10, 96, 80, 30),
+    );
     let bomb = cluster.manifests.path().join("bomb.yaml");
     wait_for_log(
         &mut cluster,
@@ -283,23 +289,13 @@ fn a_file_still_being_parsed_is_reported_stale_and_holds_nothing_else() {
         })
         .collect();
     cluster.manifests.write("big.yaml", &big).unwrap();
-    let fresh = Ipv4Addr::new(10, 96, 80, 40);
-    let ips: Vec<Ipv4Addr> = web.iter().map(Pod::ip).collect();
-    cluster
-        .manifests
-        .write(
-            "fresh.yaml",
-            &cluster_ip_service("shop", "fresh", fresh, 80, 8080, &ips),
-        )
-        .unwrap();
-    retry_until(Duration::from_secs(5), Duration::from_millis(100), || {
-        anyhow::ensure!(
-            answered(&client, fresh, 1) == 1,
-            "shop/fresh not programmed"
-        );
-        Ok(())
-    })
-    .unwrap();
+    add_service(
+        &cluster,
+        &client,
+        &web,
+        "fresh.yaml",
+        Ipv4Addr::new(10, 96, 80, 40),
+    );
     let big_yaml = cluster.manifests.path().join("big.yaml");
     let log = cluster.agent_mut().unwrap().log();
     assert!(

@@ -8,32 +8,15 @@ use std::{
     time::Duration,
 };
 
-use sluice_testbed::{reach::wait_dropped, sluice::SluiceNode, tally};
+use sluice_testbed::{
+    objects::{cluster_ip_service, pod},
+    reach::wait_dropped,
+    sluice::SluiceNode,
+    tally,
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 70, 10);
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-fn pod_yaml(name: &str, ip: Ipv4Addr, app: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}\n\
-         spec: {{nodeName: node-1, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n"
-    )
-}
-
-fn service_yaml(backends: &[Ipv4Addr]) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-        .collect();
-    format!(
-        "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n\
-         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
-         spec:\n  clusterIP: {VIP}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {{name: web-a, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
-         addressType: IPv4\nendpoints:\n{endpoints}ports: [{{name: http, port: 8080, protocol: TCP}}]\n"
-    )
-}
 
 /// Ingress of the web pods only from pods labelled app=friend: the client is not one.
 const WEB_FROM_FRIENDS_ONLY: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
@@ -58,14 +41,17 @@ fn a_cluster_ip_balances_over_three_backends_and_a_network_policy_denies() {
         })
         .collect();
     let ips: Vec<Ipv4Addr> = backends.iter().map(|p| p.ip()).collect();
-    let mut pods = pod_yaml("client", client.ip(), "client");
-    for pod in &backends {
-        pods += &pod_yaml(pod.name(), pod.ip(), "web");
+    let mut pods = pod("shop", "client", client.ip(), "client");
+    for backend in &backends {
+        pods += &pod("shop", backend.name(), backend.ip(), "web");
     }
     cluster.manifests.write("pods.yaml", &pods).unwrap();
     cluster
         .manifests
-        .write("web.yaml", &service_yaml(&ips))
+        .write(
+            "web.yaml",
+            &cluster_ip_service("shop", "web", VIP, 80, 8080, &ips),
+        )
         .unwrap();
     cluster.start_agent().unwrap();
 
