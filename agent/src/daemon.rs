@@ -417,7 +417,7 @@ impl Agent<'_> {
             }
             self.last_problems = problems;
         }
-        let programmed = self.sync(&desired, started) & self.sync_policy(&wire_policy);
+        let programmed = self.sync(&desired, &objects, started) & self.sync_policy(&wire_policy);
         for (port, error) in self.health_checks.sync(&desired.health_checks).await {
             tracing::warn!(port, "{error}");
         }
@@ -429,9 +429,15 @@ impl Agent<'_> {
         // Otherwise programmed, but not yet what the files being parsed say: still queued.
     }
 
-    /// Programs `desired`; false when anything could not be programmed. `started`: when the
-    /// reload began (its time to the datapath is logged).
-    fn sync(&mut self, desired: &DesiredState, started: std::time::Instant) -> bool {
+    /// Programs `desired` (made from `objects`, whose files name what failed); false when
+    /// anything could not be programmed. `started`: when the reload began (its time to the
+    /// datapath is logged).
+    fn sync(
+        &mut self,
+        desired: &DesiredState,
+        objects: &manifests::Objects,
+        started: std::time::Instant,
+    ) -> bool {
         match self.datapath.sync(desired) {
             Ok(stats) => {
                 for (frontend, error) in &stats.failed {
@@ -439,7 +445,14 @@ impl Agent<'_> {
                         .services
                         .get(frontend)
                         .map_or("", |e| e.name.as_str());
-                    tracing::error!(%frontend, service, "not programmed: {error}");
+                    // `namespace/name:port` -> the file of `Service namespace/name`, if any.
+                    let object = format!("Service {}", service.split(':').next().unwrap_or(""));
+                    let file = objects
+                        .origins
+                        .get(&object)
+                        .map(|f| f.display().to_string())
+                        .unwrap_or_default();
+                    tracing::error!(%frontend, service, file, "not programmed: {error}");
                 }
                 for leftover in &stats.leftovers_failed {
                     tracing::error!("could not remove stale map entry: {leftover}");
