@@ -27,8 +27,8 @@ use k8s_openapi::api::{
 use kube::{
     runtime::{
         reflector::store::{Store, Writer},
+        utils::Backoff as _,
         watcher::{self, DefaultBackoff},
-        WatchStreamExt as _,
     },
     Api, Client, ResourceExt as _,
 };
@@ -74,6 +74,9 @@ pub const WATCHED_RESOURCES: [WatchedResource; 6] = [
 
 /// The verbs the agent uses on every watched resource (it never writes to the API).
 pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
+
+/// The longest wait between retries (kube-rs' default backoff's cap).
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How often [`ApiSource::wait_synced`] says which initial lists it is still waiting for.
 const SYNC_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
@@ -357,10 +360,14 @@ where
 }
 
 /// Lists and watches `K` into a store until aborted. Errors are logged and retried with
-/// kube-rs' default backoff (0.8 s doubling to 30 s, jittered). A watch the server refuses
-/// to start with HTTP 410 Gone (the resourceVersion is too old; a Gone *event* in the stream
-/// is already handled by the watcher) restarts the watcher, which relists: kube-rs alone would
-/// retry the same resourceVersion forever.
+/// kube-rs' default backoff (0.8 s doubling to 30 s, jittered, forgotten after 2 minutes
+/// without an error), reset only by an answer from the server (a listed object, a list done,
+/// a change): not by kube-rs' `default_backoff()`, which resets on every event the watcher
+/// yields, `Init` included, and the watcher yields `Init` before each list attempt, so a
+/// relist failing over and over (500s) was retried every 0.8 to 1.6 s without end. A watch
+/// the server refuses to start with HTTP 410 Gone (the resourceVersion is too old; a Gone
+/// *event* in the stream is already handled by the watcher) restarts the watcher, which
+/// relists: kube-rs alone would retry the same resourceVersion forever.
 fn spawn_reflector<K: Reflected>(
     api: Api<K>,
     changed: mpsc::Sender<()>,
@@ -371,14 +378,15 @@ fn spawn_reflector<K: Reflected>(
     let store_for_snapshot = writer.as_reader();
     let resource = <K as k8s_openapi::Resource>::URL_PATH_SEGMENT;
     let task = tokio::spawn(async move {
-        let mut restart_backoff = DefaultBackoff::default();
+        let mut backoff = DefaultBackoff::default();
         loop {
-            let mut events = watcher(api.clone(), watcher::Config::default())
-                .default_backoff()
-                .boxed();
+            let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
             while let Some(event) = events.next().await {
                 match event {
                     Ok(event) => {
+                        if !matches!(event, watcher::Event::Init) {
+                            backoff.reset();
+                        }
                         let event =
                             event.modify(|object| crate::manifests::slim(object.meta_mut()));
                         writer.apply_watcher_event(&event);
@@ -414,11 +422,14 @@ fn spawn_reflector<K: Reflected>(
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(resource, "{e}; retrying with backoff");
+                        let delay = backoff.next().unwrap_or(MAX_BACKOFF);
+                        tracing::warn!(resource, "{e}; retrying in {delay:.1?}");
+                        // The watcher does nothing until polled again.
+                        tokio::time::sleep(delay).await;
                     }
                 }
             }
-            let delay = restart_backoff.next().unwrap_or(Duration::from_secs(30));
+            let delay = backoff.next().unwrap_or(MAX_BACKOFF);
             tokio::time::sleep(delay).await;
         }
     });
