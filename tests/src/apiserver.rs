@@ -23,9 +23,10 @@
 //! [`ApiServer::forbid`] (403 for one resource), [`ApiServer::fail`] (lists and/or watches
 //! answered with an error `Status`, e.g. 500 InternalError, as an overloaded or broken API
 //! server does), [`ApiServer::delay`] (lists and/or watch starts answered only after a
-//! while) and [`ApiServer::cut_watches_after`] (every watch is cut in the middle of an
-//! event once it has delivered N; resumed watches too). [`ApiServer::heal`] ends the last
-//! three.
+//! while), [`ApiServer::cut_watches_after`] (every watch is cut in the middle of an
+//! event once it has delivered N; resumed watches too) and [`ApiServer::end_watches_after`]
+//! (watches end cleanly soon after they start, even before any event). [`ApiServer::heal`]
+//! ends the last four.
 //!
 //! Network: a listener is bound on 127.0.0.1 *inside* a namespace ([`ApiServer::listen_in`],
 //! a socket created on a thread that entered the namespace stays there), so an agent in a
@@ -189,6 +190,8 @@ struct State {
     cut_after: Option<(usize, u64)>,
     cut_faults: u64,
     watches_cut: usize,
+    /// [`ApiServer::end_watches_after`].
+    watch_lifetime: Option<Duration>,
     requests: Vec<RequestRecord>,
     bookmarks_sent: usize,
 }
@@ -440,17 +443,27 @@ current-context: sluice-test
         self.inner.changed.notify_all();
     }
 
+    /// Every watch started from now on ends `after` it started, cleanly (the closing chunk,
+    /// as at its `timeoutSeconds`), until [`ApiServer::heal`]: an API server or a proxy in
+    /// between with a far too short request timeout. `Duration::ZERO` ends each watch right
+    /// after its response head, before any event.
+    pub fn end_watches_after(&self, after: Duration) {
+        self.inner.lock().watch_lifetime = Some(after);
+    }
+
     /// How many watches [`ApiServer::cut_watches_after`] has cut.
     pub fn watches_cut(&self) -> usize {
         self.inner.lock().watches_cut
     }
 
-    /// Ends [`ApiServer::fail`], [`ApiServer::delay`] and [`ApiServer::cut_watches_after`].
+    /// Ends [`ApiServer::fail`], [`ApiServer::delay`], [`ApiServer::cut_watches_after`] and
+    /// [`ApiServer::end_watches_after`].
     pub fn heal(&self) {
         let mut state = self.inner.lock();
         state.failing = None;
         state.delayed = None;
         state.cut_after = None;
+        state.watch_lifetime = None;
         drop(state);
         self.inner.changed.notify_all();
     }
@@ -837,6 +850,11 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map(|t| Instant::now() + Duration::from_secs(t));
+    let lifetime = inner.lock().watch_lifetime;
+    let deadline = match (deadline, lifetime.map(|l| Instant::now() + l)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
 
     let mut cut = CutCount::default();
     let mut state = inner.lock();
