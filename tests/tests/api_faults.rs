@@ -18,7 +18,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -258,28 +258,38 @@ struct PhaseTraffic {
 struct Traffic {
     stop: Arc<AtomicBool>,
     phase: Arc<AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<(Vec<PhaseTraffic>, bool)>>,
+    seen: Arc<Mutex<Vec<PhaseTraffic>>>,
+    /// Whether the loop ran until stopped (not into its bounds).
+    thread: Option<std::thread::JoinHandle<bool>>,
 }
 
 impl Traffic {
     fn start(client: &Pod, phases: usize) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let phase = Arc::new(AtomicUsize::new(0));
-        let (client, stop_flag, current) = (client.clone(), Arc::clone(&stop), Arc::clone(&phase));
+        let seen = Arc::new(Mutex::new(vec![PhaseTraffic::default(); phases]));
+        let (client, stop_flag, current, record) = (
+            client.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&phase),
+            Arc::clone(&seen),
+        );
         let thread = std::thread::spawn(move || {
             let dst = SocketAddrV4::new(WEB_VIP, 80);
             client
                 .run(|| {
-                    let mut traffic = vec![PhaseTraffic::default(); phases];
                     let start = Instant::now();
                     let mut sent = 0;
                     while !stop_flag.load(Ordering::Relaxed) {
                         if start.elapsed() > TRAFFIC_MAX_TIME || sent >= TRAFFIC_MAX_REQUESTS {
-                            return (traffic, false);
+                            return false;
                         }
-                        let phase = &mut traffic[current.load(Ordering::Relaxed)];
+                        let phase = current.load(Ordering::Relaxed);
                         let sent_at = Instant::now();
-                        match client::tcp_request(dst, TIMEOUT) {
+                        let outcome = client::tcp_request(dst, TIMEOUT);
+                        let mut seen = record.lock().unwrap_or_else(|e| e.into_inner());
+                        let phase = &mut seen[phase];
+                        match outcome {
                             Ok(reply) if reply.peer == dst => {
                                 phase.ok += 1;
                                 phase.answered_by.insert(reply.text);
@@ -291,16 +301,18 @@ impl Traffic {
                                 .failures
                                 .push(format!("{:.3}s: {e:#}", start.elapsed().as_secs_f64())),
                         }
+                        drop(seen);
                         sent += 1;
                         std::thread::sleep(PACE.saturating_sub(sent_at.elapsed()));
                     }
-                    (traffic, true)
+                    true
                 })
                 .expect("entering the client's netns")
         });
         Traffic {
             stop,
             phase,
+            seen,
             thread: Some(thread),
         }
     }
@@ -309,14 +321,34 @@ impl Traffic {
         self.phase.store(phase, Ordering::Relaxed);
     }
 
+    /// Asserts that no request has failed so far (`when`: where the test is).
+    fn assert_no_failures(&self, when: &str) {
+        let failures: BTreeMap<usize, Vec<String>> = self
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.failures.is_empty())
+            .map(|(phase, t)| (phase, t.failures.clone()))
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{when}: requests to the existing Service failed (by phase): {failures:#?}"
+        );
+    }
+
     /// Stops the loop; what each phase saw, and whether the loop ran until stopped.
     fn finish(mut self) -> (Vec<PhaseTraffic>, bool) {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread
+        let ran_until_stopped = self
+            .thread
             .take()
             .expect("finished once")
             .join()
-            .expect("the traffic loop panicked")
+            .expect("the traffic loop panicked");
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (seen, ran_until_stopped)
     }
 }
 
@@ -492,7 +524,7 @@ fn setup() -> Bed {
 fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     let test_start = Instant::now();
     let mut bed = setup();
-    let phases: Vec<Changes> = (1..=5).map(|k| Changes { k }).collect();
+    let phases: Vec<Changes> = (1..=6).map(|k| Changes { k }).collect();
     bed.cluster
         .api()
         .apply(&service("web", WEB_VIP, &[&bed.web_a, &bed.web_b]))
@@ -543,6 +575,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     );
     let live = p.assert_watching(&bed, PROPAGATION);
     let all = assert_all_watching(&mut bed, p.k);
+    traffic.assert_no_failures(&format!("phase {}", p.k));
     report.push(format!(
         "1 watch cut mid-event: {cut} cuts, converged in {took:.1?} during the fault, \
          no relist; a later change in {live:.1?}, every watch live in {all:.1?}"
@@ -563,6 +596,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     bed.cluster.api().drop_connections();
     p.make(&bed);
     std::thread::sleep(ERROR_WINDOW);
+    traffic.assert_no_failures(&format!("phase {}, the fault on", p.k));
     p.assert_none_arrived(&bed);
     bed.cluster.api().heal();
     let healed = Instant::now();
@@ -579,6 +613,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     );
     let live = p.assert_watching(&bed, PROPAGATION);
     let all = assert_all_watching(&mut bed, p.k);
+    traffic.assert_no_failures(&format!("phase {}", p.k));
     report.push(format!(
         "2 500s on watches for {ERROR_WINDOW:?}: {backoff}; converged {since_heal:.1?} after \
          the heal; a later change in {live:.1?}, every watch live in {all:.1?}"
@@ -595,6 +630,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     bed.cluster.api().expire(Gone::Event);
     p.make(&bed);
     std::thread::sleep(ERROR_WINDOW);
+    traffic.assert_no_failures(&format!("phase {}, the fault on", p.k));
     p.assert_none_arrived(&bed);
     bed.cluster.api().heal();
     let healed = Instant::now();
@@ -603,6 +639,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     let since_heal = healed.elapsed();
     let live = p.assert_watching(&bed, PROPAGATION);
     let all = assert_all_watching(&mut bed, p.k);
+    traffic.assert_no_failures(&format!("phase {}", p.k));
     report.push(format!(
         "3 410 event, then 500s on the relist for {ERROR_WINDOW:?}: {backoff}; converged \
          {since_heal:.1?} after the heal; a later change in {live:.1?}, every watch live in \
@@ -619,6 +656,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     bed.cluster.api().freeze_watches();
     p.make(&bed);
     std::thread::sleep(Duration::from_secs(1));
+    traffic.assert_no_failures(&format!("phase {}, the fault on", p.k));
     p.assert_none_arrived(&bed);
     bed.cluster.api().expire(Gone::Http);
     let took = p.wait_arrived(&bed, CONVERGENCE, "a 410 Gone");
@@ -637,6 +675,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     );
     let live = p.assert_watching(&bed, PROPAGATION);
     let all = assert_all_watching(&mut bed, p.k);
+    traffic.assert_no_failures(&format!("phase {}", p.k));
     report.push(format!(
         "4 410 Gone (HTTP) after changes made behind frozen watches: converged in {took:.1?}; \
          a later change in {live:.1?}, every watch live in {all:.1?}"
@@ -664,13 +703,79 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     let live = p.assert_watching(&bed, PROPAGATION + DELAY);
     bed.cluster.api().heal();
     let all = assert_all_watching(&mut bed, p.k);
+    traffic.assert_no_failures(&format!("phase {}", p.k));
     report.push(format!(
         "5 {DELAY:?} delays on lists and watches, and a 410: converged in {took:.1?} during \
          the delay; a later change in {live:.1?}, every watch live in {all:.1?} after"
     ));
 
+    // 6. Watches that end as soon as they start, before any event (a proxy or an API server
+    //    with a far too short request timeout): the agent must not re-watch in a tight loop
+    //    (it did: kube-rs re-watches at once when a stream ends), but back off as after an
+    //    error, and resume once watches last again.
+    let p = phases[5];
+    traffic.phase(6);
+    let log_from = log_len(&mut bed);
+    let since = Instant::now();
+    bed.cluster.api().end_watches_after(Duration::ZERO);
+    bed.cluster.api().drop_connections();
+    p.make(&bed);
+    std::thread::sleep(ERROR_WINDOW);
+    traffic.assert_no_failures(&format!("phase {}, the fault on", p.k));
+    p.assert_none_arrived(&bed);
+    bed.cluster.api().heal();
+    let requests = bed.cluster.api().requests();
+    let log = log_since(&mut bed, log_from);
+    let mut rewatches = Vec::new();
+    for path in PATHS {
+        let resource = path.rsplit('/').next().unwrap();
+        let watches: Vec<Instant> = requests
+            .iter()
+            .filter(|r| r.path == path && r.watch && r.at >= since)
+            .map(|r| r.at)
+            .collect();
+        let gaps: Vec<String> = watches
+            .windows(2)
+            .map(|w| format!("{:.1}", (w[1] - w[0]).as_secs_f64()))
+            .collect();
+        assert!(
+            (2..=MAX_ATTEMPTS_IN_WINDOW).contains(&watches.len()),
+            "watches ending at once: {resource} watched {} times in {ERROR_WINDOW:?} (gaps \
+             {gaps:?} s); expected 2 to {MAX_ATTEMPTS_IN_WINDOW} (backoff)",
+            watches.len()
+        );
+        let warnings: Vec<String> = warnings_about(&log, resource)
+            .into_iter()
+            .filter(|w| w.contains("without an event"))
+            .collect();
+        assert!(
+            !warnings.is_empty() && warnings.len() <= watches.len(),
+            "watches ending at once: {} warnings about {resource} for {} watches:\n{log}",
+            warnings.len(),
+            watches.len()
+        );
+        rewatches.push(format!(
+            "{resource}: {} watches (gaps {}), {} warnings",
+            watches.len(),
+            gaps.join("/"),
+            warnings.len()
+        ));
+    }
+    let healed = Instant::now();
+    p.wait_arrived(&bed, CONVERGENCE, "watches ending at once");
+    let since_heal = healed.elapsed();
+    let live = p.assert_watching(&bed, PROPAGATION);
+    let all = assert_all_watching(&mut bed, p.k);
+    traffic.assert_no_failures(&format!("phase {}", p.k));
+    report.push(format!(
+        "6 watches ending at once for {ERROR_WINDOW:?}: {}; converged {since_heal:.1?} after \
+         the heal; a later change in {live:.1?}, every watch live in {all:.1?}",
+        rewatches.join("; ")
+    ));
+
     // The end: nothing failed, and everything is as the server has it.
     std::thread::sleep(Duration::from_secs(1));
+    traffic.assert_no_failures("at the end");
     let (traffic, ran_until_stopped) = traffic.finish();
     assert!(
         ran_until_stopped,
@@ -684,16 +789,6 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
             seen.failures.len()
         );
     }
-    let failures: BTreeMap<usize, &Vec<String>> = traffic
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| !t.failures.is_empty())
-        .map(|(phase, t)| (phase, &t.failures))
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "requests to the existing Service failed (by phase): {failures:#?}"
-    );
     for (phase, seen) in traffic.iter().enumerate() {
         assert!(seen.ok > 0, "no request in phase {phase}");
         assert_eq!(seen.answered_by, web, "phase {phase}");
@@ -799,4 +894,15 @@ fn the_test_api_server_injects_errors_delays_and_cut_watches() {
     assert_eq!(healed.documents.len(), 3);
     assert!(!healed.truncated && !healed.ended);
     assert_eq!(api.watches_cut(), 2);
+
+    // Watches that end at once: the head and the closing chunk, no event though 3 wait.
+    api.end_watches_after(Duration::ZERO);
+    let ended = get(&watch_from(version));
+    assert_eq!(ended.status, 200);
+    assert!(
+        ended.documents.is_empty() && ended.ended && !ended.truncated,
+        "{ended:?}"
+    );
+    api.heal();
+    assert_eq!(get(&watch_from(version)).documents.len(), 3);
 }
