@@ -443,12 +443,14 @@ current-context: sluice-test
         self.inner.changed.notify_all();
     }
 
-    /// Every watch started from now on ends `after` it started, cleanly (the closing chunk,
-    /// as at its `timeoutSeconds`), until [`ApiServer::heal`]: an API server or a proxy in
-    /// between with a far too short request timeout. `Duration::ZERO` ends each watch right
-    /// after its response head, before any event.
+    /// Every watch, open or new, ends once it is `after` old, cleanly (the closing chunk, as
+    /// at its `timeoutSeconds`; open ones older than that at once), until
+    /// [`ApiServer::heal`]: an API server or a proxy in between with a far too short request
+    /// timeout. `Duration::ZERO` ends each new watch right after its response head, before
+    /// any event (but a watch without a resourceVersion's initial `ADDED`s).
     pub fn end_watches_after(&self, after: Duration) {
         self.inner.lock().watch_lifetime = Some(after);
+        self.inner.changed.notify_all();
     }
 
     /// How many watches [`ApiServer::cut_watches_after`] has cut.
@@ -850,11 +852,7 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map(|t| Instant::now() + Duration::from_secs(t));
-    let lifetime = inner.lock().watch_lifetime;
-    let deadline = match (deadline, lifetime.map(|l| Instant::now() + l)) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let started = Instant::now();
 
     let mut cut = CutCount::default();
     let mut state = inner.lock();
@@ -920,7 +918,8 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
             let _ = out.write_all(b"0\r\n\r\n");
             return;
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        let too_old = state.watch_lifetime.is_some_and(|l| started.elapsed() >= l);
+        if too_old || deadline.is_some_and(|d| Instant::now() >= d) {
             drop(state);
             let _ = out.write_all(b"0\r\n\r\n");
             return;
