@@ -27,8 +27,8 @@ use k8s_openapi::api::{
 use kube::{
     runtime::{
         reflector::store::{Store, Writer},
+        utils::Backoff as _,
         watcher::{self, DefaultBackoff},
-        WatchStreamExt as _,
     },
     Api, Client, ResourceExt as _,
 };
@@ -75,6 +75,9 @@ pub const WATCHED_RESOURCES: [WatchedResource; 6] = [
 /// The verbs the agent uses on every watched resource (it never writes to the API).
 pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 
+/// The longest wait between retries (kube-rs' default backoff's cap).
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 /// How often [`ApiSource::wait_synced`] says which initial lists it is still waiting for.
 const SYNC_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -101,7 +104,10 @@ pub async fn client(options: &ApiOptions) -> anyhow::Result<Client> {
              and not running in a pod (KUBERNETES_SERVICE_HOST unset)",
         )?,
     };
-    Client::try_from(config).context("creating the API client")
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .context("creating the API client")?
+        .with_layer(&ShortWatchBackoff::default())
+        .build())
 }
 
 /// The reflector stores of every watched resource, filled by background tasks that stop when
@@ -357,10 +363,14 @@ where
 }
 
 /// Lists and watches `K` into a store until aborted. Errors are logged and retried with
-/// kube-rs' default backoff (0.8 s doubling to 30 s, jittered). A watch the server refuses
-/// to start with HTTP 410 Gone (the resourceVersion is too old; a Gone *event* in the stream
-/// is already handled by the watcher) restarts the watcher, which relists: kube-rs alone would
-/// retry the same resourceVersion forever.
+/// kube-rs' default backoff (0.8 s doubling to 30 s, jittered, forgotten after 2 minutes
+/// without an error), reset only by an answer from the server (a listed object, a list done,
+/// a change): not by kube-rs' `default_backoff()`, which resets on every event the watcher
+/// yields, `Init` included, and the watcher yields `Init` before each list attempt, so a
+/// relist failing over and over (500s) was retried every 0.8 to 1.6 s without end. A watch
+/// the server refuses to start with HTTP 410 Gone (the resourceVersion is too old; a Gone
+/// *event* in the stream is already handled by the watcher) restarts the watcher, which
+/// relists: kube-rs alone would retry the same resourceVersion forever.
 fn spawn_reflector<K: Reflected>(
     api: Api<K>,
     changed: mpsc::Sender<()>,
@@ -371,14 +381,15 @@ fn spawn_reflector<K: Reflected>(
     let store_for_snapshot = writer.as_reader();
     let resource = <K as k8s_openapi::Resource>::URL_PATH_SEGMENT;
     let task = tokio::spawn(async move {
-        let mut restart_backoff = DefaultBackoff::default();
+        let mut backoff = DefaultBackoff::default();
         loop {
-            let mut events = watcher(api.clone(), watcher::Config::default())
-                .default_backoff()
-                .boxed();
+            let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
             while let Some(event) = events.next().await {
                 match event {
                     Ok(event) => {
+                        if !matches!(event, watcher::Event::Init) {
+                            backoff.reset();
+                        }
                         let event =
                             event.modify(|object| crate::manifests::slim(object.meta_mut()));
                         writer.apply_watcher_event(&event);
@@ -414,11 +425,14 @@ fn spawn_reflector<K: Reflected>(
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(resource, "{e}; retrying with backoff");
+                        let delay = backoff.next().unwrap_or(MAX_BACKOFF);
+                        tracing::warn!(resource, "{e}; retrying in {delay:.1?}");
+                        // The watcher does nothing until polled again.
+                        tokio::time::sleep(delay).await;
                     }
                 }
             }
-            let delay = restart_backoff.next().unwrap_or(Duration::from_secs(30));
+            let delay = backoff.next().unwrap_or(MAX_BACKOFF);
             tokio::time::sleep(delay).await;
         }
     });
@@ -433,6 +447,183 @@ where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     kube::runtime::watcher(api, config)
+}
+
+/// A watch that ends less than this after it was sent, without a byte of event, is "very
+/// short" (client-go's name and threshold).
+const SHORT_WATCH: Duration = Duration::from_secs(1);
+
+type Backoffs = Arc<std::sync::Mutex<std::collections::HashMap<String, DefaultBackoff>>>;
+
+/// The API client's layer that backs off re-watches after very short watches, as client-go's
+/// reflector does ("very short watch ... Unexpected watch close") and kube-rs does not: its
+/// watcher re-watches at once, within one poll and with neither event nor error to show for
+/// it, whenever a watch stream ends, so an API server (or a proxy in between) that ends every
+/// watch right after its response head had the agent re-watch each resource in a tight loop
+/// (about 50 requests a second each in the fault test). The body of every watch response is
+/// tracked: when it ends (or fails) less than [`SHORT_WATCH`] after the request, without any
+/// data, its end is held back for the resource's backoff (0.8 s doubling to 30 s, jittered),
+/// so the next watch waits that long; a watch that lasted, or carried anything, resets it.
+#[derive(Clone, Default)]
+struct ShortWatchBackoff {
+    /// By request path (one per watched resource).
+    backoffs: Backoffs,
+}
+
+impl<S> tower::Layer<S> for ShortWatchBackoff {
+    type Service = ShortWatchService<S>;
+
+    fn layer(&self, inner: S) -> ShortWatchService<S> {
+        ShortWatchService {
+            inner,
+            backoffs: Arc::clone(&self.backoffs),
+        }
+    }
+}
+
+struct ShortWatchService<S> {
+    inner: S,
+    backoffs: Backoffs,
+}
+
+impl<S, B> tower::Service<hyper::Request<kube::client::Body>> for ShortWatchService<S>
+where
+    S: tower::Service<hyper::Request<kube::client::Body>, Response = hyper::Response<B>>,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Unpin,
+{
+    type Response = hyper::Response<WatchBody<B>>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: hyper::Request<kube::client::Body>) -> Self::Future {
+        let is_watch = request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+        let tracker = is_watch.then(|| WatchTracker {
+            path: request.uri().path().to_string(),
+            sent: std::time::Instant::now(),
+            data: false,
+            backoffs: Arc::clone(&self.backoffs),
+        });
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            Ok(response.await?.map(|inner| WatchBody {
+                inner,
+                tracker,
+                held: None,
+            }))
+        })
+    }
+}
+
+/// One watch response's body being tracked.
+struct WatchTracker {
+    path: String,
+    sent: std::time::Instant,
+    /// Whether any data came.
+    data: bool,
+    backoffs: Backoffs,
+}
+
+impl WatchTracker {
+    /// The body ended: how long to hold its end back, if it was a very short watch.
+    fn finish(self) -> Option<Duration> {
+        let lasted = self.sent.elapsed();
+        let mut backoffs = self
+            .backoffs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let backoff = backoffs.entry(self.path.clone()).or_default();
+        if self.data || lasted >= SHORT_WATCH {
+            backoff.reset();
+            return None;
+        }
+        let delay = backoff.next().unwrap_or(MAX_BACKOFF);
+        tracing::warn!(
+            resource = self.path.rsplit('/').next().unwrap_or_default(),
+            "the watch ended {lasted:.1?} after it was sent, without an event; watching again \
+             in {delay:.1?}"
+        );
+        Some(delay)
+    }
+}
+
+/// A response body that holds its end back after a very short watch ([`ShortWatchBackoff`]).
+struct WatchBody<B: hyper::body::Body> {
+    inner: B,
+    /// While a watch's body has not ended.
+    tracker: Option<WatchTracker>,
+    /// The body's last item (its end or error), until the sleep is over.
+    held: Option<HeldEnd<B>>,
+}
+
+type HeldEnd<B> = (
+    std::pin::Pin<Box<tokio::time::Sleep>>,
+    Option<
+        Result<hyper::body::Frame<<B as hyper::body::Body>::Data>, <B as hyper::body::Body>::Error>,
+    >,
+);
+
+// Nothing in it is ever pinned but `inner`, which is `Unpin`.
+impl<B: hyper::body::Body + Unpin> Unpin for WatchBody<B> {}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for WatchBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        use hyper::body::Buf as _;
+        use std::{future::Future as _, task::Poll};
+        let this = self.get_mut();
+        if let Some((sleep, _)) = &mut this.held {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            return Poll::Ready(this.held.take().and_then(|(_, end)| end));
+        }
+        let item = match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(item) => item,
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(Ok(frame)) = &item {
+            if let (Some(tracker), Some(data)) = (&mut this.tracker, frame.data_ref()) {
+                tracker.data |= data.has_remaining();
+            }
+            return Poll::Ready(item);
+        }
+        if let Some(delay) = this.tracker.take().and_then(WatchTracker::finish) {
+            let mut sleep = Box::pin(tokio::time::sleep(delay));
+            if sleep.as_mut().poll(cx).is_pending() {
+                this.held = Some((sleep, item));
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(item)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A tracked body is polled to its end, so the end can be held back.
+        self.tracker.is_none() && self.held.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        if self.tracker.is_some() || self.held.is_some() {
+            return hyper::body::SizeHint::default();
+        }
+        self.inner.size_hint()
+    }
 }
 
 fn object_name<K: kube::Resource>(object: &K) -> String {
@@ -470,5 +661,70 @@ mod tests {
         // Nothing is synced from an unreachable server.
         assert_eq!(source.unsynced().len(), 6);
         assert!(source.objects().services.is_empty());
+    }
+
+    fn tracker(backoffs: &Backoffs, path: &str, ago: Duration) -> WatchTracker {
+        WatchTracker {
+            path: path.to_string(),
+            sent: std::time::Instant::now() - ago,
+            data: false,
+            backoffs: Arc::clone(backoffs),
+        }
+    }
+
+    #[test]
+    fn very_short_watches_back_off_per_resource_and_a_watch_that_lasted_or_carried_data_resets() {
+        let backoffs = Backoffs::default();
+        let services = "/api/v1/services";
+        let short = |path| tracker(&backoffs, path, Duration::ZERO).finish();
+        let in_range = |d: Option<Duration>, ms: std::ops::Range<u64>| {
+            d.is_some_and(|d| ms.contains(&(d.as_millis() as u64)))
+        };
+        let first = short(services);
+        assert!(in_range(first, 800..1600), "{first:?}");
+        let second = short(services);
+        assert!(in_range(second, 1600..3200), "{second:?}");
+        // Another resource has its own.
+        let other = short("/api/v1/pods");
+        assert!(in_range(other, 800..1600), "{other:?}");
+        // A watch that carried data, or lasted, is no short watch and resets the backoff.
+        let mut with_data = tracker(&backoffs, services, Duration::ZERO);
+        with_data.data = true;
+        assert_eq!(with_data.finish(), None);
+        let after = short(services);
+        assert!(in_range(after, 800..1600), "{after:?}");
+        assert_eq!(tracker(&backoffs, services, SHORT_WATCH).finish(), None);
+        let after = short(services);
+        assert!(in_range(after, 800..1600), "{after:?}");
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_very_short_watch_is_held_back_and_other_bodies_pass() {
+        use http_body_util::BodyExt as _;
+        let backoffs = Backoffs::default();
+        let body = |inner: http_body_util::Full<hyper::body::Bytes>, watch: bool| WatchBody {
+            inner,
+            tracker: watch.then(|| tracker(&backoffs, "/api/v1/nodes", Duration::ZERO)),
+            held: None,
+        };
+        let start = std::time::Instant::now();
+        let empty = body(http_body_util::Full::default(), true);
+        assert!(!hyper::body::Body::is_end_stream(&empty));
+        empty.collect().await.unwrap();
+        assert!(
+            start.elapsed() >= Duration::from_millis(800),
+            "{:?}",
+            start.elapsed()
+        );
+        let start = std::time::Instant::now();
+        let events = body(http_body_util::Full::new("{}\n".into()), true);
+        assert_eq!(events.collect().await.unwrap().to_bytes(), "{}\n");
+        let list = body(http_body_util::Full::default(), false);
+        list.collect().await.unwrap();
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -19,7 +19,14 @@
 //! history stays, so clients resume), [`ApiServer::stop`] / [`ApiServer::start`] (the
 //! listeners close and reopen on the same ports; the store persists like etcd),
 //! [`ApiServer::freeze_watches`] (open watches stop delivering, so changes are only seen
-//! after a relist) and [`ApiServer::expire`] (compacts the history and answers 410).
+//! after a relist), [`ApiServer::expire`] (compacts the history and answers 410),
+//! [`ApiServer::forbid`] (403 for one resource), [`ApiServer::fail`] (lists and/or watches
+//! answered with an error `Status`, e.g. 500 InternalError, as an overloaded or broken API
+//! server does), [`ApiServer::delay`] (lists and/or watch starts answered only after a
+//! while), [`ApiServer::cut_watches_after`] (every watch is cut in the middle of an
+//! event once it has delivered N; resumed watches too) and [`ApiServer::end_watches_after`]
+//! (watches end cleanly soon after they start, even before any event). [`ApiServer::heal`]
+//! ends the last four.
 //!
 //! Network: a listener is bound on 127.0.0.1 *inside* a namespace ([`ApiServer::listen_in`],
 //! a socket created on a thread that entered the namespace stays there), so an agent in a
@@ -107,6 +114,27 @@ pub enum Gone {
     Http,
 }
 
+/// Which requests a fault ([`ApiServer::fail`], [`ApiServer::delay`]) applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requests {
+    /// List requests (no `watch=true`).
+    Lists,
+    /// Watch requests (the response that starts the stream).
+    Watches,
+    /// Both.
+    All,
+}
+
+impl Requests {
+    fn covers(self, watch: bool) -> bool {
+        match self {
+            Requests::Lists => !watch,
+            Requests::Watches => watch,
+            Requests::All => true,
+        }
+    }
+}
+
 /// One request the server answered, for tests to check what a client did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
@@ -117,6 +145,8 @@ pub struct RequestRecord {
     pub resource_version: Option<String>,
     /// The HTTP status answered.
     pub status: u16,
+    /// When the request arrived (a delayed one is answered later).
+    pub at: Instant,
 }
 
 #[derive(Clone, Debug)]
@@ -151,6 +181,17 @@ struct State {
     next_connection: u64,
     /// Resource paths whose requests are answered 403 Forbidden (as without RBAC).
     forbidden: Vec<String>,
+    /// [`ApiServer::fail`]: the status code answered and to which requests.
+    failing: Option<(u16, Requests)>,
+    /// [`ApiServer::delay`]: how long responses wait and which.
+    delayed: Option<(Duration, Requests)>,
+    /// [`ApiServer::cut_watches_after`]: the event count, and the fault's number (a watch
+    /// counts its events anew for each new fault).
+    cut_after: Option<(usize, u64)>,
+    cut_faults: u64,
+    watches_cut: usize,
+    /// [`ApiServer::end_watches_after`].
+    watch_lifetime: Option<Duration>,
     requests: Vec<RequestRecord>,
     bookmarks_sent: usize,
 }
@@ -371,6 +412,64 @@ current-context: sluice-test
         self.inner.lock().forbidden.retain(|p| p != path);
     }
 
+    /// Answers every list and/or watch request (`which`) with HTTP `code` and a `Status`
+    /// object as the kube-apiserver writes one (for 500: reason `InternalError`, message
+    /// "Internal error occurred: …", a cause), until [`ApiServer::heal`]. Open watches are
+    /// not touched: [`ApiServer::drop_connections`] or [`ApiServer::expire`] make the
+    /// clients come back and meet the errors. 404 and 403 ([`ApiServer::forbid`]) come first.
+    pub fn fail(&self, code: u16, which: Requests) {
+        self.inner.lock().failing = Some((code, which));
+    }
+
+    /// Every list and/or watch request (`which`) arriving from now on is answered only after
+    /// `by` (a watch: its response head and first event), until [`ApiServer::heal`]; a request
+    /// already waiting keeps waiting its whole delay. An error ([`ApiServer::fail`]) is
+    /// delayed too.
+    pub fn delay(&self, by: Duration, which: Requests) {
+        self.inner.lock().delayed = Some((by, which));
+    }
+
+    /// Every watch, open or new, is cut once it has delivered `events` events (ADDED,
+    /// MODIFIED, DELETED; bookmarks do not count) from now on: the server writes the first
+    /// half of the next event's chunk and shuts the connection down, as when the API server
+    /// or a proxy in between dies mid-write. A client resuming from the last version it got
+    /// loses nothing (the history stays), and its new watch is cut after `events` again.
+    /// Until [`ApiServer::heal`].
+    pub fn cut_watches_after(&self, events: usize) {
+        let mut state = self.inner.lock();
+        state.cut_faults += 1;
+        state.cut_after = Some((events, state.cut_faults));
+        drop(state);
+        self.inner.changed.notify_all();
+    }
+
+    /// Every watch, open or new, ends once it is `after` old, cleanly (the closing chunk, as
+    /// at its `timeoutSeconds`; open ones older than that at once), until
+    /// [`ApiServer::heal`]: an API server or a proxy in between with a far too short request
+    /// timeout. `Duration::ZERO` ends each new watch right after its response head, before
+    /// any event (but a watch without a resourceVersion's initial `ADDED`s).
+    pub fn end_watches_after(&self, after: Duration) {
+        self.inner.lock().watch_lifetime = Some(after);
+        self.inner.changed.notify_all();
+    }
+
+    /// How many watches [`ApiServer::cut_watches_after`] has cut.
+    pub fn watches_cut(&self) -> usize {
+        self.inner.lock().watches_cut
+    }
+
+    /// Ends [`ApiServer::fail`], [`ApiServer::delay`], [`ApiServer::cut_watches_after`] and
+    /// [`ApiServer::end_watches_after`].
+    pub fn heal(&self) {
+        let mut state = self.inner.lock();
+        state.failing = None;
+        state.delayed = None;
+        state.cut_after = None;
+        state.watch_lifetime = None;
+        drop(state);
+        self.inner.changed.notify_all();
+    }
+
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.inner.lock().requests.clone()
@@ -416,6 +515,106 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.inner.lock().shutdown = true;
         self.stop();
+    }
+}
+
+/// What [`raw_get`] read.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Each complete JSON document of the body: the one document of a plain response, or
+    /// each complete chunk of a chunked one (a watch's events).
+    pub documents: Vec<Value>,
+    /// A chunked body that ended in the middle of a chunk (a watch cut mid-event).
+    pub truncated: bool,
+    /// Whether the body ended (the closing chunk, the whole Content-Length or the connection
+    /// closed) rather than `quiet` passing with nothing more.
+    pub ended: bool,
+    /// From sending the request to the status line.
+    pub first_byte: Duration,
+}
+
+/// A raw HTTP/1.1 `GET target` to the listener on `port` in `netns`, for tests of the server
+/// itself: reads until the body ends or, after the head, `quiet` passes without a byte (an
+/// open watch).
+pub fn raw_get(netns: &Path, port: u16, target: &str, quiet: Duration) -> Result<RawResponse> {
+    let mut stream = crate::in_netns(netns, || TcpStream::connect((Ipv4Addr::LOCALHOST, port)))?
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    // The head may be delayed ([`ApiServer::delay`]); the body's quiet time starts after it.
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let sent = Instant::now();
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .context("reading the status line")?;
+    let first_byte = sent.elapsed();
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {line:?}"))?;
+    let (mut chunked, mut length) = (false, None);
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.trim().eq_ignore_ascii_case("chunked");
+            } else if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+    }
+    reader.get_ref().set_read_timeout(Some(quiet))?;
+    let mut response = RawResponse {
+        status,
+        documents: Vec::new(),
+        truncated: false,
+        ended: false,
+        first_byte,
+    };
+    if !chunked {
+        let mut body = vec![0; length.unwrap_or(0)];
+        reader.read_exact(&mut body)?;
+        response.documents.push(serde_json::from_slice(&body)?);
+        response.ended = true;
+        return Ok(response);
+    }
+    loop {
+        let mut size = String::new();
+        match reader.read_line(&mut size) {
+            Ok(0) => {
+                response.ended = true;
+                return Ok(response);
+            }
+            Ok(_) => {}
+            Err(_) => return Ok(response), // quiet
+        }
+        let size = usize::from_str_radix(size.trim(), 16)
+            .map_err(|_| anyhow!("not a chunk size: {size:?}"))?;
+        if size == 0 {
+            response.ended = true;
+            return Ok(response);
+        }
+        let mut chunk = Vec::new();
+        let read = (&mut reader).take(size as u64 + 2).read_to_end(&mut chunk);
+        if read.is_err() || chunk.len() < size + 2 {
+            response.truncated = true;
+            response.ended = read.is_ok();
+            return Ok(response);
+        }
+        response
+            .documents
+            .push(serde_json::from_slice(&chunk[..size])?);
     }
 }
 
@@ -493,6 +692,7 @@ fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
 struct Request {
     path: String,
     query: HashMap<String, String>,
+    arrived: Instant,
 }
 
 fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
@@ -530,6 +730,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
     Some(Request {
         path: path.to_string(),
         query,
+        arrived: Instant::now(),
     })
 }
 
@@ -570,6 +771,7 @@ fn record(inner: &Inner, request: &Request, watch: bool, status: u16) {
         watch,
         resource_version: request.query.get("resourceVersion").cloned(),
         status,
+        at: request.arrived,
     });
 }
 
@@ -584,6 +786,15 @@ fn handle(inner: &Inner, request: &Request, out: &mut TcpStream) -> bool {
         let status = status_json(404, "NotFound", &format!("no resource at {}", request.path));
         return write_json(out, 404, &status).is_ok();
     };
+    let (delayed, failing) = {
+        let state = inner.lock();
+        (state.delayed, state.failing)
+    };
+    if let Some((by, _)) = delayed.filter(|(_, which)| which.covers(watch)) {
+        if !sleep_unless_shut_down(inner, by) {
+            return false;
+        }
+    }
     if inner.lock().forbidden.contains(&request.path) {
         record(inner, request, watch, 403);
         let status = status_json(
@@ -592,6 +803,10 @@ fn handle(inner: &Inner, request: &Request, out: &mut TcpStream) -> bool {
             &format!("{} is forbidden for this test", request.path),
         );
         return write_json(out, 403, &status).is_ok();
+    }
+    if let Some((code, _)) = failing.filter(|(_, which)| which.covers(watch)) {
+        record(inner, request, watch, code);
+        return write_json(out, code, &error_status(code, request)).is_ok();
     }
     if !watch {
         let state = inner.lock();
@@ -637,7 +852,9 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map(|t| Instant::now() + Duration::from_secs(t));
+    let started = Instant::now();
 
+    let mut cut = CutCount::default();
     let mut state = inner.lock();
     let (generation, gone_generation) = (state.watch_generation, state.gone_generation);
     if from.is_some_and(|v| v < state.oldest_watchable) {
@@ -662,12 +879,17 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
                 .map(|(_, object)| object.clone())
                 .collect();
             let version = state.resource_version;
+            let cut_after = state.cut_after;
             drop(state);
             record(inner, request, true, 200);
             if write_head(out).is_err() {
                 return;
             }
             for object in initial {
+                if cut.cut_next(cut_after) {
+                    cut_watch(inner, out, "ADDED", &object);
+                    return;
+                }
                 if write_event(out, "ADDED", &object).is_err() {
                     return;
                 }
@@ -696,7 +918,8 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
             let _ = out.write_all(b"0\r\n\r\n");
             return;
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        let too_old = state.watch_lifetime.is_some_and(|l| started.elapsed() >= l);
+        if too_old || deadline.is_some_and(|d| Instant::now() >= d) {
             drop(state);
             let _ = out.write_all(b"0\r\n\r\n");
             return;
@@ -715,8 +938,13 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
                 .collect();
             let current = state.resource_version;
             if !pending.is_empty() {
+                let cut_after = state.cut_after;
                 drop(state);
                 for event in &pending {
+                    if cut.cut_next(cut_after) {
+                        cut_watch(inner, out, event.type_, &event.object);
+                        return;
+                    }
                     if write_event(out, event.type_, &event.object).is_err() {
                         return;
                     }
@@ -751,6 +979,91 @@ fn watch_stream(inner: &Inner, request: &Request, resource: Resource, out: &mut 
     }
 }
 
+/// A watch's events counted against [`ApiServer::cut_watches_after`].
+#[derive(Default)]
+struct CutCount {
+    /// The fault the count is for.
+    fault: u64,
+    sent: usize,
+}
+
+impl CutCount {
+    /// Whether the next event must be cut under `cut_after` (the state's setting); counts it
+    /// otherwise.
+    fn cut_next(&mut self, cut_after: Option<(usize, u64)>) -> bool {
+        let Some((events, fault)) = cut_after else {
+            return false;
+        };
+        if fault != self.fault {
+            self.fault = fault;
+            self.sent = 0;
+        }
+        if self.sent >= events {
+            return true;
+        }
+        self.sent += 1;
+        false
+    }
+}
+
+/// Writes the chunk-size line and the first half of the event, then shuts the connection
+/// down: a watch broken mid-event.
+fn cut_watch(inner: &Inner, out: &mut TcpStream, type_: &str, object: &Value) {
+    // Counted first: a client that sees the cut may ask at once.
+    inner.lock().watches_cut += 1;
+    let line = format!("{}\n", json!({"type": type_, "object": object}));
+    let half = &line.as_bytes()[..line.len() / 2];
+    let _ = out
+        .write_all(format!("{:x}\r\n", line.len()).as_bytes())
+        .and_then(|()| out.write_all(half))
+        .and_then(|()| out.flush());
+    let _ = out.shutdown(Shutdown::Both);
+}
+
+/// Sleeps `duration` in [`POLL`] steps; false if the server shut down meanwhile.
+fn sleep_unless_shut_down(inner: &Inner, duration: Duration) -> bool {
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        if inner.lock().shutdown {
+            return false;
+        }
+        std::thread::sleep(POLL.min(deadline.saturating_duration_since(Instant::now())));
+    }
+    true
+}
+
+/// The `Status` the kube-apiserver answers with `code` (for [`ApiServer::fail`]).
+fn error_status(code: u16, request: &Request) -> Value {
+    let (reason, message) = match code {
+        500 => (
+            "InternalError",
+            format!(
+                "Internal error occurred: injected fault serving {}",
+                request.path
+            ),
+        ),
+        503 => (
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request".to_string(),
+        ),
+        504 => (
+            "Timeout",
+            "the server was unable to return a response in the time allotted".to_string(),
+        ),
+        429 => (
+            "TooManyRequests",
+            "the server has received too many requests and has asked us to try again later"
+                .to_string(),
+        ),
+        _ => ("", format!("injected fault {code}")),
+    };
+    let mut status = status_json(code, reason, &message);
+    if code == 500 {
+        status["details"] = json!({"causes": [{"message": message}]});
+    }
+    status
+}
+
 fn status_json(code: u16, reason: &str, message: &str) -> Value {
     json!({
         "kind": "Status",
@@ -769,6 +1082,10 @@ fn reason_phrase(code: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         410 => "Gone",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Error",
     }
 }
