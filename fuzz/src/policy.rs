@@ -28,7 +28,7 @@ use sluice::{
     state::Protocol,
 };
 use sluice_common::{
-    ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_POLICY_PORT_RANGES, WAY_EGRESS, WAY_INGRESS,
+    PolicyValue, ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_POLICY_PORT_RANGES, WAY_EGRESS, WAY_INGRESS,
 };
 
 /// Bounds on the probes of one input, so an input runs in milliseconds.
@@ -37,6 +37,14 @@ const MAX_PEERS: usize = 48;
 const MAX_PORTS: usize = 24;
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+/// Every address of `pod`'s family: the shortest prefix, the first key of a pod's entries.
+fn whole_family(pod: IpAddr) -> IpNet {
+    match pod {
+        IpAddr::V4(_) => IpNet::V4(Default::default()),
+        IpAddr::V6(_) => IpNet::V6(Default::default()),
+    }
+}
 
 pub fn check(data: &[u8]) {
     let (objects, _) = crate::objects(data);
@@ -94,9 +102,36 @@ pub fn check_node(objects: &Objects, node: &NodeContext) {
                 matches!(direction, Direction::Isolated { .. }),
                 "{pod} {way:?}"
             );
-            for &peer in peers.iter().filter(|p| p.is_ipv4() == pod.is_ipv4()) {
+            let isolated = compiled.isolated.contains(&(pod, way));
+            for (p, &peer) in peers
+                .iter()
+                .filter(|p| p.is_ipv4() == pod.is_ipv4())
+                .enumerate()
+            {
                 for proto in PROTOCOLS {
-                    for &port in &ports {
+                    // One longest-prefix lookup per peer and protocol, in the compiled entries
+                    // (the lookup `CompiledPolicy::allows` makes, here on this pod's entries
+                    // only; it is itself asked about one port of each) and in the maps' form.
+                    let longest = isolated.then(|| {
+                        compiled
+                            .entries
+                            .range(
+                                CompiledKey {
+                                    pod,
+                                    way,
+                                    proto,
+                                    peer: whole_family(pod),
+                                }..,
+                            )
+                            .take_while(|(k, _)| k.pod == pod && k.way == way && k.proto == proto)
+                            .filter(|(k, _)| k.peer.contains(&peer))
+                            .max_by_key(|(k, _)| k.peer.prefix_len())
+                            .map(|(_, ranges)| ranges)
+                    });
+                    let in_maps = wire_lookup(&wire, pod, way, peer, proto);
+                    let cut = cut.contains(&(pod, way, proto));
+                    for (i, &port) in ports.iter().enumerate() {
+                        let what = format!("{pod} {way:?} {peer} {proto} {port}");
                         let from_node = way == Way::Ingress && state.node_addresses.contains(&peer);
                         let by_rules = from_node
                             || !matches!(direction.allows(peer, proto, port), Verdict::Denied(_));
@@ -106,24 +141,33 @@ pub fn check_node(objects: &Objects, node: &NodeContext) {
                         assert_eq!(
                             !matches!(explained.verdict, Explained::Denied(_)),
                             by_rules,
-                            "explain: {pod} {way:?} {peer} {proto} {port}: {explained:?}"
+                            "explain: {what}: {explained:?}"
                         );
-                        let by_lpm = compiled.allows(pod, way, peer, proto, port);
-                        assert_eq!(
-                            by_lpm, by_rules,
-                            "compiled: {pod} {way:?} {peer} {proto} {port}"
-                        );
-                        let by_maps = wire_allows(&wire, pod, way, peer, proto, port);
-                        if cut.contains(&(pod, way, proto)) {
-                            assert!(
-                                !by_maps || by_lpm,
-                                "maps allow more than the rules: {pod} {way:?} {peer} {proto} {port}"
-                            );
-                        } else {
+                        let by_lpm = match longest {
+                            None => true,
+                            Some(ranges) => ranges
+                                .is_some_and(|r| r.iter().any(|(a, b)| (*a..=*b).contains(&port))),
+                        };
+                        if i == (p + proto.number() as usize) % ports.len() {
                             assert_eq!(
-                                by_maps, by_lpm,
-                                "maps: {pod} {way:?} {peer} {proto} {port}"
+                                compiled.allows(pod, way, peer, proto, port),
+                                by_lpm,
+                                "CompiledPolicy::allows: {what}"
                             );
+                        }
+                        assert_eq!(by_lpm, by_rules, "compiled: {what}");
+                        let by_maps = match in_maps {
+                            None => true,
+                            Some(value) => value.is_some_and(|v| {
+                                v.ranges[..v.count as usize]
+                                    .iter()
+                                    .any(|r| (r.first..=r.last).contains(&port))
+                            }),
+                        };
+                        if cut {
+                            assert!(!by_maps || by_lpm, "maps allow more than the rules: {what}");
+                        } else {
+                            assert_eq!(by_maps, by_lpm, "maps: {what}");
                         }
                     }
                 }
@@ -267,17 +311,16 @@ fn edges(net: IpNet) -> Vec<IpAddr> {
     }
 }
 
-/// The datapath's decision from the maps' form: the pod's isolation bits, then the longest
-/// prefix of (pod, way, protocol, peer) as the LPM trie matches it, then the entry's port
-/// ranges.
-fn wire_allows(
+/// The datapath's lookup in the maps' form: `None` when the pod's isolation bits leave the
+/// direction open, else the entry of the longest prefix of (pod, way, protocol, peer) as the
+/// LPM trie matches it (`None`: no entry, denied).
+fn wire_lookup(
     wire: &WirePolicy,
     pod: IpAddr,
     way: Way,
     peer: IpAddr,
     proto: Protocol,
-    port: u16,
-) -> bool {
+) -> Option<Option<PolicyValue>> {
     let (bit, way_number) = match way {
         Way::Ingress => (ISOLATED_INGRESS, WAY_INGRESS),
         Way::Egress => (ISOLATED_EGRESS, WAY_EGRESS),
@@ -286,7 +329,7 @@ fn wire_allows(
         (IpAddr::V4(pod), IpAddr::V4(peer)) => {
             let pod_key = u32::from_ne_bytes(pod.octets());
             if wire.isolated.get(&pod_key).copied().unwrap_or(0) & bit == 0 {
-                return true;
+                return None;
             }
             let peer = u32::from(peer);
             wire.entries
@@ -321,7 +364,7 @@ fn wire_allows(
             };
             let pod_key = to_map(pod);
             if wire.isolated6.get(&pod_key).copied().unwrap_or(0) & bit == 0 {
-                return true;
+                return None;
             }
             let peer = u128::from(peer);
             wire.entries6
@@ -342,10 +385,8 @@ fn wire_allows(
         }
         _ => unreachable!("probes are of the pod's family"),
     };
-    value.is_some_and(|v| {
-        assert!(v.count as usize <= MAX_POLICY_PORT_RANGES);
-        v.ranges[..v.count as usize]
-            .iter()
-            .any(|r| (r.first..=r.last).contains(&port))
-    })
+    if let Some(v) = &value {
+        assert!(v.count as usize <= MAX_POLICY_PORT_RANGES, "{v:?}");
+    }
+    Some(value)
 }
