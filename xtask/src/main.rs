@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | lint | bench | kernels`.
+//! Project tasks: `cargo xtask setup | test | demo | lint | bench | kernels | fuzz`.
 //!
 //! `setup` installs what a fresh machine lacks and is quick when nothing is missing; `test` and
 //! `demo` run it first, so a newcomer needs only those two commands. This binary never links
@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use xtask::{image, is_root, kernels, run, setup::setup, workspace_root};
+use xtask::{fuzz, image, is_root, kernels, run, setup::setup, workspace_root};
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -21,9 +21,9 @@ struct Cli {
 enum Task {
     /// Install the toolchain pieces and packages the build and tests need.
     Setup,
-    /// Run the whole test suite (unit, BPF_PROG_RUN and network-namespace tests), then the
-    /// kernel matrix (`kernels`). Needs root. Extra arguments go to `cargo test` and skip the
-    /// kernel matrix.
+    /// Run the whole test suite (unit, BPF_PROG_RUN and network-namespace tests), then each fuzz
+    /// target for a minute (`fuzz`) and the kernel matrix (`kernels`). Needs root. Extra
+    /// arguments go to `cargo test` and skip the fuzz targets and the kernel matrix.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -35,6 +35,16 @@ enum Task {
         /// Which kernels (default: all), e.g. `--kernels 5.10,6.1`.
         #[arg(long, value_delimiter = ',')]
         kernels: Vec<String>,
+    },
+    /// Build the cargo-fuzz targets (fuzz/) and run each for a bounded time: manifests,
+    /// translate, policy, trace_spec (default: all). Fails naming the saved input when one
+    /// crashes.
+    Fuzz {
+        /// Which targets (default: all).
+        targets: Vec<String>,
+        /// How long each target runs.
+        #[arg(long, default_value_t = fuzz::SUITE_SECONDS)]
+        seconds: u64,
     },
     /// Build the agent as the Dockerfile does (static, musl) and run it in an empty root with
     /// only what the image's last stage copies. Needs root (chroot).
@@ -65,6 +75,10 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             require_root("the kernel matrix")?;
             kernels::run_matrix(&kernels)
+        }
+        Task::Fuzz { targets, seconds } => {
+            setup()?;
+            fuzz::run_targets(&targets, seconds)
         }
         Task::Image => {
             setup()?;
@@ -103,8 +117,15 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .arg("test")
         .args(extra))?;
     if extra.is_empty() {
-        // The whole suite: the image's binary alone in its root, and the datapath on the
-        // kernels users run too.
+        // The whole suite: a short run of every fuzz target, the image's binary alone in its
+        // root, and the datapath on the kernels users run too.
+        let seconds = match std::env::var("SLUICE_FUZZ_SECONDS") {
+            Ok(s) => s.parse().map_err(|_| {
+                anyhow::anyhow!("SLUICE_FUZZ_SECONDS={s:?} is not a number of seconds")
+            })?,
+            Err(_) => fuzz::SUITE_SECONDS,
+        };
+        fuzz::run_targets(&[], seconds)?;
         image::check()?;
         kernels::run_matrix(&[])?;
     }
