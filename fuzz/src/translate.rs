@@ -390,9 +390,12 @@ fn listings(
             else {
                 continue;
             };
+            // EndpointConditions as the API documents them and kube-proxy reads them
+            // (endpointslicecache.go): ready and serving unset mean true, terminating unset
+            // means false.
             let conditions = endpoint.conditions.as_ref();
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             listings
                 .entry(BackendAddr { ip, port: number })
