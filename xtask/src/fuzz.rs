@@ -3,8 +3,9 @@
 //! A crash (a panic, a failed invariant, a timeout) fails the command naming the input libFuzzer
 //! saved and the command that replays it.
 //!
-//! The corpora live in `fuzz/corpus/TARGET` (not committed; they grow from run to run). Each
-//! run first writes the seeds there, taken from the repository so no file is duplicated: the
+//! The corpora live in `fuzz/corpus/TARGET` (not committed; they grow from run to run; the
+//! test suite's short runs start from the seeds alone instead, see [`Corpus`]). Each run
+//! first writes the seeds there, taken from the repository so no file is duplicated: the
 //! manifests of `examples/` and of the `sluice trace` corpus (`tests/trace/*.yaml`, each
 //! file's manifests as one multi-document file) for the targets that read manifests, and the
 //! trace corpus' packets for the packet-spec parser. Logs go to `fuzz/target/logs/TARGET.log`.
@@ -55,6 +56,16 @@ pub struct Target {
     pub seeds: Seeds,
 }
 
+impl Seeds {
+    /// The libFuzzer dictionary (in fuzz/) for inputs of this kind.
+    pub fn dictionary(self) -> Option<&'static str> {
+        match self {
+            Seeds::Manifests => Some("manifests.dict"),
+            Seeds::Packets => None,
+        }
+    }
+}
+
 pub const TARGETS: &[Target] = &[
     Target {
         name: "manifests",
@@ -90,9 +101,20 @@ const FUZZ_OPTIONS: &[&str] = &[
     "16",
 ];
 
+/// Where a run's corpus lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Corpus {
+    /// `fuzz/corpus/TARGET`, kept from run to run: each run starts from everything earlier
+    /// runs found (and first replays all of it, which takes longer as it grows).
+    Kept,
+    /// The seeds alone, in a directory emptied first (`fuzz/target/suite-corpus/TARGET`): the
+    /// test suite's runs take the same time on every machine, as on a fresh clone.
+    Fresh,
+}
+
 /// Builds and runs `names` (all targets when empty) for `seconds` each, two at a time on a
 /// machine with two CPUs or more.
-pub fn run_targets(names: &[String], seconds: u64) -> anyhow::Result<()> {
+pub fn run_targets(names: &[String], seconds: u64, corpus: Corpus) -> anyhow::Result<()> {
     let targets: Vec<&Target> = if names.is_empty() {
         TARGETS.iter().collect()
     } else {
@@ -139,7 +161,17 @@ pub fn run_targets(names: &[String], seconds: u64) -> anyhow::Result<()> {
     for batch in targets.chunks(parallel) {
         let mut running = Vec::new();
         for target in batch {
-            let corpus = root.join("fuzz/corpus").join(target.name);
+            let corpus = match corpus {
+                Corpus::Kept => root.join("fuzz/corpus").join(target.name),
+                Corpus::Fresh => {
+                    let dir = root.join("fuzz/target/suite-corpus").join(target.name);
+                    if dir.exists() {
+                        fs::remove_dir_all(&dir)
+                            .with_context(|| format!("removing {}", dir.display()))?;
+                    }
+                    dir
+                }
+            };
             let seeds = write_seeds(&root, target.seeds, &corpus)?;
             eprintln!(
                 "fuzz: {} for {seconds} s ({seeds} seeds, inputs up to {} bytes)",
@@ -253,6 +285,12 @@ fn start(
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-max_len={}", target.max_len))
         .arg(format!("-timeout={TIMEOUT_SECONDS}"))
+        .args(
+            target
+                .seeds
+                .dictionary()
+                .map(|d| format!("-dict={}", root.join("fuzz").join(d).display())),
+        )
         .arg("-print_final_stats=1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -697,6 +735,12 @@ cases:
                     );
                 }
             }
+        }
+        for dictionary in [Seeds::Manifests, Seeds::Packets]
+            .into_iter()
+            .filter_map(Seeds::dictionary)
+        {
+            assert!(root.join("fuzz").join(dictionary).is_file(), "{dictionary}");
         }
         let packets = seeds(&root, Seeds::Packets).unwrap();
         assert!(packets.len() >= 50, "{}", packets.len());

@@ -51,7 +51,8 @@ enum Task {
     Image,
     /// Build Sluice and run the e-commerce platform's Services in a network-namespace node.
     Demo,
-    /// rustfmt check, clippy for the workspace, and clippy for the eBPF crate on its own target.
+    /// rustfmt check, clippy for the workspace and the fuzz targets, and clippy for the eBPF
+    /// crate on its own target.
     Lint,
     /// Sluice against kube-proxy's iptables and nftables layouts: per-packet cost, real traffic,
     /// control plane; writes target/bench/report.md and plots. Quick by default, `--full` for
@@ -78,7 +79,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Fuzz { targets, seconds } => {
             setup()?;
-            fuzz::run_targets(&targets, seconds)
+            fuzz::run_targets(&targets, seconds, fuzz::Corpus::Kept)
         }
         Task::Image => {
             setup()?;
@@ -125,7 +126,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             })?,
             Err(_) => fuzz::SUITE_SECONDS,
         };
-        fuzz::run_targets(&[], seconds)?;
+        fuzz::run_targets(&[], seconds, fuzz::Corpus::Fresh)?;
         image::check()?;
         kernels::run_matrix(&[])?;
     }
@@ -151,6 +152,16 @@ fn lint() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The fuzz targets, a workspace of their own, in the workspace's target directory (their
+    // dependencies are the agent's, already checked there).
+    let fuzz = root.join("fuzz");
+    run(Command::new("cargo")
+        .current_dir(&fuzz)
+        .args(["fmt", "--", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(&fuzz)
+        .env("CARGO_TARGET_DIR", root.join("target"))
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The eBPF crate is linted for the target it is built for.
     run(Command::new("cargo")
         .current_dir(root.join("ebpf"))
