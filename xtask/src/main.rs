@@ -45,6 +45,10 @@ enum Task {
         /// How long each target runs.
         #[arg(long, default_value_t = fuzz::SUITE_SECONDS)]
         seconds: u64,
+        /// Start from the seeds alone, as the test suite does, instead of the corpus earlier
+        /// runs kept in fuzz/corpus.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Build the agent as the Dockerfile does (static, musl) and run it in an empty root with
     /// only what the image's last stage copies. Needs root (chroot).
@@ -77,9 +81,18 @@ fn main() -> anyhow::Result<()> {
             require_root("the kernel matrix")?;
             kernels::run_matrix(&kernels)
         }
-        Task::Fuzz { targets, seconds } => {
+        Task::Fuzz {
+            targets,
+            seconds,
+            fresh,
+        } => {
             setup()?;
-            fuzz::run_targets(&targets, seconds, fuzz::Corpus::Kept)
+            let corpus = if fresh {
+                fuzz::Corpus::Fresh
+            } else {
+                fuzz::Corpus::Kept
+            };
+            fuzz::run_targets(&targets, seconds, corpus)
         }
         Task::Image => {
             setup()?;
