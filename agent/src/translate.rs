@@ -653,13 +653,13 @@ fn endpoints_for_port(
     endpoints
 }
 
-/// EndpointConditions as the API defines them: `ready` unset means ready; `serving` unset
-/// means the same as `ready`; `terminating` unset means not terminating. Returns (ready,
+/// EndpointConditions as the API defines them and kube-proxy reads them: `ready` and
+/// `serving` unset mean true; `terminating` unset means not terminating. Returns (ready,
 /// serving and terminating).
 fn conditions(endpoint: &Endpoint) -> (bool, bool) {
     let conditions = endpoint.conditions.as_ref();
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
     let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
     (ready, !ready && serving && terminating)
 }
@@ -927,6 +927,8 @@ endpoints:
 - {{addresses: [10.244.0.5], conditions: {{ready: false, serving: true, terminating: true}}}}
 - {{addresses: [10.244.0.6], conditions: {{ready: {second_ready}}}}}
 - {{addresses: [10.244.0.7], conditions: {{ready: false, serving: false, terminating: true}}}}
+- {{addresses: [10.244.0.8], conditions: {{ready: false, terminating: true}}}}
+- {{addresses: [10.244.0.9], conditions: {{ready: false}}}}
 ports: [{{port: 80}}]
 "#
             )
@@ -936,11 +938,13 @@ ports: [{{port: 80}}]
             state.services[&fe("10.96.0.30", 80, Protocol::Tcp)].backends,
             vec![be("10.244.0.6", 80)]
         );
-        // No ready endpoint: serving + terminating ones keep the service alive.
+        // No ready endpoint: serving + terminating ones keep the service alive. `serving`
+        // unset means serving, as the API says and kube-proxy reads it (found by the
+        // `translate` fuzz target: Sluice read it as `ready`, and rejected).
         let (state, _) = translate_all(&objects(&yaml(false)));
         assert_eq!(
             state.services[&fe("10.96.0.30", 80, Protocol::Tcp)].backends,
-            vec![be("10.244.0.5", 80)]
+            vec![be("10.244.0.5", 80), be("10.244.0.8", 80)]
         );
     }
 

@@ -3,6 +3,7 @@
 //! build script builds the eBPF programs); `tests::xtask_builds_without_the_ebpf_toolchain`
 //! fails if it ever does again.
 
+pub mod fuzz;
 pub mod image;
 pub mod kernels;
 pub mod setup;

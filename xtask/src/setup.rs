@@ -38,7 +38,37 @@ pub const IMAGE_TARGET: &str = "x86_64-unknown-linux-musl";
 
 pub fn setup() -> anyhow::Result<()> {
     ebpf_toolchain()?;
+    cargo_fuzz()?;
     packages()
+}
+
+/// cargo-fuzz, which builds and runs the fuzz targets (`cargo xtask fuzz`, fuzz/).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    use crate::fuzz::CARGO_FUZZ_VERSION;
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
+        })
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    run(Command::new("cargo").args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        "--locked",
+        "--force",
+    ]))
+    .with_context(|| {
+        format!(
+            "cargo-fuzz {CARGO_FUZZ_VERSION} (it builds and runs the fuzz targets) could not be \
+             installed; install it with `cargo install cargo-fuzz@{CARGO_FUZZ_VERSION} --locked` \
+             (it needs crates.io)"
+        )
+    })
 }
 
 /// The nightly's rust-src and bpf-linker, which agent/build.rs needs to build ebpf/.
