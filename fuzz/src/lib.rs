@@ -12,7 +12,6 @@
 //! * [`trace_spec`]: `sluice trace`'s packet spec parses back from what it displays, and the
 //!   packet built from it decodes to the same flow.
 
-pub mod maps;
 pub mod policy;
 pub mod translate;
 

@@ -45,7 +45,7 @@ use sluice::{
     },
 };
 
-use crate::maps::FakeMaps;
+use sluice::datapath::memory_maps::MemoryMaps;
 
 pub fn check(data: &[u8]) {
     let (objects, _) = crate::objects(data);
@@ -524,7 +524,7 @@ fn check_entry(frontend: &Frontend, entry: &ServiceEntry, want: &Wanted, node: &
 /// The state through the IPv4 sync engine: every IPv4 frontend programmed under an id of its
 /// own with exactly its backends; a second sync writes nothing; an empty state clears the maps.
 fn check_sync(state: &DesiredState) {
-    let mut sync = ServiceSync::read_back(FakeMaps::default()).expect("empty maps read back");
+    let mut sync = ServiceSync::read_back(MemoryMaps::default()).expect("empty maps read back");
     let stats = sync.sync(state);
     assert!(stats.is_complete(), "{stats:?}");
     let programmed = sync.programmed();

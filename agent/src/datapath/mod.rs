@@ -39,6 +39,7 @@ pub mod affinity;
 pub mod features;
 mod flow_tables;
 pub mod gc;
+pub mod memory_maps;
 pub mod policy_sync;
 pub mod purge;
 pub mod repair;

@@ -1036,11 +1036,13 @@ pub fn ensure_complete(stats: &SyncStats) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, net::Ipv4Addr};
+    use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::state::{Protocol, ServiceEntry};
-    use sluice_common::SVC_F_SOURCE_RANGES;
+    use crate::{
+        datapath::memory_maps::MemoryMaps,
+        state::{Protocol, ServiceEntry},
+    };
 
     /// A `services` value with id 7, no backends and default settings, to fill in with `..`.
     fn value_of(backend_count: u32) -> ServiceValue {
@@ -1053,130 +1055,6 @@ mod tests {
             affinity_timeout: 0,
             affinity_id: 0,
             inline_backends: [Backend::NONE; INLINE_BACKENDS],
-        }
-    }
-
-    /// In-memory maps that record every write and check, after each one, the invariant the
-    /// datapath relies on: every slot below a service's count exists.
-    #[derive(Default)]
-    struct FakeMaps {
-        services: HashMap<ServiceKey, ServiceValue>,
-        backends: HashMap<BackendKey, Backend>,
-        ranges: BTreeSet<SourceRange>,
-        log: Vec<MapOp>,
-        max_services: Option<usize>,
-        max_backends: Option<usize>,
-    }
-
-    impl FakeMaps {
-        /// Checks, for the service(s) `op` touched, the invariant the datapath relies on: every
-        /// slot below a service's count exists. (Only the touched ones: checking every service
-        /// after every write would make the 10,000-service test quadratic.)
-        fn check_every_counted_slot_exists(&self, op: &MapOp) {
-            let touched: Vec<(&ServiceKey, &ServiceValue)> = match op {
-                MapOp::PutService(key, _) => self.services.get_key_value(key).into_iter().collect(),
-                MapOp::DeleteBackend(BackendKey { service_id, .. })
-                | MapOp::DeleteSourceRange(SourceRange { service_id, .. }) => self
-                    .services
-                    .iter()
-                    .filter(|(_, v)| v.id == *service_id)
-                    .collect(),
-                MapOp::PutBackend(..) | MapOp::DeleteService(_) | MapOp::PutSourceRange(_) => {
-                    Vec::new()
-                }
-            };
-            for (key, value) in touched {
-                if value.flags & SVC_F_SOURCE_RANGES != 0 {
-                    assert!(
-                        self.ranges.iter().any(|r| r.service_id == value.id),
-                        "service {} checks source ranges but has none; writes: {:?}",
-                        wire::describe_key(key),
-                        self.log
-                    );
-                }
-                for slot in 0..value.backend_count {
-                    assert!(
-                        self.backends.contains_key(&BackendKey {
-                            service_id: value.id,
-                            slot
-                        }),
-                        "service {} counts {} backends but slot {slot} is missing; writes: {:?}",
-                        wire::describe_key(key),
-                        value.backend_count,
-                        self.log
-                    );
-                }
-                // The entry's copies of its first slots are the slots (once it is written).
-                if let MapOp::PutService(..) = op {
-                    for (i, copy) in value.inline_backends.iter().enumerate() {
-                        let slot = BackendKey {
-                            service_id: value.id,
-                            slot: i as u32,
-                        };
-                        let want = match (i as u32) < value.backend_count {
-                            true => self.backends.get(&slot).copied(),
-                            false => Some(Backend::NONE),
-                        };
-                        assert_eq!(
-                            Some(*copy),
-                            want,
-                            "service {} copies slot {i} wrong; writes: {:?}",
-                            wire::describe_key(key),
-                            self.log
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    impl ServiceMaps for FakeMaps {
-        fn read_services(&self) -> anyhow::Result<Vec<(ServiceKey, ServiceValue)>> {
-            Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
-        }
-
-        fn read_backends(&self) -> anyhow::Result<Vec<(BackendKey, Backend)>> {
-            Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
-        }
-
-        fn read_source_ranges(&self) -> anyhow::Result<Vec<SourceRange>> {
-            Ok(self.ranges.iter().copied().collect())
-        }
-
-        fn apply(&mut self, op: &MapOp) -> anyhow::Result<()> {
-            match *op {
-                MapOp::PutService(key, value) => {
-                    if !self.services.contains_key(&key)
-                        && Some(self.services.len()) == self.max_services
-                    {
-                        bail!("{op}: Argument list too long (os error 7)");
-                    }
-                    self.services.insert(key, value);
-                }
-                MapOp::PutBackend(key, value) => {
-                    if !self.backends.contains_key(&key)
-                        && Some(self.backends.len()) == self.max_backends
-                    {
-                        bail!("{op}: Argument list too long (os error 7)");
-                    }
-                    self.backends.insert(key, value);
-                }
-                MapOp::DeleteService(key) => {
-                    self.services.remove(&key);
-                }
-                MapOp::DeleteBackend(key) => {
-                    self.backends.remove(&key);
-                }
-                MapOp::PutSourceRange(range) => {
-                    self.ranges.insert(range);
-                }
-                MapOp::DeleteSourceRange(range) => {
-                    self.ranges.remove(&range);
-                }
-            }
-            self.log.push(*op);
-            self.check_every_counted_slot_exists(op);
-            Ok(())
         }
     }
 
@@ -1216,19 +1094,19 @@ mod tests {
         }
     }
 
-    fn new_sync() -> ServiceSync<FakeMaps> {
-        ServiceSync::read_back(FakeMaps::default()).unwrap()
+    fn new_sync() -> ServiceSync<MemoryMaps> {
+        ServiceSync::read_back(MemoryMaps::default()).unwrap()
     }
 
     /// The sync engine after an agent restart: a fresh mirror read from the same maps.
-    fn restart(sync: ServiceSync<FakeMaps>) -> ServiceSync<FakeMaps> {
+    fn restart(sync: ServiceSync<MemoryMaps>) -> ServiceSync<MemoryMaps> {
         let mut maps = sync.maps;
         maps.log.clear();
         ServiceSync::read_back(maps).unwrap()
     }
 
     /// Backends a packet can reach for `f`, as a set.
-    fn reachable(sync: &ServiceSync<FakeMaps>, f: &Frontend) -> BTreeSet<BackendAddr> {
+    fn reachable(sync: &ServiceSync<MemoryMaps>, f: &Frontend) -> BTreeSet<BackendAddr> {
         let maps = sync.maps();
         let value = maps.services[&wire::service_key(f).unwrap()];
         (0..value.backend_count)
@@ -1282,7 +1160,7 @@ mod tests {
             e.cluster_backends = Some(cluster.iter().copied().map(backend).collect());
             e
         };
-        let pod_reachable = |sync: &ServiceSync<FakeMaps>| -> BTreeSet<BackendAddr> {
+        let pod_reachable = |sync: &ServiceSync<MemoryMaps>| -> BTreeSet<BackendAddr> {
             let maps = sync.maps();
             let value = maps.services[&wire::pod_service_key(&f).unwrap()];
             (0..value.backend_count)
@@ -1321,7 +1199,7 @@ mod tests {
         let again = sync.sync(&state([(f, local_entry(&[], &[2, 3]))]));
         assert_eq!(again.map_writes, 0, "{again:?}");
 
-        // Both sets grow and shrink under the ordering rules (FakeMaps checks every write).
+        // Both sets grow and shrink under the ordering rules (MemoryMaps checks every write).
         sync.sync(&state([(f, local_entry(&[1], &[1, 2, 3, 4]))]));
         assert_eq!(reachable(&sync, &f), BTreeSet::from([backend(1)]));
         assert_eq!(pod_reachable(&sync).len(), 4);
@@ -1450,7 +1328,7 @@ mod tests {
         let stats = sync.sync(&state([(f, entry([1, 2, 4]))]));
         assert_eq!(stats.map_writes, 1);
         assert!(matches!(sync.maps().log[..], [MapOp::PutBackend(k, _)] if k.slot == 2));
-        // Slot 1 is: the slot, then the entry with the new copy (FakeMaps checks the copies).
+        // Slot 1 is: the slot, then the entry with the new copy (MemoryMaps checks the copies).
         sync.maps_mut().log.clear();
         let stats = sync.sync(&state([(f, entry([1, 3, 4]))]));
         assert_eq!(stats.map_writes, 2);
@@ -1549,9 +1427,9 @@ mod tests {
     fn a_full_map_fails_that_frontend_only_and_is_retried() {
         let fronts: Vec<Frontend> = (0..3).map(|i| frontend(i, 80)).collect();
         let desired = state(fronts.iter().map(|f| (*f, entry([1, 2]))));
-        let mut sync = ServiceSync::read_back(FakeMaps {
+        let mut sync = ServiceSync::read_back(MemoryMaps {
             max_services: Some(2),
-            ..FakeMaps::default()
+            ..MemoryMaps::default()
         })
         .unwrap();
 
@@ -1567,7 +1445,7 @@ mod tests {
 
         // Every retry that fails again tries it under the same id (logs and `sluice state`
         // keep naming one id for it), and no other frontend gets that id meanwhile.
-        let tried_id = |sync: &ServiceSync<FakeMaps>| {
+        let tried_id = |sync: &ServiceSync<MemoryMaps>| {
             sync.maps()
                 .log
                 .iter()
@@ -1630,9 +1508,9 @@ mod tests {
     #[test]
     fn a_full_backends_map_leaves_a_growing_service_consistent() {
         let f = frontend(1, 80);
-        let mut sync = ServiceSync::read_back(FakeMaps {
+        let mut sync = ServiceSync::read_back(MemoryMaps {
             max_backends: Some(3),
-            ..FakeMaps::default()
+            ..MemoryMaps::default()
         })
         .unwrap();
         sync.sync(&state([(f, entry([1, 2]))]));
@@ -1655,7 +1533,7 @@ mod tests {
     #[test]
     fn leftovers_of_an_interrupted_agent_are_cleaned_up() {
         let f = frontend(1, 80);
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         let key = wire::service_key(&f).unwrap();
         // An agent stopped in the middle of shrinking f from 4 to 2 backends ...
         maps.services.insert(
@@ -1794,7 +1672,7 @@ mod tests {
         sync.sync(&state([(f, with_ranges(entry([1]), &["192.0.2.0/24"]))]));
         sync.sync(&state([]));
         assert!(sync.maps().ranges.is_empty());
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         maps.ranges
             .insert(SourceRange::new(99, &"10.0.0.0/8".parse().unwrap()));
         let mut sync = ServiceSync::read_back(maps).unwrap();
