@@ -278,37 +278,30 @@ fn probes(objects: &Objects, node_addresses: &BTreeSet<IpAddr>) -> (Vec<IpAddr>,
     (peers, ports)
 }
 
-/// A prefix's first and last addresses and the ones just outside it.
+/// A prefix's first and last addresses and the ones just outside it (in its family).
 fn edges(net: IpNet) -> Vec<IpAddr> {
     let net = net.trunc();
-    match net {
-        IpNet::V4(n) => {
-            let (first, last) = (u32::from(n.network()), u32::from(n.broadcast()));
-            [
-                Some(first),
-                Some(last),
-                first.checked_sub(1),
-                last.checked_add(1),
-            ]
-            .into_iter()
-            .flatten()
-            .map(|a| IpAddr::V4(Ipv4Addr::from(a)))
-            .collect()
-        }
-        IpNet::V6(n) => {
-            let (first, last) = (u128::from(n.network()), u128::from(n.broadcast()));
-            [
-                Some(first),
-                Some(last),
-                first.checked_sub(1),
-                last.checked_add(1),
-            ]
-            .into_iter()
-            .flatten()
-            .map(|a| IpAddr::V6(Ipv6Addr::from(a)))
-            .collect()
-        }
-    }
+    let int = |a: IpAddr| match a {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let (max, addr): (u128, fn(u128) -> IpAddr) = match net {
+        IpNet::V4(_) => (u128::from(u32::MAX), |n| {
+            IpAddr::V4(Ipv4Addr::from(n as u32))
+        }),
+        IpNet::V6(_) => (u128::MAX, |n| IpAddr::V6(Ipv6Addr::from(n))),
+    };
+    let (first, last) = (int(net.network()), int(net.broadcast()));
+    [
+        Some(first),
+        Some(last),
+        first.checked_sub(1),
+        last.checked_add(1).filter(|n| *n <= max),
+    ]
+    .into_iter()
+    .flatten()
+    .map(addr)
+    .collect()
 }
 
 /// The datapath's lookup in the maps' form: `None` when the pod's isolation bits leave the
