@@ -229,6 +229,24 @@ impl Changes {
         start.elapsed()
     }
 
+    /// Makes the phase's changes while a fault is on, holds the fault for `hold`, and asserts
+    /// the traffic never failed and none of the changes arrived meanwhile.
+    fn make_during_fault(self, bed: &Bed, traffic: &Traffic, hold: Duration) {
+        self.make(bed);
+        std::thread::sleep(hold);
+        traffic.assert_no_failures(&format!("phase {}, the fault on", self.k));
+        self.assert_none_arrived(bed);
+    }
+
+    /// After the fault: a later change arrives within [`PROPAGATION`], every watch is live,
+    /// and the traffic never failed. (How long the first two took.)
+    fn assert_live_again(self, bed: &mut Bed, traffic: &Traffic) -> (Duration, Duration) {
+        let live = self.assert_watching(bed, PROPAGATION);
+        let all = assert_all_watching(bed, self.k);
+        traffic.assert_no_failures(&format!("phase {}", self.k));
+        (live, all)
+    }
+
     /// Puts `web-b` back into `pair-k` and asserts it serves again `within`: the watches are
     /// live after the fault.
     fn assert_watching(self, bed: &Bed, within: Duration) -> Duration {
@@ -513,6 +531,14 @@ fn assert_all_watching(bed: &mut Bed, n: u8) -> Duration {
     start.elapsed()
 }
 
+/// How many lists of each of [`PATHS`] the server has answered.
+fn lists(bed: &Bed) -> Vec<usize> {
+    PATHS
+        .iter()
+        .map(|p| bed.cluster.api().lists_of(p))
+        .collect()
+}
+
 fn setup() -> Bed {
     let cluster = SluiceCluster::with_api_server("api-faults", 2).unwrap();
     let client = cluster
@@ -571,10 +597,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     //    costs the agent a reconnect, resumed from its last version (no relist).
     let p = phases[0];
     traffic.phase(1);
-    let lists_before: Vec<usize> = PATHS
-        .iter()
-        .map(|p| bed.cluster.api().lists_of(p))
-        .collect();
+    let lists_before = lists(&bed);
     bed.cluster.api().cut_watches_after(1);
     p.make(&bed);
     let took = p.wait_arrived(&bed, CONVERGENCE, "watches cut mid-event");
@@ -582,17 +605,12 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     bed.cluster.api().heal();
     // Services: 2 events (one cut), slices: 3 (two cuts).
     assert!(cut >= 3, "only {cut} watches were cut");
-    let lists_after: Vec<usize> = PATHS
-        .iter()
-        .map(|p| bed.cluster.api().lists_of(p))
-        .collect();
+    let lists_after = lists(&bed);
     assert_eq!(
         lists_after, lists_before,
         "a cut watch was relisted, not resumed"
     );
-    let live = p.assert_watching(&bed, PROPAGATION);
-    let all = assert_all_watching(&mut bed, p.k);
-    traffic.assert_no_failures(&format!("phase {}", p.k));
+    let (live, all) = p.assert_live_again(&mut bed, &traffic);
     report.push(format!(
         "1 watch cut mid-event: {cut} cuts, converged in {took:.1?} during the fault, \
          no relist; a later change in {live:.1?}, every watch live in {all:.1?}"
@@ -604,33 +622,22 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     let p = phases[1];
     traffic.phase(2);
     let log_from = log_len(&mut bed);
-    let lists_before: Vec<usize> = PATHS
-        .iter()
-        .map(|p| bed.cluster.api().lists_of(p))
-        .collect();
+    let lists_before = lists(&bed);
     let since = Instant::now();
     bed.cluster.api().fail(500, Requests::Watches);
     bed.cluster.api().drop_connections();
-    p.make(&bed);
-    std::thread::sleep(ERROR_WINDOW);
-    traffic.assert_no_failures(&format!("phase {}, the fault on", p.k));
-    p.assert_none_arrived(&bed);
+    p.make_during_fault(&bed, &traffic, ERROR_WINDOW);
     bed.cluster.api().heal();
     let healed = Instant::now();
     let backoff = assert_backs_off(&mut bed, "500s on watches", since, log_from);
     p.wait_arrived(&bed, CONVERGENCE, "500s on watches ended");
     let since_heal = healed.elapsed();
-    let lists_after: Vec<usize> = PATHS
-        .iter()
-        .map(|p| bed.cluster.api().lists_of(p))
-        .collect();
+    let lists_after = lists(&bed);
     assert_eq!(
         lists_after, lists_before,
         "a watch that failed with 500 was relisted"
     );
-    let live = p.assert_watching(&bed, PROPAGATION);
-    let all = assert_all_watching(&mut bed, p.k);
-    traffic.assert_no_failures(&format!("phase {}", p.k));
+    let (live, all) = p.assert_live_again(&mut bed, &traffic);
     report.push(format!(
         "2 500s on watches for {ERROR_WINDOW:?}: {backoff}; converged {since_heal:.1?} after \
          the heal; a later change in {live:.1?}, every watch live in {all:.1?}"
@@ -645,18 +652,13 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     let since = Instant::now();
     bed.cluster.api().fail(500, Requests::All);
     bed.cluster.api().expire(Gone::Event);
-    p.make(&bed);
-    std::thread::sleep(ERROR_WINDOW);
-    traffic.assert_no_failures(&format!("phase {}, the fault on", p.k));
-    p.assert_none_arrived(&bed);
+    p.make_during_fault(&bed, &traffic, ERROR_WINDOW);
     bed.cluster.api().heal();
     let healed = Instant::now();
     let backoff = assert_backs_off(&mut bed, "500s on the relist", since, log_from);
     p.wait_arrived(&bed, CONVERGENCE, "500s on the relist ended");
     let since_heal = healed.elapsed();
-    let live = p.assert_watching(&bed, PROPAGATION);
-    let all = assert_all_watching(&mut bed, p.k);
-    traffic.assert_no_failures(&format!("phase {}", p.k));
+    let (live, all) = p.assert_live_again(&mut bed, &traffic);
     report.push(format!(
         "3 410 event, then 500s on the relist for {ERROR_WINDOW:?}: {backoff}; converged \
          {since_heal:.1?} after the heal; a later change in {live:.1?}, every watch live in \
@@ -671,10 +673,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     let since = Instant::now();
     let lists_before = bed.cluster.api().lists_of(SLICES);
     bed.cluster.api().freeze_watches();
-    p.make(&bed);
-    std::thread::sleep(Duration::from_secs(1));
-    traffic.assert_no_failures(&format!("phase {}, the fault on", p.k));
-    p.assert_none_arrived(&bed);
+    p.make_during_fault(&bed, &traffic, Duration::from_secs(1));
     bed.cluster.api().expire(Gone::Http);
     let took = p.wait_arrived(&bed, CONVERGENCE, "a 410 Gone");
     let requests = bed.cluster.api().requests();
@@ -690,9 +689,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
         bed.cluster.api().lists_of(SLICES) > lists_before,
         "no relist"
     );
-    let live = p.assert_watching(&bed, PROPAGATION);
-    let all = assert_all_watching(&mut bed, p.k);
-    traffic.assert_no_failures(&format!("phase {}", p.k));
+    let (live, all) = p.assert_live_again(&mut bed, &traffic);
     report.push(format!(
         "4 410 Gone (HTTP) after changes made behind frozen watches: converged in {took:.1?}; \
          a later change in {live:.1?}, every watch live in {all:.1?}"
@@ -735,10 +732,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     let log_from = log_len(&mut bed);
     let since = Instant::now();
     bed.cluster.api().end_watches_after(Duration::ZERO);
-    p.make(&bed);
-    std::thread::sleep(ERROR_WINDOW);
-    traffic.assert_no_failures(&format!("phase {}, the fault on", p.k));
-    p.assert_none_arrived(&bed);
+    p.make_during_fault(&bed, &traffic, ERROR_WINDOW);
     bed.cluster.api().heal();
     let requests = bed.cluster.api().requests();
     let log = log_since(&mut bed, log_from);
@@ -777,9 +771,7 @@ fn traffic_never_stops_and_the_datapath_converges_through_api_server_faults() {
     let healed = Instant::now();
     p.wait_arrived(&bed, CONVERGENCE, "watches ending at once");
     let since_heal = healed.elapsed();
-    let live = p.assert_watching(&bed, PROPAGATION);
-    let all = assert_all_watching(&mut bed, p.k);
-    traffic.assert_no_failures(&format!("phase {}", p.k));
+    let (live, all) = p.assert_live_again(&mut bed, &traffic);
     report.push(format!(
         "6 watches ending at once for {ERROR_WINDOW:?}: {}; converged {since_heal:.1?} after \
          the heal; a later change in {live:.1?}, every watch live in {all:.1?}",
