@@ -6,6 +6,7 @@
 //! then the namespaces, then the manifests. All of it also on panic.
 
 use std::{
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -13,7 +14,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{apiserver::ApiServer, unique_name, Cluster, ClusterOptions, Node, NodeProcess};
+use crate::{
+    apiserver::ApiServer, objects, unique_name, Cluster, ClusterOptions, Node, NodeProcess, Pod,
+};
 
 /// How long an agent gets to load, sync and attach before a test gives up on it: 30 s, or
 /// `$SLUICE_AGENT_READY_TIMEOUT` seconds (the kernel matrix's emulated guests verify the
@@ -141,6 +144,37 @@ pub struct SluiceNode {
 }
 
 impl SluiceNode {
+    /// A node with a `client` pod (pod IP .10) and `backends` web pods (.21, .22, ...) serving
+    /// TCP 8080, written as Pods of namespace `shop` (`pods.yaml`) and the Service `shop/web` on
+    /// `vip:80` over them (`web.yaml`); the agent is not started.
+    pub fn with_web(
+        hint: &str,
+        vip: Ipv4Addr,
+        backends: u8,
+    ) -> Result<(SluiceNode, Pod, Vec<Pod>)> {
+        let cluster = SluiceNode::new(hint)?;
+        let client = cluster.node.add_pod("client", cluster.node.pod_ip(10))?;
+        let mut web = Vec::new();
+        for i in 1..=backends {
+            let pod = cluster
+                .node
+                .add_pod(&format!("web-{i}"), cluster.node.pod_ip(20 + i))?;
+            pod.serve_tcp(&[8080])?;
+            web.push(pod);
+        }
+        let mut pods = objects::pod("shop", "client", client.ip(), "client");
+        for pod in &web {
+            pods += &objects::pod("shop", pod.name(), pod.ip(), "web");
+        }
+        cluster.manifests.write("pods.yaml", &pods)?;
+        let ips: Vec<Ipv4Addr> = web.iter().map(Pod::ip).collect();
+        cluster.manifests.write(
+            "web.yaml",
+            &objects::cluster_ip_service("shop", "web", vip, 80, 8080, &ips),
+        )?;
+        Ok((cluster, client, web))
+    }
+
     pub fn new(hint: &str) -> Result<SluiceNode> {
         Ok(SluiceNode {
             agent: None,

@@ -16,47 +16,14 @@ use std::{
 };
 
 use anyhow::Context as _;
-use sluice_testbed::{
-    objects::{cluster_ip_service, pod},
-    retry_until,
-    sluice::SluiceNode,
-    Pod,
-};
+use sluice_testbed::{objects::cluster_ip_service, retry_until, sluice::SluiceNode, Pod};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 80, 10);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A node with a client pod and two web pods serving 8080 behind `shop/web` on [`VIP`].
 fn node_with_web(hint: &str) -> (SluiceNode, Pod, Vec<Pod>) {
-    let cluster = SluiceNode::new(hint).unwrap();
-    let client = cluster
-        .node
-        .add_pod("client", cluster.node.pod_ip(10))
-        .unwrap();
-    let web: Vec<Pod> = (1..=2)
-        .map(|i| {
-            let p = cluster
-                .node
-                .add_pod(&format!("web-{i}"), cluster.node.pod_ip(20 + i))
-                .unwrap();
-            p.serve_tcp(&[8080]).unwrap();
-            p
-        })
-        .collect();
-    let mut pods = pod("shop", "client", client.ip(), "client");
-    for p in &web {
-        pods += &pod("shop", p.name(), p.ip(), "web");
-    }
-    cluster.manifests.write("pods.yaml", &pods).unwrap();
-    let ips: Vec<Ipv4Addr> = web.iter().map(Pod::ip).collect();
-    cluster
-        .manifests
-        .write(
-            "web.yaml",
-            &cluster_ip_service("shop", "web", VIP, 80, 8080, &ips),
-        )
-        .unwrap();
-    (cluster, client, web)
+    SluiceNode::with_web(hint, VIP, 2).unwrap()
 }
 
 /// How many of `n` requests from `client` to `vip:80` are answered.

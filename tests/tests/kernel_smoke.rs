@@ -8,12 +8,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_testbed::{
-    objects::{cluster_ip_service, pod},
-    reach::wait_dropped,
-    sluice::SluiceNode,
-    tally,
-};
+use sluice_testbed::{reach::wait_dropped, sluice::SluiceNode, tally};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 70, 10);
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -25,34 +20,7 @@ const WEB_FROM_FRIENDS_ONLY: &str = "---\napiVersion: networking.k8s.io/v1\nkind
 
 #[test]
 fn a_cluster_ip_balances_over_three_backends_and_a_network_policy_denies() {
-    let mut cluster = SluiceNode::new("kern").unwrap();
-    let client = cluster
-        .node
-        .add_pod("client", cluster.node.pod_ip(10))
-        .unwrap();
-    let backends: Vec<_> = (1..=3)
-        .map(|i| {
-            let pod = cluster
-                .node
-                .add_pod(&format!("web-{i}"), cluster.node.pod_ip(20 + i))
-                .unwrap();
-            pod.serve_tcp(&[8080]).unwrap();
-            pod
-        })
-        .collect();
-    let ips: Vec<Ipv4Addr> = backends.iter().map(|p| p.ip()).collect();
-    let mut pods = pod("shop", "client", client.ip(), "client");
-    for backend in &backends {
-        pods += &pod("shop", backend.name(), backend.ip(), "web");
-    }
-    cluster.manifests.write("pods.yaml", &pods).unwrap();
-    cluster
-        .manifests
-        .write(
-            "web.yaml",
-            &cluster_ip_service("shop", "web", VIP, 80, 8080, &ips),
-        )
-        .unwrap();
+    let (mut cluster, client, backends) = SluiceNode::with_web("kern", VIP, 3).unwrap();
     cluster.start_agent().unwrap();
 
     let vip = SocketAddrV4::new(VIP, 80);
