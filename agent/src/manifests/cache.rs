@@ -67,9 +67,16 @@ struct Parsing {
     done_tx: mpsc::Sender<Parsed>,
     done_rx: mpsc::Receiver<Parsed>,
     notify: Option<Notify>,
+    /// [`parse_file`]; a test's parser holds a file back to show a parse outliving its load.
+    parse: Parse,
 }
 
+type Parse = Arc<dyn Fn(&Path, &[u8]) -> (Objects, Vec<ManifestError>) + Send + Sync>;
+
 struct Job {
+    /// The file's stamp when it was read: a load that finds it unchanged does not read the
+    /// file again while it is parsed.
+    stamp: FileStamp,
     content: u64,
 }
 
@@ -89,6 +96,7 @@ impl Default for Parsing {
             done_tx,
             done_rx,
             notify: None,
+            parse: Arc::new(parse_file),
         }
     }
 }
@@ -161,13 +169,18 @@ impl ManifestCache {
                 continue;
             };
             let cached = self.files.get_mut(file);
-            if cached.as_ref().is_some_and(|c| c.stamp == stamp) && !verify {
+            let parsing_it = self
+                .parsing
+                .jobs
+                .get(file)
+                .is_some_and(|j| j.stamp == stamp);
+            if (cached.as_ref().is_some_and(|c| c.stamp == stamp) || parsing_it) && !verify {
                 continue;
             }
             let read = super::limits::read_file(file, stamp.1);
             let content = match &read {
                 Ok(bytes) => content_hash(bytes),
-                Err(e) => content_hash(e.to_string().as_bytes()),
+                Err(e) => content_hash(e.as_bytes()),
             };
             if let Some(cached) = cached {
                 if cached.content == content {
@@ -184,9 +197,12 @@ impl ManifestCache {
             {
                 continue; // being parsed already
             }
-            self.parsing.jobs.insert(file.clone(), Job { content });
+            self.parsing
+                .jobs
+                .insert(file.clone(), Job { stamp, content });
             let done = self.parsing.done_tx.clone();
             let notify = self.parsing.notify.clone();
+            let parse = Arc::clone(&self.parsing.parse);
             let path = file.clone();
             // A thread of its own: the caller waits for it only up to the budget, and a
             // parse that outlives the agent must not hold its exit (as a blocking task of
@@ -195,7 +211,7 @@ impl ManifestCache {
                 .name("manifest-parse".into())
                 .spawn(move || {
                     let (objects, errors) = match read {
-                        Ok(bytes) => parse_file(&path, &bytes),
+                        Ok(bytes) => parse(&path, &bytes),
                         Err(e) => (
                             Objects::default(),
                             vec![ManifestError {
@@ -634,8 +650,8 @@ mod tests {
     }
 
     /// A file that takes longer to parse than a load waits: its previous objects stay in
-    /// effect and it is reported, the other files' changes are taken at once, and the agent
-    /// is told when it is done.
+    /// effect and it is reported, the other files' changes are taken at once, it is not parsed
+    /// again meanwhile, and the agent is told when it is done.
     #[test]
     fn a_slow_file_does_not_hold_the_others() {
         let dir = Dir::new("slow");
@@ -647,50 +663,62 @@ mod tests {
                 let _ = done_tx.lock().unwrap().send(());
             }),
         );
-        dir.write("big.yaml", &service("big-0", "10.96.0.1"));
+        // big.yaml's parse waits until the test lets it go; every parse is counted.
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = std::sync::Mutex::new(release_rx);
+        let parses = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&parses);
+        let gated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate = Arc::clone(&gated);
+        cache.parsing.parse = Arc::new(move |file: &Path, bytes: &[u8]| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if file.ends_with("big.yaml") && gate.load(std::sync::atomic::Ordering::SeqCst) {
+                release_rx.lock().unwrap().recv().unwrap();
+            }
+            parse_file(file, bytes)
+        });
+        dir.write("big.yaml", &service("big", "10.96.0.1"));
         cache.load_dir(&dir.0).unwrap();
         while done_rx.try_recv().is_ok() {}
-        cache.set_budget(Some(Duration::ZERO));
-        // Thousands of services: seconds of parsing in a debug build.
-        let big: String = (0..20_000)
-            .map(|i| {
-                service(
-                    &format!("big-{i}"),
-                    &format!("10.97.{}.{}", i / 250, i % 250),
-                )
-            })
-            .collect();
-        dir.write("big.yaml", &big);
+        cache.set_budget(Some(Duration::from_millis(200)));
+        gated.store(true, std::sync::atomic::Ordering::SeqCst);
+        let before = parses.load(std::sync::atomic::Ordering::SeqCst);
+
+        dir.write("big.yaml", &service("big", "10.96.0.9"));
         dir.write("small.yaml", &service("small", "10.96.0.2"));
         let loaded = cache.load_dir(&dir.0).unwrap();
-        if loaded.parsing == 1 {
-            // big.yaml is still being parsed (small.yaml too, perhaps: a zero budget).
-            assert_eq!(
-                loaded.objects.services[&key("big-0")]
-                    .spec
-                    .as_ref()
-                    .unwrap()
-                    .cluster_ip
-                    .as_deref(),
-                Some("10.96.0.1")
-            );
-            assert!(
-                loaded.errors.iter().any(|e| e.file.ends_with("big.yaml")
-                    && e.message.contains("its previous objects stay in effect")),
-                "{:?}",
-                loaded.errors
-            );
-        }
+        assert_eq!(loaded.parsing, 1);
+        assert_eq!(
+            names(&loaded.objects),
+            ["default/big=10.96.0.1", "default/small=10.96.0.2"],
+            "big.yaml's previous object in effect, small.yaml's new one programmed"
+        );
+        assert!(
+            loaded.errors.iter().any(|e| e.file.ends_with("big.yaml")
+                && e.message.contains("its previous objects stay in effect")),
+            "{:?}",
+            loaded.errors
+        );
         drop(loaded);
-        // Told when done; the next load has everything.
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // Loads while it is parsed neither wait for it nor parse it again.
+        let started = Instant::now();
+        assert_eq!(cache.load_dir(&dir.0).unwrap().parsing, 1);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(parses.load(std::sync::atomic::Ordering::SeqCst), before + 2);
+
+        // Let go: told when done; the next load has it.
+        release_tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             done_rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("a parse-done notification");
             let loaded = cache.load_dir(&dir.0).unwrap();
             if loaded.parsing == 0 {
-                assert_eq!(loaded.objects.services.len(), 20_001);
+                assert_eq!(
+                    names(&loaded.objects),
+                    ["default/big=10.96.0.9", "default/small=10.96.0.2"]
+                );
                 assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
                 break;
             }
