@@ -101,18 +101,22 @@ const STEPS: &[(&str, &str, &str, &str)] = &[
 /// `SLUICE_MATRIX_QUICK` is set (a few minutes per kernel, to try a datapath change against
 /// the older verifiers before the full run); or those whose name contains one of the
 /// comma-separated words of `SLUICE_MATRIX_STEPS` (`real traffic`: re-run one failed step).
-fn steps() -> Vec<(&'static str, &'static str, &'static str, &'static str)> {
-    if std::env::var_os("SLUICE_MATRIX_QUICK").is_some() {
-        return STEPS[..1].to_vec();
-    }
-    match std::env::var("SLUICE_MATRIX_STEPS") {
-        Ok(words) => STEPS
-            .iter()
-            .filter(|step| words.split(',').any(|w| step.0.contains(w.trim())))
-            .copied()
-            .collect(),
-        Err(_) => STEPS.to_vec(),
-    }
+fn steps() -> &'static [(&'static str, &'static str, &'static str, &'static str)] {
+    // Read once: the console parser asks for every line it reads.
+    static CHOSEN: std::sync::OnceLock<Vec<(&str, &str, &str, &str)>> = std::sync::OnceLock::new();
+    CHOSEN.get_or_init(|| {
+        if std::env::var_os("SLUICE_MATRIX_QUICK").is_some() {
+            return STEPS[..1].to_vec();
+        }
+        match std::env::var("SLUICE_MATRIX_STEPS") {
+            Ok(words) => STEPS
+                .iter()
+                .filter(|step| words.split(',').any(|w| step.0.contains(w.trim())))
+                .copied()
+                .collect(),
+            Err(_) => STEPS.to_vec(),
+        }
+    })
 }
 
 /// Steps run on one kernel of the matrix only: (step, kernel release prefix). The trace
