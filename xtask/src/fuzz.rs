@@ -115,25 +115,7 @@ pub enum Corpus {
 /// Builds and runs `names` (all targets when empty) for `seconds` each, two at a time on a
 /// machine with two CPUs or more.
 pub fn run_targets(names: &[String], seconds: u64, corpus: Corpus) -> anyhow::Result<()> {
-    let targets: Vec<&Target> = if names.is_empty() {
-        TARGETS.iter().collect()
-    } else {
-        names
-            .iter()
-            .map(|name| {
-                TARGETS.iter().find(|t| t.name == name).with_context(|| {
-                    format!(
-                        "no fuzz target {name} (there are {})",
-                        TARGETS
-                            .iter()
-                            .map(|t| t.name)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
+    let targets = crate::choose(TARGETS, names, |t| t.name, "fuzz target")?;
     if !has_command("cargo-fuzz") {
         bail!(
             "cargo-fuzz is not installed: run `cargo xtask setup` (or `cargo install \

@@ -149,25 +149,7 @@ const TOOLS: &[&str] = &["ip", "ethtool", "nsenter"];
 
 pub fn run_matrix(names: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
-    let kernels: Vec<&Kernel> = if names.is_empty() {
-        KERNELS.iter().collect()
-    } else {
-        names
-            .iter()
-            .map(|n| {
-                KERNELS.iter().find(|k| k.name == n).with_context(|| {
-                    format!(
-                        "no kernel {n} in the matrix (it has {})",
-                        KERNELS
-                            .iter()
-                            .map(|k| k.name)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })
-            })
-            .collect::<anyhow::Result<_>>()?
-    };
+    let kernels = crate::choose(KERNELS, names, |k| k.name, "kernel")?;
     let dir = root.join("target/kernels");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();

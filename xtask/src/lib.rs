@@ -15,6 +15,28 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+/// The items of `all` that `names` names (by `name_of`), in `names`' order; all of them when
+/// `names` is empty. An unknown name is an error listing the known ones (`what`: "fuzz target").
+pub fn choose<'a, T>(
+    all: &'a [T],
+    names: &[String],
+    name_of: impl Fn(&T) -> &str,
+    what: &str,
+) -> anyhow::Result<Vec<&'a T>> {
+    if names.is_empty() {
+        return Ok(all.iter().collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            all.iter().find(|t| name_of(t) == name).with_context(|| {
+                let known: Vec<&str> = all.iter().map(&name_of).collect();
+                format!("no {what} {name} (there are {})", known.join(", "))
+            })
+        })
+        .collect()
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
