@@ -441,26 +441,12 @@ fn add_value(
                 errors,
             );
         }
-        ("v1", "Namespace") => match serde_yaml::from_value::<Namespace>(value) {
-            Ok(mut namespace) => match namespace.metadata.name.clone() {
-                Some(name) => {
-                    slim(&mut namespace.metadata);
-                    objects.namespaces.insert(name, Arc::new(namespace));
-                }
-                None => errors.push(error("metadata.name is missing".into())),
-            },
-            Err(e) => errors.push(error(format!("invalid Namespace: {e}"))),
-        },
-        ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
-            Ok(mut node) => match node.metadata.name.clone() {
-                Some(name) => {
-                    slim(&mut node.metadata);
-                    objects.nodes.insert(name, Arc::new(node));
-                }
-                None => errors.push(error("metadata.name is missing".into())),
-            },
-            Err(e) => errors.push(error(format!("invalid Node: {e}"))),
-        },
+        ("v1", "Namespace") => {
+            cluster_scoped(file, &described, value, &mut objects.namespaces, errors);
+        }
+        ("v1", "Node") => {
+            cluster_scoped(file, &described, value, &mut objects.nodes, errors);
+        }
         ("", _) | (_, "") => errors.push(ManifestError {
             file: file.to_path_buf(),
             object: what.to_string(),
@@ -472,7 +458,6 @@ fn add_value(
     }
 }
 
-/// Parses YAML that must be free of problems, for other modules' tests.
 /// Adds a namespaced object of kind `K` to `into`, or reports why it cannot be.
 fn namespaced<K>(
     file: &Path,
@@ -503,6 +488,37 @@ fn namespaced<K>(
     }
 }
 
+/// Adds a cluster-scoped object of kind `K` (keyed by name) to `into`, or reports why it
+/// cannot be.
+fn cluster_scoped<K>(
+    file: &Path,
+    described: &str,
+    value: serde_yaml::Value,
+    into: &mut BTreeMap<String, Arc<K>>,
+    errors: &mut Vec<ManifestError>,
+) where
+    K: k8s_openapi::Resource
+        + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
+        + serde::de::DeserializeOwned,
+{
+    let error = |message: String| ManifestError {
+        file: file.to_path_buf(),
+        object: described.to_string(),
+        message,
+    };
+    match serde_yaml::from_value::<K>(value) {
+        Ok(mut object) => match object.metadata().name.clone() {
+            Some(name) => {
+                slim(object.metadata_mut());
+                into.insert(name, Arc::new(object));
+            }
+            None => errors.push(error("metadata.name is missing".into())),
+        },
+        Err(e) => errors.push(error(format!("invalid {}: {e}", K::KIND))),
+    }
+}
+
+/// Parses YAML that must be free of problems, for other modules' tests.
 #[cfg(test)]
 pub(crate) fn parse_valid(text: &str) -> Objects {
     let mut objects = Objects::default();
