@@ -293,21 +293,19 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
     for (policy_key, policy) in &objects.network_policies {
         let name = policy_key.to_string();
         let object = format!("NetworkPolicy {policy_key}");
-        let mut report = |message: String| {
-            errors.push(TranslateError {
-                object: object.clone(),
-                message,
-            })
-        };
         // Checked whatever pods exist: the API server refuses such a policy whole, and so
-        // does Sluice (policy_validation.rs).
+        // does Sluice (policy_validation.rs). What follows may take every CIDR, port, protocol
+        // and selector as valid.
         let refusals = crate::policy_validation::refusals(policy);
         if !refusals.is_empty() {
-            report(format!(
-                "rejected whole, as the API server would refuse it: {}; it selects no pod and \
-                 isolates nothing",
-                refusals.join("; ")
-            ));
+            errors.push(TranslateError {
+                object,
+                message: format!(
+                    "rejected whole, as the API server would refuse it: {}; it selects no pod \
+                     and isolates nothing",
+                    refusals.join("; ")
+                ),
+            });
             continue;
         }
         let Some(spec) = &policy.spec else {
@@ -326,19 +324,11 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
         }
 
         // A rule's `from`/`to`: None (missing or empty) admits every peer.
-        let peer_sets = |peers: Option<&[NetworkPolicyPeer]>, report: &mut dyn FnMut(String)| {
+        let peer_sets = |peers: Option<&[NetworkPolicyPeer]>| {
             peers.filter(|p| !p.is_empty()).map(|peers| {
                 peers
                     .iter()
-                    .map(|peer| {
-                        resolve_peer(
-                            peer,
-                            &policy_key.namespace,
-                            &pods,
-                            &namespace_labels,
-                            report,
-                        )
-                    })
+                    .map(|peer| resolve_peer(peer, &policy_key.namespace, &pods, &namespace_labels))
                     .collect::<Vec<PeerSet>>()
             })
         };
@@ -349,20 +339,20 @@ pub fn resolve(objects: &Objects, node: &NodeContext) -> (PolicyState, Vec<Trans
             let ingress = ingress_type.then(|| {
                 let mut allows = Vec::new();
                 for (index, rule) in spec.ingress.iter().flatten().enumerate() {
-                    let peers = peer_sets(rule.from.as_deref(), &mut report);
+                    let peers = peer_sets(rule.from.as_deref());
                     let ports = rule.ports.as_deref();
                     let rule = (name.as_str(), index + 1);
-                    allows.extend(rule_allows(rule, peers, ports, Some(pod), &mut report));
+                    allows.extend(rule_allows(rule, peers, ports, Some(pod)));
                 }
                 allows
             });
             let egress = egress_type.then(|| {
                 let mut allows = Vec::new();
                 for (index, rule) in spec.egress.iter().flatten().enumerate() {
-                    let peers = peer_sets(rule.to.as_deref(), &mut report);
+                    let peers = peer_sets(rule.to.as_deref());
                     let ports = rule.ports.as_deref();
                     let rule = (name.as_str(), index + 1);
-                    allows.extend(rule_allows(rule, peers, ports, None, &mut report));
+                    allows.extend(rule_allows(rule, peers, ports, None));
                 }
                 allows
             });
@@ -425,17 +415,14 @@ fn resolve_peer<'a>(
     policy_namespace: &str,
     pods: &'a [PolicyPod<'a>],
     namespace_labels: &dyn Fn(&str) -> BTreeMap<String, String>,
-    report: &mut dyn FnMut(String),
 ) -> PeerSet<'a> {
     let mut set = PeerSet {
         pods: Vec::new(),
         prefixes: BTreeSet::new(),
     };
     if let Some(block) = &peer.ip_block {
-        match ip_block(&block.cidr, block.except.iter().flatten()) {
-            Ok(prefixes) => set.prefixes = prefixes,
-            Err(e) => report(format!("ipBlock {}: {e}", block.cidr)),
-        }
+        // Valid (policy_validation.rs); an invalid one would admit nothing.
+        set.prefixes = ip_block(&block.cidr, block.except.iter().flatten()).unwrap_or_default();
         return set;
     }
     set.pods = pods
@@ -463,7 +450,6 @@ fn rule_allows(
     peers: Option<Vec<PeerSet>>,
     ports: Option<&[NetworkPolicyPort]>,
     ingress_pod: Option<&PolicyPod>,
-    report: &mut dyn FnMut(String),
 ) -> Vec<Allow> {
     let ports = ports.filter(|p| !p.is_empty());
     let Some(ports) = ports else {
@@ -477,11 +463,9 @@ fn rule_allows(
     let mut numeric = BTreeSet::new();
     let mut named = Vec::new();
     for port in ports {
+        // Protocols and numbers are valid (policy_validation.rs); an invalid one would allow
+        // nothing.
         let Some(proto) = parse_protocol(port.protocol.as_deref()) else {
-            report(format!(
-                "unsupported protocol {:?}",
-                port.protocol.as_deref().unwrap_or_default()
-            ));
             continue;
         };
         match &port.port {
@@ -498,14 +482,8 @@ fn rule_allows(
                     Some(end) => u16::try_from(end).ok().filter(|e| Some(*e) >= first),
                     None => first,
                 };
-                match (first, last) {
-                    (Some(first), Some(last)) => {
-                        numeric.insert(PortRange { proto, first, last });
-                    }
-                    _ => report(format!(
-                        "invalid port {number}{}",
-                        port.end_port.map(|e| format!("-{e}")).unwrap_or_default()
-                    )),
+                if let (Some(first), Some(last)) = (first, last) {
+                    numeric.insert(PortRange { proto, first, last });
                 }
             }
             Some(IntOrString::String(name)) => match ingress_pod {
